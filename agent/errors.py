@@ -1,0 +1,47 @@
+"""The TraceError family: every refusal the engine makes, each carrying a sentence a person can act on.
+
+The server maps any TraceError to a tool error with ``str(error)`` as its text, so messages here are
+written for the people (and models) calling the tools.
+"""
+
+
+class TraceError(Exception):
+    """Base of every error the engine raises on purpose; its text is safe to show to a client."""
+
+
+class TraceNotFound(TraceError):
+    def __init__(self, trace_id: str):
+        super().__init__(f"There is no trace '{trace_id}'. Use list_traces to see the trace ids that exist.")
+        self.trace_id = trace_id
+
+
+class SequenceError(TraceError):
+    """A sequence that is not in the trace, or a cut that would split a tool-call group."""
+
+
+class TraceRunning(TraceError):
+    def __init__(self, trace_id: str, action: str = "run"):
+        super().__init__(
+            f"Trace '{trace_id}' is already running; wait for it to finish or call stop_trace before you {action} it."
+        )
+        self.trace_id = trace_id
+
+
+class InvalidMessages(TraceError):
+    """Messages that are not valid OpenAI chat messages, or that leave the conversation invalid."""
+
+
+class ModelConfigError(TraceError):
+    """Unknown provider, missing API key or missing optional extra: found when the run is requested."""
+
+
+class ModelCallError(TraceError):
+    """A provider error that survived the SDK's retries; ends the run ``failed``."""
+
+
+class UnknownToolError(TraceError):
+    """A tool whitelist naming tools or servers that do not exist."""
+
+
+class ToolCallError(Exception):
+    """Raised by a tool to report a failure the model should read (not a crash)."""

@@ -1,0 +1,87 @@
+"""The Model protocol every provider implements, and resolution of ``provider:name`` strings.
+
+Providers receive OpenAI-format messages and tool schemas and answer with a ModelResponse, so the
+runner never sees a vendor format.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from agent.errors import ModelConfigError
+from agent.trace.models import MessageUsage, ToolCall
+
+TextSink = Callable[[str], None]
+"""Receives streamed text deltas as they arrive, so a stopped run keeps its partial answer."""
+
+
+class ModelResponse(BaseModel):
+    content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    usage: MessageUsage | None = None
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A chat model with tool calling.
+
+    ``messages`` are OpenAI chat messages (dicts), ``tools`` OpenAI function tool schemas
+    (``{"type": "function", "function": {"name", "description", "parameters"}}``). Implementations raise
+    ``ModelCallError`` with a readable sentence when the provider fails after its SDK's retries, and must
+    be cancellable at any await (a stopped trace cancels the call in flight).
+    """
+
+    name: str
+
+    async def complete(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        *,
+        temperature: float,
+        on_text: TextSink | None = None,
+    ) -> ModelResponse: ...
+
+
+def split_model_spec(spec: str) -> tuple[str, str]:
+    """``"openai:gpt-4o"`` -> ``("openai", "gpt-4o")``; a bare name means openai; ``offline`` stands alone."""
+    spec = (spec or "").strip()
+    if not spec:
+        raise ModelConfigError("No model was given; use a 'provider:name' string such as 'openai:gpt-4o' or 'offline'.")
+    if spec == "offline" or spec.startswith("offline:"):
+        return "offline", spec.partition(":")[2]
+    provider, sep, name = spec.partition(":")
+    if not sep:
+        return "openai", spec
+    if not name:
+        raise ModelConfigError(f"Model '{spec}' names no model after '{provider}:'; write e.g. '{provider}:<model-name>'.")
+    return provider, name
+
+
+def resolve_model(spec: str, env: dict[str, str] | None = None) -> Model:
+    """Build the Model for a spec, or raise ModelConfigError saying what to set."""
+    env = dict(os.environ) if env is None else env
+    provider, name = split_model_spec(spec)
+    if provider == "offline":
+        from agent.llm.offline import OfflineModel
+
+        return OfflineModel()
+    if provider == "openai":
+        from agent.llm.openai import OpenAIModel
+
+        return OpenAIModel.from_env(name, env)
+    if provider == "anthropic":
+        try:
+            from agent.llm.anthropic import AnthropicModel
+        except ImportError as exc:  # the optional extra is missing
+            raise ModelConfigError(
+                "The 'anthropic' provider needs the anthropic extra: pip install 'agent-trace-mcp[anthropic]'."
+            ) from exc
+        return AnthropicModel.from_env(name, env)
+    raise ModelConfigError(
+        f"Unknown model provider '{provider}' in '{spec}'; use 'openai:<model>', 'anthropic:<model>' or 'offline'."
+    )

