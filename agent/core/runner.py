@@ -67,6 +67,7 @@ async def default_system_prompt(task: str, config: RunConfig) -> SystemPrompt:
 class RunResult(BaseModel):
     trace: Trace
     messages: list[Message] = Field(description="the messages this run stored, in order")
+    error: str | None = Field(None, description="why this run failed, when it did")
 
     @property
     def answer(self) -> str | None:
@@ -119,6 +120,7 @@ class _Plan:
     active: _ActiveRun
     max_iterations: int
     restore: Trace | None = None  # set for side-branch runs: the head and status to put back
+    outcome: tuple[Status, StopReason, str | None] | None = None  # how this run itself ended
 
 
 class AgentRunner:
@@ -233,7 +235,9 @@ class AgentRunner:
 
         Used for reflection: the main path is untouched, the branch stays stored in the tree.
         """
-        plan = await self._prepare([{"role": "user", "content": prompt}], RunConfig(trace_id=trace_id), side=True)
+        plan = await self._prepare(
+            [{"role": "user", "content": prompt}], RunConfig(trace_id=trace_id), side=True, action="reflect on"
+        )
         plan.tools = []
         plan.max_iterations = max_iterations
         stored: list[Message] = []
@@ -244,13 +248,16 @@ class AgentRunner:
                     final = item
                 else:
                     stored.append(item)
-        return RunResult(trace=final, messages=stored)
+        error = plan.outcome[2] if plan.outcome else None
+        if plan.outcome and plan.outcome[0] is Status.STOPPED:
+            error = f"The run on trace '{trace_id}' was stopped before it answered."
+        return RunResult(trace=final, messages=stored, error=error)
 
     # -- preparing a run ------------------------------------------------------------------------
 
-    def _claim(self, trace_id: str) -> _ActiveRun:
+    def _claim(self, trace_id: str, action: str = "run") -> _ActiveRun:
         if trace_id in self._active:
-            raise TraceRunning(trace_id)
+            raise TraceRunning(trace_id, action)
         active = self._active[trace_id] = _ActiveRun(trace_id)
         return active
 
@@ -259,12 +266,14 @@ class AgentRunner:
             del self._active[active.trace_id]
         active.done.set()
 
-    async def _prepare(self, raw_messages: Sequence[Any], config: RunConfig, *, side: bool = False) -> _Plan:
+    async def _prepare(
+        self, raw_messages: Sequence[Any], config: RunConfig, *, side: bool = False, action: str = "run"
+    ) -> _Plan:
         """Check everything, then store: a refused run changes nothing."""
         messages = parse_messages(raw_messages)
         if config.trace_id is None:
             return await self._prepare_new(messages, config)
-        active = self._claim(config.trace_id)
+        active = self._claim(config.trace_id, action)
         try:
             return await self._prepare_existing(messages, config, active, side)
         except BaseException:
@@ -480,6 +489,7 @@ class AgentRunner:
 
     async def _finish(self, plan: _Plan, status: Status, stop_reason: StopReason, error: str | None) -> Trace:
         trace_id = plan.trace.trace_id
+        plan.outcome = (status, stop_reason, error)
         try:
             if open_tool_calls(plan.context):
                 text = CANCELLED_TOOL_RESULT if status is Status.STOPPED else UNFINISHED_TOOL_RESULT

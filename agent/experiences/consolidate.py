@@ -1,0 +1,217 @@
+"""Curation: merge duplicate lessons and drop contradicted ones, using the model, losing nothing else.
+
+An append-only file only grows and contradicts itself (ExpeL curates its insight list for this
+reason). The model proposes a plan; the code applies it conservatively: a lesson the plan does not
+mention is kept verbatim, a malformed answer changes nothing, and the plan is applied to the file as
+it is when the rewrite happens (under the file lock), so a reflection appended while the model was
+thinking survives. The previous file is kept beside it as a dated backup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.errors import TraceError
+from agent.experiences.file import ExperienceFile
+from agent.experiences.markdown import TITLE, Lesson, ParsedFile, normalize, parse, render_section
+from agent.llm.base import Model
+
+log = logging.getLogger(__name__)
+
+CONSOLIDATED_HEADING = "consolidated"
+
+SYSTEM_PROMPT = (
+    "You curate a list of lessons an AI agent learned from earlier tasks. Merge lessons that say the "
+    "same thing into one short lesson, and drop a lesson only when a LATER lesson contradicts it or it "
+    "is plainly wrong. Keep every other lesson, unchanged or lightly reworded. Lessons are listed "
+    "oldest first, each with its id. Answer ONLY with a JSON object of this shape:\n"
+    '{"keep": [{"text": "<lesson>", "from": ["<id>", ...]}], '
+    '"drop": [{"id": "<id>", "reason": "<why it was dropped>"}]}\n'
+    "Every id must appear exactly once: in the \"from\" list of one kept lesson, or in \"drop\"."
+)
+
+
+class KeptLesson(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, coerce_numbers_to_str=True)
+
+    text: str
+    from_ids: list[str] = Field(default_factory=list, alias="from")
+
+
+class DroppedLesson(BaseModel):
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
+    id: str
+    reason: str = "no reason given"
+
+
+class ConsolidationPlan(BaseModel):
+    """The model's answer, validated before anything is written."""
+
+    keep: list[KeptLesson] = Field(default_factory=list)
+    drop: list[DroppedLesson] = Field(default_factory=list)
+
+
+class DroppedReport(BaseModel):
+    id: str
+    text: str
+    reason: str
+
+
+class ConsolidationResult(BaseModel):
+    """What a pass did; ``skipped_reason`` says why nothing was written, when nothing was."""
+
+    before: int
+    after: int
+    dropped: list[DroppedReport] = Field(default_factory=list)
+    merged: int = 0
+    kept_unaccounted: list[str] = Field(default_factory=list)
+    backup_path: Path | None = None
+    skipped_reason: str | None = None
+
+
+async def consolidate(file: ExperienceFile, model: Model, budget: int, *, force: bool = False) -> ConsolidationResult:
+    """Run one consolidation pass when the file holds more than ``budget`` lessons (or when forced)."""
+    lessons = parse(await file.read_text()).lessons()
+    count = len(lessons)
+    if not lessons:
+        return ConsolidationResult(before=0, after=0, skipped_reason="The experiences file has no lessons.")
+    if not force and count <= budget:
+        return ConsolidationResult(
+            before=count, after=count, skipped_reason=f"{count} lessons is within the budget of {budget}."
+        )
+    try:
+        response = await model.complete(_messages(lessons), [], temperature=0)
+    except TraceError as exc:
+        return ConsolidationResult(before=count, after=count, skipped_reason=f"The model call failed: {exc}")
+    except Exception:  # noqa: BLE001 - a curation pass must never take the server down
+        log.exception("consolidation model call failed")
+        return ConsolidationResult(before=count, after=count, skipped_reason="The model call failed.")
+    plan, problem = parse_plan(response.content or "")
+    if plan is None:
+        return ConsolidationResult(before=count, after=count, skipped_reason=problem)
+    return await _apply(file, lessons, plan)
+
+
+def parse_plan(content: str) -> tuple[ConsolidationPlan | None, str]:
+    """The validated plan, or None and a sentence saying what was wrong with the answer."""
+    text = content.strip()
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", text, re.DOTALL)
+    if fenced:
+        text = fenced.group(1).strip()
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end <= start:
+        return None, "The model's answer held no JSON object; nothing was changed."
+    try:
+        data: Any = json.loads(text[start : end + 1])
+        return ConsolidationPlan.model_validate(data), ""
+    except (ValueError, ValidationError) as exc:
+        first = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        return None, f"The model's answer was not a valid consolidation plan ({first}); nothing was changed."
+
+
+def _messages(lessons: list[Lesson]) -> list[dict[str, Any]]:
+    listing = "\n".join(
+        f"{number}. [{lesson.id}] ({lesson.when or 'undated'}, {lesson.heading}) {lesson.text}"
+        for number, lesson in enumerate(lessons, start=1)
+    )
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": f"Lessons ({len(lessons)}), oldest first:\n{listing}"},
+    ]
+
+
+def _resolver(lessons: list[Lesson]) -> Callable[[str], str | None]:
+    """Map what the model wrote to a lesson id: the id itself, "[id]", or the lesson's list number."""
+    by_id = {lesson.id: lesson for lesson in lessons}
+
+    def resolve(ref: str) -> str | None:
+        ref = ref.strip().strip("[]#").strip()
+        if ref in by_id:
+            return ref
+        if ref.isdigit() and 1 <= int(ref) <= len(lessons):
+            return lessons[int(ref) - 1].id
+        return None
+
+    return resolve
+
+
+async def _apply(file: ExperienceFile, lessons: list[Lesson], plan: ConsolidationPlan) -> ConsolidationResult:
+    by_id = {lesson.id: lesson for lesson in lessons}
+    resolve = _resolver(lessons)
+    unchanged: set[str] = set()  # kept as they were: stay in their own section
+    removed: set[str] = set()  # merged into the consolidated section, or dropped
+    merged: list[tuple[str, list[str]]] = []
+    for keep in plan.keep:
+        refs = (resolve(ref) for ref in keep.from_ids)
+        ids = list(dict.fromkeys(i for i in refs if i is not None and i not in removed | unchanged))
+        text = normalize(keep.text)
+        if not ids or not text:
+            continue  # a lesson with no known origin is invented, not curated; an empty one says nothing
+        if len(ids) == 1 and by_id[ids[0]].text == text:
+            unchanged.add(ids[0])
+        else:
+            merged.append((text, ids))
+            removed.update(ids)
+    dropped: list[DroppedReport] = []
+    for drop in plan.drop:
+        ident = resolve(drop.id)
+        if ident is None or ident in removed | unchanged:
+            continue  # unknown, already dropped, or also kept: keeping wins
+        removed.add(ident)
+        reason = normalize(drop.reason) or "no reason given"
+        dropped.append(DroppedReport(id=ident, text=by_id[ident].text, reason=reason))
+    unaccounted = [lesson.id for lesson in lessons if lesson.id not in removed | unchanged]
+    if not merged and not dropped:
+        return ConsolidationResult(
+            before=len(lessons), after=len(lessons), kept_unaccounted=unaccounted,
+            skipped_reason="The model found nothing to merge or drop.",
+        )
+    when = datetime.now(timezone.utc)
+    rewrite = await file.rewrite(lambda current: _render(parse(current), removed, merged, dropped, by_id, when))
+    return ConsolidationResult(
+        before=len(lessons),
+        after=len(parse(rewrite.new_text).lessons()),
+        dropped=dropped,
+        merged=len(merged),
+        kept_unaccounted=unaccounted,
+        backup_path=rewrite.backup_path,
+    )
+
+
+def _render(current: ParsedFile, removed: set[str], merged: list[tuple[str, list[str]]],
+            dropped: list[DroppedReport], by_id: dict[str, Lesson], when: datetime) -> str:
+    """The new file: title, every section minus removed lessons, then the consolidated section.
+
+    Applied to the file as it is now; a lesson appended or edited since the model saw the list has
+    an id the plan does not name, so it stays.
+    """
+    parts = [current.preamble.strip() or TITLE]
+    for section in current.sections:
+        remaining = [lesson for lesson in section.lessons if lesson.id not in removed]
+        if len(remaining) == len(section.lessons):
+            parts.append(section.raw.strip("\n"))  # untouched: hand formatting kept as is
+        elif remaining:
+            heading = section.heading if section.heading != "(untitled)" else ""
+            parts.append(render_section(heading, [l.text for l in remaining], section.when, section.source).strip())
+    if merged:
+        origins = list(dict.fromkeys(_origin(by_id[i]) for _, ids in merged for i in ids))
+        notes = {"dropped": "; ".join(f"{d.text} ({d.reason})" for d in dropped)} if dropped else None
+        parts.append(render_section(
+            CONSOLIDATED_HEADING, [text for text, _ in merged], when,
+            f"merged from {', '.join(origins)}", notes,
+        ).strip())
+    return "\n\n".join(parts) + "\n"
+
+
+def _origin(lesson: Lesson) -> str:
+    label = f"trace {lesson.trace_id}" if lesson.trace_id else lesson.heading
+    return f"{label} ({lesson.when})" if lesson.when else label

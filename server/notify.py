@@ -1,0 +1,144 @@
+"""Engine events -> MCP change notifications, in both protocol eras.
+
+2025-11-25 clients subscribe with ``resources/subscribe`` (the SDK has no handler for it, so a middleware
+answers it and remembers the connection); 2026-07-28 clients listen with ``subscriptions/listen`` and we
+publish on the SDK's subscription bus. Both are driven by the engine's event stream, never by polling.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.session import ServerSession
+from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated, SubscriptionBus
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+
+from agent.trace.events import EventBus, MessageStored, TraceChanged
+
+log = logging.getLogger(__name__)
+
+
+def trace_uris(trace_id: str) -> tuple[str, str]:
+    return f"trace://{trace_id}", f"trace://{trace_id}/tree"
+
+
+@dataclass
+class _LegacyClient:
+    """A handshake-era connection: a session to send on, and the URIs it subscribed to."""
+
+    session: ServerSession
+    uris: set[str] = field(default_factory=set)
+
+
+class Notifier:
+    def __init__(self, bus: SubscriptionBus):
+        self._bus = bus
+        self._clients: dict[int, _LegacyClient] = {}
+
+    # -- connections (called from the middleware) ----------------------------------------------
+
+    def _client(self, session: ServerSession) -> _LegacyClient:
+        """The record for this request's connection, dropped again when the connection closes."""
+        # ServerSession is a per-request proxy; the connection behind it is the stable identity.
+        # The SDK has no public accessor for it, but its exit_stack is the documented teardown hook.
+        connection: Any = getattr(session, "_connection", session)
+        key = id(connection)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = _LegacyClient(session)
+            exit_stack = getattr(connection, "exit_stack", None)
+            if exit_stack is not None:
+                exit_stack.callback(self._clients.pop, key, None)
+        return client
+
+    def subscribe(self, session: ServerSession, uri: str) -> None:
+        self._client(session).uris.add(uri)
+
+    def unsubscribe(self, session: ServerSession, uri: str) -> None:
+        self._client(session).uris.discard(uri)
+
+    def seen(self, session: ServerSession) -> None:
+        """Remember a handshake-era connection so it hears of new traces (list_changed)."""
+        if session.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            self._client(session)
+
+    def connection_count(self) -> int:
+        return len(self._clients)
+
+    # -- events -> notifications ---------------------------------------------------------------
+
+    async def pump(self, events: EventBus, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        """Forward engine events until cancelled (runs in the server's lifespan task group)."""
+        async with events.subscribe() as stream:
+            task_status.started()
+            async for event in stream:
+                try:
+                    if isinstance(event, TraceChanged) and event.created:
+                        await self.resources_list_changed()
+                    if isinstance(event, (MessageStored, TraceChanged)):
+                        await self.resource_updated(*trace_uris(event.trace_id))
+                except Exception:
+                    log.exception("could not send a change notification for trace %s", event.trace_id)
+
+    async def resource_updated(self, *uris: str) -> None:
+        for uri in uris:
+            await self._bus.publish(ResourceUpdated(uri=uri))
+        for client in list(self._clients.values()):
+            for uri in uris:
+                if uri in client.uris:
+                    await self._send(client, lambda s, u=uri: s.send_resource_updated(u))
+
+    async def resources_list_changed(self) -> None:
+        await self._bus.publish(ResourcesListChanged())
+        for client in list(self._clients.values()):
+            await self._send(client, lambda s: s.send_resource_list_changed())
+
+    async def _send(self, client: _LegacyClient, send) -> None:
+        # Notifications to a gone client are dropped by the SDK; bound the wait on a stuck one.
+        with anyio.move_on_after(5):
+            try:
+                await send(client.session)
+            except Exception:
+                log.debug("dropping a legacy client whose stream failed", exc_info=True)
+                self._clients = {k: c for k, c in self._clients.items() if c is not client}
+
+
+def _wire(result: HandlerResult) -> dict[str, Any]:
+    if result is None:
+        return {}
+    if isinstance(result, dict):
+        return result
+    return result.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+async def subscriptions_middleware(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+    """Answer legacy ``resources/subscribe``/``unsubscribe`` and advertise them in ``initialize``."""
+    notifier: Notifier | None = getattr(ctx.lifespan_context, "notifier", None)
+    if notifier is None:  # before the lifespan has produced the engine
+        return await call_next(ctx)
+    if ctx.method in ("resources/subscribe", "resources/unsubscribe"):
+        uri = str((ctx.params or {}).get("uri", ""))
+        if not uri:
+            from mcp import MCPError
+            from mcp.types import INVALID_PARAMS
+
+            raise MCPError(code=INVALID_PARAMS, message=f"{ctx.method} needs a 'uri'.")
+        if ctx.method == "resources/subscribe":
+            notifier.subscribe(ctx.session, uri)
+        else:
+            notifier.unsubscribe(ctx.session, uri)
+        return {}
+    result = await call_next(ctx)
+    notifier.seen(ctx.session)
+    if ctx.method == "initialize":
+        wire = _wire(result)
+        capabilities = wire.setdefault("capabilities", {})
+        resources = capabilities.get("resources") or {}
+        resources.update(subscribe=True, listChanged=True)
+        capabilities["resources"] = resources
+        return wire
+    return result

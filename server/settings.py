@@ -1,0 +1,116 @@
+"""Settings: every option of product.md as a flag and an environment variable, with its default."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    xdg = env.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path(env.get("HOME", str(Path.home()))) / ".local" / "share"
+    return base / "agent-trace-mcp"
+
+
+@dataclass
+class Settings:
+    data_dir: Path
+    db: Path
+    experiences: Path
+    model: str = "openai:gpt-4o"
+    mcp_config: Path | None = None
+    skills_dir: Path = Path()
+    workspace: Path = Path()
+    experience_recall: int = 5
+    experience_budget: int = 100
+    tool_timeout: float = 120.0
+    transport: str = "stdio"
+    host: str = "127.0.0.1"
+    port: int = 8765
+    allowed_hosts: list[str] = field(default_factory=list)
+    auth_token: str | None = None
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path | str, **overrides) -> Settings:
+        """Settings rooted in one folder (what the demo and the tests use)."""
+        data_dir = Path(data_dir)
+        values = dict(
+            data_dir=data_dir,
+            db=data_dir / "traces.db",
+            experiences=data_dir / "experiences.md",
+            skills_dir=data_dir / "skills",
+            workspace=Path.cwd(),
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+# (flag, variable, type, help); defaults are resolved in ``resolve`` because some depend on others.
+OPTIONS: list[tuple[str, str, type, str]] = [
+    ("--data-dir", "AGENT_TRACE_HOME", str, "data directory (default $XDG_DATA_HOME/agent-trace-mcp)"),
+    ("--db", "AGENT_TRACE_DB", str, "SQLite database (default <data-dir>/traces.db)"),
+    ("--experiences", "AGENT_TRACE_EXPERIENCES", str, "experiences markdown (default <data-dir>/experiences.md)"),
+    ("--model", "AGENT_TRACE_MODEL", str, "default model, 'provider:name' (default openai:gpt-4o)"),
+    ("--mcp-config", "AGENT_TRACE_MCP_CONFIG", str, "JSON file of MCP servers whose tools the agent gets"),
+    ("--skills-dir", "AGENT_TRACE_SKILLS", str, "skills folder (default <data-dir>/skills)"),
+    ("--workspace", "AGENT_TRACE_WORKSPACE", str, "root of the built-in file tools (default: working directory)"),
+    ("--experience-recall", "AGENT_TRACE_EXPERIENCE_RECALL", int, "lessons recalled into a new trace (default 5; 0 off)"),
+    ("--experience-budget", "AGENT_TRACE_EXPERIENCE_BUDGET", int, "lessons kept before consolidation (default 100)"),
+    ("--tool-timeout", "AGENT_TRACE_TOOL_TIMEOUT", float, "seconds a tool call may take (default 120)"),
+    ("--auth-token", "AGENT_TRACE_TOKEN", str, "HTTP requires 'Authorization: Bearer <token>'"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, variable, kind, help_text in OPTIONS:
+        parser.add_argument(flag, type=kind, default=None, help=f"{help_text} [env {variable}]")
+    parser.add_argument("--transport", choices=["stdio", "http"], default="stdio", help="stdio (default) or http")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
+    parser.add_argument(
+        "--allowed-host", action="append", default=[], dest="allowed_hosts",
+        help="a Host name the HTTP server answers to (repeatable); needed behind a real hostname",
+    )  # fmt: skip
+
+
+def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """Flags win over environment variables, which win over defaults."""
+    env = os.environ if env is None else env
+
+    def pick(flag: str, variable: str, kind: type):
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is None and env.get(variable):
+            try:
+                value = kind(env[variable])
+            except ValueError:
+                raise SystemExit(f"agent-trace-mcp: {variable}={env[variable]!r} is not a valid {kind.__name__}.")
+        return value
+
+    values = {flag: pick(flag, variable, kind) for flag, variable, kind, _ in OPTIONS}
+    data_dir = Path(values["--data-dir"]).expanduser() if values["--data-dir"] else default_data_dir(env)
+
+    def path_or(flag: str, default: Path) -> Path:
+        return Path(values[flag]).expanduser() if values[flag] else default
+
+    return Settings(
+        data_dir=data_dir,
+        db=path_or("--db", data_dir / "traces.db"),
+        experiences=path_or("--experiences", data_dir / "experiences.md"),
+        model=values["--model"] or "openai:gpt-4o",
+        mcp_config=Path(values["--mcp-config"]).expanduser() if values["--mcp-config"] else None,
+        skills_dir=path_or("--skills-dir", data_dir / "skills"),
+        workspace=path_or("--workspace", Path.cwd()),
+        experience_recall=5 if values["--experience-recall"] is None else values["--experience-recall"],
+        experience_budget=100 if values["--experience-budget"] is None else values["--experience-budget"],
+        tool_timeout=120.0 if values["--tool-timeout"] is None else values["--tool-timeout"],
+        transport=args.transport,
+        host=args.host,
+        port=args.port,
+        allowed_hosts=list(args.allowed_hosts),
+        auth_token=values["--auth-token"] or None,
+    )

@@ -1,0 +1,346 @@
+"""OpenAIModel against a fake OpenAI-compatible server on 127.0.0.1 (never the internet).
+
+The fake speaks POST /v1/chat/completions with plain JSON or SSE streams, follows a per-test script of
+replies and records every request, so retries, streaming assembly and cancellation are real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import anyio
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from agent.errors import ModelCallError, ModelConfigError
+from agent.llm.base import resolve_model
+from agent.llm.openai import OpenAIModel
+
+SECRET = "sk-test-secret-0123456789"
+FAST_RETRY = {"retry-after-ms": "1"}  # the SDK honours it, so retries take a millisecond
+ADD_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two numbers",
+        "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+    },
+}
+
+
+def completion(
+    content: str | None, tool_calls: list[dict] | None = None, usage: tuple[int, int] = (11, 7)
+) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-test",
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": "tool_calls" if tool_calls else "stop"}
+        ],
+        "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)},
+    }
+
+
+def chunk(delta: dict | None = None, usage: tuple[int, int] | None = None) -> dict:
+    out: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-test",
+        "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": None}],
+    }
+    if usage:
+        out["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
+    return out
+
+
+class FakeOpenAI:
+    """Replies from ``script`` in order (the last one repeats) and records each request."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.script: list[tuple[str, Any]] = []
+        self.release = threading.Event()  # set at teardown so hanging handlers end
+        self.app = Starlette(routes=[Route("/v1/chat/completions", self.endpoint, methods=["POST"])])
+
+    async def _hang(self) -> None:
+        while not self.release.is_set():
+            await asyncio.sleep(0.02)
+
+    async def endpoint(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append({"body": body, "headers": dict(request.headers)})
+        kind, payload = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if kind == "json":
+            return JSONResponse(payload)
+        if kind == "error":
+            status, message = payload
+            return JSONResponse(
+                {"error": {"message": message, "type": "server_error", "code": None}},
+                status,
+                headers=FAST_RETRY,
+            )
+        if kind == "hang":
+            await self._hang()
+            return JSONResponse(completion("too late"))
+        if kind == "sse":
+            chunks, hang_after = payload
+
+            async def events():
+                for item in chunks:
+                    yield f"data: {json.dumps(item)}\n\n"
+                if hang_after:
+                    await self._hang()
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        raise AssertionError(kind)
+
+
+@pytest.fixture(scope="module")
+def server():
+    fake = FakeOpenAI()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    fake.port = sock.getsockname()[1]
+    uv = uvicorn.Server(
+        uvicorn.Config(fake.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+    )
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not uv.started:
+        assert time.monotonic() < deadline, "fake server did not start"
+        time.sleep(0.01)
+    yield fake
+    fake.release.set()
+    uv.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+@pytest.fixture
+def fake(server):
+    server.requests.clear()
+    server.script = []
+    server.release.clear()
+    yield server
+    server.release.set()
+
+
+async def make_model(fake: FakeOpenAI, **kw: Any) -> OpenAIModel:
+    kw.setdefault("max_retries", 2)
+    kw.setdefault("timeout", 30)
+    return OpenAIModel("gpt-test", api_key=SECRET, base_url=f"http://127.0.0.1:{fake.port}/v1", **kw)
+
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.anyio
+async def test_plain_reply_with_usage(fake):
+    fake.script = [("json", completion("Hello there."))]
+    model = await make_model(fake, stream=False)
+    seen: list[str] = []
+    response = await model.complete(USER, [], temperature=0.2, on_text=seen.append)
+    await model.aclose()
+    assert response.content == "Hello there." and seen == ["Hello there."]
+    assert response.tool_calls == []
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (11, 7)
+    body = fake.requests[0]["body"]
+    assert body["model"] == "gpt-test" and body["messages"] == USER and body["temperature"] == 0.2
+    assert "stream" not in body and "tools" not in body
+    assert fake.requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
+
+
+@pytest.mark.anyio
+async def test_streamed_reply_calls_on_text_and_takes_usage_from_last_chunk(fake):
+    chunks = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "Hel"}),
+        chunk({"content": "lo "}),
+        chunk({"content": "world"}),
+        chunk(None, usage=(20, 3)),
+    ]
+    fake.script = [("sse", (chunks, False))]
+    model = await make_model(fake)
+    seen: list[str] = []
+    response = await model.complete(USER, [], temperature=0.3, on_text=seen.append)
+    await model.aclose()
+    assert seen == ["Hel", "lo ", "world"]
+    assert response.content == "Hello world"
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (20, 3)
+    body = fake.requests[0]["body"]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.anyio
+async def test_tool_calls_plain(fake):
+    calls = [
+        {"id": "call_a", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 1}'}},
+    ]
+    fake.script = [("json", completion(None, calls))]
+    model = await make_model(fake, stream=False)
+    response = await model.complete(USER, [ADD_TOOL], temperature=0)
+    await model.aclose()
+    assert response.content is None
+    assert [(c.id, c.function.name, c.function.parsed_arguments()) for c in response.tool_calls] == [
+        ("call_a", "add", {"a": 2, "b": 3}),
+        ("call_b", "add", {"a": 1, "b": 1}),
+    ]
+    assert fake.requests[0]["body"]["tools"] == [ADD_TOOL]
+
+
+@pytest.mark.anyio
+async def test_tool_calls_streamed_with_arguments_split_across_chunks(fake):
+    def tc(index: int, **kw: Any) -> dict:
+        return {"tool_calls": [{"index": index, **kw}]}
+
+    chunks = [
+        chunk({"role": "assistant", "content": None}),
+        chunk(tc(0, id="call_x", type="function", function={"name": "add", "arguments": ""})),
+        chunk(tc(0, function={"arguments": '{"a": '})),
+        chunk(tc(1, id="call_y", type="function", function={"name": "add", "arguments": '{"a": 5'})),
+        chunk(tc(0, function={"arguments": '2, "b": 3}'})),
+        chunk(tc(1, function={"arguments": ', "b": 6}'})),
+        chunk(None, usage=(30, 12)),
+    ]
+    fake.script = [("sse", (chunks, False))]
+    model = await make_model(fake)
+    seen: list[str] = []
+    response = await model.complete(USER, [ADD_TOOL], temperature=0, on_text=seen.append)
+    await model.aclose()
+    assert seen == [] and response.content is None
+    assert [(c.id, c.function.name, c.function.parsed_arguments()) for c in response.tool_calls] == [
+        ("call_x", "add", {"a": 2, "b": 3}),
+        ("call_y", "add", {"a": 5, "b": 6}),
+    ]
+    assert response.usage.completion_tokens == 12
+
+
+@pytest.mark.anyio
+async def test_server_error_then_success_is_retried_by_the_sdk(fake):
+    fake.script = [("error", (500, "boom")), ("json", completion("Recovered."))]
+    model = await make_model(fake, stream=False)
+    response = await model.complete(USER, [], temperature=0)
+    await model.aclose()
+    assert response.content == "Recovered."
+    assert len(fake.requests) == 2
+
+
+@pytest.mark.anyio
+async def test_persistent_server_error_becomes_a_sentence_without_the_key(fake):
+    fake.script = [("error", (500, f"upstream exploded near {SECRET}"))]
+    model = await make_model(fake, max_retries=2)
+    with pytest.raises(ModelCallError) as caught:
+        await model.complete(USER, [], temperature=0)
+    await model.aclose()
+    text = str(caught.value)
+    assert len(fake.requests) == 3
+    assert text.startswith("The model provider returned HTTP 500 for openai:gpt-test after 2 retries:")
+    assert "upstream exploded" in text
+    assert SECRET not in text and SECRET not in repr(model)
+
+
+@pytest.mark.anyio
+async def test_client_error_is_not_retried(fake):
+    fake.script = [("error", (400, "bad request: messages is empty"))]
+    model = await make_model(fake, stream=False)
+    with pytest.raises(ModelCallError, match=r"HTTP 400 for openai:gpt-test: bad request"):
+        await model.complete(USER, [], temperature=0)
+    await model.aclose()
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.anyio
+async def test_unreachable_server_is_a_connection_sentence():
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    model = OpenAIModel("gpt-test", api_key=SECRET, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+    with pytest.raises(ModelCallError, match=r"Could not reach the model provider at http://127.0.0.1"):
+        await model.complete(USER, [], temperature=0)
+    await model.aclose()
+
+
+@pytest.mark.anyio
+async def test_tools_sent_only_when_non_empty(fake):
+    fake.script = [("json", completion("ok"))]
+    model = await make_model(fake, stream=False)
+    await model.complete(USER, [], temperature=0)
+    await model.complete(USER, [ADD_TOOL], temperature=0)
+    await model.aclose()
+    assert "tools" not in fake.requests[0]["body"]
+    assert fake.requests[1]["body"]["tools"] == [ADD_TOOL]
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_hanging_call_returns_promptly(fake):
+    fake.script = [("hang", None)]
+    model = await make_model(fake, stream=False)
+    with anyio.fail_after(20):
+        with anyio.move_on_after(0.3) as scope:
+            await model.complete(USER, [], temperature=0)
+    assert scope.cancelled_caught
+    await model.aclose()
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_hanging_stream_keeps_the_partial_text(fake):
+    fake.script = [("sse", ([chunk({"content": "partial "})], True))]
+    model = await make_model(fake)
+    seen: list[str] = []
+    with anyio.fail_after(20):
+        with anyio.move_on_after(0.5) as scope:
+            await model.complete(USER, [], temperature=0, on_text=seen.append)
+    assert scope.cancelled_caught
+    assert seen == ["partial "]
+    await model.aclose()
+
+
+def test_from_env_without_key_or_base_url_says_what_to_set():
+    with pytest.raises(ModelConfigError) as caught:
+        resolve_model("openai:gpt-4o", {})
+    text = str(caught.value)
+    assert "Model 'openai:gpt-4o' needs OPENAI_API_KEY" in text
+    assert "OPENAI_BASE_URL" in text and "'offline'" in text
+
+
+def test_from_env_with_base_url_only_uses_a_placeholder_key():
+    model = resolve_model("openai:llama3", {"OPENAI_BASE_URL": "http://127.0.0.1:11434/v1"})
+    assert isinstance(model, OpenAIModel)
+    assert model.name == "openai:llama3"
+    assert model._client.api_key  # any non-empty key: local servers ignore it
+    assert str(model._client.base_url).startswith("http://127.0.0.1:11434/v1")
+
+
+def test_from_env_reads_timeout_retries_and_stream():
+    env = {
+        "OPENAI_API_KEY": SECRET,
+        "AGENT_TRACE_LLM_TIMEOUT": "7.5",
+        "AGENT_TRACE_LLM_RETRIES": "0",
+        "AGENT_TRACE_LLM_STREAM": "0",
+    }
+    model = OpenAIModel.from_env("gpt-4o", env)
+    assert (model.timeout, model.max_retries, model.stream) == (7.5, 0, False)
+    assert model._client.max_retries == 0
+    default = OpenAIModel.from_env("gpt-4o", {"OPENAI_API_KEY": SECRET})
+    assert (default.timeout, default.max_retries, default.stream) == (120.0, 2, True)
+    with pytest.raises(ModelConfigError, match="AGENT_TRACE_LLM_TIMEOUT"):
+        OpenAIModel.from_env("gpt-4o", {"OPENAI_API_KEY": SECRET, "AGENT_TRACE_LLM_TIMEOUT": "soon"})

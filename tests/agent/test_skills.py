@@ -1,0 +1,153 @@
+"""Skills: loading SKILL.md folders, building the system prompt, and the load_skill tool."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from agent.errors import ToolCallError
+from agent.skills import (
+    BASE_SYSTEM_PROMPT,
+    LoadSkillTool,
+    build_system_prompt,
+    load_skills,
+    read_skills,
+    skills_system_prompt,
+)
+from agent.tools.registry import Tool
+
+
+def write_skill(root: Path, folder: str, text: str) -> Path:
+    path = root / folder / "SKILL.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+PDF_SKILL = """---
+name: pdf-forms
+description: >
+  Fill in PDF forms
+  from structured data.
+---
+
+# PDF forms
+
+1. Read the form fields.
+2. Fill them in.
+"""
+
+CSV_SKILL = "---\nname: csv\ndescription: Clean up CSV files.\nlicense: MIT\n---\nUse the csv module.\n"
+
+
+@pytest.fixture
+def skills_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "skills"
+    write_skill(root, "pdf-forms", PDF_SKILL)
+    write_skill(root, "csv", CSV_SKILL)
+    return root
+
+
+def test_skills_are_loaded_with_name_description_and_body(skills_dir: Path) -> None:
+    skills = load_skills(skills_dir)
+    assert [(s.name, s.description) for s in skills] == [
+        ("csv", "Clean up CSV files."),
+        ("pdf-forms", "Fill in PDF forms from structured data."),
+    ]
+    assert skills[1].body == "# PDF forms\n\n1. Read the form fields.\n2. Fill them in."
+
+
+def test_prompt_lists_skills_and_points_to_load_skill(skills_dir: Path) -> None:
+    prompt = build_system_prompt(load_skills(skills_dir))
+    assert prompt.startswith(BASE_SYSTEM_PROMPT)
+    assert "## Skills" in prompt and "load_skill" in prompt
+    assert "- csv: Clean up CSV files." in prompt
+    assert "- pdf-forms: Fill in PDF forms from structured data." in prompt
+    assert "Read the form fields" not in prompt  # only the listing, not the full text
+    assert build_system_prompt([]) == BASE_SYSTEM_PROMPT
+    assert build_system_prompt([], base="Be brief.") == "Be brief."
+
+
+def test_missing_skills_dir_means_no_skills(tmp_path: Path) -> None:
+    assert load_skills(tmp_path / "nope") == []
+    assert load_skills(None) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("# No front matter\n", "front matter"),
+        ("---\nname: x\ndescription: y\n", "closing"),
+        ("---\nname: [unclosed\n---\n", "not valid YAML"),
+        ("---\n- a list\n---\n", "mapping"),
+        ("---\nname: lonely\n---\nbody\n", "description"),
+        ("---\nname: ''\ndescription: empty name\n---\n", "name"),
+        ("---\nname: 3\ndescription: not a string name\n---\n", "name"),
+    ],
+)
+def test_malformed_skills_are_skipped_with_a_warning_naming_the_file(
+    skills_dir: Path, caplog: pytest.LogCaptureFixture, text: str, reason: str
+) -> None:
+    bad = write_skill(skills_dir, "broken", text)
+    with caplog.at_level(logging.WARNING, logger="agent.skills"):
+        skills = load_skills(skills_dir)
+    assert [s.name for s in skills] == ["csv", "pdf-forms"]
+    assert str(bad) in caplog.text and reason in caplog.text
+
+
+def test_folders_without_skill_md_and_duplicate_names(
+    skills_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (skills_dir / "empty-folder").mkdir()
+    (skills_dir / "notes.txt").write_text("not a skill")
+    duplicate = write_skill(skills_dir, "zz-copy", CSV_SKILL)
+    with caplog.at_level(logging.WARNING, logger="agent.skills"):
+        assert [s.name for s in load_skills(skills_dir)] == ["csv", "pdf-forms"]
+    assert str(duplicate) in caplog.text
+
+
+@pytest.mark.anyio
+async def test_skills_are_read_fresh_each_time(skills_dir: Path) -> None:
+    assert "- csv:" in await skills_system_prompt(skills_dir)
+    write_skill(skills_dir, "csv", CSV_SKILL.replace("Clean up CSV files.", "Tidy CSV files."))
+    prompt = await skills_system_prompt(skills_dir)
+    assert "- csv: Tidy CSV files." in prompt
+    assert [s.name for s in await read_skills(skills_dir)] == ["csv", "pdf-forms"]
+
+
+@pytest.mark.anyio
+async def test_load_skill_returns_the_full_text(skills_dir: Path) -> None:
+    tool = LoadSkillTool(skills_dir, await read_skills(skills_dir))
+    assert isinstance(tool, Tool)
+    assert (tool.name, tool.group) == ("load_skill", None)
+    assert tool.input_schema["required"] == ["name"]
+    assert tool.input_schema["properties"]["name"]["enum"] == ["csv", "pdf-forms"]
+
+    assert (
+        await tool.call({"name": "pdf-forms"}) == "# PDF forms\n\n1. Read the form fields.\n2. Fill them in."
+    )
+    write_skill(skills_dir, "csv", CSV_SKILL.replace("Use the csv module.", "Use pandas."))
+    assert await tool.call({"name": "csv"}) == "Use pandas."  # edits are served at once
+
+
+@pytest.mark.anyio
+async def test_load_skill_unknown_name_lists_the_available_ones(skills_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ToolCallError) as info:
+        await LoadSkillTool(skills_dir).call({"name": "excel"})
+    assert "'excel'" in str(info.value) and "csv, pdf-forms" in str(info.value)
+
+    empty = LoadSkillTool(tmp_path / "none")
+    assert "enum" not in empty.input_schema["properties"]["name"]
+    with pytest.raises(ToolCallError, match="Available skills: none"):
+        await empty.call({"name": "csv"})
+
+
+@pytest.mark.anyio
+async def test_refresh_updates_the_schema_names(skills_dir: Path) -> None:
+    tool = LoadSkillTool(skills_dir)  # reads the skills on disk for its schema
+    assert tool.input_schema["properties"]["name"]["enum"] == ["csv", "pdf-forms"]
+    write_skill(skills_dir, "new", "---\nname: new\ndescription: A new skill.\n---\nNew.\n")
+    assert [s.name for s in await tool.refresh()] == ["csv", "new", "pdf-forms"]
+    assert tool.input_schema["properties"]["name"]["enum"] == ["csv", "new", "pdf-forms"]

@@ -1,0 +1,34 @@
+"""Server fixtures: settings in a temp folder, a workspace with files, and a server on scripted models."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.app import build_server
+from server.settings import Settings
+from tests.fakes import ScriptedModel, models_for, reply
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    root = tmp_path / "workspace"
+    root.mkdir()
+    (root / "README.md").write_text("# Demo project\nThe answer is 42.\n", encoding="utf-8")
+    (root / "notes.txt").write_text("remember the milk\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def settings(tmp_path, workspace) -> Settings:
+    return Settings.for_data_dir(tmp_path / "data", model="offline", workspace=workspace)
+
+
+@pytest.fixture
+def slow_model() -> ScriptedModel:
+    """A model that takes an hour to answer: for stop and running-trace tests."""
+    return ScriptedModel([reply("too late")], delay=3600)
+
+
+@pytest.fixture
+def server(settings, slow_model):
+    return build_server(settings, models=models_for(slow=slow_model))
