@@ -82,11 +82,10 @@ async def resource_list_middleware(ctx: ServerRequestContext[Any, Any], call_nex
     if ctx.method != "resources/list" or engine is None:
         return await call_next(ctx)
     cursor = (ctx.params or {}).get("cursor")
-    static: list[dict[str, Any]] = []
-    if not cursor:
-        result = await call_next(ctx)
-        wire = result if isinstance(result, dict) else result.model_dump(by_alias=True, mode="json", exclude_none=True)
-        static = list(wire.get("resources", []))
+    # Start from the SDK's own answer so era-specific fields (resultType, cache hints) stay as it sets them.
+    result = await call_next(ctx)
+    wire = dict(result) if isinstance(result, dict) else result.model_dump(by_alias=True, mode="json", exclude_none=True)
+    static = [] if cursor else list(wire.get("resources", []))
     try:
         page = await engine.store.list_traces(limit=PAGE_SIZE, cursor=cursor or None)
     except TraceError as exc:
@@ -94,7 +93,8 @@ async def resource_list_middleware(ctx: ServerRequestContext[Any, Any], call_nex
         from mcp.types import INVALID_PARAMS
 
         raise MCPError(code=INVALID_PARAMS, message=str(exc)) from None
-    answer: dict[str, Any] = {"resources": static + [_resource(t) for t in page.traces]}
+    wire["resources"] = static + [_resource(t) for t in page.traces]
+    wire.pop("nextCursor", None)
     if page.next_cursor:
-        answer["nextCursor"] = page.next_cursor
-    return answer
+        wire["nextCursor"] = page.next_cursor
+    return wire

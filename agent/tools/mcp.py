@@ -135,8 +135,8 @@ class _Server:
                 ) from None
             conn.fail("it lost its connection during a tool call")
             raise ToolCallError(
-                f"MCP server {self.name!r} is unavailable: it lost its connection during the call to {tool!r}; "
-                "it is being restarted, try again later."
+                f"MCP server {self.name!r} is unavailable: it lost its connection during the call to "
+                f"{tool!r}; it is being restarted, try again later."
             ) from None
         except Exception as exc:  # noqa: BLE001 - transport faults (HTTP errors, bad results) reach the model
             raise ToolCallError(

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.tools.mcp_format import sanitize_name
 
@@ -27,7 +27,7 @@ class StdioServerSpec(BaseModel):
     args: list[str] = []
     env: dict[str, str] = {}
     cwd: str | None = None
-    timeout: float | None = None  # seconds per tool call; None: the McpServers default
+    timeout: float | None = Field(default=None, gt=0)  # seconds per tool call; None: the McpServers default
 
 
 class HttpServerSpec(BaseModel):
@@ -36,7 +36,7 @@ class HttpServerSpec(BaseModel):
     model_config = ConfigDict(extra="ignore")
     url: str
     headers: dict[str, str] = {}
-    timeout: float | None = None
+    timeout: float | None = Field(default=None, gt=0)
 
 
 ServerSpec = StdioServerSpec | HttpServerSpec
@@ -70,6 +70,9 @@ def load_mcp_config(path: str | Path) -> dict[str, ServerSpec]:
         )
     specs: dict[str, ServerSpec] = {}
     for raw_name, entry in servers.items():
+        if isinstance(entry, dict) and entry.get("disabled") is True:  # as other MCP hosts honour it
+            logger.info("MCP server %r in %s is disabled; skipping it.", raw_name, path)
+            continue
         name = _server_name(path, raw_name, specs)
         specs[name] = _server_spec(path, raw_name, entry)
     return specs

@@ -43,12 +43,14 @@ def test_config_reads_stdio_and_http_servers(tmp_path: Path) -> None:
             "mcpServers": {
                 "calc": {"command": "python", "args": ["s.py"], "env": {"A": "1"}, "cwd": "/tmp"},
                 "web": {"url": "http://127.0.0.1:9/mcp", "headers": {"Authorization": "Bearer x"}},
+                "off": {"command": "x", "disabled": True},
             }
         },
     )
     specs = load_mcp_config(path)
     assert specs["calc"] == StdioServerSpec(command="python", args=["s.py"], env={"A": "1"}, cwd="/tmp")
     assert specs["web"] == HttpServerSpec(url="http://127.0.0.1:9/mcp", headers={"Authorization": "Bearer x"})
+    assert "off" not in specs
 
 
 @pytest.mark.parametrize(
@@ -61,6 +63,7 @@ def test_config_reads_stdio_and_http_servers(tmp_path: Path) -> None:
         ({"mcpServers": {"calc": {"command": "x", "url": "http://h"}}}, 'both "command" and "url"'),
         ({"mcpServers": {"calc": {"command": "x", "args": "not a list"}}}, "calc"),
         ({"mcpServers": {"web": {"url": "ftp://h"}}}, "http://"),
+        ({"mcpServers": {"web": {"url": "http://h", "timeout": 0}}}, "timeout"),
         ({"mcpServers": {"a b": {"command": "x"}, "a_b": {"command": "y"}}}, "two servers named 'a_b'"),
     ],
 )

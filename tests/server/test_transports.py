@@ -1,0 +1,236 @@
+"""The console script as hosts run it: a stdio subprocess, and streamable HTTP on 127.0.0.1 (both eras),
+with Origin protection, the bearer token and the open-bind refusal."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import httpx2
+import mcp.types as types
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.server.helpers import call, wait_done
+
+pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed")]
+
+
+def console_script() -> list[str]:
+    """The installed ``agent-trace-mcp`` next to this interpreter (what hosts launch)."""
+    script = Path(sys.executable).parent / "agent-trace-mcp"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("agent-trace-mcp")
+    return [found] if found else [sys.executable, "-m", "server.cli"]
+
+
+def server_args(tmp_path: Path, workspace: Path) -> list[str]:
+    return ["--data-dir", str(tmp_path / "data"), "--model", "offline", "--workspace", str(workspace)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HttpServer:
+    def __init__(self, tmp_path: Path, workspace: Path, *extra: str, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        argv = [*console_script(), "--transport", "http", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = subprocess.Popen(
+            [*argv, *server_args(tmp_path, workspace), *extra],
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start listening")
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def http_server(tmp_path, workspace) -> Iterator[HttpServer]:
+    server = HttpServer(tmp_path, workspace)
+    yield server
+    server.close()
+
+
+# -- stdio ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_stdio_subprocess_runs_a_trace_with_progress(tmp_path, workspace, mode):
+    command, *prefix = console_script()
+    params = StdioServerParameters(
+        command=command, args=[*prefix, *server_args(tmp_path, workspace)], env={**os.environ}
+    )
+    progress: list[str] = []
+
+    async def on_progress(value, total, message):
+        progress.append(message)
+
+    async with Client(params, mode=mode) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert {"create_trace", "run_trace", "stop_trace", "reflect_trace", "list_running"} <= names
+        tid = (await call(client, "create_trace", prompt="Use read_file to read README.md"))["trace_id"]
+        result = await client.call_tool(
+            "get_trace", {"trace_id": tid, "wait_seconds": 30}, progress_callback=on_progress
+        )
+        view = result.structured_content
+        if view["trace"]["status"] == "running":
+            view = await wait_done(client, tid)
+        assert view["trace"]["status"] == "completed"
+        assert "The answer is 42." in view["messages"][3]["content"]
+        reflection = await call(client, "reflect_trace", trace_id=tid)
+        assert reflection["reflection"]
+        resources = [str(r.uri) for r in (await client.list_resources()).resources]
+        assert resources[:2] == ["experiences://memory", f"trace://{tid}"]
+
+
+async def test_stdio_legacy_subscriber_gets_updates(tmp_path, workspace):
+    command, *prefix = console_script()
+    params = StdioServerParameters(
+        command=command, args=[*prefix, *server_args(tmp_path, workspace)], env={**os.environ}
+    )
+    updates: list[str] = []
+
+    async def handler(message):
+        if isinstance(message, types.ResourceUpdatedNotification):
+            updates.append(str(message.params.uri))
+
+    async with Client(params, mode="legacy", message_handler=handler) as client:
+        tid = (await call(client, "create_trace", prompt="hello"))["trace_id"]
+        await wait_done(client, tid)
+        await client.session.subscribe_resource(f"trace://{tid}")
+        await call(client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "again"}])
+        await wait_done(client, tid)
+        with anyio.fail_after(10):
+            while f"trace://{tid}" not in updates:
+                await anyio.sleep(0.05)
+
+
+# -- streamable HTTP --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_http_runs_a_trace(http_server, mode):
+    async with Client(http_server.url, mode=mode) as client:
+        tid = (await call(client, "create_trace", prompt="Use read_file to read README.md"))["trace_id"]
+        view = await wait_done(client, tid)
+        assert view["trace"]["status"] == "completed" and view["answer"]
+        assert (await call(client, "list_running"))["running"] == []
+
+
+async def test_http_legacy_subscriber_gets_pushed_updates(http_server):
+    updates: list[str] = []
+
+    async def handler(message):
+        if isinstance(message, types.ResourceUpdatedNotification):
+            updates.append(str(message.params.uri))
+
+    async with Client(http_server.url, mode="legacy", message_handler=handler) as client:
+        tid = (await call(client, "create_trace", prompt="hello"))["trace_id"]
+        await wait_done(client, tid)
+        await client.session.subscribe_resource(f"trace://{tid}")
+        await call(client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "again"}])
+        await wait_done(client, tid)
+        with anyio.fail_after(10):
+            while f"trace://{tid}" not in updates:
+                await anyio.sleep(0.05)
+
+
+async def test_http_modern_listener_gets_events(http_server):
+    async with Client(http_server.url) as client:
+        tid = (await call(client, "create_trace", prompt="hello"))["trace_id"]
+        await wait_done(client, tid)
+        async with client.listen(resource_subscriptions=[f"trace://{tid}"]) as sub:
+            await call(client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "again"}])
+            with anyio.fail_after(10):
+                event = await sub.__anext__()
+            assert event.uri == f"trace://{tid}"
+        await wait_done(client, tid)
+
+
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+}
+HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+
+
+async def test_http_refuses_a_foreign_origin(http_server):
+    async with httpx2.AsyncClient() as http:
+        evil = await http.post(http_server.url, json=INIT, headers={**HEADERS, "origin": "http://evil.example"})
+        assert evil.status_code == 403
+        ok = await http.post(http_server.url, json=INIT, headers={**HEADERS, "origin": f"http://127.0.0.1:{http_server.port}"})
+        assert ok.status_code == 200
+
+
+async def test_http_token_is_required_when_set(tmp_path, workspace):
+    server = HttpServer(tmp_path, workspace, env={"AGENT_TRACE_TOKEN": "s3cret-token"})
+    try:
+        async with httpx2.AsyncClient() as http:
+            missing = await http.post(server.url, json=INIT, headers=HEADERS)
+            assert missing.status_code == 401
+            assert missing.headers["www-authenticate"].startswith("Bearer")
+            wrong = await http.post(server.url, json=INIT, headers={**HEADERS, "authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            right = await http.post(server.url, json=INIT, headers={**HEADERS, "authorization": "Bearer s3cret-token"})
+            assert right.status_code == 200
+        async with httpx2.AsyncClient(headers={"authorization": "Bearer s3cret-token"}) as http:
+            async with Client(streamable_http_client(server.url, http_client=http), mode="legacy") as client:
+                assert "create_trace" in {t.name for t in (await client.list_tools()).tools}
+    finally:
+        server.close()
+
+
+def test_open_bind_without_protection_refuses_to_start(tmp_path, workspace):
+    env = {k: v for k, v in os.environ.items() if k != "AGENT_TRACE_TOKEN"}
+    done = subprocess.run(
+        [*console_script(), "--transport", "http", "--host", "0.0.0.0", "--port", str(free_port()),
+         *server_args(tmp_path, workspace)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "Refusing to serve on 0.0.0.0" in done.stderr and "--auth-token" in done.stderr
+
+
+def test_demo_command_exits_0_and_shows_the_trace(tmp_path):
+    done = subprocess.run(
+        [*console_script(), "demo", "--data-dir", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=120, env={**os.environ}, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "Trace id:" in out and "read_file" in out and "reflect_trace" in out
+    assert "● " in out and "○ " in out  # the tree shows the active path and the other branches
+    assert (tmp_path / "demo" / "experiences.md").exists()
