@@ -290,6 +290,8 @@ def describe(message: Message, tool_names: dict[str, str]) -> str:
 
 async def wait_with_progress(engine: Engine, ctx: Context, trace_id: str, wait_seconds: float) -> None:
     tool_names: dict[str, str] = {}
+    for message in await engine.store.get_path(trace_id):  # name the results of calls made before we listened
+        describe(message, tool_names)
     async with engine.events.subscribe() as events:
         if not engine.runner.is_running(trace_id):  # it ended before we listened
             return

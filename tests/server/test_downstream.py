@@ -1,0 +1,118 @@
+"""Other MCP servers' tools, end to end: config file -> server startup -> a trace calling them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from mcp import Client
+
+from server.app import build_server
+from server.settings import Settings
+from tests.fakes import ScriptedModel, call as tool_call, models_for, reply
+from tests.server.helpers import call, call_error, wait_done
+
+pytestmark = pytest.mark.anyio
+
+TEST_SERVER = Path(__file__).parent.parent / "agent" / "mcp_test_server.py"
+
+
+@pytest.fixture
+def scripted() -> ScriptedModel:
+    return ScriptedModel([reply("nothing to do")])
+
+
+@pytest.fixture
+def downstream_server(tmp_path, workspace, scripted):
+    config = tmp_path / "mcp_servers.json"
+    config.write_text(
+        json.dumps(
+            {
+                "mcpServers": {
+                    "calc": {"command": sys.executable, "args": [str(TEST_SERVER)]},
+                    "broken": {"command": str(tmp_path / "no-such-program")},
+                }
+            }
+        )
+    )
+    settings = Settings.for_data_dir(tmp_path / "data", model="offline", workspace=workspace, mcp_config=config)
+    return build_server(settings, models=models_for(scripted=scripted))
+
+
+@pytest.fixture
+async def client(downstream_server):
+    async with Client(downstream_server, mode="legacy") as c:
+        yield c
+
+
+async def test_offline_agent_calls_a_downstream_tool(client):
+    tid = (await call(client, "create_trace", prompt="Use calc__add to add 2 and 3."))["trace_id"]
+    view = await wait_done(client, tid)
+    calls = [m for m in view["messages"] if m.get("tool_calls")]
+    assert calls[0]["tool_calls"][0]["function"]["name"] == "calc__add"
+    assert json.loads(calls[0]["tool_calls"][0]["function"]["arguments"]) == {"a": 2, "b": 3}
+    assert next(m for m in view["messages"] if m["role"] == "tool")["content"] == "5"
+
+
+async def test_a_failing_tool_reaches_the_model_and_the_run_goes_on(client, scripted):
+    scripted.steps = [reply(None, tool_call("calc__fail")), reply("I saw the error")]
+    tid = (await call(client, "create_trace", prompt="fail please", model="scripted"))["trace_id"]
+    view = await wait_done(client, tid)
+    tool_message = next(m for m in view["messages"] if m["role"] == "tool")
+    assert tool_message["content"].startswith("Error:")
+    assert scripted.calls[1]["messages"][-1]["content"] == tool_message["content"]
+    assert view["trace"]["status"] == "completed"
+
+
+async def test_stop_cancels_a_slow_downstream_tool(client, scripted):
+    scripted.steps = [reply(None, tool_call("calc__slow", seconds=3600))]
+    tid = (await call(client, "create_trace", prompt="slow", model="scripted"))["trace_id"]
+    with anyio.fail_after(20):
+        while True:  # wait until the tool call is stored (so the tool is in flight)
+            view = await call(client, "get_trace", trace_id=tid)
+            if any(m.get("tool_calls") for m in view["messages"]):
+                break
+            await anyio.sleep(0.02)
+    await anyio.sleep(0.2)
+    assert (await call(client, "stop_trace", trace_id=tid))["status"] == "stopping"
+    view = await wait_done(client, tid)
+    assert view["trace"]["status"] == "stopped"
+    assert view["messages"][-1]["role"] == "tool" and view["messages"][-1]["content"].startswith("Cancelled")
+    # the connection still works for the next trace
+    scripted.calls.clear()
+    scripted.steps = [reply(None, tool_call("calc__add", a=1, b=1)), reply("2")]
+    tid = (await call(client, "create_trace", prompt="add", model="scripted"))["trace_id"]
+    view = await wait_done(client, tid)
+    assert [m["content"] for m in view["messages"] if m["role"] == "tool"] == ["2"]
+
+
+async def test_whitelists_by_server_and_by_tool(client, scripted):
+    tid = (await call(client, "create_trace", prompt="x", model="scripted", tools=["calc"]))["trace_id"]
+    await wait_done(client, tid)
+    offered = [t["function"]["name"] for t in scripted.calls[-1]["tools"]]
+    assert offered and all(name.startswith("calc__") for name in offered) and "calc__add" in offered
+
+    tid = (await call(client, "create_trace", prompt="x", model="scripted", tools=["calc__add", "read_file"]))[
+        "trace_id"
+    ]
+    await wait_done(client, tid)
+    assert sorted(t["function"]["name"] for t in scripted.calls[-1]["tools"]) == ["calc__add", "read_file"]
+
+    # the whitelist is stored and applies when the trace is continued
+    await call(client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "more"}])
+    await wait_done(client, tid)
+    assert sorted(t["function"]["name"] for t in scripted.calls[-1]["tools"]) == ["calc__add", "read_file"]
+
+    text = await call_error(client, "create_trace", prompt="x", tools=["calc__nope", "weather"])
+    assert "'calc__nope', 'weather'" in text and "calc__add" in text and "calc (server)" in text
+
+
+async def test_a_server_that_cannot_start_leaves_the_rest_working(client, scripted):
+    tid = (await call(client, "create_trace", prompt="x", model="scripted"))["trace_id"]
+    await wait_done(client, tid)
+    offered = {t["function"]["name"] for t in scripted.calls[-1]["tools"]}
+    assert {"calc__add", "read_file", "list_files", "search_files", "load_skill"} <= offered
+    assert not any(name.startswith("broken__") for name in offered)
