@@ -14,8 +14,8 @@ from agent.llm.base import ModelResponse, TextSink
 from agent.trace.models import FunctionCall, MessageUsage, ToolCall
 
 
-def call(name: str, call_id: str = "c1", **arguments: Any) -> ToolCall:
-    return ToolCall(id=call_id, function=FunctionCall(name=name, arguments=json.dumps(arguments)))
+def call(tool: str, call_id: str = "c1", /, **arguments: Any) -> ToolCall:
+    return ToolCall(id=call_id, function=FunctionCall(name=tool, arguments=json.dumps(arguments)))
 
 
 def reply(text: str | None = None, *calls: ToolCall) -> ModelResponse:

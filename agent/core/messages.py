@@ -68,16 +68,20 @@ def parse_messages(raw: Sequence[Any]) -> list[NewMessage]:
 
 
 def open_tool_calls(path: Sequence[Message | NewMessage]) -> list[str]:
-    """Ids of the tool calls at the end of ``path`` that have no tool message yet, in call order."""
-    open_ids: list[str] = []
-    for message in path:
+    """Ids of the tool calls at the end of ``path`` that have no tool message yet, in call order.
+
+    Reads only the tail (the last assistant message and the tool messages after it), so it costs the
+    same on a long trace as on a short one.
+    """
+    answered: set[str | None] = set()
+    for message in reversed(path):
+        if message.role == "tool":
+            answered.add(message.tool_call_id)
+            continue
         if message.role == "assistant":
-            open_ids = [c.id for c in message.tool_calls or []]
-        elif message.role == "tool" and message.tool_call_id in open_ids:
-            open_ids.remove(message.tool_call_id)
-        elif message.role != "tool":
-            open_ids = []
-    return open_ids
+            return [c.id for c in message.tool_calls or [] if c.id not in answered]
+        return []
+    return []
 
 
 def check_placement(path: Sequence[Message | NewMessage], new: Sequence[NewMessage], *, first_index: int = 1) -> None:

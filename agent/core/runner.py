@@ -121,6 +121,14 @@ class _Plan:
     max_iterations: int
     restore: Trace | None = None  # set for side-branch runs: the head and status to put back
     outcome: tuple[Status, StopReason, str | None] | None = None  # how this run itself ended
+    wire: dict[int, dict[str, Any]] = field(default_factory=dict)  # OpenAI form of each message, by sequence
+
+    def model_messages(self) -> list[dict[str, Any]]:
+        """The active path as the model receives it (each message converted once per run)."""
+        for message in self.context:
+            if message.sequence not in self.wire:
+                self.wire[message.sequence] = message.to_openai()
+        return [self.wire[m.sequence] for m in self.context]
 
 
 class AgentRunner:
@@ -520,7 +528,7 @@ class AgentRunner:
     async def _call_model(self, plan: _Plan) -> ModelResponse | None:
         """One model call that ``stop`` cancels; a stopped call keeps its streamed text (None if there was none)."""
         partial: list[str] = []
-        messages = [m.to_openai() for m in plan.context]
+        messages = plan.model_messages()
         schemas = [openai_tool_schema(t) for t in plan.tools]
         with plan.active.guard():
             return await plan.model.complete(

@@ -63,7 +63,34 @@ def m002_recalled_lessons(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE traces ADD COLUMN lessons TEXT NOT NULL DEFAULT '[]'")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_recalled_lessons]
+def m003_head_follows_messages(db: sqlite3.Connection) -> None:
+    """Appending a message moves the head and adds to the totals in the same statement (one commit)."""
+    db.execute(
+        """
+        CREATE TRIGGER message_appended AFTER INSERT ON messages
+        BEGIN
+            UPDATE traces SET
+                last_sequence = NEW.sequence,
+                head_sequence = NEW.sequence,
+                updated_at = NEW.created_at,
+                usage = json_set(usage,
+                    '$.prompt_tokens', json_extract(usage, '$.prompt_tokens')
+                        + coalesce(json_extract(NEW.usage, '$.prompt_tokens'), 0),
+                    '$.completion_tokens', json_extract(usage, '$.completion_tokens')
+                        + coalesce(json_extract(NEW.usage, '$.completion_tokens'), 0),
+                    '$.llm_calls', json_extract(usage, '$.llm_calls') + (NEW.role = 'assistant'),
+                    '$.tool_calls', json_extract(usage, '$.tool_calls') + (NEW.role = 'tool'))
+            WHERE trace_id = NEW.trace_id;
+        END
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    m001_initial,
+    m002_recalled_lessons,
+    m003_head_follows_messages,
+]
 
 
 def migrate(db: sqlite3.Connection) -> int:

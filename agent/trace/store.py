@@ -1,8 +1,8 @@
 """Trace storage: the TraceStore protocol and its SQLite implementation (aiosqlite, WAL).
 
 Messages are rows keyed by (trace_id, sequence) with a parent pointer; the head lives on the trace row.
-One writer connection takes every write in a short ``BEGIN IMMEDIATE`` transaction, shielded from
-cancellation so a stopped run can never leave a transaction half done; a second connection reads
+One writer connection makes every write a single statement (atomic by itself, one trip to aiosqlite's
+thread), shielded from cancellation so a stopped run never abandons a write; a second connection reads
 committed data only. ``synchronous=NORMAL``: in WAL mode a process crash keeps every committed row
 (a power cut may lose the last few commits — the price of sub-millisecond appends).
 """
@@ -166,21 +166,14 @@ class SQLiteTraceStore:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    async def _write(self, statements: list[tuple[str, tuple]]) -> list[list[tuple]]:
-        """Run statements in one IMMEDIATE transaction; shielded so cancellation cannot split it."""
+    async def _write(self, sql: str, params: tuple) -> list[sqlite3.Row]:
+        """One statement, so SQLite makes it atomic, in one trip to the connection's thread.
+
+        Shielded: a cancelled caller (a stopped run) cannot abandon a write half way.
+        """
         with anyio.CancelScope(shield=True):
             async with self._write_lock:
-                await self._writer.execute("BEGIN IMMEDIATE")
-                try:
-                    results = []
-                    for sql, params in statements:
-                        cursor = await self._writer.execute(sql, params)
-                        results.append(list(await cursor.fetchall()))
-                    await self._writer.execute("COMMIT")
-                    return results
-                except BaseException:
-                    await self._writer.execute("ROLLBACK")
-                    raise
+                return list(await self._writer.execute_fetchall(sql, params))
 
     async def create_trace(self, trace: Trace) -> Trace:
         values = (
@@ -188,7 +181,7 @@ class SQLiteTraceStore:
             trace.stop_reason.value if trace.stop_reason else None, trace.head_sequence, trace.created_at,
             trace.updated_at, trace.error, trace.usage.model_dump_json(), json.dumps(trace.lessons),
         )  # fmt: skip
-        await self._write([(f"INSERT INTO traces ({_TRACE_COLUMNS}) VALUES ({', '.join('?' * 13)})", values)])
+        await self._write(f"INSERT INTO traces ({_TRACE_COLUMNS}) VALUES ({', '.join('?' * 13)})", values)
         return trace
 
     async def update_trace(self, trace_id: str, **changes: Any) -> Trace:
@@ -198,63 +191,41 @@ class SQLiteTraceStore:
         changes["updated_at"] = utc_now()
         assignments = ", ".join(f"{key} = ?" for key in changes)
         params = tuple(_encode_column(k, v) for k, v in changes.items()) + (trace_id,)
-        (rows,) = await self._write(
-            [(f"UPDATE traces SET {assignments} WHERE trace_id = ? RETURNING {_TRACE_COLUMNS}", params)]
-        )
+        rows = await self._write(f"UPDATE traces SET {assignments} WHERE trace_id = ? RETURNING {_TRACE_COLUMNS}", params)
         if not rows:
             raise TraceNotFound(trace_id)
         return _trace_from_row(rows[0])
 
     async def append_message(self, trace_id: str, message: NewMessage, parent_sequence: int | None) -> Message:
-        """Store ``message`` as a child of ``parent_sequence`` and move the head to it, in one commit."""
+        """Store ``message`` as a child of ``parent_sequence`` and move the head to it, in one commit.
+
+        The sequence is the trace's ``last_sequence + 1``; the trigger of migration 3 moves the head and
+        adds the message's usage to the trace's totals in the same statement.
+        """
         created_at = utc_now()
-        usage = message.usage
-        counts = (
-            usage.prompt_tokens if usage else 0,
-            usage.completion_tokens if usage else 0,
-            1 if message.role == "assistant" else 0,
-            1 if message.role == "tool" else 0,
-        )
+        usage = message.usage.model_dump_json() if message.usage else None
         tool_calls = json.dumps([c.model_dump() for c in message.tool_calls]) if message.tool_calls else None
-        rows_trace, rows_msg = await self._write(
-            [
-                (
-                    "UPDATE traces SET last_sequence = last_sequence + 1, head_sequence = last_sequence + 1, "
-                    "updated_at = ?, usage = json_set(usage, "
-                    "'$.prompt_tokens', json_extract(usage, '$.prompt_tokens') + ?, "
-                    "'$.completion_tokens', json_extract(usage, '$.completion_tokens') + ?, "
-                    "'$.llm_calls', json_extract(usage, '$.llm_calls') + ?, "
-                    "'$.tool_calls', json_extract(usage, '$.tool_calls') + ?) "
-                    "WHERE trace_id = ? RETURNING last_sequence",
-                    (created_at, *counts, trace_id),
-                ),
-                (
-                    f"INSERT INTO messages (trace_id, {_MESSAGE_COLUMNS}) "
-                    "SELECT trace_id, last_sequence, ?, ?, ?, ?, ?, ?, ?, ? FROM traces WHERE trace_id = ? "
-                    "RETURNING sequence",
-                    (
-                        parent_sequence, message.role, message.content, tool_calls, message.tool_call_id,
-                        message.name, usage.model_dump_json() if usage else None, created_at, trace_id,
-                    ),  # fmt: skip
-                ),
-            ]
+        rows = await self._write(
+            f"INSERT INTO messages (trace_id, {_MESSAGE_COLUMNS}) "
+            "SELECT trace_id, last_sequence + 1, ?, ?, ?, ?, ?, ?, ?, ? FROM traces WHERE trace_id = ? "
+            "RETURNING sequence",
+            (
+                parent_sequence, message.role, message.content, tool_calls, message.tool_call_id, message.name,
+                usage, created_at, trace_id,
+            ),  # fmt: skip
         )
-        if not rows_trace:
+        if not rows:
             raise TraceNotFound(trace_id)
         return Message(
-            **message.model_dump(), sequence=rows_msg[0][0], parent_sequence=parent_sequence, created_at=created_at
+            **message.model_dump(), sequence=rows[0][0], parent_sequence=parent_sequence, created_at=created_at
         )
 
     async def mark_interrupted(self) -> list[str]:
         """Traces left ``running`` by a process that died become ``interrupted``."""
-        (rows,) = await self._write(
-            [
-                (
-                    "UPDATE traces SET status = 'interrupted', stop_reason = 'interrupted', updated_at = ? "
-                    "WHERE status = 'running' RETURNING trace_id",
-                    (utc_now(),),
-                )
-            ]
+        rows = await self._write(
+            "UPDATE traces SET status = 'interrupted', stop_reason = 'interrupted', updated_at = ? "
+            "WHERE status = 'running' RETURNING trace_id",
+            (utc_now(),),
         )
         return [r[0] for r in rows]
 

@@ -111,7 +111,7 @@ async def test_schema_is_versioned_and_wal(tmp_path):
     await store.close()
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         db.close()
@@ -131,3 +131,56 @@ async def test_bad_cursor_is_a_sentence(store):
 
     with pytest.raises(TraceError, match="not one list_traces returned"):
         await store.list_traces(cursor="garbage!")
+
+
+def test_a_killed_process_loses_no_committed_message(tmp_path):
+    """Every sequence the writer reported as stored survives a SIGKILL, and the trace reads interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    import anyio
+
+    path = tmp_path / "traces.db"
+    script = textwrap.dedent(
+        f"""
+        import anyio, sys
+        from agent.trace.models import NewMessage, Trace
+        from agent.trace.store import open_store
+
+        async def main():
+            store = await open_store({str(path)!r})
+            await store.create_trace(Trace(trace_id="t", model="offline"))
+            parent = None
+            while True:
+                m = await store.append_message("t", NewMessage(role="user", content="x" * 1000), parent)
+                parent = m.sequence
+                print(m.sequence, flush=True)
+
+        anyio.run(main)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    reported = 0
+    for line in proc.stdout:
+        reported = int(line)
+        if reported >= 200:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+
+    async def check():
+        store = await open_store(path)
+        try:
+            trace = await store.get_trace("t")
+            assert trace.status is Status.INTERRUPTED
+            path_messages = await store.get_path("t")
+            assert len(path_messages) >= reported
+            assert [m.sequence for m in path_messages] == list(range(1, len(path_messages) + 1))
+        finally:
+            await store.close()
+
+    anyio.run(check)
