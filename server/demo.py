@@ -126,7 +126,9 @@ async def run_demo(args: argparse.Namespace | None = None) -> int:
         _say(f"   {first['trace']['status']} ({first['trace']['stop_reason']}). Answer:")
         _say(textwrap.indent(textwrap.fill(first["answer"] or "", 96), "     "))
 
-        _say(f"\n2. run_trace(insert_after={call_seq}): rewind to the tool call and ask something else instead")
+        _say(
+            f"\n2. run_trace(insert_after={call_seq}): rewind to the tool call and ask something else instead"
+        )
         await _call(
             client, "run_trace", trace_id=tid, insert_after=call_seq,
             messages=[{"role": "user", "content": 'Now use search_files to search for "parachute".'}],
@@ -141,7 +143,10 @@ async def run_demo(args: argparse.Namespace | None = None) -> int:
         _say(f"   appended to {settings.experiences}")
 
         tree = json.loads((await client.read_resource(f"trace://{tid}/tree")).contents[0].text)
-        active = {m["sequence"] for m in json.loads((await client.read_resource(f"trace://{tid}")).contents[0].text)["messages"]}
+        active = {
+            m["sequence"]
+            for m in json.loads((await client.read_resource(f"trace://{tid}")).contents[0].text)["messages"]
+        }
         trace = tree["trace"]
         _say(f"\n4. The trace tree (trace://{tid}/tree) — ● active path, ○ other branches")
         for row in render_tree(trace, tree["messages"], active):
@@ -153,9 +158,13 @@ async def run_demo(args: argparse.Namespace | None = None) -> int:
         )
 
         _say("\n5. A later trace on a similar task starts with those lessons in its system prompt")
-        later = await _call(client, "create_trace", prompt="Use read_file to read notes/launch.md and summarise it.")
+        later = await _call(
+            client, "create_trace", prompt="Use read_file to read notes/launch.md and summarise it."
+        )
         done = await _wait(client, later["trace_id"])
-        _say(f"   system prompt of the first trace ({len(first['messages'][0]['content'])} chars) had no lessons;")
+        _say(
+            f"   system prompt of the first trace ({len(first['messages'][0]['content'])} chars) had no lessons;"
+        )
         _say(f"   trace {later['trace_id']} recalled {len(done['trace']['lessons'])}:")
         prompt = done["messages"][0]["content"]
         lessons_at = prompt.find("## Lessons")

@@ -37,7 +37,9 @@ def transport_security(settings: Settings) -> TransportSecuritySettings | None:
     for host in settings.allowed_hosts:
         hosts += [host, f"{host}:*"]
         origins += [f"http://{host}", f"https://{host}", f"http://{host}:*", f"https://{host}:*"]
-    return TransportSecuritySettings(enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins)
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
+    )
 
 
 class BearerToken:

@@ -84,7 +84,11 @@ async def resource_list_middleware(ctx: ServerRequestContext[Any, Any], call_nex
     cursor = (ctx.params or {}).get("cursor")
     # Start from the SDK's own answer so era-specific fields (resultType, cache hints) stay as it sets them.
     result = await call_next(ctx)
-    wire = dict(result) if isinstance(result, dict) else result.model_dump(by_alias=True, mode="json", exclude_none=True)
+    wire = (
+        dict(result)
+        if isinstance(result, dict)
+        else result.model_dump(by_alias=True, mode="json", exclude_none=True)
+    )
     static = [] if cursor else list(wire.get("resources", []))
     try:
         page = await engine.store.list_traces(limit=PAGE_SIZE, cursor=cursor or None)

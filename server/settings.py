@@ -54,13 +54,33 @@ class Settings:
 OPTIONS: list[tuple[str, str, type, str]] = [
     ("--data-dir", "AGENT_TRACE_HOME", str, "data directory (default $XDG_DATA_HOME/agent-trace-mcp)"),
     ("--db", "AGENT_TRACE_DB", str, "SQLite database (default <data-dir>/traces.db)"),
-    ("--experiences", "AGENT_TRACE_EXPERIENCES", str, "experiences markdown (default <data-dir>/experiences.md)"),
+    (
+        "--experiences",
+        "AGENT_TRACE_EXPERIENCES",
+        str,
+        "experiences markdown (default <data-dir>/experiences.md)",
+    ),
     ("--model", "AGENT_TRACE_MODEL", str, "default model, 'provider:name' (default openai:gpt-4o)"),
     ("--mcp-config", "AGENT_TRACE_MCP_CONFIG", str, "JSON file of MCP servers whose tools the agent gets"),
     ("--skills-dir", "AGENT_TRACE_SKILLS", str, "skills folder (default <data-dir>/skills)"),
-    ("--workspace", "AGENT_TRACE_WORKSPACE", str, "root of the built-in file tools (default: working directory)"),
-    ("--experience-recall", "AGENT_TRACE_EXPERIENCE_RECALL", int, "lessons recalled into a new trace (default 5; 0 off)"),
-    ("--experience-budget", "AGENT_TRACE_EXPERIENCE_BUDGET", int, "lessons kept before consolidation (default 100)"),
+    (
+        "--workspace",
+        "AGENT_TRACE_WORKSPACE",
+        str,
+        "root of the built-in file tools (default: working directory)",
+    ),
+    (
+        "--experience-recall",
+        "AGENT_TRACE_EXPERIENCE_RECALL",
+        int,
+        "lessons recalled into a new trace (default 5; 0 off)",
+    ),
+    (
+        "--experience-budget",
+        "AGENT_TRACE_EXPERIENCE_BUDGET",
+        int,
+        "lessons kept before consolidation (default 100)",
+    ),
     ("--tool-timeout", "AGENT_TRACE_TOOL_TIMEOUT", float, "seconds a tool call may take (default 120)"),
     ("--auth-token", "AGENT_TRACE_TOKEN", str, "HTTP requires 'Authorization: Bearer <token>'"),
 ]
@@ -69,7 +89,9 @@ OPTIONS: list[tuple[str, str, type, str]] = [
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, variable, kind, help_text in OPTIONS:
         parser.add_argument(flag, type=kind, default=None, help=f"{help_text} [env {variable}]")
-    parser.add_argument("--transport", choices=["stdio", "http"], default="stdio", help="stdio (default) or http")
+    parser.add_argument(
+        "--transport", choices=["stdio", "http"], default="stdio", help="stdio (default) or http"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
     parser.add_argument(
@@ -88,7 +110,9 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
             try:
                 value = kind(env[variable])
             except ValueError:
-                raise SystemExit(f"agent-trace-mcp: {variable}={env[variable]!r} is not a valid {kind.__name__}.")
+                raise SystemExit(
+                    f"agent-trace-mcp: {variable}={env[variable]!r} is not a valid {kind.__name__}."
+                ) from None
         return value
 
     values = {flag: pick(flag, variable, kind) for flag, variable, kind, _ in OPTIONS}

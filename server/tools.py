@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
@@ -23,9 +24,15 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-READ_ONLY = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
-ACTS = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True)
-STOPS = ToolAnnotations(read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
+READ_ONLY = ToolAnnotations(
+    read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+)
+ACTS = ToolAnnotations(
+    read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
+)
+STOPS = ToolAnnotations(
+    read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+)
 
 
 class Started(BaseModel):
@@ -90,8 +97,11 @@ def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise
         except Exception:
             log.exception("tool %s failed", fn.__name__)
-            raise ToolError(f"{fn.__name__} failed with an internal error; the server log has the details.") from None
+            raise ToolError(
+                f"{fn.__name__} failed with an internal error; the server log has the details."
+            ) from None
 
+    wrapper.__doc__ = inspect.cleandoc(fn.__doc__ or "")  # the description a calling model reads
     return wrapper
 
 
@@ -115,25 +125,36 @@ def register_tools(mcp: MCPServer) -> None:
     async def create_trace(
         ctx: Context,
         messages: Messages = None,
-        prompt: Annotated[str | None, Field(description="The task, as one user message (shorthand for messages)")] = None,
+        prompt: Annotated[
+            str | None, Field(description="The task, as one user message (shorthand for messages)")
+        ] = None,
         model: Annotated[
             str | None, Field(description="'provider:name': 'openai:gpt-4o', 'anthropic:<model>', 'offline'")
         ] = None,
         temperature: Annotated[float, Field(ge=0, le=2, description="Sampling temperature")] = 0.3,
-        max_iterations: Annotated[int, Field(ge=1, le=10_000, description="Most model calls in one run")] = 200,
+        max_iterations: Annotated[
+            int, Field(ge=1, le=10_000, description="Most model calls in one run")
+        ] = 200,
         system_prompt: Annotated[
             str | None, Field(description="System prompt; none: built from skills and recalled lessons")
         ] = None,
         tools: Annotated[
             list[str] | None,
-            Field(description="Whitelist of tool names ('read_file', 'calc__add') or server names ('calc'); none: all"),
+            Field(
+                description="Whitelist of tool names ('read_file', 'calc__add') or server names ('calc'); none: all"
+            ),
         ] = None,
         name: Annotated[str | None, Field(description="A name for the trace, for people")] = None,
-        uid: Annotated[str | None, Field(description="Who the trace is for (filter list_traces by it)")] = None,
-        recall: Annotated[
-            int | None, Field(ge=0, le=50, description="Lessons from experience to recall into the prompt (0: none)")
+        uid: Annotated[
+            str | None, Field(description="Who the trace is for (filter list_traces by it)")
         ] = None,
-        reflect: Annotated[bool, Field(description="Reflect automatically when the run completes or fails")] = False,
+        recall: Annotated[
+            int | None,
+            Field(ge=0, le=50, description="Lessons from experience to recall into the prompt (0: none)"),
+        ] = None,
+        reflect: Annotated[
+            bool, Field(description="Reflect automatically when the run completes or fails")
+        ] = False,
     ) -> Started:
         """Start a new agent trace in the background and return its id at once.
 
@@ -173,7 +194,9 @@ def register_tools(mcp: MCPServer) -> None:
         ] = None,
     ) -> Started:
         """Continue, rewind or regenerate a finished trace; returns at once while the run goes on."""
-        trace = await engine_of(ctx).start(messages or [], RunConfig(trace_id=trace_id, insert_after=insert_after))
+        trace = await engine_of(ctx).start(
+            messages or [], RunConfig(trace_id=trace_id, insert_after=insert_after)
+        )
         return Started(trace_id=trace.trace_id, message=started_message(trace, "is running again"))
 
     @mcp.tool(title="Stop trace", annotations=STOPS)
@@ -191,7 +214,9 @@ def register_tools(mcp: MCPServer) -> None:
     async def reflect_trace(
         ctx: Context,
         trace_id: TraceId,
-        focus: Annotated[str | None, Field(description="What the reflection should look at, e.g. 'tool errors'")] = None,
+        focus: Annotated[
+            str | None, Field(description="What the reflection should look at, e.g. 'tool errors'")
+        ] = None,
     ) -> Reflected:
         """Ask the trace's model for lessons on a side branch (the main path is untouched) and append them to
         the experiences file, where later traces recall them."""
@@ -210,7 +235,11 @@ def register_tools(mcp: MCPServer) -> None:
         trace_id: TraceId,
         wait_seconds: Annotated[
             float,
-            Field(ge=0, le=3600, description="Wait up to this long for the trace to stop running, sending progress"),
+            Field(
+                ge=0,
+                le=3600,
+                description="Wait up to this long for the trace to stop running, sending progress",
+            ),
         ] = 0,
         after_sequence: Annotated[
             int | None, Field(description="Only return active-path messages after this sequence")
@@ -257,13 +286,17 @@ def register_tools(mcp: MCPServer) -> None:
         if query:
             found = await experiences.recall(query, limit)
             lessons = [LessonView(text=l.text, heading=l.heading, trace_id=l.trace_id) for l in found]
-        return ExperiencesView(content=await experiences.read_text(), path=str(experiences.path), lessons=lessons)
+        return ExperiencesView(
+            content=await experiences.read_text(), path=str(experiences.path), lessons=lessons
+        )
 
     @mcp.tool(title="Consolidate experiences", annotations=ACTS)
     @tool_errors
     async def consolidate_experiences(
         ctx: Context,
-        model: Annotated[str | None, Field(description="Model to merge lessons with; none: the server default")] = None,
+        model: Annotated[
+            str | None, Field(description="Model to merge lessons with; none: the server default")
+        ] = None,
     ) -> dict[str, Any]:
         """Merge duplicate lessons and drop contradicted ones now, keeping a dated backup of the file."""
         engine = engine_of(ctx)
@@ -300,6 +333,8 @@ async def wait_with_progress(engine: Engine, ctx: Context, trace_id: str, wait_s
                 if event.trace_id != trace_id:
                     continue
                 if isinstance(event, MessageStored):
-                    await ctx.report_progress(event.message.sequence, None, describe(event.message, tool_names))
+                    await ctx.report_progress(
+                        event.message.sequence, None, describe(event.message, tool_names)
+                    )
                 elif isinstance(event, TraceChanged) and event.trace.status is not Status.RUNNING:
                     return

@@ -19,7 +19,9 @@ def call(tool: str, call_id: str = "c1", /, **arguments: Any) -> ToolCall:
 
 
 def reply(text: str | None = None, *calls: ToolCall) -> ModelResponse:
-    return ModelResponse(content=text, tool_calls=list(calls), usage=MessageUsage(prompt_tokens=10, completion_tokens=5))
+    return ModelResponse(
+        content=text, tool_calls=list(calls), usage=MessageUsage(prompt_tokens=10, completion_tokens=5)
+    )
 
 
 Step = ModelResponse | Exception | Callable[[list[dict], list[dict]], ModelResponse]
@@ -107,4 +109,4 @@ def slow_tool(started: anyio.Event | None = None, seconds: float = 3600) -> Func
     return FuncTool("slow", slow)
 
 
-__all__ = ["ModelCallError", "ScriptedModel", "FuncTool", "call", "reply", "models_for"]
+__all__ = ["FuncTool", "ModelCallError", "ScriptedModel", "call", "models_for", "reply"]

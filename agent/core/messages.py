@@ -37,14 +37,20 @@ def _text_content(index: int, content: Any) -> str | None:
 def parse_messages(raw: Sequence[Any]) -> list[NewMessage]:
     """Validate OpenAI-format messages one by one (numbered from 1 in errors)."""
     if not isinstance(raw, (list, tuple)):
-        raise InvalidMessages("messages must be a list of OpenAI chat messages ({'role': ..., 'content': ...}).")
+        raise InvalidMessages(
+            "messages must be a list of OpenAI chat messages ({'role': ..., 'content': ...})."
+        )
     parsed = []
     for index, item in enumerate(raw, start=1):
         if not isinstance(item, dict):
-            raise InvalidMessages(f"Message {index} is not an object; send {{'role': 'user', 'content': '...'}}.")
+            raise InvalidMessages(
+                f"Message {index} is not an object; send {{'role': 'user', 'content': '...'}}."
+            )
         role = item.get("role")
         if role not in ROLES:
-            raise InvalidMessages(f"Message {index} has role {role!r}; use one of system, user, assistant, tool.")
+            raise InvalidMessages(
+                f"Message {index} has role {role!r}; use one of system, user, assistant, tool."
+            )
         data = {k: v for k, v in item.items() if k != "usage"}
         data["content"] = _text_content(index, item.get("content"))
         try:
@@ -56,11 +62,15 @@ def parse_messages(raw: Sequence[Any]) -> list[NewMessage]:
         if role in ("system", "user") and not message.content:
             raise InvalidMessages(f"Message {index} ({role}) needs non-empty text content.")
         if role == "tool" and not message.tool_call_id:
-            raise InvalidMessages(f"Message {index} is a tool message without tool_call_id; name the call it answers.")
+            raise InvalidMessages(
+                f"Message {index} is a tool message without tool_call_id; name the call it answers."
+            )
         if role == "assistant" and not message.content and not message.tool_calls:
             raise InvalidMessages(f"Message {index} (assistant) has neither content nor tool_calls.")
         if role != "assistant" and message.tool_calls:
-            raise InvalidMessages(f"Message {index} ({role}) has tool_calls; only assistant messages can call tools.")
+            raise InvalidMessages(
+                f"Message {index} ({role}) has tool_calls; only assistant messages can call tools."
+            )
         if role != "tool":
             message.tool_call_id = None
         parsed.append(message)
@@ -84,7 +94,9 @@ def open_tool_calls(path: Sequence[Message | NewMessage]) -> list[str]:
     return []
 
 
-def check_placement(path: Sequence[Message | NewMessage], new: Sequence[NewMessage], *, first_index: int = 1) -> None:
+def check_placement(
+    path: Sequence[Message | NewMessage], new: Sequence[NewMessage], *, first_index: int = 1
+) -> None:
     """Refuse new messages that would leave the conversation invalid after ``path``.
 
     Open calls at the end of ``path`` may be left open when ``new`` starts with something other than

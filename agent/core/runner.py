@@ -37,7 +37,9 @@ MAX_TOOL_RESULT_CHARS = 100_000
 class RunConfig(BaseModel):
     """How to run. For a new trace, None means the product default; for an existing one, keep the trace's."""
 
-    model: str | None = Field(None, description="'provider:name', e.g. 'openai:gpt-4o', 'anthropic:…', 'offline'")
+    model: str | None = Field(
+        None, description="'provider:name', e.g. 'openai:gpt-4o', 'anthropic:…', 'offline'"
+    )
     temperature: float | None = Field(None, ge=0, le=2)
     max_iterations: int | None = Field(None, ge=1, le=10_000)
     system_prompt: str | None = None
@@ -244,7 +246,10 @@ class AgentRunner:
         Used for reflection: the main path is untouched, the branch stays stored in the tree.
         """
         plan = await self._prepare(
-            [{"role": "user", "content": prompt}], RunConfig(trace_id=trace_id), side=True, action="reflect on"
+            [{"role": "user", "content": prompt}],
+            RunConfig(trace_id=trace_id),
+            side=True,
+            action="reflect on",
         )
         plan.tools = []
         plan.max_iterations = max_iterations
@@ -292,7 +297,9 @@ class AgentRunner:
         if not messages:
             raise InvalidMessages("A new trace needs at least one message (or a prompt).")
         if config.insert_after is not None:
-            raise SequenceError("insert_after applies to an existing trace; give trace_id too, or leave it out.")
+            raise SequenceError(
+                "insert_after applies to an existing trace; give trace_id too, or leave it out."
+            )
         spec = config.model or self.default_model
         model = self.model(spec)
         self.tools.check_whitelist(config.tools)
@@ -336,7 +343,9 @@ class AgentRunner:
         except BaseException:
             self._release(active)
             raise
-        return _Plan(trace, model, self.tools.select(config.tools), context, active, trace_config.max_iterations)
+        return _Plan(
+            trace, model, self.tools.select(config.tools), context, active, trace_config.max_iterations
+        )
 
     async def _prepare_existing(
         self, messages: list[NewMessage], config: RunConfig, active: _ActiveRun, side: bool
@@ -382,7 +391,13 @@ class AgentRunner:
             context.append(stored)
         trace = await self.store.get_trace(trace_id)
         return _Plan(
-            trace, model, self.tools.select(trace_config.tools), context, active, trace_config.max_iterations, restore
+            trace,
+            model,
+            self.tools.select(trace_config.tools),
+            context,
+            active,
+            trace_config.max_iterations,
+            restore,
         )
 
     async def _cut(self, trace: Trace, insert_after: int) -> int:
@@ -512,7 +527,9 @@ class AgentRunner:
                     head_sequence=old.head_sequence,
                 )
             else:
-                final = await self.store.update_trace(trace_id, status=status, stop_reason=stop_reason, error=error)
+                final = await self.store.update_trace(
+                    trace_id, status=status, stop_reason=stop_reason, error=error
+                )
             self.events.publish(TraceChanged(final))
             return final
         finally:

@@ -8,14 +8,22 @@ consolidation keeps it bounded. ``Experiences`` is the one object the server nee
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
 
 from agent.experiences.consolidate import ConsolidationResult, consolidate
 from agent.experiences.file import ExperienceFile
-from agent.experiences.markdown import Lesson, ParsedFile, Section, bullet_items, normalize, parse, render_section
+from agent.experiences.markdown import (
+    Lesson,
+    ParsedFile,
+    Section,
+    bullet_items,
+    normalize,
+    parse,
+    render_section,
+)
 from agent.experiences.recall import LESSONS_HEADING, LessonIndex, build_match_query, format_lessons_block
 from agent.llm.base import Model
 
@@ -70,13 +78,14 @@ class Experiences:
     def path(self) -> Path:
         return self.file.path
 
-    async def append_reflection(self, trace_id: str, reflection_text: str, *, source: str,
-                                when: datetime | None = None) -> list[str]:
+    async def append_reflection(
+        self, trace_id: str, reflection_text: str, *, source: str, when: datetime | None = None
+    ) -> list[str]:
         """Record one reflection as a section and return the lessons it holds ([] for empty text)."""
         lessons = lessons_from_reflection(reflection_text)
         if not lessons:
             return []
-        await self.file.append_section(trace_id, lessons, when or datetime.now(timezone.utc), source)
+        await self.file.append_section(trace_id, lessons, when or datetime.now(UTC), source)
         self.index.invalidate()
         return lessons
 
@@ -93,13 +102,15 @@ class Experiences:
         """The lessons most relevant to ``query``, best first, at most ``limit`` (0 turns recall off)."""
         return await self.index.search(query, limit)
 
-    async def consolidate(self, model: Model, budget: int = DEFAULT_CONSOLIDATION_BUDGET,
-                          force: bool = False) -> ConsolidationResult:
+    async def consolidate(
+        self, model: Model, budget: int = DEFAULT_CONSOLIDATION_BUDGET, force: bool = False
+    ) -> ConsolidationResult:
         """One curation pass; a second pass asked for while one runs is skipped, not queued."""
         if self._consolidating.locked():
             count = await self.lesson_count()
-            return ConsolidationResult(before=count, after=count,
-                                       skipped_reason="A consolidation pass is already running.")
+            return ConsolidationResult(
+                before=count, after=count, skipped_reason="A consolidation pass is already running."
+            )
         async with self._consolidating:
             try:
                 return await consolidate(self.file, model, budget, force=force)

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ SYSTEM_PROMPT = (
     "oldest first, each with its id. Answer ONLY with a JSON object of this shape:\n"
     '{"keep": [{"text": "<lesson>", "from": ["<id>", ...]}], '
     '"drop": [{"id": "<id>", "reason": "<why it was dropped>"}]}\n'
-    "Every id must appear exactly once: in the \"from\" list of one kept lesson, or in \"drop\"."
+    'Every id must appear exactly once: in the "from" list of one kept lesson, or in "drop".'
 )
 
 
@@ -78,7 +78,9 @@ class ConsolidationResult(BaseModel):
     skipped_reason: str | None = None
 
 
-async def consolidate(file: ExperienceFile, model: Model, budget: int, *, force: bool = False) -> ConsolidationResult:
+async def consolidate(
+    file: ExperienceFile, model: Model, budget: int, *, force: bool = False
+) -> ConsolidationResult:
     """Run one consolidation pass when the file holds more than ``budget`` lessons (or when forced)."""
     lessons = parse(await file.read_text()).lessons()
     count = len(lessons)
@@ -92,7 +94,7 @@ async def consolidate(file: ExperienceFile, model: Model, budget: int, *, force:
         response = await model.complete(_messages(lessons), [], temperature=0)
     except TraceError as exc:
         return ConsolidationResult(before=count, after=count, skipped_reason=f"The model call failed: {exc}")
-    except Exception:  # noqa: BLE001 - a curation pass must never take the server down
+    except Exception:
         log.exception("consolidation model call failed")
         return ConsolidationResult(before=count, after=count, skipped_reason="The model call failed.")
     plan, problem = parse_plan(response.content or "")
@@ -172,11 +174,15 @@ async def _apply(file: ExperienceFile, lessons: list[Lesson], plan: Consolidatio
     unaccounted = [lesson.id for lesson in lessons if lesson.id not in removed | unchanged]
     if not merged and not dropped:
         return ConsolidationResult(
-            before=len(lessons), after=len(lessons), kept_unaccounted=unaccounted,
+            before=len(lessons),
+            after=len(lessons),
+            kept_unaccounted=unaccounted,
             skipped_reason="The model found nothing to merge or drop.",
         )
-    when = datetime.now(timezone.utc)
-    rewrite = await file.rewrite(lambda current: _render(parse(current), removed, merged, dropped, by_id, when))
+    when = datetime.now(UTC)
+    rewrite = await file.rewrite(
+        lambda current: _render(parse(current), removed, merged, dropped, by_id, when)
+    )
     return ConsolidationResult(
         before=len(lessons),
         after=len(parse(rewrite.new_text).lessons()),
@@ -187,8 +193,14 @@ async def _apply(file: ExperienceFile, lessons: list[Lesson], plan: Consolidatio
     )
 
 
-def _render(current: ParsedFile, removed: set[str], merged: list[tuple[str, list[str]]],
-            dropped: list[DroppedReport], by_id: dict[str, Lesson], when: datetime) -> str:
+def _render(
+    current: ParsedFile,
+    removed: set[str],
+    merged: list[tuple[str, list[str]]],
+    dropped: list[DroppedReport],
+    by_id: dict[str, Lesson],
+    when: datetime,
+) -> str:
     """The new file: title, every section minus removed lessons, then the consolidated section.
 
     Applied to the file as it is now; a lesson appended or edited since the model saw the list has
@@ -201,14 +213,21 @@ def _render(current: ParsedFile, removed: set[str], merged: list[tuple[str, list
             parts.append(section.raw.strip("\n"))  # untouched: hand formatting kept as is
         elif remaining:
             heading = section.heading if section.heading != "(untitled)" else ""
-            parts.append(render_section(heading, [l.text for l in remaining], section.when, section.source).strip())
+            parts.append(
+                render_section(heading, [l.text for l in remaining], section.when, section.source).strip()
+            )
     if merged:
         origins = list(dict.fromkeys(_origin(by_id[i]) for _, ids in merged for i in ids))
         notes = {"dropped": "; ".join(f"{d.text} ({d.reason})" for d in dropped)} if dropped else None
-        parts.append(render_section(
-            CONSOLIDATED_HEADING, [text for text, _ in merged], when,
-            f"merged from {', '.join(origins)}", notes,
-        ).strip())
+        parts.append(
+            render_section(
+                CONSOLIDATED_HEADING,
+                [text for text, _ in merged],
+                when,
+                f"merged from {', '.join(origins)}",
+                notes,
+            ).strip()
+        )
     return "\n\n".join(parts) + "\n"
 
 

@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -113,7 +113,7 @@ class ExperienceFile:
             return Rewrite(old, new, backup_path, True)
 
     def _write_backup(self, text: str) -> Path:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%S")
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
         candidate = self.path.with_name(f"{self.path.stem}.{stamp}{self.path.suffix}")
         counter = 1
         while candidate.exists():  # two rewrites in one second keep both backups
@@ -175,4 +175,4 @@ def _read_fd(fd: int) -> str:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]

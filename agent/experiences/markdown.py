@@ -72,8 +72,13 @@ def format_when(when: datetime) -> str:
     return when.strftime(WHEN_FORMAT)
 
 
-def render_section(heading: str, lessons: list[str], when: datetime | str | None, source: str | None,
-                   notes: dict[str, str] | None = None) -> str:
+def render_section(
+    heading: str,
+    lessons: list[str],
+    when: datetime | str | None,
+    source: str | None,
+    notes: dict[str, str] | None = None,
+) -> str:
     """The canonical text of a section: heading with date, ``_source_`` line, one bullet per lesson."""
     stamp = format_when(when) if isinstance(when, datetime) else when
     head = f"## {normalize(heading)}" + (f" ({stamp})" if stamp else "")
@@ -89,7 +94,7 @@ def parse(text: str) -> ParsedFile:
     """Split the file into preamble and sections; never raises, whatever the input."""
     try:
         return _parse(text)
-    except Exception:  # noqa: BLE001 - a hand-edited file must never break recall or reflection
+    except Exception:
         return ParsedFile(preamble=str(text) if isinstance(text, str) else "")
 
 
@@ -129,7 +134,9 @@ def _section(rest: str, lines: list[str], seen: dict[str, int]) -> Section:
         base = lesson_id(normalize(rest), text)
         seen[base] = seen.get(base, 0) + 1
         ident = base if seen[base] == 1 else f"{base}-{seen[base]}"
-        lessons.append(Lesson(id=ident, text=text, heading=heading, trace_id=trace_id, when=when, source=source))
+        lessons.append(
+            Lesson(id=ident, text=text, heading=heading, trace_id=trace_id, when=when, source=source)
+        )
     raw = "\n".join(lines).strip("\n") + "\n"
     return Section(heading=heading, trace_id=trace_id, when=when, source=source, lessons=lessons, raw=raw)
 
@@ -138,7 +145,7 @@ def bullet_items(text: str) -> list[str]:
     """Only the bullet lessons of a markdown fragment (a model's reflection), prose ignored."""
     try:
         _, items = _items(str(text or "").splitlines())
-    except Exception:  # noqa: BLE001 - same promise as parse(): odd input never raises
+    except Exception:
         return []
     return [t for kind, t in items if kind == "bullet" and t]
 

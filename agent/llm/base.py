@@ -51,14 +51,18 @@ def split_model_spec(spec: str) -> tuple[str, str]:
     """``"openai:gpt-4o"`` -> ``("openai", "gpt-4o")``; a bare name means openai; ``offline`` stands alone."""
     spec = (spec or "").strip()
     if not spec:
-        raise ModelConfigError("No model was given; use a 'provider:name' string such as 'openai:gpt-4o' or 'offline'.")
+        raise ModelConfigError(
+            "No model was given; use a 'provider:name' string such as 'openai:gpt-4o' or 'offline'."
+        )
     if spec == "offline" or spec.startswith("offline:"):
         return "offline", spec.partition(":")[2]
     provider, sep, name = spec.partition(":")
     if not sep:
         return "openai", spec
     if not name:
-        raise ModelConfigError(f"Model '{spec}' names no model after '{provider}:'; write e.g. '{provider}:<model-name>'.")
+        raise ModelConfigError(
+            f"Model '{spec}' names no model after '{provider}:'; write e.g. '{provider}:<model-name>'."
+        )
     return provider, name
 
 

@@ -77,7 +77,7 @@ def _segments(text: str, named: list[tuple[int, dict[str, Any]]]) -> list[str]:
     """The words meant for each named tool: from its mention to the next one (the first also gets the lead-in)."""
     starts = [0] + [position for position, _ in named[1:]]
     ends = [position for position, _ in named[1:]] + [len(text)]
-    return [text[start:end] for start, end in zip(starts, ends)]
+    return [text[start:end] for start, end in zip(starts, ends, strict=True)]
 
 
 # --- arguments from a JSON schema and the user's words ------------------------------------------------
@@ -459,7 +459,7 @@ class OfflineModel:
                         ),
                     )
                     for index, ((_, function), segment) in enumerate(
-                        zip(named, _segments(user_text, named)), start=1
+                        zip(named, _segments(user_text, named), strict=False), start=1
                     )
                 ]
                 content = None if calls else _plain_answer(messages, user_text, functions)

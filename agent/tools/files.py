@@ -44,31 +44,53 @@ def _schema(properties: dict[str, dict[str, Any]], required: tuple[str, ...] = (
 
 _PATH_HELP = "relative to the workspace root"
 
-LIST_SCHEMA = _schema({
-    "path": _prop("string", f"Directory to list, {_PATH_HELP}; '.' (the default) is the root.", default="."),
-    "recursive": _prop(
-        "boolean",
-        "List the whole tree below path instead of only its direct entries; .git, __pycache__, "
-        "node_modules and .venv are skipped. Default false.",
-        default=False,
-    ),
-    "max_entries": _prop("integer", "Most entries to return (1-1000, default 200).",
-                         default=200, minimum=1, maximum=1000),
-})
-READ_SCHEMA = _schema({
-    "path": _prop("string", f"File to read, {_PATH_HELP}, e.g. 'src/main.py'."),
-    "offset": _prop("integer", "Line number to start at, 1-based (default 1).", default=1, minimum=1),
-    "limit": _prop("integer", "Most lines to return (default 2000).", default=2000, minimum=1),
-}, required=("path",))
-SEARCH_SCHEMA = _schema({
-    "pattern": _prop("string", "Plain text to find (not a regular expression); matched within single lines.",
-                     minLength=1),
-    "path": _prop("string", f"File or directory to search, {_PATH_HELP}; '.' (the default) is the whole "
-                  "workspace.", default="."),
-    "case_sensitive": _prop("boolean", "Match letter case exactly (default false).", default=False),
-    "max_results": _prop("integer", "Most matching lines to return (1-500, default 100).",
-                         default=100, minimum=1, maximum=500),
-}, required=("pattern",))
+LIST_SCHEMA = _schema(
+    {
+        "path": _prop(
+            "string", f"Directory to list, {_PATH_HELP}; '.' (the default) is the root.", default="."
+        ),
+        "recursive": _prop(
+            "boolean",
+            "List the whole tree below path instead of only its direct entries; .git, __pycache__, "
+            "node_modules and .venv are skipped. Default false.",
+            default=False,
+        ),
+        "max_entries": _prop(
+            "integer", "Most entries to return (1-1000, default 200).", default=200, minimum=1, maximum=1000
+        ),
+    }
+)
+READ_SCHEMA = _schema(
+    {
+        "path": _prop("string", f"File to read, {_PATH_HELP}, e.g. 'src/main.py'."),
+        "offset": _prop("integer", "Line number to start at, 1-based (default 1).", default=1, minimum=1),
+        "limit": _prop("integer", "Most lines to return (default 2000).", default=2000, minimum=1),
+    },
+    required=("path",),
+)
+SEARCH_SCHEMA = _schema(
+    {
+        "pattern": _prop(
+            "string",
+            "Plain text to find (not a regular expression); matched within single lines.",
+            minLength=1,
+        ),
+        "path": _prop(
+            "string",
+            f"File or directory to search, {_PATH_HELP}; '.' (the default) is the whole workspace.",
+            default=".",
+        ),
+        "case_sensitive": _prop("boolean", "Match letter case exactly (default false).", default=False),
+        "max_results": _prop(
+            "integer",
+            "Most matching lines to return (1-500, default 100).",
+            default=100,
+            minimum=1,
+            maximum=500,
+        ),
+    },
+    required=("pattern",),
+)
 
 
 def _parse_arguments(tool: str, schema: dict[str, Any], arguments: dict[str, Any] | None) -> dict[str, Any]:
@@ -84,8 +106,9 @@ def _parse_arguments(tool: str, schema: dict[str, Any], arguments: dict[str, Any
     props: dict[str, dict[str, Any]] = schema["properties"]
     unknown = sorted(set(arguments) - set(props))
     if unknown:
-        raise ToolCallError(f"Unknown argument(s) {', '.join(map(repr, unknown))} for {tool}; "
-                            f"it accepts: {', '.join(props)}.")
+        raise ToolCallError(
+            f"Unknown argument(s) {', '.join(map(repr, unknown))} for {tool}; it accepts: {', '.join(props)}."
+        )
     for name in schema.get("required", []):
         if arguments.get(name) is None:
             raise ToolCallError(f"{tool} needs the '{name}' argument.")
@@ -98,8 +121,11 @@ def _parse_arguments(tool: str, schema: dict[str, Any], arguments: dict[str, Any
         kind = prop["type"]
         if kind == "integer" and isinstance(value, float) and value.is_integer():
             value = int(value)
-        ok = {"string": isinstance(value, str), "boolean": isinstance(value, bool),
-              "integer": isinstance(value, int) and not isinstance(value, bool)}[kind]
+        ok = {
+            "string": isinstance(value, str),
+            "boolean": isinstance(value, bool),
+            "integer": isinstance(value, int) and not isinstance(value, bool),
+        }[kind]
         if not ok:
             raise ToolCallError(f"Argument '{name}' of {tool} must be a {kind}, not {value!r}.")
         if kind == "integer":
@@ -141,19 +167,23 @@ class Workspace:
         if "\0" in raw:
             raise ToolCallError(f"Path {raw!r} contains a NUL character; give a plain relative path.")
         if Path(raw).is_absolute():
-            raise ToolCallError(f"Path '{raw}' is absolute; give a path relative to the workspace root, "
-                                "such as 'src/main.py'.")
+            raise ToolCallError(
+                f"Path '{raw}' is absolute; give a path relative to the workspace root, "
+                "such as 'src/main.py'."
+            )
         try:
             real = (self.root / raw).resolve()
         except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop (Python 3.11)
             msg = f"Path '{raw}' cannot be resolved (a symlink loop?); try another path."
             raise ToolCallError(msg) from exc
         if not self._inside(real):
-            raise ToolCallError(f"Path '{raw}' is outside the workspace; only paths inside the workspace "
-                                "root can be used.")
+            raise ToolCallError(
+                f"Path '{raw}' is outside the workspace; only paths inside the workspace root can be used."
+            )
         if not real.exists():
-            raise ToolCallError(f"There is no file or directory '{raw}' in the workspace; use list_files "
-                                "to see what exists.")
+            raise ToolCallError(
+                f"There is no file or directory '{raw}' in the workspace; use list_files to see what exists."
+            )
         return real, PurePosixPath(real.relative_to(self.root).as_posix())
 
     def _children(self, directory: Path) -> list[tuple[str, Path, bool, bool]]:
@@ -205,8 +235,10 @@ class Workspace:
         if not lines:
             return f"Directory '{_show(rel)}' is empty."
         if truncated:
-            lines.append(f"[List truncated at {limit} entries; list a subdirectory or raise max_entries "
-                         "(at most 1000).]")
+            lines.append(
+                f"[List truncated at {limit} entries; list a subdirectory or raise max_entries "
+                "(at most 1000).]"
+            )
         return "\n".join(lines)
 
     def read_file(self, args: dict[str, Any]) -> str:
@@ -219,8 +251,10 @@ class Workspace:
         offset: int = args["offset"]
         with open(real, "rb") as f:
             if b"\0" in f.read(_SNIFF_BYTES):
-                raise ToolCallError(f"'{shown}' looks like a binary file (it contains NUL bytes); "
-                                    "read_file only reads text files.")
+                raise ToolCallError(
+                    f"'{shown}' looks like a binary file (it contains NUL bytes); "
+                    "read_file only reads text files."
+                )
             f.seek(0)
             line_no, partial = 1, False
             while line_no < offset:  # skip in bounded pieces so one huge line cannot exhaust memory
@@ -238,18 +272,23 @@ class Workspace:
                 if len(out) + len(line) > READ_CAP_BYTES:
                     if count == 0:
                         out += line[:READ_CAP_BYTES]
-                        note = (f"[Line {offset} is longer than the 256 KiB read cap; only its start is "
-                                "shown.]")
+                        note = (
+                            f"[Line {offset} is longer than the 256 KiB read cap; only its start is shown.]"
+                        )
                     else:
-                        note = (f"[Stopped at the 256 KiB read cap after line {offset + count - 1}; call "
-                                f"read_file with offset={offset + count} to continue.]")
+                        note = (
+                            f"[Stopped at the 256 KiB read cap after line {offset + count - 1}; call "
+                            f"read_file with offset={offset + count} to continue.]"
+                        )
                     break
                 out += line
                 count += 1
             else:
                 if f.read(1):
-                    note = (f"[Showing lines {offset}-{offset + count - 1}; the file continues. Call "
-                            f"read_file with offset={offset + count} to read more.]")
+                    note = (
+                        f"[Showing lines {offset}-{offset + count - 1}; the file continues. Call "
+                        f"read_file with offset={offset + count} to read more.]"
+                    )
         if b"\0" in out:
             raise ToolCallError(f"'{shown}' contains NUL bytes (binary data); read_file only reads text.")
         text = out.decode("utf-8", "replace")
@@ -269,8 +308,11 @@ class Workspace:
         real, rel = self.resolve(args["path"])
         fold: Callable[[str], str] = (lambda s: s) if args["case_sensitive"] else str.casefold
         needle = fold(pattern)
-        files: Iterator[tuple[PurePosixPath, Path]] = iter([(rel, real)]) if not real.is_dir() else (
-            (r, p) for r, p, is_dir in self._walk(real, rel, recursive=True) if not is_dir)
+        files: Iterator[tuple[PurePosixPath, Path]] = (
+            iter([(rel, real)])
+            if not real.is_dir()
+            else ((r, p) for r, p, is_dir in self._walk(real, rel, recursive=True) if not is_dir)
+        )
         limit: int = args["max_results"]
         results: list[str] = []
         matched_files = too_big = 0
@@ -306,8 +348,10 @@ class Workspace:
         if not results:
             return f"No matches for '{pattern}' under '{where}'.{skipped}"
         if truncated:
-            head = (f"First {limit} matches for '{pattern}' under '{where}' (truncated: there are more; "
-                    "narrow path or pattern, or raise max_results up to 500):")
+            head = (
+                f"First {limit} matches for '{pattern}' under '{where}' (truncated: there are more; "
+                "narrow path or pattern, or raise max_results up to 500):"
+            )
         else:
             head = f"{len(results)} match(es) in {matched_files} file(s) for '{pattern}' under '{where}':"
         return head + "\n" + "\n".join(results) + skipped
@@ -320,7 +364,7 @@ def _excerpt(line: str, fold: Callable[[str], str], needle: str) -> str:
     folded = fold(line)  # casefold may change the length (ß -> ss); then we cannot locate the match
     at = folded.find(needle) if len(folded) == len(line) else 0
     start = max(0, min(at - 100, len(line) - SEARCH_LINE_CHARS))
-    return ("…" if start else "") + line[start:start + SEARCH_LINE_CHARS] + "…"
+    return ("…" if start else "") + line[start : start + SEARCH_LINE_CHARS] + "…"
 
 
 @dataclass(eq=False)
@@ -338,8 +382,9 @@ class _WorkspaceTool:
         try:
             return await anyio.to_thread.run_sync(self.run, args)
         except OSError as exc:  # e.g. permission denied; str(exc) would show absolute paths
-            raise ToolCallError(f"{self.name} could not read '{args.get('path', '.')}': "
-                                f"{exc.strerror or 'I/O error'}.") from exc
+            raise ToolCallError(
+                f"{self.name} could not read '{args.get('path', '.')}': {exc.strerror or 'I/O error'}."
+            ) from exc
 
 
 def workspace_tools(root: Path | str) -> list[Tool]:
@@ -350,16 +395,22 @@ def workspace_tools(root: Path | str) -> list[Tool]:
             "list_files",
             "List files and directories in the workspace (directories end with '/'), optionally recursively; "
             "returns at most max_entries paths (up to 1000), relative to the workspace root.",
-            LIST_SCHEMA, ws.list_files),
+            LIST_SCHEMA,
+            ws.list_files,
+        ),
         _WorkspaceTool(
             "read_file",
             "Read a UTF-8 text file from the workspace, from line offset for up to limit lines; output is "
             "capped at 256 KiB and binary files are refused.",
-            READ_SCHEMA, ws.read_file),
+            READ_SCHEMA,
+            ws.read_file,
+        ),
         _WorkspaceTool(
             "search_files",
             "Find lines containing a plain-text pattern in workspace files, returned as "
             "'path:LINE: text'; at most max_results (up to 500), skipping binary files, files over 1 MiB, "
             ".git, node_modules, .venv and __pycache__.",
-            SEARCH_SCHEMA, ws.search_files),
+            SEARCH_SCHEMA,
+            ws.search_files,
+        ),
     ]

@@ -138,7 +138,7 @@ class _Server:
                 f"MCP server {self.name!r} is unavailable: it lost its connection during the call to "
                 f"{tool!r}; it is being restarted, try again later."
             ) from None
-        except Exception as exc:  # noqa: BLE001 - transport faults (HTTP errors, bad results) reach the model
+        except Exception as exc:
             raise ToolCallError(
                 f"Calling {tool!r} on MCP server {self.name!r} failed: {describe_error(exc)}."
             ) from None
@@ -153,7 +153,7 @@ class _Server:
                 self._served, self._lost_reason = False, ""
                 try:
                     reason = await self._session()
-                except Exception as exc:  # noqa: BLE001 - any failure is logged, then retried
+                except Exception as exc:
                     reason = str(exc) if isinstance(exc, _StartFailure) else self._describe(exc)
                     if self._lost_reason:  # closing a lost session failed too: the loss is the news
                         logger.debug("MCP server %r: closing its session failed: %s", self.name, reason)
@@ -251,7 +251,7 @@ class _Server:
                 try:
                     with anyio.fail_after(self._opts.call_timeout):
                         await self._refresh(conn)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     conn.fail(f"re-reading its tools failed: {self._describe(exc)}")
 
     async def _listen(self, conn: _Connection) -> None:

@@ -64,7 +64,7 @@ def load_mcp_config(path: str | Path) -> dict[str, ServerSpec]:
         ) from None
     servers = data.get("mcpServers") if isinstance(data, dict) else None
     if not isinstance(servers, dict):
-        raise ValueError(  # noqa: TRY004 - every config problem is a ValueError callers report alike
+        raise ValueError(
             f'MCP config file {path} must be a JSON object with an "mcpServers" object mapping server names '
             'to {"command", "args", "env", "cwd"} or {"url", "headers"}.'
         )
@@ -97,7 +97,7 @@ def _server_name(path: Path, raw: str, taken: Mapping[str, object]) -> str:
 def _server_spec(path: Path, name: str, entry: Any) -> ServerSpec:
     where = f"Server {name!r} in MCP config file {path}"
     if not isinstance(entry, dict):
-        raise ValueError(f'{where} must be a JSON object with a "command" or a "url".')  # noqa: TRY004
+        raise ValueError(f'{where} must be a JSON object with a "command" or a "url".')
     if "command" in entry and "url" in entry:
         raise ValueError(f'{where} has both "command" and "url"; give "command" for a stdio server or "url".')
     if "command" not in entry and "url" not in entry:

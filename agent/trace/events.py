@@ -52,7 +52,11 @@ class EventBus:
             try:
                 stream.send_nowait(event)
             except anyio.WouldBlock:
-                log.warning("event subscriber is %d events behind; dropping an event for %s", self._buffer, event.trace_id)
+                log.warning(
+                    "event subscriber is %d events behind; dropping an event for %s",
+                    self._buffer,
+                    event.trace_id,
+                )
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 self._subscribers.discard(stream)
 

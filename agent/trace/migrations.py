@@ -5,9 +5,8 @@ To change the schema, append a function; never edit one that has shipped.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import sqlite3
+from collections.abc import Callable
 
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:
@@ -54,7 +53,7 @@ def m001_initial(db: sqlite3.Connection) -> None:
             PRIMARY KEY (trace_id, sequence)
         ) WITHOUT ROWID;
         CREATE INDEX messages_by_parent ON messages (trace_id, parent_sequence);
-        """
+        """,
     )
 
 

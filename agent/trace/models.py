@@ -6,7 +6,7 @@ Messages are OpenAI chat format throughout, so a stored path can be sent to a mo
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 def utc_now() -> str:
     """Timestamps are ISO 8601 strings in UTC, to the microsecond, so they sort as text."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 class Status(StrEnum):
@@ -123,4 +123,6 @@ class Trace(BaseModel):
     updated_at: str = Field(default_factory=utc_now)
     error: str | None = None
     usage: TraceUsage = Field(default_factory=TraceUsage)
-    lessons: list[str] = Field(default_factory=list, description="experience lessons recalled into its prompt")
+    lessons: list[str] = Field(
+        default_factory=list, description="experience lessons recalled into its prompt"
+    )

@@ -46,7 +46,9 @@ class TraceStore(Protocol):
     async def create_trace(self, trace: Trace) -> Trace: ...
     async def get_trace(self, trace_id: str) -> Trace: ...
     async def update_trace(self, trace_id: str, **changes: Any) -> Trace: ...
-    async def append_message(self, trace_id: str, message: NewMessage, parent_sequence: int | None) -> Message: ...
+    async def append_message(
+        self, trace_id: str, message: NewMessage, parent_sequence: int | None
+    ) -> Message: ...
     async def get_message(self, trace_id: str, sequence: int) -> Message | None: ...
     async def get_children(self, trace_id: str, sequence: int) -> list[Message]: ...
     async def get_path(self, trace_id: str, head: int | None = None) -> list[Message]: ...
@@ -58,15 +60,40 @@ class TraceStore(Protocol):
     async def close(self) -> None: ...
 
 
-_TRACE_COLUMNS = (
-    "trace_id, name, uid, model, config, status, stop_reason, head_sequence, created_at, updated_at, error, usage, lessons"
+_TRACE_COLUMNS = "trace_id, name, uid, model, config, status, stop_reason, head_sequence, created_at, updated_at, error, usage, lessons"
+_MESSAGE_COLUMNS = (
+    "sequence, parent_sequence, role, content, tool_calls, tool_call_id, name, usage, created_at"
 )
-_MESSAGE_COLUMNS = "sequence, parent_sequence, role, content, tool_calls, tool_call_id, name, usage, created_at"
-_UPDATABLE = {"name", "uid", "model", "config", "status", "stop_reason", "head_sequence", "error", "usage", "lessons"}
+_UPDATABLE = {
+    "name",
+    "uid",
+    "model",
+    "config",
+    "status",
+    "stop_reason",
+    "head_sequence",
+    "error",
+    "usage",
+    "lessons",
+}
 
 
 def _trace_from_row(row: sqlite3.Row | tuple) -> Trace:
-    (trace_id, name, uid, model, config, status, stop_reason, head, created, updated, error, usage, lessons) = row
+    (
+        trace_id,
+        name,
+        uid,
+        model,
+        config,
+        status,
+        stop_reason,
+        head,
+        created,
+        updated,
+        error,
+        usage,
+        lessons,
+    ) = row
     return Trace(
         trace_id=trace_id,
         name=name,
@@ -117,7 +144,9 @@ def _decode_cursor(cursor: str) -> tuple[str, str]:
         created_at, trace_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         return str(created_at), str(trace_id)
     except Exception as exc:
-        raise TraceError(f"The cursor '{cursor}' is not one list_traces returned; start again without a cursor.") from exc
+        raise TraceError(
+            f"The cursor '{cursor}' is not one list_traces returned; start again without a cursor."
+        ) from exc
 
 
 def _prepare_database(path: str) -> None:
@@ -191,12 +220,16 @@ class SQLiteTraceStore:
         changes["updated_at"] = utc_now()
         assignments = ", ".join(f"{key} = ?" for key in changes)
         params = tuple(_encode_column(k, v) for k, v in changes.items()) + (trace_id,)
-        rows = await self._write(f"UPDATE traces SET {assignments} WHERE trace_id = ? RETURNING {_TRACE_COLUMNS}", params)
+        rows = await self._write(
+            f"UPDATE traces SET {assignments} WHERE trace_id = ? RETURNING {_TRACE_COLUMNS}", params
+        )
         if not rows:
             raise TraceNotFound(trace_id)
         return _trace_from_row(rows[0])
 
-    async def append_message(self, trace_id: str, message: NewMessage, parent_sequence: int | None) -> Message:
+    async def append_message(
+        self, trace_id: str, message: NewMessage, parent_sequence: int | None
+    ) -> Message:
         """Store ``message`` as a child of ``parent_sequence`` and move the head to it, in one commit.
 
         The sequence is the trace's ``last_sequence + 1``; the trigger of migration 3 moves the head and
@@ -210,14 +243,24 @@ class SQLiteTraceStore:
             "SELECT trace_id, last_sequence + 1, ?, ?, ?, ?, ?, ?, ?, ? FROM traces WHERE trace_id = ? "
             "RETURNING sequence",
             (
-                parent_sequence, message.role, message.content, tool_calls, message.tool_call_id, message.name,
-                usage, created_at, trace_id,
-            ),  # fmt: skip
+                parent_sequence,
+                message.role,
+                message.content,
+                tool_calls,
+                message.tool_call_id,
+                message.name,
+                usage,
+                created_at,
+                trace_id,
+            ),
         )
         if not rows:
             raise TraceNotFound(trace_id)
         return Message(
-            **message.model_dump(), sequence=rows[0][0], parent_sequence=parent_sequence, created_at=created_at
+            **message.model_dump(),
+            sequence=rows[0][0],
+            parent_sequence=parent_sequence,
+            created_at=created_at,
         )
 
     async def mark_interrupted(self) -> list[str]:
@@ -232,7 +275,9 @@ class SQLiteTraceStore:
     # -- reads ----------------------------------------------------------------------------------
 
     async def get_trace(self, trace_id: str) -> Trace:
-        cursor = await self._reader.execute(f"SELECT {_TRACE_COLUMNS} FROM traces WHERE trace_id = ?", (trace_id,))
+        cursor = await self._reader.execute(
+            f"SELECT {_TRACE_COLUMNS} FROM traces WHERE trace_id = ?", (trace_id,)
+        )
         row = await cursor.fetchone()
         if row is None:
             raise TraceNotFound(trace_id)
@@ -240,7 +285,8 @@ class SQLiteTraceStore:
 
     async def get_message(self, trace_id: str, sequence: int) -> Message | None:
         cursor = await self._reader.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE trace_id = ? AND sequence = ?", (trace_id, sequence)
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE trace_id = ? AND sequence = ?",
+            (trace_id, sequence),
         )
         row = await cursor.fetchone()
         return _message_from_row(row) if row else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from agent.trace.compaction import REFLECTION_PROMPT, reflection_prompt
 
 TID_A = "3f2a" + "0" * 28
 TID_B = "b" * 32
-WHEN = datetime(2026, 11, 26, 14, 5, tzinfo=timezone.utc)
+WHEN = datetime(2026, 11, 26, 14, 5, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -120,9 +120,20 @@ def test_lesson_ids_are_stable_and_unique() -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    ["", "\n\n", "no headings at all\n- a bullet in the preamble", "##", "## (", "## x (2026-13-99 99:99)",
-     "\x00\x01\ufffd## \n- \n* \n1.\n```\n## unterminated fence", "_source: x_", "## a\n_source: only meta_",
-     "\r\n## crlf\r\n- windows line\r\n", "#" * 5000, "- " * 10000],
+    [
+        "",
+        "\n\n",
+        "no headings at all\n- a bullet in the preamble",
+        "##",
+        "## (",
+        "## x (2026-13-99 99:99)",
+        "\x00\x01\ufffd## \n- \n* \n1.\n```\n## unterminated fence",
+        "_source: x_",
+        "## a\n_source: only meta_",
+        "\r\n## crlf\r\n- windows line\r\n",
+        "#" * 5000,
+        "- " * 10000,
+    ],
 )
 def test_parse_never_raises(garbage: str) -> None:
     parsed = parse(garbage)
@@ -138,7 +149,9 @@ def test_parse_preamble_bullets_are_not_lessons_and_crlf_works() -> None:
 
 def test_lessons_from_reflection() -> None:
     assert lessons_from_reflection("Here are the lessons:\n- one\n  more\n* two\n\n1. three") == [
-        "one more", "two", "three"
+        "one more",
+        "two",
+        "three",
     ]
     assert lessons_from_reflection("  Just prose,\nno bullets.  ") == ["Just prose, no bullets."]
     assert lessons_from_reflection("   ") == []
@@ -151,7 +164,9 @@ def test_lessons_from_reflection() -> None:
 async def test_append_creates_file_with_title_and_round_trips(tmp_path: Path) -> None:
     file = ExperienceFile(tmp_path / "deep" / "dir" / "experiences.md")
     assert await file.read_text() == ""
-    section = await file.append_section(TID_A, ["check the schema first", "retry once"], WHEN, "trace a, sequences 1–4")
+    section = await file.append_section(
+        TID_A, ["check the schema first", "retry once"], WHEN, "trace a, sequences 1–4"
+    )
     await file.append_section(TID_B, ["third"], WHEN, "trace b")
     text = await file.read_text()
     assert text.startswith("# Experiences\n\n" + section + "\n## " + TID_B)
@@ -241,10 +256,18 @@ async def test_concurrent_appends_from_tasks_and_processes_never_interleave(tmp_
 
 async def _seeded(tmp_path: Path) -> Experiences:
     exp = Experiences(tmp_path / "experiences.md")
-    await exp.append_reflection(TID_A, "- Run pytest with -x to stop at the first failing test\n"
-                                        "- Read the README before editing configuration files", source="a")
-    await exp.append_reflection(TID_B, "- When a web request times out, retry once with a longer timeout\n"
-                                        "- Parse JSON answers with a schema, never with regexes", source="b")
+    await exp.append_reflection(
+        TID_A,
+        "- Run pytest with -x to stop at the first failing test\n"
+        "- Read the README before editing configuration files",
+        source="a",
+    )
+    await exp.append_reflection(
+        TID_B,
+        "- When a web request times out, retry once with a longer timeout\n"
+        "- Parse JSON answers with a schema, never with regexes",
+        source="b",
+    )
     return exp
 
 
@@ -285,8 +308,18 @@ async def test_index_is_rebuilt_after_a_hand_edit(tmp_path: Path) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "query",
-    ['"unbalanced quote', "(pytest AND) OR NOT", "pyt* NEAR(a b)", "col:pytest ^start -neg +plus",
-     "", "   ", "a an the of", "AND OR NOT", "'; DROP TABLE lessons; --", "\x00\ufffd🙂 émoji pytest"],
+    [
+        '"unbalanced quote',
+        "(pytest AND) OR NOT",
+        "pyt* NEAR(a b)",
+        "col:pytest ^start -neg +plus",
+        "",
+        "   ",
+        "a an the of",
+        "AND OR NOT",
+        "'; DROP TABLE lessons; --",
+        "\x00\ufffd🙂 émoji pytest",
+    ],
 )
 async def test_recall_queries_are_safe(tmp_path: Path, query: str) -> None:
     exp = await _seeded(tmp_path)
@@ -298,7 +331,9 @@ async def test_recall_queries_are_safe(tmp_path: Path, query: str) -> None:
 
 
 def test_build_match_query_quotes_words() -> None:
-    assert build_match_query('Fix "pytest" (NEAR) AND the * tests!') == '"fix" OR "pytest" OR "near" OR "tests"'
+    assert (
+        build_match_query('Fix "pytest" (NEAR) AND the * tests!') == '"fix" OR "pytest" OR "near" OR "tests"'
+    )
     assert build_match_query("a an of") == ""
 
 
@@ -341,7 +376,7 @@ class ScriptedModel:
         self.during = during
         self.calls: list[dict[str, Any]] = []
 
-    async def complete(self, messages, tools, *, temperature, on_text=None) -> ModelResponse:  # noqa: ANN001
+    async def complete(self, messages, tools, *, temperature, on_text=None) -> ModelResponse:
         self.calls.append({"messages": messages, "tools": tools, "temperature": temperature})
         if self.during is not None:
             await self.during()
@@ -352,11 +387,20 @@ class ScriptedModel:
 
 async def _curation_file(tmp_path: Path) -> tuple[Experiences, dict[str, str]]:
     exp = Experiences(tmp_path / "experiences.md")
-    await exp.append_reflection(TID_A, "- Run pytest with -x to stop at the first failure\n"
-                                        "- Indent Python with tabs\n"
-                                        "- Read the README before editing files", source="trace a", when=WHEN)
-    await exp.append_reflection(TID_B, "- Use pytest -x so the run stops at the first failure\n"
-                                        "- Indent Python with four spaces, never tabs", source="trace b", when=WHEN)
+    await exp.append_reflection(
+        TID_A,
+        "- Run pytest with -x to stop at the first failure\n"
+        "- Indent Python with tabs\n"
+        "- Read the README before editing files",
+        source="trace a",
+        when=WHEN,
+    )
+    await exp.append_reflection(
+        TID_B,
+        "- Use pytest -x so the run stops at the first failure\n- Indent Python with four spaces, never tabs",
+        source="trace b",
+        when=WHEN,
+    )
     ids = {l.text.split()[0] + str(i): l.id for i, l in enumerate(await exp.lessons())}
     return exp, ids
 
@@ -394,11 +438,13 @@ async def test_consolidation_merges_drops_and_keeps_a_backup(tmp_path: Path) -> 
     parsed = parse(text)
     assert parsed.preamble == "# Experiences"
     texts = [l.text for l in parsed.lessons()]
-    assert sorted(texts) == sorted([
-        "Read the README before editing files",
-        "Indent Python with four spaces, never tabs",
-        "Run pytest with -x to stop at the first failure",
-    ])
+    assert sorted(texts) == sorted(
+        [
+            "Read the README before editing files",
+            "Indent Python with four spaces, never tabs",
+            "Run pytest with -x to stop at the first failure",
+        ]
+    )
     assert "Indent Python with tabs" not in texts
     consolidated = parsed.sections[-1]
     assert consolidated.heading == "consolidated" and consolidated.when is not None
@@ -420,8 +466,13 @@ async def test_consolidation_with_a_full_plan_accounts_for_everything(tmp_path: 
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "answer",
-    ["I cannot do that.", '{"keep": [{"text": "x", "from": [', '{"keep": "everything"}',
-     '{"keep": [{"from": ["abc"]}]}', "[1, 2, 3]"],
+    [
+        "I cannot do that.",
+        '{"keep": [{"text": "x", "from": [',
+        '{"keep": "everything"}',
+        '{"keep": [{"from": ["abc"]}]}',
+        "[1, 2, 3]",
+    ],
 )
 async def test_malformed_answer_changes_nothing(tmp_path: Path, answer: str) -> None:
     exp, _ = await _curation_file(tmp_path)
@@ -436,9 +487,13 @@ async def test_malformed_answer_changes_nothing(tmp_path: Path, answer: str) -> 
 
 @pytest.mark.anyio
 async def test_invented_or_unknown_ids_never_lose_lessons(tmp_path: Path) -> None:
-    exp, ids = await _curation_file(tmp_path)
-    answer = json.dumps({"keep": [{"text": "An invented lesson", "from": ["nope"]}],
-                         "drop": [{"id": "also-nope", "reason": "?"}]})
+    exp, _ids = await _curation_file(tmp_path)
+    answer = json.dumps(
+        {
+            "keep": [{"text": "An invented lesson", "from": ["nope"]}],
+            "drop": [{"id": "also-nope", "reason": "?"}],
+        }
+    )
     result = await exp.consolidate(ScriptedModel(answer), budget=0)
     assert result.skipped_reason == "The model found nothing to merge or drop."
     assert await exp.lesson_count() == 5
@@ -451,7 +506,9 @@ async def test_consolidation_within_budget_or_failing_model_is_skipped(tmp_path:
     model = ScriptedModel("{}")
     within = await exp.consolidate(model, budget=5)
     assert within.skipped_reason and model.calls == []
-    failed = await exp.consolidate(ScriptedModel(ModelCallError("The provider is down.")), budget=0, force=True)
+    failed = await exp.consolidate(
+        ScriptedModel(ModelCallError("The provider is down.")), budget=0, force=True
+    )
     assert failed.skipped_reason == "The model call failed: The provider is down."
     assert await exp.lesson_count() == 5
     exp.close()
@@ -464,7 +521,9 @@ async def test_reflection_appended_during_consolidation_survives(tmp_path: Path)
     async def reflect_meanwhile() -> None:
         await exp.append_reflection("d" * 32, "- A lesson written while the model was thinking", source="d")
 
-    result = await exp.consolidate(ScriptedModel(_plan(ids, forget_readme=False), during=reflect_meanwhile), budget=3)
+    result = await exp.consolidate(
+        ScriptedModel(_plan(ids, forget_readme=False), during=reflect_meanwhile), budget=3
+    )
     assert result.skipped_reason is None and result.after == 4
     assert "A lesson written while the model was thinking" in [l.text for l in await exp.lessons()]
     exp.close()
@@ -483,7 +542,9 @@ async def test_rewrites_racing_appends_from_another_process_lose_nothing(tmp_pat
                 break
             await anyio.sleep(0.005)
         for n in range(40):
-            await file.rewrite(lambda old, n=n: old + f"\n## rewrite {n}\n- rewritten lesson {n}\n", backup=False)
+            await file.rewrite(
+                lambda old, n=n: old + f"\n## rewrite {n}\n- rewritten lesson {n}\n", backup=False
+            )
 
     async def append_from_process() -> None:
         await anyio.run_process([sys.executable, "-c", _CHILD, str(path), "7", "40"], cwd=ROOT, check=True)

@@ -7,7 +7,14 @@ import pytest
 
 from agent import AgentRunner, EventBus, MessageStored, RunConfig, Status, StopReason, TraceChanged
 from agent.core.messages import open_tool_calls
-from agent.errors import InvalidMessages, ModelCallError, ModelConfigError, SequenceError, TraceRunning, UnknownToolError
+from agent.errors import (
+    InvalidMessages,
+    ModelCallError,
+    ModelConfigError,
+    SequenceError,
+    TraceRunning,
+    UnknownToolError,
+)
 from agent.tools.registry import ToolRegistry
 from agent.trace.store import open_store
 from tests.fakes import ScriptedModel, add_tool, call, fail_tool, models_for, reply, slow_tool
@@ -144,12 +151,19 @@ async def test_stop_of_a_trace_that_is_not_running(store):
 
 
 async def test_provider_failure_ends_failed_with_a_sentence_and_keeps_messages(store):
-    model = ScriptedModel([reply(None, call("add", a=1, b=2)), ModelCallError("The provider returned HTTP 500.")])
+    model = ScriptedModel(
+        [reply(None, call("add", a=1, b=2)), ModelCallError("The provider returned HTTP 500.")]
+    )
     runner = make_runner(store, model)
     result = await runner.run_result([user("x")], RunConfig())
     assert (result.trace.status, result.trace.stop_reason) == (Status.FAILED, StopReason.ERROR)
     assert result.trace.error == "The provider returned HTTP 500."
-    assert [m.role for m in await store.get_path(result.trace.trace_id)] == ["system", "user", "assistant", "tool"]
+    assert [m.role for m in await store.get_path(result.trace.trace_id)] == [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+    ]
 
 
 async def test_tool_failure_is_read_by_the_model_and_the_run_goes_on(store):
@@ -211,7 +225,9 @@ async def test_fifty_traces_run_concurrently(store):
 
 
 async def test_continue_rewind_and_regenerate(store):
-    model = ScriptedModel([reply(None, call("add", "k1", a=1, b=1), call("add", "k2", a=2, b=2)), reply("first")])
+    model = ScriptedModel(
+        [reply(None, call("add", "k1", a=1, b=1), call("add", "k2", a=2, b=2)), reply("first")]
+    )
     runner = make_runner(store, model)
     first = await runner.run_result([user("q1")], RunConfig())
     tid = first.trace.trace_id
@@ -248,7 +264,9 @@ async def test_bad_cuts_are_refused_before_anything_changes(store):
     with pytest.raises(SequenceError, match="would split the tool results of assistant message 3"):
         await runner.run_result([user("x")], RunConfig(trace_id=tid, insert_after=4))
     with pytest.raises(InvalidMessages, match="Message 1 answers tool call 'zz'"):
-        await runner.run_result([{"role": "tool", "tool_call_id": "zz", "content": "x"}], RunConfig(trace_id=tid))
+        await runner.run_result(
+            [{"role": "tool", "tool_call_id": "zz", "content": "x"}], RunConfig(trace_id=tid)
+        )
     assert (await store.get_trace(tid), await store.get_tree(tid)) == before
     assert not runner.is_running(tid)
     # cutting after the last tool result of the group is allowed
@@ -321,7 +339,7 @@ async def test_walking_away_from_run_releases_the_trace(store):
     from contextlib import aclosing
 
     async with aclosing(runner.run([user("x")], RunConfig())) as steps:
-        async for trace in steps:
+        async for trace in steps:  # noqa: B007  (the first item is the trace)
             break
     assert not runner.is_running(trace.trace_id)
     assert (await store.get_trace(trace.trace_id)).status is Status.STOPPED

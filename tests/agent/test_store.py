@@ -48,7 +48,9 @@ async def test_usage_totals_accumulate_with_each_message(store):
     await new_trace(store)
     await store.append_message("t1", NewMessage(role="user", content="x"), None)
     await store.append_message(
-        "t1", NewMessage(role="assistant", content="y", usage=MessageUsage(prompt_tokens=7, completion_tokens=3)), 1
+        "t1",
+        NewMessage(role="assistant", content="y", usage=MessageUsage(prompt_tokens=7, completion_tokens=3)),
+        1,
     )
     await store.append_message("t1", NewMessage(role="tool", content="z", tool_call_id="c"), 2)
     trace = await store.get_trace("t1")
@@ -75,7 +77,9 @@ async def test_unknown_trace_is_a_sentence(store):
 
 async def test_list_traces_newest_first_with_filters_and_cursor(store):
     for i in range(5):
-        await new_trace(store, f"t{i}", uid="alice" if i % 2 else "bob", created_at=f"2026-01-0{i + 1}T00:00:00")
+        await new_trace(
+            store, f"t{i}", uid="alice" if i % 2 else "bob", created_at=f"2026-01-0{i + 1}T00:00:00"
+        )
     await store.update_trace("t3", status=Status.COMPLETED)
     page = await store.list_traces(limit=2)
     assert [t.trace_id for t in page.traces] == ["t4", "t3"]

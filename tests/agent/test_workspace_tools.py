@@ -309,8 +309,9 @@ ALL_PATH_CALLS = [
 
 
 @pytest.mark.parametrize(("name", "extra"), ALL_PATH_CALLS)
-@pytest.mark.parametrize("path", ["..", "../outside/secret.txt", "src/../../outside", "../work_extra/x.txt",
-                                  "../work_extra"])
+@pytest.mark.parametrize(
+    "path", ["..", "../outside/secret.txt", "src/../../outside", "../work_extra/x.txt", "../work_extra"]
+)
 async def test_dotdot_escapes_are_refused(tools: dict[str, Tool], name: str, extra: dict, path: str) -> None:
     msg = await refused(tools, name, path=path, **extra)
     assert "outside the workspace" in msg and path in msg

@@ -12,7 +12,8 @@ from mcp import Client
 
 from server.app import build_server
 from server.settings import Settings
-from tests.fakes import ScriptedModel, call as tool_call, models_for, reply
+from tests.fakes import ScriptedModel, models_for, reply
+from tests.fakes import call as tool_call
 from tests.server.helpers import call, call_error, wait_done
 
 pytestmark = pytest.mark.anyio
@@ -38,7 +39,9 @@ def downstream_server(tmp_path, workspace, scripted):
             }
         )
     )
-    settings = Settings.for_data_dir(tmp_path / "data", model="offline", workspace=workspace, mcp_config=config)
+    settings = Settings.for_data_dir(
+        tmp_path / "data", model="offline", workspace=workspace, mcp_config=config
+    )
     return build_server(settings, models=models_for(scripted=scripted))
 
 
@@ -95,9 +98,9 @@ async def test_whitelists_by_server_and_by_tool(client, scripted):
     offered = [t["function"]["name"] for t in scripted.calls[-1]["tools"]]
     assert offered and all(name.startswith("calc__") for name in offered) and "calc__add" in offered
 
-    tid = (await call(client, "create_trace", prompt="x", model="scripted", tools=["calc__add", "read_file"]))[
-        "trace_id"
-    ]
+    tid = (
+        await call(client, "create_trace", prompt="x", model="scripted", tools=["calc__add", "read_file"])
+    )["trace_id"]
     await wait_done(client, tid)
     assert sorted(t["function"]["name"] for t in scripted.calls[-1]["tools"]) == ["calc__add", "read_file"]
 

@@ -58,14 +58,18 @@ async def test_a_new_trace_recalls_the_most_relevant_lessons_up_to_the_budget(cl
 async def test_recall_argument_overrides_and_zero_turns_it_off(client):
     tid = (await call(client, "create_trace", prompt="Summarise the README.", recall=0))["trace_id"]
     view = await wait_done(client, tid)
-    assert view["trace"]["lessons"] == [] and "Lessons from earlier traces" not in view["messages"][0]["content"]
+    assert (
+        view["trace"]["lessons"] == [] and "Lessons from earlier traces" not in view["messages"][0]["content"]
+    )
     tid = (await call(client, "create_trace", prompt="Summarise the README.", recall=1))["trace_id"]
     assert len((await wait_done(client, tid))["trace"]["lessons"]) == 1
 
 
 async def test_a_hand_edit_is_recalled_at_once(client, settings):
     text = settings.experiences.read_text(encoding="utf-8")
-    settings.experiences.write_text(text + "- Rocket altimeters must be zeroed before launch.\n", encoding="utf-8")
+    settings.experiences.write_text(
+        text + "- Rocket altimeters must be zeroed before launch.\n", encoding="utf-8"
+    )
     tid = (await call(client, "create_trace", prompt="How do I zero the rocket altimeter?"))["trace_id"]
     view = await wait_done(client, tid)
     assert view["trace"]["lessons"][0] == "Rocket altimeters must be zeroed before launch."
@@ -79,7 +83,9 @@ async def test_get_experiences_with_a_query_ranks_lessons(client, settings):
 
 
 async def test_reflect_on_finish_appends_a_section_without_a_second_call(client, settings):
-    tid = (await call(client, "create_trace", prompt="Use read_file to read README.md", reflect=True))["trace_id"]
+    tid = (await call(client, "create_trace", prompt="Use read_file to read README.md", reflect=True))[
+        "trace_id"
+    ]
     await wait_done(client, tid)
     with anyio.fail_after(10):
         while f"## {tid} (" not in settings.experiences.read_text(encoding="utf-8"):
@@ -90,7 +96,8 @@ async def test_reflect_on_finish_appends_a_section_without_a_second_call(client,
 
 
 async def test_skills_shape_the_system_prompt_and_load_skill_reads_one(tmp_path, workspace):
-    from tests.fakes import ScriptedModel, call as tool_call, models_for, reply
+    from tests.fakes import ScriptedModel, models_for, reply
+    from tests.fakes import call as tool_call
 
     skills = tmp_path / "skills"
     (skills / "rockets").mkdir(parents=True)
@@ -100,7 +107,9 @@ async def test_skills_shape_the_system_prompt_and_load_skill_reads_one(tmp_path,
     (skills / "broken").mkdir()
     (skills / "broken" / "SKILL.md").write_text("no front matter here\n")
     model = ScriptedModel([reply(None, tool_call("load_skill", name="rockets")), reply("ok")])
-    settings = Settings.for_data_dir(tmp_path / "data", model="offline", workspace=workspace, skills_dir=skills)
+    settings = Settings.for_data_dir(
+        tmp_path / "data", model="offline", workspace=workspace, skills_dir=skills
+    )
     async with Client(build_server(settings, models=models_for(scripted=model)), mode="legacy") as client:
         tid = (await call(client, "create_trace", prompt="prepare the launch", model="scripted"))["trace_id"]
         view = await wait_done(client, tid)

@@ -30,7 +30,8 @@ async def test_legacy_subscriber_gets_updates_during_a_run_and_list_changed(serv
         await wait_done(client, tid)
         with anyio.fail_after(5):
             while not any(
-                isinstance(m, types.ResourceUpdatedNotification) and str(m.params.uri) == f"trace://{tid}" for m in got
+                isinstance(m, types.ResourceUpdatedNotification) and str(m.params.uri) == f"trace://{tid}"
+                for m in got
             ):
                 await anyio.sleep(0.02)
         assert any(isinstance(m, types.ResourceListChangedNotification) for m in got)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import anyio
 import pytest
 from mcp import Client
 
@@ -82,7 +81,9 @@ async def test_run_trace_continues_rewinds_and_regenerates(client):
     assert [m["sequence"] for m in view["messages"]] == [1, 2, 3, 4, 5, 6, 7]
 
     # rewind to the assistant message with the tool call: the cut moves past its tool result
-    await call(client, "run_trace", trace_id=tid, insert_after=3, messages=[{"role": "user", "content": "and?"}])
+    await call(
+        client, "run_trace", trace_id=tid, insert_after=3, messages=[{"role": "user", "content": "and?"}]
+    )
     view = await wait_done(client, tid)
     assert [m["sequence"] for m in view["messages"]] == [1, 2, 3, 4, 8, 9]
 
@@ -122,7 +123,9 @@ async def test_reflect_trace_appends_lessons_and_keeps_the_main_path(client, set
 async def test_list_traces_pages_newest_first_and_filters(client):
     ids = []
     for i in range(3):
-        ids.append((await call(client, "create_trace", prompt=f"hello {i}", uid="bob" if i else "ann"))["trace_id"])
+        ids.append(
+            (await call(client, "create_trace", prompt=f"hello {i}", uid="bob" if i else "ann"))["trace_id"]
+        )
         await wait_done(client, ids[-1])
     page = await call(client, "list_traces", limit=2)
     assert [t["trace_id"] for t in page["traces"]] == [ids[2], ids[1]]
@@ -206,7 +209,8 @@ async def test_get_trace_wait_sends_progress_per_stored_message(client, server):
 
 async def test_get_trace_wait_reports_the_tool_call(client, settings, slow_model):
     """A slow first answer guarantees the wait starts before anything after the prompt is stored."""
-    from tests.fakes import call as tool_call, reply
+    from tests.fakes import call as tool_call
+    from tests.fakes import reply
 
     slow_model.steps = [reply(None, tool_call("read_file", path="README.md")), reply("done")]
     slow_model.delay = 0.3
@@ -216,7 +220,9 @@ async def test_get_trace_wait_reports_the_tool_call(client, settings, slow_model
         progress.append(message)
 
     tid = (await call(client, "create_trace", prompt="read it", model="slow"))["trace_id"]
-    result = await client.call_tool("get_trace", {"trace_id": tid, "wait_seconds": 20}, progress_callback=on_progress)
+    result = await client.call_tool(
+        "get_trace", {"trace_id": tid, "wait_seconds": 20}, progress_callback=on_progress
+    )
     assert result.structured_content["trace"]["status"] == "completed"
     assert "assistant called read_file" in progress
     assert any(p.startswith("read_file returned") for p in progress)

@@ -182,16 +182,24 @@ INIT = {
     "jsonrpc": "2.0",
     "id": 1,
     "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
 }
 HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 
 
 async def test_http_refuses_a_foreign_origin(http_server):
     async with httpx2.AsyncClient() as http:
-        evil = await http.post(http_server.url, json=INIT, headers={**HEADERS, "origin": "http://evil.example"})
+        evil = await http.post(
+            http_server.url, json=INIT, headers={**HEADERS, "origin": "http://evil.example"}
+        )
         assert evil.status_code == 403
-        ok = await http.post(http_server.url, json=INIT, headers={**HEADERS, "origin": f"http://127.0.0.1:{http_server.port}"})
+        ok = await http.post(
+            http_server.url, json=INIT, headers={**HEADERS, "origin": f"http://127.0.0.1:{http_server.port}"}
+        )
         assert ok.status_code == 200
 
 
@@ -202,9 +210,13 @@ async def test_http_token_is_required_when_set(tmp_path, workspace):
             missing = await http.post(server.url, json=INIT, headers=HEADERS)
             assert missing.status_code == 401
             assert missing.headers["www-authenticate"].startswith("Bearer")
-            wrong = await http.post(server.url, json=INIT, headers={**HEADERS, "authorization": "Bearer nope"})
+            wrong = await http.post(
+                server.url, json=INIT, headers={**HEADERS, "authorization": "Bearer nope"}
+            )
             assert wrong.status_code == 401
-            right = await http.post(server.url, json=INIT, headers={**HEADERS, "authorization": "Bearer s3cret-token"})
+            right = await http.post(
+                server.url, json=INIT, headers={**HEADERS, "authorization": "Bearer s3cret-token"}
+            )
             assert right.status_code == 200
         async with httpx2.AsyncClient(headers={"authorization": "Bearer s3cret-token"}) as http:
             async with Client(streamable_http_client(server.url, http_client=http), mode="legacy") as client:
