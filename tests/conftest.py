@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def _sqlite_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name}
+
+
+@pytest.fixture(autouse=True)
+def no_sqlite_thread_left_behind():
+    """aiosqlite's worker is not a daemon: a connection left open would hang the process at exit."""
+    before = _sqlite_threads()
+    yield
+    deadline = time.monotonic() + 5
+    while (left := _sqlite_threads() - before) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not left, f"{len(left)} SQLite connection thread(s) left open by this test"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import anyio
 from mcp import Client
 
 from tests.server.helpers import call, call_error, wait_done
@@ -227,3 +228,23 @@ async def test_get_trace_wait_reports_the_tool_call(client, settings, slow_model
     assert "assistant called read_file" in progress
     assert any(p.startswith("read_file returned") for p in progress)
     assert progress[-1].startswith("assistant answered")
+
+
+async def test_two_reflections_at_once_append_whole_sections(client, settings):
+    ids = []
+    for i in range(2):
+        ids.append((await call(client, "create_trace", prompt=f"Use read_file to read README.md ({i})"))["trace_id"])
+        await wait_done(client, ids[-1])
+    results = {}
+
+    async def reflect(tid):
+        results[tid] = await call(client, "reflect_trace", trace_id=tid)
+
+    async with anyio.create_task_group() as tg:
+        for tid in ids:
+            tg.start_soon(reflect, tid)
+    text = settings.experiences.read_text(encoding="utf-8")
+    for tid in ids:
+        section = text.split(f"## {tid} (")[1].split("\n## ")[0]
+        for lesson in results[tid]["lessons"]:
+            assert f"- {lesson}" in section

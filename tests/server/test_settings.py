@@ -1,0 +1,76 @@
+"""Settings: each flag and variable of product.md, with its default; the HTTP guards built from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.cli import parser
+from server.http import UnsafeBind, check_bind, transport_security
+from server.settings import resolve
+
+
+def settings_for(argv: list[str], env: dict[str, str]):
+    return resolve(parser().parse_args(argv), env)
+
+
+def test_defaults_follow_the_data_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = settings_for([], {"XDG_DATA_HOME": "/xdg"})
+    assert s.data_dir == Path("/xdg/agent-trace-mcp")
+    assert s.db == s.data_dir / "traces.db" and s.experiences == s.data_dir / "experiences.md"
+    assert s.skills_dir == s.data_dir / "skills" and s.workspace == tmp_path
+    assert s.model == "openai:gpt-4o" and s.mcp_config is None
+    assert (s.transport, s.host, s.port) == ("stdio", "127.0.0.1", 8765)
+    assert s.experience_recall == 5 and s.auth_token is None
+    assert settings_for([], {"HOME": "/home/u"}).data_dir == Path("/home/u/.local/share/agent-trace-mcp")
+
+
+def test_every_variable_is_read_and_flags_win():
+    env = {
+        "AGENT_TRACE_HOME": "/d",
+        "AGENT_TRACE_DB": "/x/t.db",
+        "AGENT_TRACE_EXPERIENCES": "/x/e.md",
+        "AGENT_TRACE_MODEL": "offline",
+        "AGENT_TRACE_MCP_CONFIG": "/x/m.json",
+        "AGENT_TRACE_SKILLS": "/x/skills",
+        "AGENT_TRACE_WORKSPACE": "/w",
+        "AGENT_TRACE_EXPERIENCE_RECALL": "0",
+        "AGENT_TRACE_EXPERIENCE_BUDGET": "7",
+        "AGENT_TRACE_TOKEN": "tok",
+    }
+    s = settings_for([], env)
+    assert (s.data_dir, s.db, s.experiences) == (Path("/d"), Path("/x/t.db"), Path("/x/e.md"))
+    assert (s.model, s.mcp_config, s.skills_dir, s.workspace) == (
+        "offline",
+        Path("/x/m.json"),
+        Path("/x/skills"),
+        Path("/w"),
+    )
+    assert (s.experience_recall, s.experience_budget, s.auth_token) == (0, 7, "tok")
+    s = settings_for(["--model", "anthropic:claude", "--data-dir", "/f", "--experience-recall", "3"], env)
+    assert (s.model, s.data_dir, s.experience_recall) == ("anthropic:claude", Path("/f"), 3)
+    assert s.db == Path("/x/t.db")  # the variable still names the db
+
+
+def test_a_bad_number_in_a_variable_is_a_sentence():
+    with pytest.raises(SystemExit, match="AGENT_TRACE_EXPERIENCE_RECALL='many' is not a valid int"):
+        settings_for([], {"AGENT_TRACE_EXPERIENCE_RECALL": "many"})
+
+
+def test_open_bind_needs_a_token_or_allowed_hosts():
+    with pytest.raises(UnsafeBind, match="0.0.0.0"):
+        check_bind(settings_for(["--host", "0.0.0.0"], {}))
+    check_bind(settings_for(["--host", "0.0.0.0", "--auth-token", "t"], {}))
+    check_bind(settings_for(["--host", "0.0.0.0", "--allowed-host", "mcp.example.com"], {}))
+    check_bind(settings_for([], {}))
+
+
+def test_allowed_hosts_keep_rebinding_protection_on():
+    assert transport_security(settings_for([], {})) is None  # the SDK protects a loopback bind itself
+    security = transport_security(settings_for(["--allowed-host", "mcp.example.com"], {}))
+    assert security.enable_dns_rebinding_protection
+    assert "mcp.example.com" in security.allowed_hosts and "mcp.example.com:*" in security.allowed_hosts
+    assert "https://mcp.example.com" in security.allowed_origins
+    assert "http://evil.example" not in security.allowed_origins
