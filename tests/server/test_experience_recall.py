@@ -119,3 +119,46 @@ async def test_skills_shape_the_system_prompt_and_load_skill_reads_one(tmp_path,
     assert "Step 1: zero the altimeter." in view["messages"][3]["content"]
     # a system prompt given by the caller is used as is
     assert view["trace"]["config"]["system_prompt"] is None
+
+
+async def test_reflection_past_the_budget_consolidates_in_the_background(tmp_path, workspace):
+    """Over --experience-budget, a pass merges and drops as the model says, keeping a dated backup."""
+    import json
+
+    from tests.fakes import ScriptedModel, models_for, reply
+
+    plan = {
+        "keep": [{"text": "Read the README with read_file before summarising it.", "from": ["1", "2"]}],
+        "drop": [{"id": "3", "reason": "a later reflection says to list files first"}],
+    }
+
+    def answer(messages, tools):
+        if "JSON" in (messages[0]["content"] or "") and "keep" in messages[0]["content"]:
+            return reply(json.dumps(plan))
+        if "reflect" in (messages[-1]["content"] or "").lower():
+            return reply("- List files before guessing a path.")
+        return reply("done")
+
+    settings = Settings.for_data_dir(
+        tmp_path / "data", model="scripted", workspace=workspace, experience_recall=0, experience_budget=3
+    )
+    settings.data_dir.mkdir(parents=True)
+    settings.experiences.write_text(
+        "# Experiences\n\n## notes\n- Read the README before summarising.\n"
+        "- Use read_file on the README first.\n- Guess file paths to save time.\n",
+        encoding="utf-8",
+    )
+    server = build_server(settings, models=models_for(scripted=ScriptedModel([answer])))
+    async with Client(server, mode="legacy") as client:
+        tid = (await call(client, "create_trace", prompt="summarise"))["trace_id"]
+        await wait_done(client, tid)
+        await call(client, "reflect_trace", trace_id=tid)
+        with anyio.fail_after(10):
+            while not list(settings.data_dir.glob("experiences.*.md")):
+                await anyio.sleep(0.02)
+    text = settings.experiences.read_text(encoding="utf-8")
+    assert "Read the README with read_file before summarising it." in text
+    assert "- Guess file paths to save time." not in text
+    assert "List files before guessing a path." in text  # not named by the plan: kept
+    (backup,) = settings.data_dir.glob("experiences.*.md")
+    assert "Guess file paths to save time." in backup.read_text(encoding="utf-8")
