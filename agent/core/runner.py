@@ -18,6 +18,7 @@ from anyio.abc import TaskGroup
 from pydantic import BaseModel, Field
 
 from agent.core.messages import check_placement, open_tool_calls, parse_messages
+from agent.core.rewind import cut_point
 from agent.errors import InvalidMessages, ModelCallError, SequenceError, ToolCallError, TraceRunning
 from agent.llm.base import Model, ModelResponse, resolve_model
 from agent.tools.registry import Tool, ToolRegistry, openai_tool_schema
@@ -355,7 +356,7 @@ class AgentRunner:
         trace = await self.store.get_trace(trace_id)
         parent = trace.head_sequence
         if config.insert_after is not None:
-            parent = await self._cut(trace, config.insert_after)
+            parent = await cut_point(self.store, trace, config.insert_after)
         context = await self.store.get_path(trace_id, parent) if parent is not None else []
         model = self.model(config.model or trace.model)
         if config.tools is not None:
@@ -399,51 +400,6 @@ class AgentRunner:
             trace_config.max_iterations,
             restore,
         )
-
-    async def _cut(self, trace: Trace, insert_after: int) -> int:
-        """Where a rewind to ``insert_after`` really cuts: past an assistant message's tool results."""
-        if insert_after < 1:
-            raise SequenceError(
-                f"insert_after must be a message sequence of trace '{trace.trace_id}' (1 or more), not {insert_after}."
-            )
-        message = await self.store.get_message(trace.trace_id, insert_after)
-        if message is None:
-            raise SequenceError(
-                f"Trace '{trace.trace_id}' has no message with sequence {insert_after}; "
-                "get_trace shows the sequences that exist."
-            )
-        if message.role == "assistant" and message.tool_calls:
-            return (await self._tool_results(trace.trace_id, message))[-1].sequence
-        if message.role == "tool":
-            group = message
-            while group.role == "tool" and group.parent_sequence is not None:
-                parent = await self.store.get_message(trace.trace_id, group.parent_sequence)
-                assert parent is not None
-                group = parent
-            results = await self._tool_results(trace.trace_id, group)
-            if results[-1].sequence != message.sequence:
-                raise SequenceError(
-                    f"Cutting trace '{trace.trace_id}' after sequence {insert_after} would split the tool results of "
-                    f"assistant message {group.sequence}; use insert_after={group.sequence} "
-                    f"(which keeps all its results) or {results[-1].sequence}."
-                )
-        return message.sequence
-
-    async def _tool_results(self, trace_id: str, assistant: Message) -> list[Message]:
-        """The assistant message followed by the chain of its stored tool results."""
-        chain = [assistant]
-        wanted = {c.id for c in assistant.tool_calls or []}
-        while wanted:
-            children = [
-                m
-                for m in await self.store.get_children(trace_id, chain[-1].sequence)
-                if m.role == "tool" and m.tool_call_id in wanted
-            ]
-            if not children:
-                break
-            chain.append(children[0])
-            wanted.discard(children[0].tool_call_id)
-        return chain
 
     # -- the loop -------------------------------------------------------------------------------
 
