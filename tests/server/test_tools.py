@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 import anyio
+import pytest
 from mcp import Client
 
 from tests.server.helpers import call, call_error, wait_done
@@ -233,7 +233,9 @@ async def test_get_trace_wait_reports_the_tool_call(client, settings, slow_model
 async def test_two_reflections_at_once_append_whole_sections(client, settings):
     ids = []
     for i in range(2):
-        ids.append((await call(client, "create_trace", prompt=f"Use read_file to read README.md ({i})"))["trace_id"])
+        ids.append(
+            (await call(client, "create_trace", prompt=f"Use read_file to read README.md ({i})"))["trace_id"]
+        )
         await wait_done(client, ids[-1])
     results = {}
 
