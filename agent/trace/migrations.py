@@ -85,10 +85,17 @@ def m003_head_follows_messages(db: sqlite3.Connection) -> None:
     )
 
 
+def m004_run_owner(db: sqlite3.Connection) -> None:
+    """Which process runs a trace, so a second server on the same database does not mark its runs
+    interrupted."""
+    db.execute("ALTER TABLE traces ADD COLUMN owner TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial,
     m002_recalled_lessons,
     m003_head_follows_messages,
+    m004_run_owner,
 ]
 
 

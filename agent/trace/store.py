@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import secrets
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Any, Protocol
@@ -159,11 +162,41 @@ def _prepare_database(path: str) -> None:
         db.close()
 
 
+_OPEN_OWNERS: set[str] = set()
+"""Owner ids of the stores open in this process (a closed store's running traces are orphans)."""
+
+
+def _owner_alive(owner: str | None) -> bool:
+    """Whether the store that marked a trace running may still be running it.
+
+    Owners are ``host:pid:nonce``; another process on this host counts as alive while its pid exists.
+    Traces of other hosts, or with no owner, count as orphaned: the database is meant for one machine.
+    """
+    if not owner:
+        return False
+    host, _, rest = owner.partition(":")
+    pid_text, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return owner in _OPEN_OWNERS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class SQLiteTraceStore:
     def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection):
         self._writer = writer
         self._reader = reader
         self._write_lock = anyio.Lock()
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        _OPEN_OWNERS.add(self.owner)
 
     @classmethod
     async def open(cls, path: str | Path) -> SQLiteTraceStore:
@@ -189,6 +222,7 @@ class SQLiteTraceStore:
         await db.execute("PRAGMA synchronous = NORMAL")
 
     async def close(self) -> None:
+        _OPEN_OWNERS.discard(self.owner)
         with anyio.CancelScope(shield=True):
             await self._reader.close()
             await self._writer.close()
@@ -210,7 +244,10 @@ class SQLiteTraceStore:
             trace.stop_reason.value if trace.stop_reason else None, trace.head_sequence, trace.created_at,
             trace.updated_at, trace.error, trace.usage.model_dump_json(), json.dumps(trace.lessons),
         )  # fmt: skip
-        await self._write(f"INSERT INTO traces ({_TRACE_COLUMNS}) VALUES ({', '.join('?' * 13)})", values)
+        await self._write(
+            f"INSERT INTO traces ({_TRACE_COLUMNS}, owner) VALUES ({', '.join('?' * 14)})",
+            (*values, self.owner),
+        )
         return trace
 
     async def update_trace(self, trace_id: str, **changes: Any) -> Trace:
@@ -218,6 +255,8 @@ class SQLiteTraceStore:
         if unknown:
             raise ValueError(f"cannot update trace fields {sorted(unknown)}")
         changes["updated_at"] = utc_now()
+        if changes.get("status") == Status.RUNNING:
+            changes["owner"] = self.owner  # so another process opening the database leaves this run alone
         assignments = ", ".join(f"{key} = ?" for key in changes)
         params = tuple(_encode_column(k, v) for k, v in changes.items()) + (trace_id,)
         rows = await self._write(
@@ -264,13 +303,22 @@ class SQLiteTraceStore:
         )
 
     async def mark_interrupted(self) -> list[str]:
-        """Traces left ``running`` by a process that died become ``interrupted``."""
-        rows = await self._write(
-            "UPDATE traces SET status = 'interrupted', stop_reason = 'interrupted', updated_at = ? "
-            "WHERE status = 'running' RETURNING trace_id",
-            (utc_now(),),
+        """Traces left ``running`` by a process that died become ``interrupted``; a live process's runs
+        (another server on the same database) are left alone."""
+        running = await self._reader.execute_fetchall(
+            "SELECT trace_id, owner FROM traces WHERE status = 'running'"
         )
-        return [r[0] for r in rows]
+        orphaned = []
+        for trace_id, owner in running:
+            if _owner_alive(owner):
+                continue
+            rows = await self._write(
+                "UPDATE traces SET status = 'interrupted', stop_reason = 'interrupted', updated_at = ? "
+                "WHERE trace_id = ? AND status = 'running' AND owner IS ? RETURNING trace_id",
+                (utc_now(), trace_id, owner),
+            )
+            orphaned += [r[0] for r in rows]
+        return orphaned
 
     # -- reads ----------------------------------------------------------------------------------
 

@@ -115,7 +115,7 @@ async def test_schema_is_versioned_and_wal(tmp_path):
     await store.close()
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         db.close()
@@ -188,3 +188,22 @@ def test_a_killed_process_loses_no_committed_message(tmp_path):
             await store.close()
 
     anyio.run(check)
+
+
+async def test_a_second_server_on_the_same_database_leaves_live_runs_alone(tmp_path):
+    path = tmp_path / "traces.db"
+    first = await open_store(path)
+    try:
+        await new_trace(first, "live")
+        second = await open_store(path)  # e.g. an HTTP server and a stdio server sharing the data dir
+        try:
+            assert (await second.get_trace("live")).status is Status.RUNNING
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+    third = await open_store(path)  # the owner has closed: its run is an orphan now
+    try:
+        assert (await third.get_trace("live")).status is Status.INTERRUPTED
+    finally:
+        await third.close()

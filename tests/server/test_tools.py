@@ -250,3 +250,19 @@ async def test_two_reflections_at_once_append_whole_sections(client, settings):
         section = text.split(f"## {tid} (")[1].split("\n## ")[0]
         for lesson in results[tid]["lessons"]:
             assert f"- {lesson}" in section
+
+
+async def test_stop_while_another_request_waits_on_the_trace(client):
+    """A long-poll does not block the connection: stop_trace gets through and ends the wait."""
+    tid = (await call(client, "create_trace", prompt="think slowly", model="slow"))["trace_id"]
+    views = []
+
+    async def wait_for_it():
+        views.append(await call(client, "get_trace", trace_id=tid, wait_seconds=60))
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_for_it)
+            await anyio.sleep(0.2)
+            assert (await call(client, "stop_trace", trace_id=tid))["status"] == "stopping"
+    assert views[0]["trace"]["status"] == "stopped"
