@@ -158,17 +158,12 @@ async def run_demo(args: argparse.Namespace | None = None) -> int:
         )
 
         _say("\n5. A later trace on a similar task starts with those lessons in its system prompt")
-        later = await _call(
-            client, "create_trace", prompt="Use read_file to read notes/launch.md and summarise it."
-        )
+        later = await _call(client, "create_trace", prompt='Use search_files to search for "altimeter".')
         done = await _wait(client, later["trace_id"])
-        _say(
-            f"   system prompt of the first trace ({len(first['messages'][0]['content'])} chars) had no lessons;"
-        )
-        _say(f"   trace {later['trace_id']} recalled {len(done['trace']['lessons'])}:")
-        prompt = done["messages"][0]["content"]
-        lessons_at = prompt.find("## Lessons")
-        _say(textwrap.indent(prompt[lessons_at:] if lessons_at >= 0 else prompt, "     │ ", lambda _: True))
+        _say("   before — the first trace's system prompt:")
+        _say(textwrap.indent(first["messages"][0]["content"], "     │ ", lambda _: True))
+        _say(f"   after — trace {later['trace_id']} recalled {len(done['trace']['lessons'])} lesson(s):")
+        _say(textwrap.indent(done["messages"][0]["content"], "     │ ", lambda _: True))
 
     _say(f"\nDone. Trace id: {tid}")
     _say(f"Data (database, experiences.md, workspace) is in {data_dir}")

@@ -342,7 +342,7 @@ def _reflection(messages: list[dict[str, Any]], last_user: int) -> str:
     """2-4 lessons built from the conversation before the reflection request."""
     history = messages[:last_user]
     users = [_text(m.get("content")) for m in history if m.get("role") == "user"]
-    task = _short(users[0], 100) if users else "the request"
+    task = _short(users[-1], 100) if users else "the request"  # the latest request: a rewind may change it
     calls = _calls_by_id(history)
     used = Counter(f.get("name") or "?" for f in calls.values())
     failed = [
@@ -357,7 +357,10 @@ def _reflection(messages: list[dict[str, Any]], last_user: int) -> str:
     bullets = []
     if used:
         named = ", ".join(f"`{name}` ({count}×)" for name, count in sorted(used.items()))
-        bullets.append(f'- For a task like "{task}", {named} did the work; reach for them first next time.')
+        pronoun = "it" if len(used) == 1 else "them"
+        bullets.append(
+            f'- For a task like "{task}", {named} did the work; reach for {pronoun} first next time.'
+        )
     else:
         bullets.append(f'- For a task like "{task}", no tools were needed; a direct answer was enough.')
     if failed:
