@@ -20,7 +20,13 @@ except ImportError:  # pragma: no cover
 
 from agent.errors import ModelCallError, ModelConfigError
 from agent.llm.base import ModelResponse, TextSink
-from agent.llm.openai import DEFAULT_RETRIES, DEFAULT_TIMEOUT, LLMSettings, provider_error_sentence
+from agent.llm.common import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    LLMSettings,
+    error_kind,
+    provider_error_sentence,
+)
 from agent.trace.models import FunctionCall, MessageUsage, ToolCall
 
 DEFAULT_MAX_TOKENS = 4096
@@ -252,20 +258,6 @@ class StreamAccumulator:
 # --- the model ----------------------------------------------------------------------------------------
 
 
-def _anthropic_error_kind(exc: Exception) -> str:
-    if isinstance(exc, httpx2.TimeoutException):
-        return "timeout"
-    if isinstance(exc, httpx2.HTTPError):
-        return "connection"
-    if isinstance(exc, anthropic.APIStatusError):
-        return "status"
-    if isinstance(exc, anthropic.APITimeoutError):
-        return "timeout"
-    if isinstance(exc, anthropic.APIConnectionError):
-        return "connection"
-    return "other"
-
-
 class AnthropicModel:
     """A Claude model via ``AsyncAnthropic``; one SDK client per instance."""
 
@@ -367,7 +359,7 @@ class AnthropicModel:
             sentence = provider_error_sentence(
                 exc,
                 self.name,
-                kind=_anthropic_error_kind(exc),
+                kind=error_kind(exc, anthropic),
                 base_url=self.base_url,
                 secrets=(self._api_key,),
             )

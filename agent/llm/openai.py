@@ -1,15 +1,9 @@
-"""OpenAI (and any OpenAI-compatible server: vLLM, Ollama, llama.cpp, LiteLLM) through the official SDK.
-
-Also home of the small helpers every SDK-backed provider shares: the timeout/retry/stream settings read
-from the environment, and turning an SDK error into a sentence that never carries the API key.
-"""
+"""OpenAI (and any OpenAI-compatible server: vLLM, Ollama, llama.cpp, LiteLLM) through the official SDK."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import openai
 from openai import AsyncOpenAI
@@ -21,138 +15,17 @@ except ImportError:  # pragma: no cover
 
 from agent.errors import ModelCallError, ModelConfigError
 from agent.llm.base import ModelResponse, TextSink
+from agent.llm.common import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    LLMSettings,
+    error_kind,
+    provider_error_sentence,
+    url_origin,
+)
 from agent.trace.models import FunctionCall, MessageUsage, ToolCall
 
-DEFAULT_TIMEOUT = 120.0
-DEFAULT_RETRIES = 2
 LOCAL_PLACEHOLDER_KEY = "not-needed"  # local OpenAI-compatible servers accept any key
-_MESSAGE_LIMIT = 300
-
-
-@dataclass(frozen=True)
-class LLMSettings:
-    """Per-call limits shared by the SDK providers (the SDK defaults are a 10-minute timeout)."""
-
-    timeout: float = DEFAULT_TIMEOUT
-    max_retries: int = DEFAULT_RETRIES
-    stream: bool = True
-
-    @classmethod
-    def from_env(cls, env: dict[str, str]) -> LLMSettings:
-        """Read AGENT_TRACE_LLM_TIMEOUT, AGENT_TRACE_LLM_RETRIES and AGENT_TRACE_LLM_STREAM."""
-        return cls(
-            timeout=_env_number(env, "AGENT_TRACE_LLM_TIMEOUT", DEFAULT_TIMEOUT, float, minimum=0.001),
-            max_retries=_env_number(env, "AGENT_TRACE_LLM_RETRIES", DEFAULT_RETRIES, int, minimum=0),
-            stream=_env_flag(env, "AGENT_TRACE_LLM_STREAM", True),
-        )
-
-
-def _env_number(env: dict[str, str], key: str, default: Any, kind: type, *, minimum: float) -> Any:
-    raw = (env.get(key) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
-        raise ModelConfigError(f"{key}={raw!r} is not valid; set it to a number of at least {minimum:g}.")
-    return value
-
-
-def _env_flag(env: dict[str, str], key: str, default: bool) -> bool:
-    raw = (env.get(key) or "").strip().lower()
-    if not raw:
-        return default
-    return raw not in ("0", "false", "no", "off")
-
-
-def _scrub(text: str, secrets: tuple[str | None, ...]) -> str:
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
-
-
-def _short(text: str, limit: int = _MESSAGE_LIMIT) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _provider_message(exc: Exception) -> str:
-    """The provider's own short message: the error body's ``message`` when there is one."""
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error") if isinstance(body.get("error"), dict) else body
-        message = inner.get("message")
-        if isinstance(message, str) and message.strip():
-            return message
-    return str(getattr(exc, "message", None) or exc)
-
-
-def _retries_taken(exc: Exception) -> int | None:
-    """The SDKs stamp each attempt with ``x-stainless-retry-count``; the last request tells how many ran."""
-    response = getattr(exc, "response", None)
-    request = getattr(response, "request", None) if response is not None else getattr(exc, "request", None)
-    try:
-        return int(request.headers.get("x-stainless-retry-count"))  # type: ignore[union-attr]
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
-def _origin(base_url: str | None) -> str:
-    """scheme://host[:port] only, so credentials or paths in a base URL are never repeated."""
-    if not base_url:
-        return "the provider"
-    parts = urlsplit(str(base_url))
-    host = parts.hostname or "?"
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
-
-
-def provider_error_sentence(
-    exc: Exception,
-    model_name: str,
-    *,
-    kind: str,
-    base_url: str | None = None,
-    secrets: tuple[str | None, ...] = (),
-) -> str:
-    """A plain sentence for an SDK error; ``kind`` is "status", "timeout", "connection" or "other"."""
-    retries = _retries_taken(exc)
-    after = f" after {retries} {'retry' if retries == 1 else 'retries'}" if retries else ""
-    detail = _short(_scrub(_provider_message(exc), secrets))
-    status = getattr(exc, "status_code", None)
-    if kind == "status" and isinstance(status, int) and status < 400:
-        sentence = (
-            f"The model provider reported an error in the middle of its answer for {model_name}: {detail}"
-        )
-    elif kind == "status":
-        sentence = f"The model provider returned HTTP {status} for {model_name}{after}: {detail}"
-    elif kind == "timeout":
-        sentence = (
-            f"The model provider at {_origin(base_url)} did not answer in time for {model_name}{after}."
-        )
-    elif kind == "connection":
-        sentence = (
-            f"Could not reach the model provider at {_origin(base_url)} for {model_name}{after}: {detail}"
-        )
-    else:
-        sentence = f"The model provider failed for {model_name}: {detail}"
-    return _scrub(sentence, secrets)
-
-
-def _openai_error_kind(exc: Exception) -> str:
-    if isinstance(exc, httpx2.TimeoutException):
-        return "timeout"
-    if isinstance(exc, httpx2.HTTPError):
-        return "connection"
-    if isinstance(exc, openai.APIStatusError):
-        return "status"
-    if isinstance(exc, openai.APITimeoutError):
-        return "timeout"
-    if isinstance(exc, openai.APIConnectionError):
-        return "connection"
-    return "other"
 
 
 class OpenAIModel:
@@ -181,7 +54,7 @@ class OpenAIModel:
         )
 
     def __repr__(self) -> str:  # never show the key
-        return f"OpenAIModel({self.name!r}, base_url={_origin(self.base_url)!r})"
+        return f"OpenAIModel({self.name!r}, base_url={url_origin(self.base_url)!r})"
 
     @classmethod
     def from_env(cls, name: str, env: dict[str, str]) -> OpenAIModel:
@@ -230,7 +103,7 @@ class OpenAIModel:
             completion = await self._client.chat.completions.create(**request)
         except (openai.OpenAIError, httpx2.HTTPError) as exc:
             sentence = provider_error_sentence(
-                exc, self.name, kind=_openai_error_kind(exc), base_url=self.base_url, secrets=(self._api_key,)
+                exc, self.name, kind=error_kind(exc, openai), base_url=self.base_url, secrets=(self._api_key,)
             )
             raise ModelCallError(sentence) from None
         response = _from_completion(completion)
