@@ -46,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     from server.app import build_server
     from server.http import UnsafeBind, serve_http
 
+    if settings.mcp_config is not None:  # a bad file is a sentence now, not a traceback at start-up
+        from agent.tools.mcp import load_mcp_config
+
+        try:
+            load_mcp_config(settings.mcp_config)
+        except ValueError as exc:
+            print(f"agent-trace-mcp: {exc}", file=sys.stderr)
+            return 2
     mcp = build_server(settings)
     if settings.transport == "http":
         try:

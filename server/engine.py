@@ -17,10 +17,12 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, SubscriptionBus
 
 from agent import AgentRunner, EventBus, RunConfig, Status, SystemPrompt, Trace
 from agent.core.reflection import Reflection, reflect_on_trace
+from agent.core.runner import SystemPromptBuilder
 from agent.experiences import Experiences, format_lessons_block
 from agent.llm.base import Model, resolve_model
-from agent.skills import LoadSkillTool, build_system_prompt, load_skills
+from agent.skills import LoadSkillTool, skills_system_prompt
 from agent.tools.files import workspace_tools
+from agent.tools.mcp import McpServers, load_mcp_config
 from agent.tools.registry import ToolRegistry
 from agent.trace.store import TraceStore, open_store
 from server.notify import Notifier
@@ -63,14 +65,19 @@ class Engine:
         except Exception:
             log.exception("background consolidation of %s failed", self.experiences.path)
 
-    async def build_system_prompt(self, task: str, config: RunConfig) -> SystemPrompt:
-        """Skills' names and descriptions, plus the lessons most relevant to the task."""
-        text = build_system_prompt(await anyio.to_thread.run_sync(load_skills, self.settings.skills_dir))
-        limit = self.settings.experience_recall if config.recall is None else config.recall
-        lessons = await self.experiences.recall(task, limit) if limit > 0 else []
+
+def system_prompt_builder(settings: Settings, experiences: Experiences) -> SystemPromptBuilder:
+    """A new trace's prompt when the caller gives none: the skills, plus the lessons most relevant to its task."""
+
+    async def build(task: str, config: RunConfig) -> SystemPrompt:
+        text = await skills_system_prompt(settings.skills_dir)
+        limit = settings.experience_recall if config.recall is None else config.recall
+        lessons = await experiences.recall(task, limit) if limit > 0 else []
         if lessons:
             text = f"{text}\n\n{format_lessons_block(lessons)}"
         return SystemPrompt(text, [lesson.text for lesson in lessons])
+
+    return build
 
 
 @asynccontextmanager
@@ -87,9 +94,6 @@ async def open_engine(
         tools = ToolRegistry([*workspace_tools(settings.workspace), LoadSkillTool(settings.skills_dir)])
         downstream = None
         if settings.mcp_config is not None:
-            from agent.tools.mcp import McpServers
-            from agent.tools.mcp_config import load_mcp_config
-
             specs = load_mcp_config(settings.mcp_config)
             downstream = await stack.enter_async_context(
                 McpServers(specs, tools, call_timeout=settings.tool_timeout)
@@ -98,29 +102,14 @@ async def open_engine(
         notifier = Notifier(bus if bus is not None else InMemorySubscriptionBus())
         task_group = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(task_group.cancel_scope.cancel)  # runs first on exit: stop runs, then close
-        engine = Engine(
-            settings=settings,
-            store=store,
-            runner=None,  # type: ignore[arg-type]  # set just below: the prompt builder needs the engine
-            events=events,
-            experiences=experiences,
-            notifier=notifier,
-            tools=tools,
-            task_group=task_group,
-            downstream=downstream,
-        )
-        engine.runner = AgentRunner(
+        runner = AgentRunner(
             store,
             tools=tools,
             events=events,
             models=models,
             default_model=settings.model,
-            system_prompt=engine.build_system_prompt,
+            system_prompt=system_prompt_builder(settings, experiences),
             tool_timeout=settings.tool_timeout,
         )
-        await task_group.start(_pump, notifier, events)
-        yield engine
-
-
-async def _pump(notifier: Notifier, events: EventBus, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
-    await notifier.pump(events, task_status=task_status)
+        await task_group.start(notifier.pump, events)
+        yield Engine(settings, store, runner, events, experiences, notifier, tools, task_group, downstream)

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated, SubscriptionBus
+from mcp.types import INVALID_PARAMS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from agent.trace.events import EventBus, MessageStored, TraceChanged
@@ -123,9 +125,6 @@ async def subscriptions_middleware(ctx: ServerRequestContext[Any, Any], call_nex
     if ctx.method in ("resources/subscribe", "resources/unsubscribe"):
         uri = str((ctx.params or {}).get("uri", ""))
         if not uri:
-            from mcp import MCPError
-            from mcp.types import INVALID_PARAMS
-
             raise MCPError(code=INVALID_PARAMS, message=f"{ctx.method} needs a 'uri'.")
         if ctx.method == "resources/subscribe":
             notifier.subscribe(ctx.session, uri)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import anyio
+from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError
+from mcp.types import INVALID_PARAMS
 
 from agent import TraceError
+from agent.experiences import ExperienceFile
 from server.engine import Engine
 from server.settings import Settings
 
@@ -57,12 +59,7 @@ def register_resources(mcp: MCPServer, settings: Settings) -> None:
         description="Lessons from reflections on earlier traces, one section per reflection",
     )
     async def experiences() -> str:
-        path = settings.experiences
-
-        def read() -> str:
-            return path.read_text(encoding="utf-8") if path.exists() else "# Experiences\n"
-
-        return await anyio.to_thread.run_sync(read)
+        return await ExperienceFile(settings.experiences).read_text()
 
 
 def _resource(trace: Any) -> dict[str, Any]:
@@ -93,9 +90,6 @@ async def resource_list_middleware(ctx: ServerRequestContext[Any, Any], call_nex
     try:
         page = await engine.store.list_traces(limit=PAGE_SIZE, cursor=cursor or None)
     except TraceError as exc:
-        from mcp import MCPError
-        from mcp.types import INVALID_PARAMS
-
         raise MCPError(code=INVALID_PARAMS, message=str(exc)) from None
     wire["resources"] = static + [_resource(t) for t in page.traces]
     wire.pop("nextCursor", None)

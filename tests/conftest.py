@@ -26,3 +26,22 @@ def no_sqlite_thread_left_behind():
     while (left := _sqlite_threads() - before) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not left, f"{len(left)} SQLite connection thread(s) left open by this test"
+
+
+@pytest.fixture(scope="module")
+def openai_server():
+    """One fake OpenAI-compatible server per test module (see tests/fake_openai.py)."""
+    from tests.fake_openai import FakeOpenAI, serving
+
+    with serving(FakeOpenAI()) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake_openai(openai_server):
+    """The module's fake server with an empty script and request log."""
+    openai_server.requests.clear()
+    openai_server.script = []
+    openai_server.release.clear()
+    yield openai_server
+    openai_server.release.set()

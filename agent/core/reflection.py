@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.core.runner import AgentRunner
-from agent.errors import TraceError, TraceRunning
+from agent.errors import TraceError
 from agent.experiences import Experiences, source_line
 from agent.trace.compaction import reflection_prompt
 
@@ -22,15 +22,14 @@ async def reflect_on_trace(
 ) -> Reflection:
     """Run the reflection prompt off the trace's head (the head and status are restored), then append
     the answer to the experiences file under the trace's own section."""
-    if runner.is_running(trace_id):
-        raise TraceRunning(trace_id, "reflect on")
-    before = await runner.store.get_trace(trace_id)
+    before = await runner.store.get_trace(trace_id)  # a running trace is refused by the runner's claim
     result = await runner.run_side_branch(trace_id, reflection_prompt(focus))
     text = (result.answer or "").strip()
     if not text:
         reason = result.error or "the model gave an empty answer"
         raise TraceError(f"The reflection on trace '{trace_id}' produced no text: {reason}")
-    path = await runner.store.get_path(trace_id, before.head_sequence) if before.head_sequence else []
-    source = source_line(trace_id, path[0].sequence, path[-1].sequence) if path else source_line(trace_id)
+    # the reflected path runs from the first message (sequence 1) to the head the reflection started from
+    head = before.head_sequence
+    source = source_line(trace_id, 1, head) if head else source_line(trace_id)
     lessons = await experiences.append_reflection(trace_id, text, source=source)
     return Reflection(trace_id, text, lessons)

@@ -6,27 +6,18 @@ replies and records every request, so retries, streaming assembly and cancellati
 
 from __future__ import annotations
 
-import asyncio
-import json
 import socket
-import threading
-import time
 from typing import Any
 
 import anyio
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from agent.errors import ModelCallError, ModelConfigError
 from agent.llm.base import resolve_model
 from agent.llm.openai import OpenAIModel
+from tests.fake_openai import FakeOpenAI, chunk, completion
 
 SECRET = "sk-test-secret-0123456789"
-FAST_RETRY = {"retry-after-ms": "1"}  # the SDK honours it, so retries take a millisecond
 ADD_TOOL = {
     "type": "function",
     "function": {
@@ -37,110 +28,9 @@ ADD_TOOL = {
 }
 
 
-def completion(
-    content: str | None, tool_calls: list[dict] | None = None, usage: tuple[int, int] = (11, 7)
-) -> dict:
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if tool_calls:
-        message["tool_calls"] = tool_calls
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "gpt-test",
-        "choices": [
-            {"index": 0, "message": message, "finish_reason": "tool_calls" if tool_calls else "stop"}
-        ],
-        "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)},
-    }
-
-
-def chunk(delta: dict | None = None, usage: tuple[int, int] | None = None) -> dict:
-    out: dict[str, Any] = {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "created": 1,
-        "model": "gpt-test",
-        "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": None}],
-    }
-    if usage:
-        out["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)}
-    return out
-
-
-class FakeOpenAI:
-    """Replies from ``script`` in order (the last one repeats) and records each request."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.script: list[tuple[str, Any]] = []
-        self.release = threading.Event()  # set at teardown so hanging handlers end
-        self.app = Starlette(routes=[Route("/v1/chat/completions", self.endpoint, methods=["POST"])])
-
-    async def _hang(self) -> None:
-        while not self.release.is_set():
-            await asyncio.sleep(0.02)
-
-    async def endpoint(self, request: Request) -> Response:
-        body = await request.json()
-        self.requests.append({"body": body, "headers": dict(request.headers)})
-        kind, payload = self.script.pop(0) if len(self.script) > 1 else self.script[0]
-        if kind == "json":
-            return JSONResponse(payload)
-        if kind == "error":
-            status, message = payload
-            return JSONResponse(
-                {"error": {"message": message, "type": "server_error", "code": None}},
-                status,
-                headers=FAST_RETRY,
-            )
-        if kind == "hang":
-            await self._hang()
-            return JSONResponse(completion("too late"))
-        if kind == "sse":
-            chunks, hang_after = payload
-
-            async def events():
-                for item in chunks:
-                    yield f"data: {json.dumps(item)}\n\n"
-                if hang_after:
-                    await self._hang()
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-        raise AssertionError(kind)
-
-
-@pytest.fixture(scope="module")
-def server():
-    fake = FakeOpenAI()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    fake.port = sock.getsockname()[1]
-    uv = uvicorn.Server(
-        uvicorn.Config(fake.app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
-    )
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        assert time.monotonic() < deadline, "fake server did not start"
-        time.sleep(0.01)
-    yield fake
-    fake.release.set()
-    uv.should_exit = True
-    thread.join(10)
-    sock.close()
-
-
 @pytest.fixture
-def fake(server):
-    server.requests.clear()
-    server.script = []
-    server.release.clear()
-    yield server
-    server.release.set()
+def fake(fake_openai: FakeOpenAI) -> FakeOpenAI:
+    return fake_openai
 
 
 async def make_model(fake: FakeOpenAI, **kw: Any) -> OpenAIModel:

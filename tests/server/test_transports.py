@@ -3,6 +3,7 @@ with Origin protection, the bearer token and the open-bind refusal."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
+from tests.fake_openai import completion
 from tests.server.helpers import call, wait_done
 
 pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed")]
@@ -85,27 +87,19 @@ def http_server(tmp_path, workspace) -> Iterator[HttpServer]:
 # -- stdio ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["legacy", "auto"])
-async def test_stdio_subprocess_runs_a_trace_with_progress(tmp_path, workspace, mode):
+def stdio_params(tmp_path: Path, workspace: Path, *extra: str, **env: str) -> StdioServerParameters:
     command, *prefix = console_script()
-    params = StdioServerParameters(
-        command=command, args=[*prefix, *server_args(tmp_path, workspace)], env={**os.environ}
-    )
-    progress: list[str] = []
+    args = [*prefix, *server_args(tmp_path, workspace), *extra]
+    return StdioServerParameters(command=command, args=args, env={**os.environ, **env})
 
-    async def on_progress(value, total, message):
-        progress.append(message)
 
-    async with Client(params, mode=mode) as client:
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_stdio_subprocess_runs_a_trace(tmp_path, workspace, mode):
+    async with Client(stdio_params(tmp_path, workspace), mode=mode) as client:
         names = {t.name for t in (await client.list_tools()).tools}
         assert {"create_trace", "run_trace", "stop_trace", "reflect_trace", "list_running"} <= names
         tid = (await call(client, "create_trace", prompt="Use read_file to read README.md"))["trace_id"]
-        result = await client.call_tool(
-            "get_trace", {"trace_id": tid, "wait_seconds": 30}, progress_callback=on_progress
-        )
-        view = result.structured_content
-        if view["trace"]["status"] == "running":
-            view = await wait_done(client, tid)
+        view = await wait_done(client, tid)
         assert view["trace"]["status"] == "completed"
         assert "The answer is 42." in view["messages"][3]["content"]
         reflection = await call(client, "reflect_trace", trace_id=tid)
@@ -114,26 +108,72 @@ async def test_stdio_subprocess_runs_a_trace_with_progress(tmp_path, workspace, 
         assert resources[:2] == ["experiences://memory", f"trace://{tid}"]
 
 
-async def test_stdio_legacy_subscriber_gets_updates(tmp_path, workspace):
-    command, *prefix = console_script()
-    params = StdioServerParameters(
-        command=command, args=[*prefix, *server_args(tmp_path, workspace)], env={**os.environ}
-    )
-    updates: list[str] = []
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_stdio_get_trace_wait_streams_progress_from_an_openai_compatible_model(
+    tmp_path, workspace, mode, fake_openai
+):
+    """The openai: provider against a fake server on loopback that pauses before its first answer, so
+    the long-poll is already waiting and every later message reaches the client as progress."""
+    read_call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "read_file", "arguments": json.dumps({"path": "README.md"})},
+    }
+    fake_openai.script = [
+        ("slow", (1.0, completion(None, tool_calls=[read_call]))),
+        ("json", completion("The README says the answer is 42.")),
+    ]
+    env = {
+        "OPENAI_BASE_URL": fake_openai.base_url,
+        "OPENAI_API_KEY": "sk-test",
+        "AGENT_TRACE_LLM_STREAM": "0",
+    }
+    progress: list[str] = []
 
+    async def on_progress(value, total, message):
+        progress.append(message)
+
+    params = stdio_params(tmp_path, workspace, "--model", "openai:gpt-test", **env)
+    async with Client(params, mode=mode) as client:
+        tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
+        result = await client.call_tool(
+            "get_trace", {"trace_id": tid, "wait_seconds": 30}, progress_callback=on_progress
+        )
+    view = result.structured_content
+    assert view["trace"]["status"] == "completed"
+    assert view["answer"] == "The README says the answer is 42."
+    assert progress[0] == "assistant called read_file"
+    assert progress[1].startswith("read_file returned: # Demo project")
+    assert progress[2] == "assistant answered: The README says the answer is 42."
+    assert fake_openai.requests[0]["body"]["tools"]  # the provider offered the tools over real HTTP
+
+
+async def assert_legacy_push(client: Client, updates: list[str]) -> None:
+    """Subscribe to a finished trace, run it again, and see resources/updated arrive."""
+    tid = (await call(client, "create_trace", prompt="hello"))["trace_id"]
+    await wait_done(client, tid)
+    await client.session.subscribe_resource(f"trace://{tid}")
+    await call(client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "again"}])
+    await wait_done(client, tid)
+    with anyio.fail_after(10):
+        while f"trace://{tid}" not in updates:
+            await anyio.sleep(0.05)
+
+
+def updated_uris(updates: list[str]):
     async def handler(message):
         if isinstance(message, types.ResourceUpdatedNotification):
             updates.append(str(message.params.uri))
 
-    async with Client(params, mode="legacy", message_handler=handler) as client:
-        tid = (await call(client, "create_trace", prompt="hello"))["trace_id"]
-        await wait_done(client, tid)
-        await client.session.subscribe_resource(f"trace://{tid}")
-        await call(client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "again"}])
-        await wait_done(client, tid)
-        with anyio.fail_after(10):
-            while f"trace://{tid}" not in updates:
-                await anyio.sleep(0.05)
+    return handler
+
+
+async def test_stdio_legacy_subscriber_gets_updates(tmp_path, workspace):
+    updates: list[str] = []
+    async with Client(
+        stdio_params(tmp_path, workspace), mode="legacy", message_handler=updated_uris(updates)
+    ) as c:
+        await assert_legacy_push(c, updates)
 
 
 # -- streamable HTTP --------------------------------------------------------------------------------
@@ -150,20 +190,8 @@ async def test_http_runs_a_trace(http_server, mode):
 
 async def test_http_legacy_subscriber_gets_pushed_updates(http_server):
     updates: list[str] = []
-
-    async def handler(message):
-        if isinstance(message, types.ResourceUpdatedNotification):
-            updates.append(str(message.params.uri))
-
-    async with Client(http_server.url, mode="legacy", message_handler=handler) as client:
-        tid = (await call(client, "create_trace", prompt="hello"))["trace_id"]
-        await wait_done(client, tid)
-        await client.session.subscribe_resource(f"trace://{tid}")
-        await call(client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "again"}])
-        await wait_done(client, tid)
-        with anyio.fail_after(10):
-            while f"trace://{tid}" not in updates:
-                await anyio.sleep(0.05)
+    async with Client(http_server.url, mode="legacy", message_handler=updated_uris(updates)) as client:
+        await assert_legacy_push(client, updates)
 
 
 async def test_http_modern_listener_gets_events(http_server):
@@ -246,3 +274,18 @@ def test_demo_command_exits_0_and_shows_the_trace(tmp_path):
     assert "Trace id:" in out and "read_file" in out and "reflect_trace" in out
     assert "● " in out and "○ " in out  # the tree shows the active path and the other branches
     assert (tmp_path / "demo" / "experiences.md").exists()
+
+
+def test_a_bad_mcp_config_is_a_sentence_at_start_up(tmp_path, workspace):
+    config = tmp_path / "servers.json"
+    config.write_text('{"mcpServers": {"calc": {"args": ["x"]}}}')
+    done = subprocess.run(
+        [*console_script(), *server_args(tmp_path, workspace), "--mcp-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "calc" in done.stderr and "Traceback" not in done.stderr
