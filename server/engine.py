@@ -16,10 +16,10 @@ from anyio.abc import TaskGroup
 from mcp.server.subscriptions import InMemorySubscriptionBus, SubscriptionBus
 
 from agent import AgentRunner, EventBus, RunConfig, Status, SystemPrompt, Trace
-from agent.core.reflection import Reflection, reflect_on_trace
 from agent.core.runner import SystemPromptBuilder
 from agent.experiences import Experiences, format_lessons_block
 from agent.llm.base import Model, resolve_model
+from agent.reflection import Reflection, reflect_on_trace
 from agent.skills import LoadSkillTool, skills_system_prompt
 from agent.tools.files import workspace_tools
 from agent.tools.mcp import McpServers, load_mcp_config

@@ -25,7 +25,7 @@ from agent.experiences import (
     source_line,
 )
 from agent.llm.base import ModelResponse
-from agent.trace.compaction import REFLECTION_PROMPT, reflection_prompt
+from agent.reflection.prompt import REFLECTION_PROMPT, reflection_prompt
 
 TID_A = "3f2a" + "0" * 28
 TID_B = "b" * 32
@@ -222,6 +222,7 @@ anyio.run(main)
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_concurrent_appends_from_tasks_and_processes_never_interleave(tmp_path: Path) -> None:
     path = tmp_path / "experiences.md"
     file = ExperienceFile(path)
@@ -530,6 +531,7 @@ async def test_reflection_appended_during_consolidation_survives(tmp_path: Path)
 
 
 @pytest.mark.anyio
+@pytest.mark.slow
 async def test_rewrites_racing_appends_from_another_process_lose_nothing(tmp_path: Path) -> None:
     """A rewrite replaces the inode; a writer that waited on the old one must retry on the new file."""
     path = tmp_path / "experiences.md"

@@ -39,6 +39,8 @@ async def make_model(fake: FakeOpenAI, **kw: Any) -> OpenAIModel:
     return OpenAIModel("gpt-test", api_key=SECRET, base_url=f"http://127.0.0.1:{fake.port}/v1", **kw)
 
 
+pytestmark = pytest.mark.slow  # real HTTP to the fake provider
+
 USER = [{"role": "user", "content": "hi"}]
 
 

@@ -137,6 +137,7 @@ async def test_bad_cursor_is_a_sentence(store):
         await store.list_traces(cursor="garbage!")
 
 
+@pytest.mark.slow
 def test_a_killed_process_loses_no_committed_message(tmp_path):
     """Every sequence the writer reported as stored survives a SIGKILL, and the trace reads interrupted."""
     import os

@@ -16,7 +16,7 @@ from tests.fakes import ScriptedModel, models_for, reply
 from tests.fakes import call as tool_call
 from tests.server.helpers import call, call_error, wait_done
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 TEST_SERVER = Path(__file__).parent.parent / "agent" / "mcp_test_server.py"
 

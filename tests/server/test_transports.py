@@ -23,7 +23,11 @@ from mcp.client.streamable_http import streamable_http_client
 from tests.fake_openai import completion
 from tests.server.helpers import call, wait_done
 
-pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.anyio,
+    pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed"),
+]
 
 
 def console_script() -> list[str]:

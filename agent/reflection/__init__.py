@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from agent.core.runner import AgentRunner
 from agent.errors import TraceError
 from agent.experiences import Experiences, source_line
-from agent.trace.compaction import reflection_prompt
+from agent.reflection.prompt import reflection_prompt
 
 
 @dataclass

@@ -1,0 +1,41 @@
+"""Every default of the product in one place: settings, engine, providers, tools and docs read these.
+
+Copies drift (the tool timeout once read 60, 120 and 300 in three modules), so nothing else spells a
+default out; a setting's help text and the README quote these names.
+"""
+
+from __future__ import annotations
+
+# -- runs -------------------------------------------------------------------------------------------
+MODEL = "openai:gpt-4o"
+TEMPERATURE = 0.3
+MAX_ITERATIONS = 200
+MAX_ITERATIONS_LIMIT = 10_000
+TOOL_TIMEOUT_SECONDS = 120.0
+MAX_TOOL_RESULT_CHARS = 100_000
+
+# -- model providers --------------------------------------------------------------------------------
+LLM_TIMEOUT_SECONDS = 120.0
+LLM_RETRIES = 2
+ANTHROPIC_MAX_TOKENS = 4096
+
+# -- experiences ------------------------------------------------------------------------------------
+EXPERIENCE_RECALL = 5
+EXPERIENCE_BUDGET = 100
+
+# -- hosts ------------------------------------------------------------------------------------------
+MAX_WAIT_SECONDS = 45.0
+"""The longest a single call blocks unless the server is configured otherwise (hosts time out at 60 s)."""
+PROGRESS_INTERVAL_SECONDS = 10.0
+"""A waiting call sends progress at least this often, so clients that reset their timeout on progress wait on."""
+
+# -- processes --------------------------------------------------------------------------------------
+IDLE_EXIT_SECONDS = 600.0
+LEASE_SECONDS = 20.0
+"""A run's claim lapses this long after its owner last renewed it: then the owner counts as dead."""
+LEASE_RENEW_SECONDS = 5.0
+FEED_POLL_SECONDS = 0.1
+"""How often a process looks for changes other processes stored (a cheap ``PRAGMA data_version`` on SQLite)."""
+
+# -- context ----------------------------------------------------------------------------------------
+CONTEXT_TOKENS = 128_000
