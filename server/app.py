@@ -5,14 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.subscriptions import InMemorySubscriptionBus
 
+from agent.engine import open_engine
 from agent.llm.base import Model, resolve_model
-from server.engine import Engine, open_engine
-from server.notify import subscriptions_middleware
+from server.notify import Notifier, subscriptions_middleware
 from server.resources import register_resources, resource_list_middleware
 from server.settings import Settings
+from server.state import ServerState
 from server.tools import register_tools
 
 VERSION = "0.1.0"
@@ -28,9 +30,12 @@ def build_server(settings: Settings, models: Callable[[str], Model] = resolve_mo
     bus = InMemorySubscriptionBus()  # ours, so background runs can publish to 2026-07-28 listeners
 
     @asynccontextmanager
-    async def lifespan(_: MCPServer) -> AsyncIterator[Engine]:
-        async with open_engine(settings, bus, models) as engine:
-            yield engine
+    async def lifespan(_: MCPServer) -> AsyncIterator[ServerState]:
+        async with open_engine(settings, models) as engine, anyio.create_task_group() as group:
+            notifier = Notifier(bus)
+            await group.start(notifier.pump, engine)
+            yield ServerState(settings, engine, notifier)
+            group.cancel_scope.cancel()
 
     mcp = MCPServer(
         "agent-trace-mcp",

@@ -19,9 +19,13 @@ from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated, Subs
 from mcp.types import INVALID_PARAMS
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from agent.trace.events import EventBus, MessageStored, TraceChanged
+from agent.engine import Engine
+from agent.trace.events import ExperiencesChanged, MessageStored, TraceChanged, TraceDeleted
 
 log = logging.getLogger(__name__)
+
+
+EXPERIENCES_URI = "experiences://memory"
 
 
 def trace_uris(trace_id: str) -> tuple[str, str]:
@@ -73,16 +77,18 @@ class Notifier:
 
     # -- events -> notifications ---------------------------------------------------------------
 
-    async def pump(self, events: EventBus, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+    async def pump(self, engine: Engine, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Forward engine events until cancelled (runs in the server's lifespan task group)."""
-        async with events.subscribe() as stream:
+        async with engine.subscribe() as stream:
             task_status.started()
             async for event in stream:
                 try:
-                    if isinstance(event, TraceChanged) and event.created:
+                    if (isinstance(event, TraceChanged) and event.created) or isinstance(event, TraceDeleted):
                         await self.resources_list_changed()
-                    if isinstance(event, (MessageStored, TraceChanged)):
+                    if isinstance(event, (MessageStored, TraceChanged, TraceDeleted)):
                         await self.resource_updated(*trace_uris(event.trace_id))
+                    elif isinstance(event, ExperiencesChanged):
+                        await self.resource_updated(EXPERIENCES_URI)
                 except Exception:
                     log.exception("could not send a change notification for trace %s", event.trace_id)
 

@@ -13,19 +13,21 @@ from mcp.types import INVALID_PARAMS
 
 from agent import TraceError
 from agent.experiences import ExperienceFile
-from server.engine import Engine
 from server.settings import Settings
+from server.state import state_of
 
 PAGE_SIZE = 50
 
 
 async def _trace_json(ctx: Context, trace_id: str, whole_tree: bool) -> str:
-    engine: Engine = ctx.request_context.lifespan_context
+    state = state_of(ctx.request_context.lifespan_context)
+    assert state is not None
+    engine = state.engine
     try:
-        trace = await engine.store.get_trace(trace_id)
+        trace = await engine.get(trace_id)
     except TraceError as exc:
         raise ResourceNotFoundError(str(exc)) from None
-    messages = await (engine.store.get_tree(trace_id) if whole_tree else engine.store.get_path(trace_id))
+    messages = await (engine.tree(trace_id) if whole_tree else engine.path(trace_id))
     body = {"trace": trace.model_dump(mode="json"), "messages": [m.model_dump(mode="json") for m in messages]}
     return json.dumps(body, ensure_ascii=False)
 
@@ -75,8 +77,8 @@ def _resource(trace: Any) -> dict[str, Any]:
 
 async def resource_list_middleware(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
     """``resources/list``: experiences://memory, then the traces newest first, PAGE_SIZE a page."""
-    engine: Engine | None = ctx.lifespan_context if isinstance(ctx.lifespan_context, Engine) else None
-    if ctx.method != "resources/list" or engine is None:
+    state = state_of(ctx.lifespan_context)
+    if ctx.method != "resources/list" or state is None:
         return await call_next(ctx)
     cursor = (ctx.params or {}).get("cursor")
     # Start from the SDK's own answer so era-specific fields (resultType, cache hints) stay as it sets them.
@@ -88,7 +90,7 @@ async def resource_list_middleware(ctx: ServerRequestContext[Any, Any], call_nex
     )
     static = [] if cursor else list(wire.get("resources", []))
     try:
-        page = await engine.store.list_traces(limit=PAGE_SIZE, cursor=cursor or None)
+        page = await state.engine.list(limit=PAGE_SIZE, cursor=cursor or None)
     except TraceError as exc:
         raise MCPError(code=INVALID_PARAMS, message=str(exc)) from None
     wire["resources"] = static + [_resource(t) for t in page.traces]

@@ -7,6 +7,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from agent import defaults
+from agent.engine import EngineSettings
+
+T = TypeVar("T")
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -18,17 +24,9 @@ def default_data_dir(env: Mapping[str, str]) -> Path:
 
 
 @dataclass
-class Settings:
-    data_dir: Path
-    db: Path
-    experiences: Path
-    model: str = "openai:gpt-4o"
-    mcp_config: Path | None = None
-    skills_dir: Path = Path()
-    workspace: Path = Path()
-    experience_recall: int = 5
-    experience_budget: int = 100
-    tool_timeout: float = 120.0
+class Settings(EngineSettings):
+    """The engine's settings plus how this process serves them."""
+
     transport: str = "stdio"
     host: str = "127.0.0.1"
     port: int = 8765
@@ -60,7 +58,7 @@ OPTIONS: list[tuple[str, str, type, str]] = [
         str,
         "experiences markdown (default <data-dir>/experiences.md)",
     ),
-    ("--model", "AGENT_TRACE_MODEL", str, "default model, 'provider:name' (default openai:gpt-4o)"),
+    ("--model", "AGENT_TRACE_MODEL", str, f"default model, 'provider:name' (default {defaults.MODEL})"),
     ("--mcp-config", "AGENT_TRACE_MCP_CONFIG", str, "JSON file of MCP servers whose tools the agent gets"),
     ("--skills-dir", "AGENT_TRACE_SKILLS", str, "skills folder (default <data-dir>/skills)"),
     (
@@ -73,15 +71,15 @@ OPTIONS: list[tuple[str, str, type, str]] = [
         "--experience-recall",
         "AGENT_TRACE_EXPERIENCE_RECALL",
         int,
-        "lessons recalled into a new trace (default 5; 0 off)",
+        f"lessons recalled into a new trace (default {defaults.EXPERIENCE_RECALL}; 0 off)",
     ),
     (
         "--experience-budget",
         "AGENT_TRACE_EXPERIENCE_BUDGET",
         int,
-        "lessons kept before consolidation (default 100)",
+        f"lessons kept before consolidation (default {defaults.EXPERIENCE_BUDGET})",
     ),
-    ("--tool-timeout", "AGENT_TRACE_TOOL_TIMEOUT", float, "seconds a tool call may take (default 120)"),
+    ("--tool-timeout", "AGENT_TRACE_TOOL_TIMEOUT", float, f"seconds a tool call may take (default {defaults.TOOL_TIMEOUT_SECONDS:g})"),
     ("--auth-token", "AGENT_TRACE_TOKEN", str, "HTTP requires 'Authorization: Bearer <token>'"),
 ]
 
@@ -98,6 +96,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--allowed-host", action="append", default=[], dest="allowed_hosts",
         help="a Host name the HTTP server answers to (repeatable); needed behind a real hostname",
     )  # fmt: skip
+
+
+def _or(value: T | None, default: T) -> T:
+    return default if value is None else value
 
 
 def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
@@ -125,13 +127,13 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
         data_dir=data_dir,
         db=path_or("--db", data_dir / "traces.db"),
         experiences=path_or("--experiences", data_dir / "experiences.md"),
-        model=values["--model"] or "openai:gpt-4o",
+        model=values["--model"] or defaults.MODEL,
         mcp_config=Path(values["--mcp-config"]).expanduser() if values["--mcp-config"] else None,
         skills_dir=path_or("--skills-dir", data_dir / "skills"),
         workspace=path_or("--workspace", Path.cwd()),
-        experience_recall=5 if values["--experience-recall"] is None else values["--experience-recall"],
-        experience_budget=100 if values["--experience-budget"] is None else values["--experience-budget"],
-        tool_timeout=120.0 if values["--tool-timeout"] is None else values["--tool-timeout"],
+        experience_recall=_or(values["--experience-recall"], defaults.EXPERIENCE_RECALL),
+        experience_budget=_or(values["--experience-budget"], defaults.EXPERIENCE_BUDGET),
+        tool_timeout=_or(values["--tool-timeout"], defaults.TOOL_TIMEOUT_SECONDS),
         transport=args.transport,
         host=args.host,
         port=args.port,

@@ -8,7 +8,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
-import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
@@ -16,9 +15,9 @@ from pydantic import BaseModel, Field
 
 from agent import Message, RunConfig, Trace, TraceError
 from agent.core.runner import last_answer
-from agent.trace.events import MessageStored, TraceChanged
+from agent.engine import Engine
 from agent.trace.models import Status
-from server.engine import Engine
+from server.state import state_of
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -80,7 +79,9 @@ class ExperiencesView(BaseModel):
 
 
 def engine_of(ctx: Context) -> Engine:
-    return ctx.request_context.lifespan_context
+    state = state_of(ctx.request_context.lifespan_context)
+    assert state is not None, "the lifespan has not produced the engine"
+    return state.engine
 
 
 def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -176,7 +177,7 @@ def register_tools(mcp: MCPServer) -> None:
             recall=recall,
             reflect=reflect,
         )
-        trace = await engine_of(ctx).start(all_messages, config)
+        trace = await engine_of(ctx).create(all_messages, config)
         return Started(trace_id=trace.trace_id, message=started_message(trace, "started"))
 
     @mcp.tool(title="Run trace", annotations=ACTS)
@@ -194,20 +195,15 @@ def register_tools(mcp: MCPServer) -> None:
         ] = None,
     ) -> Started:
         """Continue, rewind or regenerate a finished trace; returns at once while the run goes on."""
-        trace = await engine_of(ctx).start(
-            messages or [], RunConfig(trace_id=trace_id, insert_after=insert_after)
-        )
+        trace = await engine_of(ctx).continue_(trace_id, messages or [], RunConfig(insert_after=insert_after))
         return Started(trace_id=trace.trace_id, message=started_message(trace, "is running again"))
 
     @mcp.tool(title="Stop trace", annotations=STOPS)
     @tool_errors
     async def stop_trace(ctx: Context, trace_id: TraceId) -> Stopping:
         """Stop a running trace promptly (a model call in flight included); it ends with status 'stopped'."""
-        engine = engine_of(ctx)
-        if engine.runner.stop(trace_id):
-            return Stopping(trace_id=trace_id, status="stopping")
-        await engine.store.get_trace(trace_id)  # unknown trace: a tool error, not "not_running"
-        return Stopping(trace_id=trace_id, status="not_running")
+        stopping = await engine_of(ctx).stop(trace_id)  # unknown trace: a tool error, not "not_running"
+        return Stopping(trace_id=trace_id, status="stopping" if stopping else "not_running")
 
     @mcp.tool(title="Reflect on trace", annotations=ACTS)
     @tool_errors
@@ -226,7 +222,7 @@ def register_tools(mcp: MCPServer) -> None:
     @mcp.tool(title="List running traces", annotations=READ_ONLY)
     async def list_running(ctx: Context) -> Running:
         """The ids of the traces running now."""
-        return Running(running=engine_of(ctx).runner.running())
+        return Running(running=await engine_of(ctx).running())
 
     @mcp.tool(title="Get trace", annotations=READ_ONLY)
     @tool_errors
@@ -248,11 +244,8 @@ def register_tools(mcp: MCPServer) -> None:
         """The trace, its active-path messages and its last answer; with wait_seconds, a long-poll that returns
         as soon as the trace is not running, sending a progress notification per stored message meanwhile."""
         engine = engine_of(ctx)
-        await engine.store.get_trace(trace_id)
-        if wait_seconds > 0 and engine.runner.is_running(trace_id):
-            await wait_with_progress(engine, ctx, trace_id, wait_seconds)
-        trace = await engine.store.get_trace(trace_id)
-        path = await engine.store.get_path(trace_id)
+        trace = await wait_with_progress(engine, ctx, trace_id, wait_seconds)
+        path = await engine.path(trace_id)
         shown = [m for m in path if after_sequence is None or m.sequence > after_sequence]
         return TraceView(trace=trace, messages=shown, answer=last_answer(path))
 
@@ -266,7 +259,7 @@ def register_tools(mcp: MCPServer) -> None:
         cursor: Annotated[str | None, Field(description="next_cursor from the previous page")] = None,
     ) -> TraceList:
         """Traces, newest first, a page at a time."""
-        page = await engine_of(ctx).store.list_traces(
+        page = await engine_of(ctx).list(
             status=status.value if status else None, uid=uid, limit=limit, cursor=cursor
         )
         return TraceList(traces=page.traces, next_cursor=page.next_cursor)
@@ -281,13 +274,13 @@ def register_tools(mcp: MCPServer) -> None:
         limit: Annotated[int, Field(ge=1, le=100, description="Most lessons returned for a query")] = 10,
     ) -> ExperiencesView:
         """The experiences markdown file (reflections as lessons); with query, the ranked lessons too."""
-        experiences = engine_of(ctx).experiences
+        engine = engine_of(ctx)
         lessons = None
         if query:
-            found = await experiences.recall(query, limit)
+            found = await engine.recall(query, limit)
             lessons = [LessonView(text=l.text, heading=l.heading, trace_id=l.trace_id) for l in found]
         return ExperiencesView(
-            content=await experiences.read_text(), path=str(experiences.path), lessons=lessons
+            content=await engine.experiences_text(), path=str(engine.experiences.path), lessons=lessons
         )
 
     @mcp.tool(title="Consolidate experiences", annotations=ACTS)
@@ -299,10 +292,7 @@ def register_tools(mcp: MCPServer) -> None:
         ] = None,
     ) -> dict[str, Any]:
         """Merge duplicate lessons and drop contradicted ones now, keeping a dated backup of the file."""
-        engine = engine_of(ctx)
-        result = await engine.experiences.consolidate(
-            engine.runner.model(model), engine.settings.experience_budget, force=True
-        )
+        result = await engine_of(ctx).consolidate(model)
         return result.model_dump(mode="json")
 
 
@@ -321,20 +311,14 @@ def describe(message: Message, tool_names: dict[str, str]) -> str:
     return f"{message.role}: {short}"
 
 
-async def wait_with_progress(engine: Engine, ctx: Context, trace_id: str, wait_seconds: float) -> None:
+async def wait_with_progress(engine: Engine, ctx: Context, trace_id: str, wait_seconds: float) -> Trace:
+    """Wait for the trace to stop running, reporting each message stored meanwhile as progress."""
     tool_names: dict[str, str] = {}
-    for message in await engine.store.get_path(trace_id):  # name the results of calls made before we listened
-        describe(message, tool_names)
-    async with engine.events.subscribe() as events:
-        if not engine.runner.is_running(trace_id):  # it ended before we listened
-            return
-        with anyio.move_on_after(wait_seconds):
-            async for event in events:
-                if event.trace_id != trace_id:
-                    continue
-                if isinstance(event, MessageStored):
-                    await ctx.report_progress(
-                        event.message.sequence, None, describe(event.message, tool_names)
-                    )
-                elif isinstance(event, TraceChanged) and event.trace.status is not Status.RUNNING:
-                    return
+    if wait_seconds > 0:
+        for message in await engine.path(trace_id):  # name the results of calls made before we listened
+            describe(message, tool_names)
+
+    async def progress(message: Message) -> None:
+        await ctx.report_progress(message.sequence, None, describe(message, tool_names))
+
+    return await engine.wait(trace_id, wait_seconds, progress)

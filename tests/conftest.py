@@ -28,6 +28,14 @@ def no_sqlite_thread_left_behind():
     assert not left, f"{len(left)} SQLite connection thread(s) left open by this test"
 
 
+@pytest.fixture(params=__import__("tests.store_backends", fromlist=["BACKENDS"]).BACKENDS)
+def store_url(request, tmp_path) -> str:
+    """Where a contract test's store lives, once per backend."""
+    from tests.store_backends import store_url_for
+
+    return store_url_for(request.param, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def openai_server():
     """One fake OpenAI-compatible server per test module (see tests/fake_openai.py)."""

@@ -43,9 +43,24 @@ class ScriptedModel:
     calls: list[dict[str, Any]] = field(default_factory=list)
 
     async def complete(
-        self, messages: list[dict], tools: list[dict], *, temperature: float, on_text: TextSink | None = None
+        self,
+        messages: list[dict],
+        tools: list[dict],
+        *,
+        temperature: float,
+        on_text: TextSink | None = None,
+        tool_choice: str = "auto",
+        response_schema: dict[str, Any] | None = None,
     ) -> ModelResponse:
-        self.calls.append({"messages": messages, "tools": tools, "temperature": temperature})
+        self.calls.append(
+            {
+                "messages": messages,
+                "tools": tools,
+                "temperature": temperature,
+                "tool_choice": tool_choice,
+                "response_schema": response_schema,
+            }
+        )
         step = self.steps[min(len(self.calls) - 1, len(self.steps) - 1)]
         if self.delay:
             await anyio.sleep(self.delay)

@@ -1,7 +1,13 @@
-"""AgentRunner and RunConfig: the tool-calling loop over a stored trace, with continue, rewind, stop.
+"""AgentRunner: validates run requests, claims traces in the store, and runs them under a supervisor.
 
-Every message is committed before anyone hears of it; a stop cancels the model or tool call in flight and
-closes open tool calls so the stored conversation stays valid to send to a model again.
+A request is checked completely before anything is written (a refused run changes nothing); then one
+shielded step claims the trace and stores its new messages in a single transaction and hands the run to
+the supervisor, so a cancelled request never leaves a trace marked running with nothing running it.
+``start`` (background), ``run`` (in the caller's task), ``run_result`` and ``run_side_branch`` are thin
+adapters over one drain of ``Run.steps`` (``agent.core.run``), which publishes every event it yields.
+No run's failure ever reaches the task group it shares: the supervisor logs it and ends the trace
+``failed``. The in-memory table of runs is only the local stop handle; who runs a trace is the store's
+business (``claim``), so any number of processes may share one database.
 """
 
 from __future__ import annotations
@@ -9,30 +15,32 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import anyio
 from anyio.abc import TaskGroup
 from pydantic import BaseModel, Field
 
+from agent import defaults
 from agent.core.messages import check_placement, open_tool_calls, parse_messages
 from agent.core.rewind import cut_point
-from agent.errors import InvalidMessages, ModelCallError, SequenceError, ToolCallError, TraceRunning
-from agent.llm.base import Model, ModelResponse, resolve_model
-from agent.tools.registry import Tool, ToolRegistry, openai_tool_schema
-from agent.trace.events import EventBus, MessageStored, TraceChanged
-from agent.trace.models import Message, NewMessage, Status, StopReason, ToolCall, Trace, TraceConfig
-from agent.trace.store import TraceStore
+from agent.core.run import UNFINISHED_TOOL_RESULT, Reflector, Run, Segment
+from agent.errors import InvalidMessages, ModelCallError, SequenceError, TraceRunning
+from agent.llm.base import Model, resolve_model
+from agent.tools.registry import ToolRegistry, openai_tool_schema
+from agent.trace.events import EventBus, MessageStored, TraceChanged, TraceEvent
+from agent.trace.feed import ChangeFeed, Recent
+from agent.trace.models import Message, NewMessage, Status, StopReason, Trace, TraceConfig
+from agent.trace.store import ClaimLost, TraceStore, new_token
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "openai:gpt-4o"
 DEFAULT_SYSTEM_PROMPT = "You are a capable agent. Use the tools offered when they help, and answer concisely."
-CANCELLED_TOOL_RESULT = "Cancelled: the trace was stopped before this tool call finished."
-UNFINISHED_TOOL_RESULT = "Not run: the previous run ended before this tool call finished."
-MAX_TOOL_RESULT_CHARS = 100_000
+HANDOVER_WAIT_SECONDS = defaults.MAX_WAIT_SECONDS
+"""How long a request waits for another process to release a trace it is reflecting on."""
 
 
 class RunConfig(BaseModel):
@@ -42,7 +50,7 @@ class RunConfig(BaseModel):
         None, description="'provider:name', e.g. 'openai:gpt-4o', 'anthropic:…', 'offline'"
     )
     temperature: float | None = Field(None, ge=0, le=2)
-    max_iterations: int | None = Field(None, ge=1, le=10_000)
+    max_iterations: int | None = Field(None, ge=1, le=defaults.MAX_ITERATIONS_LIMIT)
     system_prompt: str | None = None
     tools: list[str] | None = None
     name: str | None = None
@@ -86,52 +94,14 @@ def last_answer(messages: Sequence[Message]) -> str | None:
 
 
 @dataclass
-class _ActiveRun:
-    """A trace being run: the handle ``stop`` reaches, and the scope of the call in flight."""
+class _Request:
+    """A validated run request: everything ``_commit`` writes, nothing written yet."""
 
-    trace_id: str
-    stop_requested: bool = False
-    scope: anyio.CancelScope | None = None
-    done: anyio.Event = field(default_factory=anyio.Event)
-
-    def stop(self) -> None:
-        self.stop_requested = True
-        if self.scope is not None:
-            self.scope.cancel()
-
-    @contextmanager
-    def guard(self):
-        """Run one model or tool step so that ``stop`` cancels it."""
-        with anyio.CancelScope() as scope:
-            self.scope = scope
-            if self.stop_requested:
-                scope.cancel()
-            try:
-                yield scope
-            finally:
-                self.scope = None
-
-
-@dataclass
-class _Plan:
-    """Everything a validated run needs; built before the loop starts."""
-
-    trace: Trace
-    model: Model
-    tools: list[Tool]
-    context: list[Message]
-    active: _ActiveRun
-    max_iterations: int
-    restore: Trace | None = None  # set for side-branch runs: the head and status to put back
-    outcome: tuple[Status, StopReason, str | None] | None = None  # how this run itself ended
-    wire: dict[int, dict[str, Any]] = field(default_factory=dict)  # OpenAI form of each message, by sequence
-
-    def model_messages(self) -> list[dict[str, Any]]:
-        """The active path as the model receives it (each message converted once per run)."""
-        for message in self.context:
-            if message.sequence not in self.wire:
-                self.wire[message.sequence] = message.to_openai()
-        return [self.wire[m.sequence] for m in self.context]
+    segment: Segment
+    new: Trace | None = None  # a new trace, created with ``messages``
+    head: int | None = None  # an existing trace: where the new messages go
+    messages: list[NewMessage] = field(default_factory=list)
+    behind: Run | None = None  # a local run reflecting on the trace: queue behind it
 
 
 class AgentRunner:
@@ -142,41 +112,103 @@ class AgentRunner:
         tools: ToolRegistry | None = None,
         events: EventBus | None = None,
         models: Callable[[str], Model] = resolve_model,
-        default_model: str = DEFAULT_MODEL,
+        default_model: str = defaults.MODEL,
         system_prompt: SystemPromptBuilder = default_system_prompt,
-        tool_timeout: float | None = 300.0,
+        tool_timeout: float | None = defaults.TOOL_TIMEOUT_SECONDS,
+        reflector: Reflector | None = None,
     ):
         self.store = store
         self.tools = tools if tools is not None else ToolRegistry()
         self.events = events if events is not None else EventBus()
         self.default_model = default_model
+        self.reflector = reflector
         self._models = models
         self._model_cache: dict[str, Model] = {}
         self._system_prompt = system_prompt
         self._tool_timeout = tool_timeout
-        self._active: dict[str, _ActiveRun] = {}
+        self._active: dict[str, Run] = {}
+        self._own_tokens = Recent()
+        self._own_messages = Recent()
+        self._group: TaskGroup | None = None
+        self._entered: TaskGroup | None = None
 
-    # -- public API -----------------------------------------------------------------------------
+    # -- lifecycle: the supervisor's task group, the lease keeper and the change feed ---------------
+
+    async def __aenter__(self) -> Self:
+        group = anyio.create_task_group()
+        await group.__aenter__()
+        self._entered = group
+        feed = ChangeFeed(self.store, self.events, on_stop=self._stop_asked)
+        feed.own_tokens, feed.own_messages = self._own_tokens, self._own_messages
+        await group.start(feed.run)
+        group.start_soon(self._keep_leases, name="lease keeper")
+        self._group = group
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        """Runs still going are cancelled: each ends ``interrupted`` (written under a shield)."""
+        group, self._group, self._entered = self._entered, None, None
+        assert group is not None
+        group.cancel_scope.cancel()
+        return await group.__aexit__(exc_type, exc, tb)
+
+    async def _keep_leases(self) -> None:
+        """Renew this process's claims; runs whose claim was taken stop; orphaned claims are let go."""
+        while True:
+            await anyio.sleep(defaults.LEASE_RENEW_SECONDS)
+            try:
+                before = dict(self._active)
+                held = await self.store.renew()
+                for trace_id, run in before.items():
+                    if held.get(trace_id) != run.token and self._active.get(trace_id) is run:
+                        log.warning("trace %s: another process took over its claim; stopping here", trace_id)
+                        run.lose_claim()
+                for trace_id, token in held.items():
+                    run = self._active.get(trace_id)
+                    if run is None or run.token != token:
+                        await self._let_go(trace_id, token)
+                await self.store.sweep()
+            except Exception:
+                log.exception("renewing run leases failed; retrying")
+
+    async def _let_go(self, trace_id: str, token: str) -> None:
+        """A claim this process holds with no run behind it (its final write failed): end it."""
+        trace = await self.store.get_trace(trace_id)
+        if trace.status is Status.RUNNING:
+            await self.store.finish(
+                trace_id, token, status=Status.INTERRUPTED, stop_reason=StopReason.INTERRUPTED, error=None
+            )
+        else:
+            await self.store.release(trace_id, token)
+
+    # -- local handles ------------------------------------------------------------------------------
 
     def running(self) -> list[str]:
-        return list(self._active)
+        """The traces this process is running now (the store knows those of every process)."""
+        return [tid for tid, run in self._active.items() if run.state in ("claimed", "running")]
 
     def is_running(self, trace_id: str) -> bool:
-        return trace_id in self._active
+        return trace_id in self.running()
 
     def stop(self, trace_id: str) -> bool:
-        """Ask a running trace to stop; returns False when it was not running."""
-        active = self._active.get(trace_id)
-        if active is None:
+        """Stop a run of this process; False when this process is not running the trace."""
+        run = self._active.get(trace_id)
+        if run is None or (run.state in ("finishing", "reflecting", "done") and run.queued is None):
             return False
-        active.stop()
+        run.stop()
         return True
 
+    def _stop_asked(self, trace_id: str) -> None:
+        """Another process asked (through the store) to stop a trace: act if it is ours."""
+        self.stop(trace_id)
+
     async def wait(self, trace_id: str) -> None:
-        """Return when the trace is not running (at once if it is not)."""
-        active = self._active.get(trace_id)
-        if active is not None:
-            await active.done.wait()
+        """Return when this process's run of the trace has ended (at once if there is none)."""
+        run = self._active.get(trace_id)
+        if run is not None:
+            await run.done.wait()
 
     def model(self, spec: str | None = None) -> Model:
         """The Model for a spec (cached), raising ModelConfigError at once when it cannot be used."""
@@ -185,116 +217,172 @@ class AgentRunner:
             self._model_cache[spec] = self._models(spec)
         return self._model_cache[spec]
 
+    # -- adapters over one drain ----------------------------------------------------------------------
+
     async def start(
-        self,
-        messages: Sequence[Any],
-        config: RunConfig,
-        task_group: TaskGroup,
-        after: Callable[[Trace], Awaitable[None]] | None = None,
+        self, messages: Sequence[Any], config: RunConfig, task_group: TaskGroup | None = None
     ) -> Trace:
-        """Validate and store, then run in ``task_group``; returns the stored trace at once.
+        """Validate and store, then run in the background; returns the stored trace at once."""
+        group = task_group or self._group
+        if group is None:
+            raise RuntimeError("AgentRunner.start needs a task group: pass one, or use 'async with runner'.")
+        request = await self._prepare(messages, config)
+        with anyio.CancelScope(shield=True):  # once written, the run must be handed over, cancelled or not
+            run = await self._commit(request)
+            if run is not None:
+                group.start_soon(self._supervise, run, name=f"trace {run.trace_id}")
+        return request.segment.trace
 
-        ``after`` is awaited with the final trace when the run has ended (e.g. to reflect on it).
-        """
-        plan = await self._prepare(messages, config)
-
-        async def drive() -> None:
-            final = plan.trace
-            async with aclosing(self._loop(plan)) as steps:
-                async for item in steps:
-                    if isinstance(item, Trace):
-                        final = item
-            if after is not None:
-                try:
-                    await after(final)
-                except Exception:
-                    log.exception("after-run hook failed for trace %s", final.trace_id)
-
-        task_group.start_soon(drive, name=f"trace {plan.trace.trace_id}")
-        return plan.trace
-
-    async def run(self, messages: Sequence[Any], config: RunConfig) -> AsyncIterator[Trace | Message]:
-        """Run in the caller's task: yields the stored Trace, each message as stored, then the final Trace."""
-        plan = await self._prepare(messages, config)
-        looping = False
+    async def run(self, messages: Sequence[Any], config: RunConfig) -> AsyncIterator[TraceEvent]:
+        """Run in the caller's task: yields the claimed trace, then every event of the run as stored."""
+        request = await self._prepare(messages, config)
+        with anyio.CancelScope(shield=True):
+            run = await self._commit(request)
+        if run is None:  # queued behind a reflection: follow that run instead
+            behind = request.behind
+            assert behind is not None
+            await behind.done.wait()
+            yield TraceChanged(await self.store.get_trace(behind.trace_id))
+            return
+        started = False
         try:
-            yield plan.trace
-            looping = True
-            async with aclosing(self._loop(plan)) as steps:
-                async for item in steps:
-                    yield item
+            yield TraceChanged(run.segment.trace)
+            started = True
+            async with aclosing(self._drain(run)) as events:
+                async for event in events:
+                    yield event
         finally:
-            if not looping:  # the caller walked away before the loop began
+            if not started:  # the caller walked away before the loop began
                 with anyio.CancelScope(shield=True):
-                    await self._finish(plan, Status.STOPPED, StopReason.STOPPED, None)
+                    await self._abandon(run)
+            self._forget(run)
 
     async def run_result(self, messages: Sequence[Any], config: RunConfig) -> RunResult:
         """Run to the end and return the final trace with the messages this run stored."""
         trace: Trace | None = None
         stored: list[Message] = []
-        async with aclosing(self.run(messages, config)) as steps:
-            async for item in steps:
-                if isinstance(item, Trace):
-                    trace = item
-                else:
-                    stored.append(item)
+        error: str | None = None
+        async with aclosing(self.run(messages, config)) as events:
+            async for event in events:
+                if isinstance(event, TraceChanged):
+                    trace = event.trace
+                    error = trace.error
+                elif isinstance(event, MessageStored) and not event.message.side:
+                    stored.append(event.message)
         assert trace is not None
-        return RunResult(trace=trace, messages=stored)
+        return RunResult(trace=trace, messages=stored, error=error)
 
-    async def run_side_branch(self, trace_id: str, prompt: str, *, max_iterations: int = 1) -> RunResult:
-        """Ask the trace's model one more question on a branch off the head, then put the head and status back.
+    async def run_side_branch(
+        self,
+        trace_id: str,
+        prompt: str,
+        *,
+        head: int | None = None,
+        action: str = "reflect on",
+        publish: bool = True,
+    ) -> RunResult:
+        """Ask the trace's model one more question on a branch off ``head`` (default: the head).
 
-        Used for reflection: the main path is untouched, the branch stays stored in the tree.
+        The branch's messages never move the head or the status (a crash cannot leave the trace on it);
+        the trace's tools are sent with their use forbidden, so providers accept the tool calls in the
+        history. Refused while the trace runs (unless ``head`` is given by the run itself, which then
+        yields the branch's events itself: ``publish=False``).
         """
-        plan = await self._prepare(
-            [{"role": "user", "content": prompt}],
-            RunConfig(trace_id=trace_id),
-            side=True,
-            action="reflect on",
+        trace = await self.store.get_trace(trace_id)
+        if head is None:
+            if trace.status is Status.RUNNING:
+                raise TraceRunning(trace_id, action)
+            head = trace.head_sequence
+        path = await self.store.get_path(trace_id, head) if head is not None else []
+        model = self.model(trace.model)
+        tools = self.tools.select(trace.config.tools)
+        question = await self.store.append(
+            trace_id, NewMessage(role="user", content=prompt), head, token=None, side=True
         )
-        plan.tools = []
-        plan.max_iterations = max_iterations
-        stored: list[Message] = []
-        final = plan.trace
-        async with aclosing(self._loop(plan)) as steps:
-            async for item in steps:
-                if isinstance(item, Trace):
-                    final = item
-                else:
-                    stored.append(item)
-        error = plan.outcome[2] if plan.outcome else None
-        if plan.outcome and plan.outcome[0] is Status.STOPPED:
-            error = f"The run on trace '{trace_id}' was stopped before it answered."
-        return RunResult(trace=final, messages=stored, error=error)
+        if publish:
+            self._published(MessageStored(trace_id, question))
+        stored = [question]
+        error = None
+        try:
+            response = await model.complete(
+                [m.to_openai() for m in [*path, question]],
+                [openai_tool_schema(t) for t in tools],
+                temperature=trace.config.temperature,
+                tool_choice="none",
+            )
+        except ModelCallError as exc:
+            error = str(exc)
+        else:
+            if response.content:
+                answer = NewMessage(role="assistant", content=response.content, usage=response.usage)
+                saved = await self.store.append(trace_id, answer, question.sequence, token=None, side=True)
+                if publish:
+                    self._published(MessageStored(trace_id, saved))
+                stored.append(saved)
+            else:
+                error = "the model gave an empty answer"
+        return RunResult(trace=await self.store.get_trace(trace_id), messages=stored, error=error)
 
-    # -- preparing a run ------------------------------------------------------------------------
+    async def _drain(self, run: Run) -> AsyncIterator[TraceEvent]:
+        """The one loop every adapter runs: each event the run stores is published, then yielded."""
+        async with aclosing(run.steps()) as steps:
+            async for event in steps:
+                self._published(event)
+                yield event
 
-    def _claim(self, trace_id: str, action: str = "run") -> _ActiveRun:
-        if trace_id in self._active:
-            raise TraceRunning(trace_id, action)
-        active = self._active[trace_id] = _ActiveRun(trace_id)
-        return active
+    async def _supervise(self, run: Run) -> None:
+        """Drive a background run; its failure is logged and ends the trace, never the task group."""
+        try:
+            async with aclosing(self._drain(run)) as events:
+                async for _ in events:
+                    pass
+        except Exception:
+            log.exception("the run of trace %s failed outside its loop", run.trace_id)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                try:
+                    failed = await self.store.finish(
+                        run.trace_id,
+                        run.token,
+                        status=Status.FAILED,
+                        stop_reason=StopReason.ERROR,
+                        error="The run failed with an internal error; the server log has the details.",
+                    )
+                    self._published(TraceChanged(failed))
+                except Exception:
+                    log.exception("could not record the failure of trace %s", run.trace_id)
+        finally:
+            self._forget(run)
 
-    def _release(self, active: _ActiveRun) -> None:
-        if self._active.get(active.trace_id) is active:
-            del self._active[active.trace_id]
-        active.done.set()
+    def _published(self, event: TraceEvent) -> None:
+        if isinstance(event, MessageStored):
+            self._own_messages.add((event.trace_id, event.message.sequence))
+        self.events.publish(event)
 
-    async def _prepare(
-        self, raw_messages: Sequence[Any], config: RunConfig, *, side: bool = False, action: str = "run"
-    ) -> _Plan:
-        """Check everything, then store: a refused run changes nothing."""
+    def _forget(self, run: Run) -> None:
+        if self._active.get(run.trace_id) is run:
+            del self._active[run.trace_id]
+        run.done.set()
+
+    async def _abandon(self, run: Run) -> None:
+        """End a claimed run that never started (its caller walked away): stopped, claim released."""
+        try:
+            final = await self.store.finish(
+                run.trace_id, run.token, status=Status.STOPPED, stop_reason=StopReason.STOPPED, error=None
+            )
+            self._published(TraceChanged(final))
+        except ClaimLost:
+            pass
+
+    # -- preparing and committing a run -----------------------------------------------------------------
+
+    async def _prepare(self, raw_messages: Sequence[Any], config: RunConfig, action: str = "run") -> _Request:
+        """Check everything; write nothing (a refused run changes nothing)."""
         messages = parse_messages(raw_messages)
         if config.trace_id is None:
             return await self._prepare_new(messages, config)
-        active = self._claim(config.trace_id, action)
-        try:
-            return await self._prepare_existing(messages, config, active, side)
-        except BaseException:
-            self._release(active)
-            raise
+        return await self._prepare_existing(messages, config, action)
 
-    async def _prepare_new(self, messages: list[NewMessage], config: RunConfig) -> _Plan:
+    async def _prepare_new(self, messages: list[NewMessage], config: RunConfig) -> _Request:
         if not messages:
             raise InvalidMessages("A new trace needs at least one message (or a prompt).")
         if config.insert_after is not None:
@@ -306,8 +394,8 @@ class AgentRunner:
         self.tools.check_whitelist(config.tools)
         check_placement([], messages)
         trace_config = TraceConfig(
-            temperature=0.3 if config.temperature is None else config.temperature,
-            max_iterations=config.max_iterations or 200,
+            temperature=defaults.TEMPERATURE if config.temperature is None else config.temperature,
+            max_iterations=config.max_iterations or defaults.MAX_ITERATIONS,
             system_prompt=config.system_prompt,
             tools=config.tools,
             recall=config.recall,
@@ -330,241 +418,112 @@ class AgentRunner:
             config=trace_config,
             lessons=lessons,
         )
-        active = self._claim(trace.trace_id)
-        try:
-            await self.store.create_trace(trace)
-            self.events.publish(TraceChanged(trace, created=True))
-            context: list[Message] = []
-            parent = None
-            for message in messages:
-                stored = await self._append(trace.trace_id, message, parent)
-                context.append(stored)
-                parent = stored.sequence
-            trace = await self.store.get_trace(trace.trace_id)
-        except BaseException:
-            self._release(active)
-            raise
-        return _Plan(
-            trace, model, self.tools.select(config.tools), context, active, trace_config.max_iterations
+        segment = Segment(
+            trace, model, self.tools.select(config.tools), [], trace_config.max_iterations, trace_config.reflect
         )
+        return _Request(segment, new=trace, messages=messages)
 
-    async def _prepare_existing(
-        self, messages: list[NewMessage], config: RunConfig, active: _ActiveRun, side: bool
-    ) -> _Plan:
+    async def _prepare_existing(self, messages: list[NewMessage], config: RunConfig, action: str) -> _Request:
         trace_id = config.trace_id
         assert trace_id is not None
         trace = await self.store.get_trace(trace_id)
-        parent = trace.head_sequence
+        behind = await self._local_run_to_queue_behind(trace_id, action)
+        head = trace.head_sequence
         if config.insert_after is not None:
-            parent = await cut_point(self.store, trace, config.insert_after)
-        context = await self.store.get_path(trace_id, parent) if parent is not None else []
+            head = await cut_point(self.store, trace, config.insert_after)
+        context = await self.store.get_path(trace_id, head) if head is not None else []
         model = self.model(config.model or trace.model)
         if config.tools is not None:
             self.tools.check_whitelist(config.tools)
         check_placement(context, messages)
-
-        trace_config = trace.config.model_copy(
-            update={
-                k: v
-                for k, v in {
-                    "temperature": config.temperature,
-                    "max_iterations": config.max_iterations,
-                    "tools": config.tools,
-                }.items()
-                if v is not None
-            }
-        )
-        restore = trace if side else None
-        trace = await self.store.update_trace(
-            trace_id,
-            status=Status.RUNNING,
-            stop_reason=None,
-            error=None,
-            head_sequence=parent,
-            config=trace_config,
-            model=model.name if config.model else trace.model,
-        )
-        self.events.publish(TraceChanged(trace))
         if messages and open_tool_calls(context) and messages[0].role != "tool":
-            context += await self._close_open_calls(trace_id, context, UNFINISHED_TOOL_RESULT)
-        for message in messages:
-            stored = await self._append(trace_id, message, context[-1].sequence if context else None)
-            context.append(stored)
-        trace = await self.store.get_trace(trace_id)
-        return _Plan(
+            closing = [
+                NewMessage(role="tool", tool_call_id=call_id, content=UNFINISHED_TOOL_RESULT)
+                for call_id in open_tool_calls(context)
+            ]
+            messages = closing + messages
+        changes = {
+            "temperature": config.temperature,
+            "max_iterations": config.max_iterations,
+            "tools": config.tools,
+        }
+        trace_config = trace.config.model_copy(update={k: v for k, v in changes.items() if v is not None})
+        trace = trace.model_copy(update={"config": trace_config, "model": model.name if config.model else trace.model})
+        segment = Segment(
             trace,
             model,
             self.tools.select(trace_config.tools),
             context,
-            active,
             trace_config.max_iterations,
-            restore,
+            trace_config.reflect,
         )
+        return _Request(segment, head=head, messages=messages, behind=behind)
 
-    # -- the loop -------------------------------------------------------------------------------
+    async def _local_run_to_queue_behind(self, trace_id: str, action: str) -> Run | None:
+        """A local run that has answered and is reflecting: a continuation waits behind it, not refused."""
+        run = self._active.get(trace_id)
+        if run is None:
+            return None
+        if run.state in ("claimed", "running") or run.queued is not None:
+            raise TraceRunning(trace_id, action)
+        await run.finished.wait()
+        if run.state == "reflecting" and run.holding:
+            return run
+        await run.done.wait()
+        return None
 
-    async def _append(self, trace_id: str, message: NewMessage, parent: int | None) -> Message:
-        stored = await self.store.append_message(trace_id, message, parent)
-        self.events.publish(MessageStored(trace_id, stored))
-        return stored
+    async def _commit(self, request: _Request) -> Run | None:
+        """Write the request (one transaction) and register its run; None when queued behind a reflection."""
+        segment = request.segment
+        if request.new is not None:
+            token = new_token()
+            self._own_tokens.add(token)
+            trace, stored = await self.store.create(request.new, request.messages, token)
+            segment.trace, segment.context = trace, stored
+            self._published(TraceChanged(trace, created=True))
+        else:
+            behind = request.behind
+            token = behind.token if behind is not None else new_token()
+            self._own_tokens.add(token)
+            trace, stored = await self._claim(segment, token, request)
+            segment.trace = trace
+            segment.context = [*segment.context, *stored]
+            self._published(TraceChanged(trace))
+            if behind is not None:
+                behind.queued = segment
+                for message in stored:
+                    self._published(MessageStored(trace.trace_id, message))
+                return None
+        for message in stored:
+            self._published(MessageStored(trace.trace_id, message))
+        run = Run(self.store, self.tools, token, segment, tool_timeout=self._tool_timeout, reflector=self.reflector)
+        self._active[trace.trace_id] = run
+        return run
 
-    async def _close_open_calls(self, trace_id: str, context: list[Message], text: str) -> list[Message]:
-        closed = []
-        for call_id in open_tool_calls(context + closed):
-            tool_message = NewMessage(role="tool", tool_call_id=call_id, content=text)
-            closed.append(await self._append(trace_id, tool_message, (context + closed)[-1].sequence))
-        return closed
-
-    async def _loop(self, plan: _Plan) -> AsyncIterator[Trace | Message]:
-        trace_id = plan.trace.trace_id
-        active = plan.active
-        status, stop_reason, error = Status.COMPLETED, StopReason.END_TURN, None
-        try:
-            iterations = 0
+    async def _claim(self, segment: Segment, token: str, request: _Request) -> tuple[Trace, list[Message]]:
+        """Claim in the store; a trace another process is reflecting on is waited for, briefly."""
+        trace = segment.trace
+        with anyio.move_on_after(HANDOVER_WAIT_SECONDS):
             while True:
-                pending = self._pending_calls(plan.context)
-                if pending:
-                    for stored in await self._run_tool_calls(plan, pending):
-                        yield stored
-                if active.stop_requested:
-                    break
-                if iterations >= plan.max_iterations:
-                    stop_reason = StopReason.MAX_ITERATIONS
-                    break
-                response = await self._call_model(plan)
-                iterations += 1
-                if response is not None:
-                    assistant = NewMessage(
-                        role="assistant",
-                        content=response.content,
-                        tool_calls=response.tool_calls or None,
-                        usage=response.usage,
+                try:
+                    return await self.store.claim(
+                        trace.trace_id,
+                        token,
+                        head=request.head,
+                        model=trace.model,
+                        config=trace.config,
+                        messages=request.messages,
                     )
-                    stored = await self._append(trace_id, assistant, plan.context[-1].sequence)
-                    plan.context.append(stored)
-                    yield stored
-                if active.stop_requested:
-                    break
-                if response is not None and not response.tool_calls:
-                    break
-        except ModelCallError as exc:
-            status, stop_reason, error = Status.FAILED, StopReason.ERROR, str(exc)
-        except anyio.get_cancelled_exc_class():
-            status, stop_reason = Status.INTERRUPTED, StopReason.INTERRUPTED
-            raise
-        except GeneratorExit:
-            status, stop_reason = Status.STOPPED, StopReason.STOPPED
-            raise
-        except Exception as exc:
-            log.exception("run of trace %s failed", trace_id)
-            status, stop_reason = Status.FAILED, StopReason.ERROR
-            error = f"The run failed with an internal error ({type(exc).__name__}); the server log has the details."
-        finally:
-            with anyio.CancelScope(shield=True):
-                if active.stop_requested and status is Status.COMPLETED:
-                    status, stop_reason = Status.STOPPED, StopReason.STOPPED
-                final = await self._finish(plan, status, stop_reason, error)
-        yield final
+                except TraceRunning:
+                    current = await self.store.get_trace(trace.trace_id)
+                    if current.status is Status.RUNNING:
+                        raise
+                await self._wait_for_release(trace.trace_id)
+        raise TraceRunning(trace.trace_id)
 
-    async def _finish(self, plan: _Plan, status: Status, stop_reason: StopReason, error: str | None) -> Trace:
-        trace_id = plan.trace.trace_id
-        plan.outcome = (status, stop_reason, error)
-        try:
-            if open_tool_calls(plan.context):
-                text = CANCELLED_TOOL_RESULT if status is Status.STOPPED else UNFINISHED_TOOL_RESULT
-                plan.context += await self._close_open_calls(trace_id, plan.context, text)
-            if plan.restore is not None:
-                old = plan.restore
-                final = await self.store.update_trace(
-                    trace_id,
-                    status=old.status,
-                    stop_reason=old.stop_reason,
-                    error=old.error,
-                    head_sequence=old.head_sequence,
-                )
-            else:
-                final = await self.store.update_trace(
-                    trace_id, status=status, stop_reason=stop_reason, error=error
-                )
-            self.events.publish(TraceChanged(final))
-            return final
-        finally:
-            self._release(plan.active)
-
-    def _pending_calls(self, context: list[Message]) -> list[ToolCall]:
-        open_ids = open_tool_calls(context)
-        if not open_ids:
-            return []
-        last_assistant = next(m for m in reversed(context) if m.role == "assistant")
-        return [c for c in last_assistant.tool_calls or [] if c.id in open_ids]
-
-    async def _call_model(self, plan: _Plan) -> ModelResponse | None:
-        """One model call that ``stop`` cancels; a stopped call keeps its streamed text (None if there was none)."""
-        partial: list[str] = []
-        messages = plan.model_messages()
-        schemas = [openai_tool_schema(t) for t in plan.tools]
-        with plan.active.guard():
-            return await plan.model.complete(
-                messages, schemas, temperature=plan.trace.config.temperature, on_text=partial.append
-            )
-        text = "".join(partial)
-        return ModelResponse(content=text) if text else None
-
-    async def _run_tool_calls(self, plan: _Plan, calls: list[ToolCall]) -> list[Message]:
-        """Run calls concurrently; store each result as soon as all earlier ones are stored (call order)."""
-        trace_id = plan.trace.trace_id
-        results: list[str | None] = [None] * len(calls)
-        stored: list[Message] = []
-        lock = anyio.Lock()
-
-        async def flush() -> None:
-            async with lock:
-                while len(stored) < len(calls) and results[len(stored)] is not None:
-                    call = calls[len(stored)]
-                    message = NewMessage(role="tool", tool_call_id=call.id, content=results[len(stored)])
-                    saved = await self._append(trace_id, message, plan.context[-1].sequence)
-                    plan.context.append(saved)
-                    stored.append(saved)
-
-        async def run_one(index: int, call: ToolCall) -> None:
-            results[index] = await self._call_tool(plan, call)
-            with anyio.CancelScope(shield=True):
-                await flush()
-
-        try:
-            with plan.active.guard():
-                async with anyio.create_task_group() as group:
-                    for index, call in enumerate(calls):
-                        group.start_soon(run_one, index, call)
-        finally:
-            with anyio.CancelScope(shield=True):
-                for index in range(len(calls)):
-                    if results[index] is None:
-                        results[index] = CANCELLED_TOOL_RESULT
-                await flush()
-        return stored
-
-    async def _call_tool(self, plan: _Plan, call: ToolCall) -> str:
-        """The text the model reads back: the tool's result, or a sentence saying why there is none."""
-        name = call.function.name
-        tool = next((t for t in plan.tools if t.name == name), None)
-        if tool is None or self.tools.get(name) is None:
-            offered = ", ".join(t.name for t in plan.tools) or "none"
-            return f"Error: there is no tool named '{name}' for this trace. Tools offered: {offered}."
-        try:
-            arguments = call.function.parsed_arguments()
-        except ValueError as exc:
-            return f"Error: the arguments for {name} were not a valid JSON object ({exc}); call it again with valid JSON."
-        try:
-            with anyio.fail_after(self._tool_timeout):
-                result = await tool.call(arguments)
-        except ToolCallError as exc:
-            return f"Error: {exc}"
-        except TimeoutError:
-            return f"Error: {name} did not finish within {self._tool_timeout:g} s and was cancelled."
-        except Exception as exc:
-            log.warning("tool %s raised for trace %s", name, plan.trace.trace_id, exc_info=True)
-            return f"Error: {name} failed: {type(exc).__name__}: {exc}"
-        if len(result) > MAX_TOOL_RESULT_CHARS:
-            result = result[:MAX_TOOL_RESULT_CHARS] + f"\n[truncated: {len(result)} characters in all]"
-        return result
+    async def _wait_for_release(self, trace_id: str) -> None:
+        async with self.events.subscribe() as events:
+            with anyio.move_on_after(defaults.LEASE_RENEW_SECONDS):
+                async for event in events:
+                    if isinstance(event, TraceChanged) and event.trace_id == trace_id:
+                        return

@@ -422,6 +422,8 @@ class OfflineModel:
         *,
         temperature: float = 0.0,
         on_text: TextSink | None = None,
+        tool_choice: str = "auto",
+        response_schema: dict[str, Any] | None = None,
     ) -> ModelResponse:
         """Answer by the rules above; cancellable at every await (``temperature`` is ignored)."""
         await anyio.sleep(self.delay)

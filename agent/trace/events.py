@@ -1,4 +1,5 @@
-"""The in-process event stream: the engine publishes after each commit, the server listens.
+"""The in-process event stream: runs publish after each commit, the change feed adds what other
+processes stored, the server listens.
 
 Events are wake-ups, the store is the truth: a subscriber that falls too far behind loses events
 (logged) rather than slowing the runner down.
@@ -38,7 +39,19 @@ class TraceChanged:
         return self.trace.trace_id
 
 
-TraceEvent = MessageStored | TraceChanged
+@dataclass(frozen=True)
+class TraceDeleted:
+    trace_id: str
+
+
+@dataclass(frozen=True)
+class ExperiencesChanged:
+    """The experiences file changed (a reflection was appended, or it was consolidated)."""
+
+    trace_id: str = ""
+
+
+TraceEvent = MessageStored | TraceChanged | TraceDeleted | ExperiencesChanged
 
 
 class EventBus:

@@ -10,10 +10,19 @@ from collections.abc import Callable
 
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:
-    """Statement by statement: ``executescript`` would commit the migration's transaction early."""
-    for statement in script.split(";"):
-        if statement.strip():
-            db.execute(statement)
+    """Statement by statement: ``executescript`` would commit the migration's transaction early.
+
+    Split where SQLite says a statement is complete, so triggers (``BEGIN … ; … END``) stay whole.
+    """
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                db.execute(pending)
+            pending = ""
+    if pending.strip(" \n;"):
+        db.execute(pending)
 
 
 def m001_initial(db: sqlite3.Connection) -> None:
@@ -91,11 +100,82 @@ def m004_run_owner(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE traces ADD COLUMN owner TEXT")
 
 
+NOW_SECONDS = "((julianday('now') - 2440587.5) * 86400.0)"
+"""Unix time in SQL (sub-second), for the change log's pruning."""
+
+
+def m005_claims_and_changes(db: sqlite3.Connection) -> None:
+    """Runs are claimed in the database with a token and a lease their owner renews; stop requests are
+    stored; side-branch messages never move the head; every change is logged for other processes."""
+    _run_script(
+        db,
+        f"""
+        ALTER TABLE traces ADD COLUMN run_token TEXT;
+        ALTER TABLE traces ADD COLUMN lease_until REAL;
+        ALTER TABLE traces ADD COLUMN stop_requested INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX traces_claimed ON traces (owner) WHERE run_token IS NOT NULL;
+        ALTER TABLE messages ADD COLUMN side INTEGER NOT NULL DEFAULT 0;
+
+        CREATE TABLE changes (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            trace_id    TEXT NOT NULL,
+            kind        TEXT NOT NULL,
+            sequence    INTEGER,
+            token       TEXT,
+            created_at  REAL NOT NULL
+        );
+
+        DROP TRIGGER message_appended;
+        CREATE TRIGGER message_appended AFTER INSERT ON messages
+        BEGIN
+            UPDATE traces SET
+                last_sequence = NEW.sequence,
+                head_sequence = CASE WHEN NEW.side THEN head_sequence ELSE NEW.sequence END,
+                updated_at = NEW.created_at,
+                usage = json_set(usage,
+                    '$.prompt_tokens', json_extract(usage, '$.prompt_tokens')
+                        + coalesce(json_extract(NEW.usage, '$.prompt_tokens'), 0),
+                    '$.completion_tokens', json_extract(usage, '$.completion_tokens')
+                        + coalesce(json_extract(NEW.usage, '$.completion_tokens'), 0),
+                    '$.llm_calls', json_extract(usage, '$.llm_calls') + (NEW.role = 'assistant'),
+                    '$.tool_calls', json_extract(usage, '$.tool_calls') + (NEW.role = 'tool'))
+            WHERE trace_id = NEW.trace_id;
+            INSERT INTO changes (trace_id, kind, sequence, token, created_at)
+            SELECT NEW.trace_id, 'message', NEW.sequence, run_token, {NOW_SECONDS}
+            FROM traces WHERE trace_id = NEW.trace_id;
+        END;
+
+        CREATE TRIGGER trace_created AFTER INSERT ON traces
+        BEGIN
+            INSERT INTO changes (trace_id, kind, token, created_at)
+            VALUES (NEW.trace_id, 'created', NEW.run_token, {NOW_SECONDS});
+        END;
+
+        CREATE TRIGGER trace_changed AFTER UPDATE ON traces
+        WHEN OLD.status IS NOT NEW.status OR OLD.run_token IS NOT NEW.run_token
+            OR OLD.stop_requested IS NOT NEW.stop_requested OR OLD.name IS NOT NEW.name
+            OR (OLD.head_sequence IS NOT NEW.head_sequence AND OLD.last_sequence = NEW.last_sequence)
+        BEGIN
+            INSERT INTO changes (trace_id, kind, token, created_at)
+            VALUES (NEW.trace_id,
+                    CASE WHEN NEW.stop_requested AND NOT OLD.stop_requested THEN 'stop' ELSE 'trace' END,
+                    coalesce(NEW.run_token, OLD.run_token), {NOW_SECONDS});
+        END;
+
+        CREATE TRIGGER trace_deleted AFTER DELETE ON traces
+        BEGIN
+            INSERT INTO changes (trace_id, kind, created_at) VALUES (OLD.trace_id, 'deleted', {NOW_SECONDS});
+        END
+        """,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial,
     m002_recalled_lessons,
     m003_head_follows_messages,
     m004_run_owner,
+    m005_claims_and_changes,
 ]
 
 

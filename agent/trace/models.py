@@ -86,6 +86,7 @@ class Message(NewMessage):
     sequence: int
     parent_sequence: int | None
     created_at: str
+    side: bool = Field(False, description="on a side branch (a reflection): never part of the active path")
 
     def to_openai(self) -> dict[str, Any]:
         """The message as an OpenAI chat message (only the fields a model reads)."""

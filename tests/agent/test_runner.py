@@ -16,7 +16,7 @@ from agent.errors import (
     UnknownToolError,
 )
 from agent.tools.registry import ToolRegistry
-from agent.trace.store import open_store
+from agent.trace.backends import open_store
 from tests.fakes import ScriptedModel, add_tool, call, fail_tool, models_for, reply, slow_tool
 
 pytestmark = pytest.mark.anyio
@@ -61,12 +61,12 @@ async def test_tool_loop_stores_every_message_in_order(store):
     assert model.calls[0]["temperature"] == 0.3
 
 
-async def test_run_yields_trace_then_messages_then_final_trace(store):
+async def test_run_yields_the_claimed_trace_then_each_stored_event(store):
     runner = make_runner(store, ScriptedModel([reply("hi")]))
-    items = [item async for item in runner.run([user("hello")], RunConfig())]
-    assert items[0].status is Status.RUNNING
-    assert [i.role for i in items[1:-1]] == ["assistant"]
-    assert items[-1].status is Status.COMPLETED
+    events = [event async for event in runner.run([user("hello")], RunConfig())]
+    assert isinstance(events[0], TraceChanged) and events[0].trace.status is Status.RUNNING
+    assert [e.message.role for e in events[1:-1]] == ["assistant"]
+    assert isinstance(events[-1], TraceChanged) and events[-1].trace.status is Status.COMPLETED
 
 
 async def test_parallel_tool_calls_run_concurrently_and_store_in_call_order(store):
@@ -300,7 +300,7 @@ async def test_whitelist_by_tool_and_by_group_is_stored_and_applies_on_continue(
     assert [t["function"]["name"] for t in model.calls[1]["tools"]] == ["calc__add"]
 
 
-async def test_side_branch_restores_head_and_status(store):
+async def test_side_branch_leaves_head_and_status_and_forbids_tools(store):
     model = ScriptedModel([reply("answer")])
     runner = make_runner(store, model)
     first = await runner.run_result([user("q")], RunConfig())
@@ -312,8 +312,11 @@ async def test_side_branch_restores_head_and_status(store):
     assert after.head_sequence == first.trace.head_sequence
     assert (after.status, after.stop_reason) == (Status.COMPLETED, StopReason.END_TURN)
     assert [m.content for m in await store.get_path(tid)][-1] == "answer"
-    assert len(await store.get_tree(tid)) == 5
-    assert model.calls[1]["tools"] == []
+    tree = await store.get_tree(tid)
+    assert len(tree) == 5 and [m.side for m in tree[-2:]] == [True, True]
+    # the trace's tools go along (providers refuse tool blocks without them), their use forbidden
+    assert [t["function"]["name"] for t in model.calls[1]["tools"]] == ["add"]
+    assert model.calls[1]["tool_choice"] == "none"
 
 
 async def test_events_are_published_after_each_commit(store):
@@ -339,24 +342,34 @@ async def test_walking_away_from_run_releases_the_trace(store):
     from contextlib import aclosing
 
     async with aclosing(runner.run([user("x")], RunConfig())) as steps:
-        async for trace in steps:  # noqa: B007  (the first item is the trace)
+        async for first in steps:  # noqa: B007  (the first event is the claimed trace)
             break
-    assert not runner.is_running(trace.trace_id)
-    assert (await store.get_trace(trace.trace_id)).status is Status.STOPPED
+    assert not runner.is_running(first.trace_id)
+    assert (await store.get_trace(first.trace_id)).status is Status.STOPPED
+
+
+async def crashed_trace(store, trace_id: str) -> None:
+    """A trace left interrupted with its head on an assistant message whose call never ran."""
+    from agent.trace.models import NewMessage, Trace
+    from agent.trace.store import new_token
+
+    token = new_token()
+    await store.create(
+        Trace(trace_id=trace_id, model="scripted"),
+        [NewMessage(role="user", content="x"), NewMessage(role="assistant", tool_calls=[call("add", a=4, b=4)])],
+        token,
+    )
+    await store.finish(trace_id, token, status=Status.INTERRUPTED, stop_reason=StopReason.INTERRUPTED, error=None)
 
 
 async def test_open_calls_left_by_a_crash_run_when_continued(store):
     """An interrupted trace whose head is an assistant message with calls: continuing runs them."""
-    from agent.trace.models import NewMessage, Trace
-
-    await store.create_trace(Trace(trace_id="crashed", model="scripted", status=Status.INTERRUPTED))
-    await store.append_message("crashed", NewMessage(role="user", content="x"), None)
-    await store.append_message("crashed", NewMessage(role="assistant", tool_calls=[call("add", a=4, b=4)]), 1)
+    await crashed_trace(store, "crashed")
     runner = make_runner(store, ScriptedModel([reply("8")]))
     result = await runner.run_result([], RunConfig(trace_id="crashed"))
     assert [m.content for m in result.messages] == ["8", "8"]
     # a new user message instead closes them as unfinished
-    await store.update_trace("crashed", head_sequence=2)
-    result = await runner.run_result([user("never mind")], RunConfig(trace_id="crashed"))
-    path = await store.get_path("crashed")
+    await crashed_trace(store, "crashed2")
+    await runner.run_result([user("never mind")], RunConfig(trace_id="crashed2"))
+    path = await store.get_path("crashed2")
     assert path[2].role == "tool" and path[2].content.startswith("Not run")

@@ -1,68 +1,68 @@
-"""The SQLite trace store: tree and path, head moves, paging, migrations, interrupted-on-reopen."""
+"""The TraceStore contract: tree and path, claims, fenced appends, side branches, stop requests, sweeps
+and the change log. Every test runs on each backend in ``store_backends`` (see tests/store_backends.py)."""
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 
-from agent.errors import TraceNotFound
-from agent.trace.models import NewMessage, Status, StopReason, Trace, TraceUsage
-from agent.trace.store import SQLiteTraceStore, open_store
+from agent.errors import TraceError, TraceNotFound, TraceRunning
+from agent.trace.models import MessageUsage, NewMessage, Status, StopReason, Trace, TraceConfig, TraceUsage
+from agent.trace.store import ClaimLost, new_token
+from tests.store_backends import open_test_store
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def store(tmp_path):
-    s = await open_store(tmp_path / "traces.db")
+async def store(store_url):
+    s = await open_test_store(store_url)
     yield s
     await s.close()
 
 
-async def new_trace(store, trace_id="t1", **kw) -> Trace:
-    return await store.create_trace(Trace(trace_id=trace_id, model="offline", **kw))
+def user(text: str = "hi") -> NewMessage:
+    return NewMessage(role="user", content=text)
+
+
+async def new_trace(store, trace_id="t1", *messages: NewMessage, token: str | None = None, **kw):
+    """A trace created claimed by ``token`` (a fresh one by default); returns (trace, token)."""
+    token = token or new_token()
+    trace, _ = await store.create(Trace(trace_id=trace_id, model="offline", **kw), messages, token)
+    return trace, token
+
+
+async def idle_trace(store, trace_id="t1", *messages: NewMessage, **kw) -> Trace:
+    """A trace created and finished: claimable by anyone."""
+    _, token = await new_trace(store, trace_id, *messages, **kw)
+    return await store.finish(trace_id, token, status=Status.COMPLETED, stop_reason=StopReason.END_TURN, error=None)
 
 
 async def test_append_builds_a_tree_and_the_path_follows_the_head(store):
-    await new_trace(store)
-    first = await store.append_message("t1", NewMessage(role="system", content="sys"), None)
-    user = await store.append_message("t1", NewMessage(role="user", content="hi"), first.sequence)
-    a1 = await store.append_message("t1", NewMessage(role="assistant", content="one"), user.sequence)
-    # a second branch off the user message
-    a2 = await store.append_message("t1", NewMessage(role="assistant", content="two"), user.sequence)
-    assert [first.sequence, user.sequence, a1.sequence, a2.sequence] == [1, 2, 3, 4]
+    _, token = await new_trace(store, "t1", NewMessage(role="system", content="sys"), user("hi"))
+    a1 = await store.append("t1", NewMessage(role="assistant", content="one"), 2, token=token)
+    a2 = await store.append("t1", NewMessage(role="assistant", content="two"), 2, token=token)
+    assert [a1.sequence, a2.sequence] == [3, 4]
     trace = await store.get_trace("t1")
     assert trace.head_sequence == 4
     assert [m.content for m in await store.get_path("t1")] == ["sys", "hi", "two"]
     assert [m.content for m in await store.get_path("t1", 3)] == ["sys", "hi", "one"]
     assert [m.sequence for m in await store.get_tree("t1")] == [1, 2, 3, 4]
     assert [m.sequence for m in await store.get_children("t1", 2)] == [3, 4]
-    await store.update_trace("t1", head_sequence=3)
-    assert [m.content for m in await store.get_path("t1")] == ["sys", "hi", "one"]
 
 
 async def test_usage_totals_accumulate_with_each_message(store):
-    from agent.trace.models import MessageUsage
-
-    await new_trace(store)
-    await store.append_message("t1", NewMessage(role="user", content="x"), None)
-    await store.append_message(
-        "t1",
-        NewMessage(role="assistant", content="y", usage=MessageUsage(prompt_tokens=7, completion_tokens=3)),
-        1,
-    )
-    await store.append_message("t1", NewMessage(role="tool", content="z", tool_call_id="c"), 2)
+    _, token = await new_trace(store, "t1", user("x"))
+    usage = MessageUsage(prompt_tokens=7, completion_tokens=3)
+    await store.append("t1", NewMessage(role="assistant", content="y", usage=usage), 1, token=token)
+    await store.append("t1", NewMessage(role="tool", content="z", tool_call_id="c"), 2, token=token)
     trace = await store.get_trace("t1")
     assert trace.usage == TraceUsage(prompt_tokens=7, completion_tokens=3, llm_calls=1, tool_calls=1)
-    stored = await store.get_message("t1", 2)
-    assert stored.usage.prompt_tokens == 7
+    assert (await store.get_message("t1", 2)).usage.prompt_tokens == 7
 
 
 async def test_unicode_and_a_megabyte_round_trip(store):
-    await new_trace(store)
     text = "héllo 🌍 — 漢字\n" + "x" * (1024 * 1024)
-    await store.append_message("t1", NewMessage(role="user", content=text), None)
+    await new_trace(store, "t1", user(text))
     assert (await store.get_message("t1", 1)).content == text
 
 
@@ -70,141 +70,159 @@ async def test_unknown_trace_is_a_sentence(store):
     with pytest.raises(TraceNotFound, match="no trace 'nope'"):
         await store.get_trace("nope")
     with pytest.raises(TraceNotFound):
-        await store.append_message("nope", NewMessage(role="user", content="x"), None)
+        await store.append("nope", user(), None, token="x")
     with pytest.raises(TraceNotFound):
-        await store.update_trace("nope", status=Status.STOPPED)
+        await store.claim("nope", new_token(), head=None, model="offline", config=TraceConfig())
+    with pytest.raises(TraceNotFound):
+        await store.request_stop("nope")
 
 
 async def test_list_traces_newest_first_with_filters_and_cursor(store):
     for i in range(5):
-        await new_trace(
-            store, f"t{i}", uid="alice" if i % 2 else "bob", created_at=f"2026-01-0{i + 1}T00:00:00"
-        )
-    await store.update_trace("t3", status=Status.COMPLETED)
+        await idle_trace(store, f"t{i}", uid="alice" if i % 2 else "bob", created_at=f"2026-01-0{i + 1}T00:00:00")
+    _, token = await new_trace(store, "run", created_at="2025-01-01T00:00:00")
     page = await store.list_traces(limit=2)
     assert [t.trace_id for t in page.traces] == ["t4", "t3"]
     page2 = await store.list_traces(limit=2, cursor=page.next_cursor)
     assert [t.trace_id for t in page2.traces] == ["t2", "t1"]
     page3 = await store.list_traces(limit=2, cursor=page2.next_cursor)
-    assert [t.trace_id for t in page3.traces] == ["t0"] and page3.next_cursor is None
+    assert [t.trace_id for t in page3.traces] == ["t0", "run"] and page3.next_cursor is None
     assert [t.trace_id for t in (await store.list_traces(uid="alice")).traces] == ["t3", "t1"]
-    assert [t.trace_id for t in (await store.list_traces(status="completed")).traces] == ["t3"]
-
-
-async def test_running_traces_become_interrupted_on_reopen(tmp_path):
-    path = tmp_path / "traces.db"
-    store = await open_store(path)
-    await new_trace(store, "alive")
-    await store.append_message("alive", NewMessage(role="user", content="x"), None)
-    await new_trace(store, "done", status=Status.COMPLETED, stop_reason=StopReason.END_TURN)
-    await store.close()  # as if the process died: nothing marked the run finished
-
-    store = await open_store(path)
-    try:
-        alive = await store.get_trace("alive")
-        assert (alive.status, alive.stop_reason) == (Status.INTERRUPTED, StopReason.INTERRUPTED)
-        assert (await store.get_trace("done")).status is Status.COMPLETED
-        assert len(await store.get_path("alive")) == 1
-    finally:
-        await store.close()
-
-
-async def test_schema_is_versioned_and_wal(tmp_path):
-    path = tmp_path / "traces.db"
-    store = await SQLiteTraceStore.open(path)
-    await store.close()
-    db = sqlite3.connect(path)
-    try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    finally:
-        db.close()
-
-
-async def test_a_newer_schema_is_refused_with_a_sentence(tmp_path):
-    path = tmp_path / "traces.db"
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA user_version = 99")
-    db.close()
-    with pytest.raises(RuntimeError, match="newer than this agent-trace-mcp"):
-        await SQLiteTraceStore.open(path)
+    assert [t.trace_id for t in (await store.list_traces(status="running")).traces] == ["run"]
+    assert await store.running_ids() == ["run"]
 
 
 async def test_bad_cursor_is_a_sentence(store):
-    from agent.errors import TraceError
-
     with pytest.raises(TraceError, match="not one list_traces returned"):
         await store.list_traces(cursor="garbage!")
 
 
-@pytest.mark.slow
-def test_a_killed_process_loses_no_committed_message(tmp_path):
-    """Every sequence the writer reported as stored survives a SIGKILL, and the trace reads interrupted."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import textwrap
+# -- claims -------------------------------------------------------------------------------------------
 
-    import anyio
 
-    path = tmp_path / "traces.db"
-    script = textwrap.dedent(
-        f"""
-        import anyio, sys
-        from agent.trace.models import NewMessage, Trace
-        from agent.trace.store import open_store
-
-        async def main():
-            store = await open_store({str(path)!r})
-            await store.create_trace(Trace(trace_id="t", model="offline"))
-            parent = None
-            while True:
-                m = await store.append_message("t", NewMessage(role="user", content="x" * 1000), parent)
-                parent = m.sequence
-                print(m.sequence, flush=True)
-
-        anyio.run(main)
-        """
+async def test_a_claim_is_a_compare_and_set(store):
+    _, first = await new_trace(store, "t1", user())
+    with pytest.raises(TraceRunning):
+        await store.claim("t1", new_token(), head=1, model="offline", config=TraceConfig())
+    await store.finish("t1", first, status=Status.COMPLETED, stop_reason=StopReason.END_TURN, error=None)
+    second = new_token()
+    trace, stored = await store.claim(
+        "t1", second, head=1, model="offline", config=TraceConfig(temperature=1.0), messages=[user("more")]
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    reported = 0
-    for line in proc.stdout:
-        reported = int(line)
-        if reported >= 200:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
-
-    async def check():
-        store = await open_store(path)
-        try:
-            trace = await store.get_trace("t")
-            assert trace.status is Status.INTERRUPTED
-            path_messages = await store.get_path("t")
-            assert len(path_messages) >= reported
-            assert [m.sequence for m in path_messages] == list(range(1, len(path_messages) + 1))
-        finally:
-            await store.close()
-
-    anyio.run(check)
+    assert (trace.status, trace.head_sequence, trace.config.temperature) == (Status.RUNNING, 2, 1.0)
+    assert [m.sequence for m in stored] == [2]
+    # the holder may claim again (a continuation queued behind its reflection); others may not
+    again, _ = await store.claim("t1", second, head=2, model="offline", config=TraceConfig())
+    assert again.status is Status.RUNNING
+    with pytest.raises(TraceRunning):
+        await store.claim("t1", new_token(), head=2, model="offline", config=TraceConfig())
 
 
-async def test_a_second_server_on_the_same_database_leaves_live_runs_alone(tmp_path):
-    path = tmp_path / "traces.db"
-    first = await open_store(path)
+async def test_a_refused_claim_changes_nothing(store):
+    _, token = await new_trace(store, "t1", user())
+    before = (await store.get_trace("t1"), await store.get_tree("t1"))
+    with pytest.raises(TraceRunning):
+        await store.claim("t1", new_token(), head=1, model="other", config=TraceConfig(), messages=[user("x")])
+    assert (await store.get_trace("t1"), await store.get_tree("t1")) == before
+
+
+async def test_writes_need_the_claims_token(store):
+    _, token = await new_trace(store, "t1", user())
+    with pytest.raises(ClaimLost):
+        await store.append("t1", NewMessage(role="assistant", content="x"), 1, token="stale")
+    with pytest.raises(ClaimLost):
+        await store.finish("t1", "stale", status=Status.FAILED, stop_reason=StopReason.ERROR, error="x")
+    assert await store.release("t1", "stale") is None
+    assert (await store.get_trace("t1")).status is Status.RUNNING
+    assert len(await store.get_tree("t1")) == 1
+
+
+async def test_side_branch_messages_never_move_the_head(store):
+    trace = await idle_trace(store, "t1", user("q"), NewMessage(role="assistant", content="a"))
+    question = await store.append("t1", user("reflect"), 2, token=None, side=True)
+    answer = await store.append("t1", NewMessage(role="assistant", content="- lesson"), question.sequence, token=None, side=True)
+    after = await store.get_trace("t1")
+    assert after.head_sequence == trace.head_sequence == 2
+    assert (after.status, after.stop_reason) == (Status.COMPLETED, StopReason.END_TURN)
+    assert [m.sequence for m in await store.get_path("t1")] == [1, 2]
+    tree = await store.get_tree("t1")
+    assert [m.side for m in tree] == [False, False, True, True] and answer.side
+
+
+async def test_finish_can_keep_the_claim_until_release(store):
+    _, token = await new_trace(store, "t1", user())
+    done = await store.finish(
+        "t1", token, status=Status.COMPLETED, stop_reason=StopReason.END_TURN, error=None, release=False
+    )
+    assert done.status is Status.COMPLETED
+    with pytest.raises(TraceRunning):  # held: a reflection runs inside the claim
+        await store.claim("t1", new_token(), head=1, model="offline", config=TraceConfig())
+    assert await store.release("t1", token) is not None
+    trace, _ = await store.claim("t1", new_token(), head=1, model="offline", config=TraceConfig())
+    assert trace.status is Status.RUNNING
+
+
+async def test_stop_requests_are_stored_for_the_owner(store):
+    _, token = await new_trace(store, "t1", user())
+    await idle_trace(store, "t2", user())
+    assert await store.request_stop("t1") is True
+    assert await store.request_stop("t2") is False
+    cursor = 0
+    kinds = [(c.kind, c.trace_id) for c in await store.changes_after(cursor)]
+    assert ("stop", "t1") in kinds
+
+
+async def test_renew_returns_the_claims_this_process_holds(store):
+    _, token = await new_trace(store, "t1", user())
+    await idle_trace(store, "t2", user())
+    assert await store.renew() == {"t1": token}
+
+
+async def test_a_lapsed_lease_is_swept_and_the_trace_reads_interrupted(store_url):
+    store = await open_test_store(store_url, lease_seconds=0.0)
     try:
-        await new_trace(first, "live")
-        second = await open_store(path)  # e.g. an HTTP server and a stdio server sharing the data dir
-        try:
-            assert (await second.get_trace("live")).status is Status.RUNNING
-        finally:
-            await second.close()
+        _, token = await new_trace(store, "t1", user())
+        assert await store.sweep() == ["t1"]
+        trace = await store.get_trace("t1")
+        assert (trace.status, trace.stop_reason) == (Status.INTERRUPTED, StopReason.INTERRUPTED)
+        with pytest.raises(ClaimLost):  # the old owner can no longer write
+            await store.append("t1", user(), 1, token=token)
+        claimed, _ = await store.claim("t1", new_token(), head=1, model="offline", config=TraceConfig())
+        assert claimed.status is Status.RUNNING  # and anyone may resume it
     finally:
-        await first.close()
-    third = await open_store(path)  # the owner has closed: its run is an orphan now
+        await store.close()
+
+
+async def test_a_closed_stores_claims_are_orphans_for_the_next_one(store_url):
+    first = await open_test_store(store_url)
+    await new_trace(first, "live", user())
+    second = await open_test_store(store_url)  # another process on the same database
     try:
-        assert (await third.get_trace("live")).status is Status.INTERRUPTED
+        assert (await second.get_trace("live")).status is Status.RUNNING
+        await second.sweep()
+        assert (await second.get_trace("live")).status is Status.RUNNING  # its owner is alive
+        await first.close()  # the owner is gone: its runs are orphans now
+        assert await second.sweep() == ["live"]
+        assert (await second.get_trace("live")).status is Status.INTERRUPTED
     finally:
-        await third.close()
+        await second.close()
+
+
+# -- the change log -------------------------------------------------------------------------------------
+
+
+async def test_every_change_is_logged_with_the_token_that_made_it(store):
+    start = await store.last_change_id()
+    _, token = await new_trace(store, "t1", user())
+    await store.append("t1", NewMessage(role="assistant", content="a"), 1, token=token)
+    await store.finish("t1", token, status=Status.COMPLETED, stop_reason=StopReason.END_TURN, error=None)
+    await store.append("t1", user("side"), 2, token=None, side=True)
+    await store.note_change("experiences")
+    changes = await store.changes_after(start)
+    assert [(c.kind, c.sequence) for c in changes] == [
+        ("created", None), ("message", 1), ("message", 2), ("trace", None), ("message", 3), ("experiences", None),
+    ]  # fmt: skip
+    assert [c.token for c in changes[:4]] == [token] * 4
+    assert changes[1].message.content == "hi" and changes[3].trace.status is Status.COMPLETED
+    assert await store.changes_after(changes[-1].id) == []
+    assert await store.changes_after(start, limit=2) == changes[:2]

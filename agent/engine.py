@@ -1,0 +1,230 @@
+"""The Engine: the one object the MCP server talks to (create, continue, stop, view, wait, reflect, list,
+experiences), wired once over the store, the runner, the tools and the experiences file.
+
+``open_engine`` opens everything in order and closes it in reverse; runs still going when it closes end
+``interrupted``. The server never reaches past this facade into the store, runner or event bus.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from agent import defaults
+from agent.core.runner import AgentRunner, RunConfig, SystemPrompt, SystemPromptBuilder
+from agent.errors import TraceError
+from agent.experiences import ConsolidationResult, Experiences, Lesson, format_lessons_block
+from agent.llm.base import Model, resolve_model
+from agent.reflection import Reflection, reflect_on_trace
+from agent.skills import LoadSkillTool, skills_system_prompt
+from agent.tools.files import workspace_tools
+from agent.tools.mcp import McpServers, load_mcp_config
+from agent.tools.registry import ToolRegistry
+from agent.trace.backends import open_store
+from agent.trace.events import EventBus, MessageStored, TraceChanged, TraceEvent
+from agent.trace.models import Message, Status, Trace
+from agent.trace.store import TracePage, TraceStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineSettings:
+    """What the engine needs to know; the server's Settings extends it with transport options."""
+
+    data_dir: Path
+    db: Path | str
+    experiences: Path
+    model: str = defaults.MODEL
+    mcp_config: Path | None = None
+    skills_dir: Path = field(default_factory=Path)
+    workspace: Path = field(default_factory=Path)
+    experience_recall: int = defaults.EXPERIENCE_RECALL
+    experience_budget: int = defaults.EXPERIENCE_BUDGET
+    tool_timeout: float = defaults.TOOL_TIMEOUT_SECONDS
+
+
+OnMessage = Callable[[Message], Awaitable[None]]
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: EngineSettings,
+        store: TraceStore,
+        runner: AgentRunner,
+        experiences: Experiences,
+        tools: ToolRegistry,
+        task_group: TaskGroup,
+        downstream: McpServers | None = None,
+    ):
+        self.settings = settings
+        self._store = store
+        self._runner = runner
+        self._events = runner.events
+        self.experiences = experiences
+        self.tools = tools
+        self._group = task_group
+        self.downstream = downstream
+
+    # -- runs -------------------------------------------------------------------------------------------
+
+    async def create(self, messages: Sequence[Any], config: RunConfig) -> Trace:
+        """Store a new trace and run it in the background; returns at once."""
+        return await self._runner.start(messages, config.model_copy(update={"trace_id": None}))
+
+    async def continue_(self, trace_id: str, messages: Sequence[Any], config: RunConfig) -> Trace:
+        """Continue, rewind (``config.insert_after``) or regenerate a trace that is not running."""
+        return await self._runner.start(messages, config.model_copy(update={"trace_id": trace_id}))
+
+    async def stop(self, trace_id: str) -> bool:
+        """Stop a running trace wherever it runs; False when it is not running."""
+        if self._runner.stop(trace_id):
+            return True
+        return await self._store.request_stop(trace_id)
+
+    async def reflect(self, trace_id: str, focus: str | None = None) -> Reflection:
+        reflection = await reflect_on_trace(self._runner, self.experiences, trace_id, focus)
+        self._group.start_soon(self._consolidate_if_over_budget)
+        return reflection
+
+    def model(self, spec: str | None = None) -> Model:
+        return self._runner.model(spec)
+
+    # -- views ------------------------------------------------------------------------------------------
+
+    async def get(self, trace_id: str) -> Trace:
+        return await self._store.get_trace(trace_id)
+
+    async def path(self, trace_id: str) -> list[Message]:
+        return await self._store.get_path(trace_id)
+
+    async def tree(self, trace_id: str) -> list[Message]:
+        return await self._store.get_tree(trace_id)
+
+    async def message(self, trace_id: str, sequence: int) -> Message | None:
+        return await self._store.get_message(trace_id, sequence)
+
+    async def list(
+        self, *, status: str | None = None, uid: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> TracePage:
+        return await self._store.list_traces(status=status, uid=uid, limit=limit, cursor=cursor)
+
+    async def running(self) -> list[str]:
+        """Every trace running now, in any process that shares the store."""
+        return await self._store.running_ids()
+
+    async def wait(self, trace_id: str, seconds: float, on_message: OnMessage | None = None) -> Trace:
+        """Return when the trace is not running, or after ``seconds``; ``on_message`` hears each message
+        stored meanwhile (by this process or another)."""
+        trace = await self._store.get_trace(trace_id)
+        if seconds <= 0 or trace.status is not Status.RUNNING:
+            return trace
+        async with self._events.subscribe() as events:
+            trace = await self._store.get_trace(trace_id)  # after subscribing: no wake-up can be missed
+            if trace.status is Status.RUNNING:
+                with anyio.move_on_after(seconds):
+                    async for event in events:
+                        if event.trace_id != trace_id:
+                            continue
+                        if isinstance(event, MessageStored) and on_message is not None:
+                            await on_message(event.message)
+                        elif isinstance(event, TraceChanged) and event.trace.status is not Status.RUNNING:
+                            break
+        return await self._store.get_trace(trace_id)
+
+    def subscribe(self) -> AbstractAsyncContextManager[AsyncIterator[TraceEvent]]:
+        """Every event of every trace, this process's and (through the change feed) the others'."""
+        return self._events.subscribe()
+
+    # -- experiences --------------------------------------------------------------------------------------
+
+    async def recall(self, query: str, limit: int) -> list[Lesson]:
+        return await self.experiences.recall(query, limit)
+
+    async def experiences_text(self) -> str:
+        return await self.experiences.read_text()
+
+    async def consolidate(self, model: str | None = None) -> ConsolidationResult:
+        result = await self.experiences.consolidate(
+            self.model(model), self.settings.experience_budget, force=True
+        )
+        if result.backup_path is not None:
+            await self._store.note_change("experiences")
+        return result
+
+    async def _consolidate_if_over_budget(self) -> None:
+        budget = self.settings.experience_budget
+        try:
+            if budget > 0 and await self.experiences.lesson_count() > budget:
+                result = await self.experiences.consolidate(self.model(), budget)
+                log.info("consolidated experiences: %s", result.model_dump_json())
+                if result.backup_path is not None:
+                    await self._store.note_change("experiences")
+        except Exception:
+            log.exception("background consolidation of %s failed", self.experiences.path)
+
+
+def system_prompt_builder(settings: EngineSettings, experiences: Experiences) -> SystemPromptBuilder:
+    """A new trace's prompt when the caller gives none: the skills, plus the lessons most relevant to its task."""
+
+    async def build(task: str, config: RunConfig) -> SystemPrompt:
+        text = await skills_system_prompt(settings.skills_dir)
+        limit = settings.experience_recall if config.recall is None else config.recall
+        lessons = await experiences.recall(task, limit) if limit > 0 else []
+        if lessons:
+            text = f"{text}\n\n{format_lessons_block(lessons)}"
+        return SystemPrompt(text, [lesson.text for lesson in lessons])
+
+    return build
+
+
+@asynccontextmanager
+async def open_engine(
+    settings: EngineSettings, models: Callable[[str], Model] = resolve_model
+) -> AsyncIterator[Engine]:
+    """Open everything; on exit, running traces are cancelled (and marked interrupted) before closing."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    async with AsyncExitStack() as stack:
+        store = await open_store(settings.db)
+        stack.push_async_callback(store.close)
+        experiences = Experiences(settings.experiences)
+        stack.callback(experiences.close)
+        tools = ToolRegistry([*workspace_tools(settings.workspace), LoadSkillTool(settings.skills_dir)])
+        downstream = None
+        if settings.mcp_config is not None:
+            specs = load_mcp_config(settings.mcp_config)
+            downstream = await stack.enter_async_context(
+                McpServers(specs, tools, call_timeout=settings.tool_timeout)
+            )
+        runner = AgentRunner(
+            store,
+            tools=tools,
+            events=EventBus(),
+            models=models,
+            default_model=settings.model,
+            system_prompt=system_prompt_builder(settings, experiences),
+            tool_timeout=settings.tool_timeout,
+        )
+        group = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(group.cancel_scope.cancel)  # runs first on exit: background housekeeping stops
+        engine = Engine(settings, store, runner, experiences, tools, group, downstream)
+
+        async def reflect_in_run(trace: Trace, head: int) -> list[TraceEvent]:
+            reflection = await reflect_on_trace(runner, experiences, trace.trace_id, head=head)
+            group.start_soon(engine._consolidate_if_over_budget)
+            return reflection.events
+
+        runner.reflector = reflect_in_run
+        await stack.enter_async_context(runner)
+        yield engine
+
+
+__all__ = ["Engine", "EngineSettings", "TraceError", "open_engine"]

@@ -1,0 +1,23 @@
+"""Opening the configured TraceStore: a SQLite file by default, PostgreSQL for a ``postgresql://`` URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent import defaults
+from agent.trace.store import TraceStore
+
+
+def is_postgres_url(db: str | Path) -> bool:
+    return str(db).startswith(("postgresql://", "postgres://"))
+
+
+async def open_store(db: str | Path, *, lease_seconds: float = defaults.LEASE_SECONDS) -> TraceStore:
+    """Open (creating and migrating) the store; claims left by dead processes are swept on the way."""
+    if is_postgres_url(db):
+        from agent.trace.postgres import PostgresTraceStore
+
+        return await PostgresTraceStore.open(str(db), lease_seconds=lease_seconds)
+    from agent.trace.sqlite import SQLiteTraceStore
+
+    return await SQLiteTraceStore.open(db, lease_seconds=lease_seconds)

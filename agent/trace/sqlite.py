@@ -1,0 +1,565 @@
+"""The default TraceStore: one SQLite file (aiosqlite, WAL) that any number of processes may share.
+
+Messages are rows keyed by (trace_id, sequence) with a parent pointer; the head, the claim (run token,
+owner, lease) and the stop request live on the trace row. Triggers move the head, add up usage and log
+every change in the ``changes`` table in the same statement, which other processes tail cheaply
+(``PRAGMA data_version`` first). One writer connection; every write is one statement or one short
+``BEGIN IMMEDIATE`` transaction, shielded from cancellation (a stopped run never abandons a write half
+way) and retried with backoff while another process holds the write lock. ``synchronous=NORMAL``: in
+WAL mode a process crash keeps every committed row; a power cut may lose the last few commits, the price
+of sub-millisecond appends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+import anyio
+
+from agent import defaults
+from agent.errors import TraceNotFound, TraceRunning
+from agent.trace.migrations import migrate
+from agent.trace.models import (
+    Message,
+    MessageUsage,
+    NewMessage,
+    Status,
+    StopReason,
+    ToolCall,
+    Trace,
+    TraceConfig,
+    TraceUsage,
+    utc_now,
+)
+from agent.trace.store import (
+    OPEN_OWNERS,
+    Change,
+    ChangeKind,
+    ClaimLost,
+    TracePage,
+    decode_cursor,
+    encode_cursor,
+    owner_alive,
+    process_owner,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 5000
+WRITE_RETRY_SECONDS = 30.0
+"""How long a write keeps retrying while another process holds the database's write lock."""
+CHANGE_RETENTION_SECONDS = 600.0
+_PRUNE_BATCH = 10_000
+
+TRACE_COLUMNS = (
+    "trace_id, name, uid, model, config, status, stop_reason, head_sequence, created_at, updated_at, "
+    "error, usage, lessons"
+)
+MESSAGE_COLUMNS = (
+    "sequence, parent_sequence, role, content, tool_calls, tool_call_id, name, usage, created_at, side"
+)
+_N_TRACE = len(TRACE_COLUMNS.split(","))
+_N_MESSAGE = len(MESSAGE_COLUMNS.split(","))
+
+
+def _prefixed(columns: str, alias: str) -> str:
+    return ", ".join(f"{alias}.{c.strip()}" for c in columns.split(","))
+
+
+def trace_from_row(row: Sequence[Any]) -> Trace:
+    trace_id, name, uid, model, config, status, stop_reason, head, created, updated, error, usage, lessons = row
+    return Trace(
+        trace_id=trace_id,
+        name=name,
+        uid=uid,
+        model=model,
+        config=TraceConfig.model_validate_json(config),
+        status=Status(status),
+        stop_reason=StopReason(stop_reason) if stop_reason else None,
+        head_sequence=head,
+        created_at=created,
+        updated_at=updated,
+        error=error,
+        usage=TraceUsage.model_validate_json(usage),
+        lessons=json.loads(lessons),
+    )
+
+
+def message_from_row(row: Sequence[Any]) -> Message:
+    sequence, parent, role, content, tool_calls, tool_call_id, name, usage, created, side = row
+    return Message(
+        sequence=sequence,
+        parent_sequence=parent,
+        role=role,
+        content=content,
+        tool_calls=[ToolCall.model_validate(c) for c in json.loads(tool_calls)] if tool_calls else None,
+        tool_call_id=tool_call_id,
+        name=name,
+        usage=MessageUsage.model_validate_json(usage) if usage else None,
+        created_at=created,
+        side=bool(side),
+    )
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or (
+        "locked" in str(exc) or "busy" in str(exc)
+    )
+
+
+def _prepare_database(path: str) -> None:
+    """Create, migrate and switch to WAL in a worker thread before the async connections open."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        migrate(db)
+    finally:
+        db.close()
+
+
+class SQLiteTraceStore:
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        *,
+        lease_seconds: float = defaults.LEASE_SECONDS,
+    ):
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = anyio.Lock()
+        self._lease_seconds = lease_seconds
+        self._data_version: int | None = None
+        self.owner = process_owner()
+        OPEN_OWNERS.add(self.owner)
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        lease_seconds: float = defaults.LEASE_SECONDS,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+    ) -> SQLiteTraceStore:
+        """Open (creating and migrating) the database at ``path``; claims of dead processes are swept.
+
+        Close it with ``close()``.
+        """
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        await anyio.to_thread.run_sync(_prepare_database, str(path))
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await cls._configure(writer, busy_timeout_ms)
+            reader = await aiosqlite.connect(path, isolation_level=None)
+            try:
+                await cls._configure(reader, busy_timeout_ms)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await reader.close()
+                raise
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await writer.close()
+            raise
+        store = cls(writer, reader, lease_seconds=lease_seconds)
+        try:
+            await store.sweep()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    @staticmethod
+    async def _configure(db: aiosqlite.Connection, busy_timeout_ms: int) -> None:
+        await db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        await db.execute("PRAGMA synchronous = NORMAL")
+
+    async def close(self) -> None:
+        OPEN_OWNERS.discard(self.owner)
+        with anyio.CancelScope(shield=True):
+            await self._reader.close()
+            await self._writer.close()
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt`` (shielded, under the write lock), retrying while the database is locked."""
+        with anyio.CancelScope(shield=True):
+            async with self._write_lock:
+                deadline = time.monotonic() + WRITE_RETRY_SECONDS
+                delay = 0.05
+                while True:
+                    try:
+                        return await attempt()
+                    except sqlite3.OperationalError as exc:
+                        if not _busy(exc) or time.monotonic() + delay > deadline:
+                            raise
+                        log.warning("the trace database is locked by another process; retrying a write")
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
+
+    async def _write(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """One statement: atomic by itself, one trip to the connection's thread."""
+
+        async def attempt() -> list[Any]:
+            return list(await self._writer.execute_fetchall(sql, params))
+
+        return await self._retrying(attempt)
+
+    async def _transaction(self, body: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """Several statements as one ``BEGIN IMMEDIATE`` transaction: all of them or none."""
+
+        async def attempt() -> T:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                result = await body(self._writer)
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+            return result
+
+        return await self._retrying(attempt)
+
+    @staticmethod
+    async def _insert_message(
+        db: aiosqlite.Connection,
+        trace_id: str,
+        message: NewMessage,
+        parent: int | None,
+        token: str | None,
+        side: bool,
+    ) -> Message:
+        created_at = utc_now()
+        usage = message.usage.model_dump_json() if message.usage else None
+        tool_calls = json.dumps([c.model_dump() for c in message.tool_calls]) if message.tool_calls else None
+        fence = "" if side else " AND run_token IS ?"
+        params: list[Any] = [
+            parent,
+            message.role,
+            message.content,
+            tool_calls,
+            message.tool_call_id,
+            message.name,
+            usage,
+            created_at,
+            int(side),
+            trace_id,
+        ]
+        if not side:
+            params.append(token)
+        rows = await db.execute_fetchall(
+            f"INSERT INTO messages (trace_id, {MESSAGE_COLUMNS}) "
+            "SELECT trace_id, last_sequence + 1, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM traces "
+            f"WHERE trace_id = ?{fence} RETURNING sequence",
+            params,
+        )
+        rows = list(rows)
+        if not rows:
+            found = list(await db.execute_fetchall("SELECT 1 FROM traces WHERE trace_id = ?", (trace_id,)))
+            raise ClaimLost(trace_id) if found else TraceNotFound(trace_id)
+        return Message(
+            **message.model_dump(),
+            sequence=rows[0][0],
+            parent_sequence=parent,
+            created_at=created_at,
+            side=side,
+        )
+
+    async def _read_trace_on(self, db: aiosqlite.Connection, trace_id: str) -> Trace:
+        rows = list(await db.execute_fetchall(f"SELECT {TRACE_COLUMNS} FROM traces WHERE trace_id = ?", (trace_id,)))
+        if not rows:
+            raise TraceNotFound(trace_id)
+        return trace_from_row(rows[0])
+
+    async def create(
+        self, trace: Trace, messages: Sequence[NewMessage], token: str
+    ) -> tuple[Trace, list[Message]]:
+        async def body(db: aiosqlite.Connection) -> tuple[Trace, list[Message]]:
+            await db.execute(
+                f"INSERT INTO traces ({TRACE_COLUMNS}, owner, run_token, lease_until) "
+                f"VALUES ({', '.join('?' * (_N_TRACE + 3))})",
+                (
+                    trace.trace_id, trace.name, trace.uid, trace.model, trace.config.model_dump_json(),
+                    trace.status.value, trace.stop_reason.value if trace.stop_reason else None,
+                    trace.head_sequence, trace.created_at, trace.updated_at, trace.error,
+                    trace.usage.model_dump_json(), json.dumps(trace.lessons),
+                    self.owner, token, time.time() + self._lease_seconds,
+                ),
+            )  # fmt: skip
+            stored: list[Message] = []
+            for message in messages:
+                parent = stored[-1].sequence if stored else None
+                stored.append(await self._insert_message(db, trace.trace_id, message, parent, token, False))
+            return await self._read_trace_on(db, trace.trace_id), stored
+
+        return await self._transaction(body)
+
+    async def claim(
+        self,
+        trace_id: str,
+        token: str,
+        *,
+        head: int | None,
+        model: str,
+        config: TraceConfig,
+        messages: Sequence[NewMessage] = (),
+    ) -> tuple[Trace, list[Message]]:
+        async def take(db: aiosqlite.Connection, holder: str | None) -> bool:
+            now = time.time()
+            condition = "run_token IS NULL OR run_token = ? OR lease_until < ?"
+            params: list[Any] = [token, now]
+            if holder is not None:  # its owner is dead on this host: take the claim over at once
+                condition += " OR owner = ?"
+                params.append(holder)
+            rows = await db.execute_fetchall(
+                "UPDATE traces SET status = 'running', stop_reason = NULL, error = NULL, head_sequence = ?, "
+                "model = ?, config = ?, owner = ?, run_token = ?, lease_until = ?, stop_requested = 0, "
+                f"updated_at = ? WHERE trace_id = ? AND ({condition}) RETURNING trace_id",
+                (
+                    head, model, config.model_dump_json(), self.owner, token, now + self._lease_seconds,
+                    utc_now(), trace_id, *params,
+                ),
+            )  # fmt: skip
+            return bool(list(rows))
+
+        async def body(db: aiosqlite.Connection) -> tuple[Trace, list[Message]]:
+            if not await take(db, None):
+                rows = list(await db.execute_fetchall("SELECT owner FROM traces WHERE trace_id = ?", (trace_id,)))
+                if not rows:
+                    raise TraceNotFound(trace_id)
+                holder = rows[0][0]
+                if owner_alive(holder) or not await take(db, holder):
+                    raise TraceRunning(trace_id)
+            stored: list[Message] = []
+            for message in messages:
+                parent = stored[-1].sequence if stored else head
+                stored.append(await self._insert_message(db, trace_id, message, parent, token, False))
+            return await self._read_trace_on(db, trace_id), stored
+
+        return await self._transaction(body)
+
+    async def append(
+        self, trace_id: str, message: NewMessage, parent: int | None, *, token: str | None, side: bool = False
+    ) -> Message:
+        async def attempt() -> Message:
+            return await self._insert_message(self._writer, trace_id, message, parent, token, side)
+
+        return await self._retrying(attempt)
+
+    async def finish(
+        self,
+        trace_id: str,
+        token: str,
+        *,
+        status: Status,
+        stop_reason: StopReason | None,
+        error: str | None,
+        release: bool = True,
+    ) -> Trace:
+        clear = ", owner = NULL, run_token = NULL, lease_until = NULL" if release else ""
+        rows = await self._write(
+            f"UPDATE traces SET status = ?, stop_reason = ?, error = ?, stop_requested = 0, updated_at = ?{clear} "
+            f"WHERE trace_id = ? AND run_token = ? RETURNING {TRACE_COLUMNS}",
+            (status.value, stop_reason.value if stop_reason else None, error, utc_now(), trace_id, token),
+        )
+        if not rows:
+            await self.get_trace(trace_id)  # TraceNotFound when it is gone altogether
+            raise ClaimLost(trace_id)
+        return trace_from_row(rows[0])
+
+    async def release(self, trace_id: str, token: str) -> Trace | None:
+        rows = await self._write(
+            "UPDATE traces SET owner = NULL, run_token = NULL, lease_until = NULL, stop_requested = 0 "
+            f"WHERE trace_id = ? AND run_token = ? RETURNING {TRACE_COLUMNS}",
+            (trace_id, token),
+        )
+        return trace_from_row(rows[0]) if rows else None
+
+    async def renew(self) -> dict[str, str]:
+        rows = await self._write(
+            "UPDATE traces SET lease_until = ? WHERE owner = ? AND run_token IS NOT NULL "
+            "RETURNING trace_id, run_token",
+            (time.time() + self._lease_seconds, self.owner),
+        )
+        return {trace_id: token for trace_id, token in rows}
+
+    async def request_stop(self, trace_id: str) -> bool:
+        rows = await self._write(
+            "UPDATE traces SET stop_requested = 1 WHERE trace_id = ? AND status = 'running' "
+            "AND run_token IS NOT NULL RETURNING trace_id",
+            (trace_id,),
+        )
+        if rows:
+            return True
+        await self.get_trace(trace_id)  # TraceNotFound for an unknown trace
+        return False
+
+    async def sweep(self) -> list[str]:
+        owners = [
+            row[0]
+            for row in await self._reader.execute_fetchall(
+                "SELECT DISTINCT owner FROM traces WHERE run_token IS NOT NULL AND owner IS NOT NULL"
+            )
+        ]
+        dead = [owner for owner in owners if not owner_alive(owner)]
+        marks = ", ".join("?" * len(dead))
+        dead_clause = f" OR owner IN ({marks})" if dead else ""
+        rows = await self._write(
+            "UPDATE traces SET "
+            "status = CASE WHEN status = 'running' THEN 'interrupted' ELSE status END, "
+            "stop_reason = CASE WHEN status = 'running' THEN 'interrupted' ELSE stop_reason END, "
+            "owner = NULL, run_token = NULL, lease_until = NULL, stop_requested = 0, updated_at = ? "
+            "WHERE (run_token IS NOT NULL AND (lease_until IS NULL OR lease_until < ?"
+            f"{dead_clause})) OR (status = 'running' AND run_token IS NULL) "
+            "RETURNING trace_id, status",
+            (utc_now(), time.time(), *dead),
+        )
+        await self._prune_changes()
+        return [trace_id for trace_id, status in rows if status == Status.INTERRUPTED.value]
+
+    async def _prune_changes(self) -> None:
+        await self._write(
+            f"DELETE FROM changes WHERE id IN (SELECT id FROM changes ORDER BY id LIMIT {_PRUNE_BATCH}) "
+            "AND created_at < ?",
+            (time.time() - CHANGE_RETENTION_SECONDS,),
+        )
+
+    async def note_change(self, kind: ChangeKind, trace_id: str = "") -> None:
+        await self._write(
+            "INSERT INTO changes (trace_id, kind, created_at) VALUES (?, ?, ?)", (trace_id, kind, time.time())
+        )
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def get_trace(self, trace_id: str) -> Trace:
+        return await self._read_trace_on(self._reader, trace_id)
+
+    async def get_message(self, trace_id: str, sequence: int) -> Message | None:
+        rows = list(
+            await self._reader.execute_fetchall(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE trace_id = ? AND sequence = ?",
+                (trace_id, sequence),
+            )
+        )
+        return message_from_row(rows[0]) if rows else None
+
+    async def get_children(self, trace_id: str, sequence: int) -> list[Message]:
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE trace_id = ? AND parent_sequence = ? ORDER BY sequence",
+            (trace_id, sequence),
+        )
+        return [message_from_row(r) for r in rows]
+
+    async def get_path(self, trace_id: str, head: int | None = None) -> list[Message]:
+        """The chain from the first message to ``head`` (default: the trace's head), oldest first.
+
+        An indexed walk up the parent pointers: its cost is the path's length, not the tree's size.
+        """
+        if head is None:
+            head = (await self.get_trace(trace_id)).head_sequence
+            if head is None:
+                return []
+        rows = await self._reader.execute_fetchall(
+            "WITH RECURSIVE path(seq) AS ("
+            "  SELECT ? UNION ALL"
+            "  SELECT m.parent_sequence FROM messages m JOIN path p ON m.trace_id = ? AND m.sequence = p.seq"
+            "  WHERE m.parent_sequence IS NOT NULL"
+            f") SELECT {_prefixed(MESSAGE_COLUMNS, 'm')} "
+            "FROM path p JOIN messages m ON m.trace_id = ? AND m.sequence = p.seq ORDER BY m.sequence",
+            (head, trace_id, trace_id),
+        )
+        return [message_from_row(r) for r in rows]
+
+    async def get_tree(self, trace_id: str) -> list[Message]:
+        rows = await self._reader.execute_fetchall(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE trace_id = ? ORDER BY sequence", (trace_id,)
+        )
+        return [message_from_row(r) for r in rows]
+
+    async def list_traces(
+        self, *, status: str | None = None, uid: str | None = None, limit: int = 20, cursor: str | None = None
+    ) -> TracePage:
+        """Newest first; ``next_cursor`` continues where this page ended (stable under new inserts)."""
+        where: list[str] = []
+        params: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if uid is not None:
+            where.append("uid = ?")
+            params.append(uid)
+        if cursor:
+            created_at, trace_id = decode_cursor(cursor)
+            where.append("(created_at, trace_id) < (?, ?)")
+            params.extend([created_at, trace_id])
+        sql = f"SELECT {TRACE_COLUMNS} FROM traces"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, trace_id DESC LIMIT ?"
+        rows = list(await self._reader.execute_fetchall(sql, (*params, limit + 1)))
+        traces = [trace_from_row(r) for r in rows[:limit]]
+        next_cursor = encode_cursor(traces[-1]) if len(rows) > limit and traces else None
+        return TracePage(traces=traces, next_cursor=next_cursor)
+
+    async def running_ids(self) -> list[str]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT trace_id FROM traces WHERE status = 'running' ORDER BY created_at"
+        )
+        return [r[0] for r in rows]
+
+    # -- the change feed --------------------------------------------------------------------------
+
+    async def last_change_id(self) -> int:
+        rows = list(await self._reader.execute_fetchall("SELECT coalesce(max(id), 0) FROM changes"))
+        return int(rows[0][0])
+
+    async def changes_after(self, change_id: int, limit: int = 500) -> list[Change]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT c.id, c.trace_id, c.kind, c.sequence, c.token, "
+            f"{_prefixed(MESSAGE_COLUMNS, 'm')}, {_prefixed(TRACE_COLUMNS, 't')} FROM changes c "
+            "LEFT JOIN messages m ON c.kind = 'message' AND m.trace_id = c.trace_id AND m.sequence = c.sequence "
+            "LEFT JOIN traces t ON c.kind IN ('created', 'trace') AND t.trace_id = c.trace_id "
+            "WHERE c.id > ? ORDER BY c.id LIMIT ?",
+            (change_id, limit),
+        )
+        changes = []
+        for row in rows:
+            message_row = row[5 : 5 + _N_MESSAGE]
+            trace_row = row[5 + _N_MESSAGE : 5 + _N_MESSAGE + _N_TRACE]
+            changes.append(
+                Change(
+                    id=row[0],
+                    trace_id=row[1],
+                    kind=row[2],
+                    sequence=row[3],
+                    token=row[4],
+                    message=message_from_row(message_row) if message_row[0] is not None else None,
+                    trace=trace_from_row(trace_row) if trace_row[0] is not None else None,
+                )
+            )
+        return changes
+
+    async def wait_for_changes(self, timeout: float) -> None:
+        """Poll ``PRAGMA data_version`` (it moves when another connection commits) until it moves."""
+        deadline = anyio.current_time() + timeout
+        while True:
+            rows = list(await self._reader.execute_fetchall("PRAGMA data_version"))
+            version = int(rows[0][0])
+            if self._data_version is None:
+                self._data_version = version
+            elif version != self._data_version:
+                self._data_version = version
+                return
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                return
+            await anyio.sleep(min(defaults.FEED_POLL_SECONDS, remaining))

@@ -1,0 +1,165 @@
+"""What only the SQLite backend has: the file, WAL, migrations from the first schema, the write lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import anyio
+import pytest
+
+from agent.trace import migrations
+from agent.trace.models import NewMessage, Status, StopReason, Trace
+from agent.trace.sqlite import SQLiteTraceStore
+from agent.trace.store import new_token
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_schema_is_versioned_and_wal(tmp_path):
+    path = tmp_path / "traces.db"
+    store = await SQLiteTraceStore.open(path)
+    await store.close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+
+
+async def test_a_newer_schema_is_refused_with_a_sentence(tmp_path):
+    path = tmp_path / "traces.db"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer than this agent-trace-mcp"):
+        await SQLiteTraceStore.open(path)
+
+
+async def test_a_database_of_the_first_schema_is_upgraded_with_its_data(tmp_path):
+    """Made by migration 1 alone, with a finished and a running trace in it, as version 0.0.1 left it."""
+    path = tmp_path / "traces.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    migrations.m001_initial(db)
+    db.execute("PRAGMA user_version = 1")
+    usage = json.dumps({"prompt_tokens": 3, "completion_tokens": 2, "llm_calls": 1, "tool_calls": 0})
+    for trace_id, status, head in (("old", "completed", 2), ("crashed", "running", 1)):
+        db.execute(
+            "INSERT INTO traces (trace_id, name, uid, model, config, status, stop_reason, head_sequence, "
+            "last_sequence, created_at, updated_at, error, usage) VALUES (?, 'n', 'u', 'offline', '{}', ?, NULL, ?, ?, "
+            "'2026-01-01T00:00:00', '2026-01-01T00:00:00', NULL, ?)",
+            (trace_id, status, head, head, usage),
+        )
+        db.execute(
+            "INSERT INTO messages VALUES (?, 1, NULL, 'user', 'hello', NULL, NULL, NULL, NULL, '2026-01-01T00:00:00')",
+            (trace_id,),
+        )
+    db.execute(
+        "INSERT INTO messages VALUES ('old', 2, 1, 'assistant', 'hi', NULL, NULL, NULL, "
+        "'{\"prompt_tokens\": 3, \"completion_tokens\": 2}', '2026-01-01T00:00:01')"
+    )
+    db.close()
+
+    store = await SQLiteTraceStore.open(path)
+    try:
+        old = await store.get_trace("old")
+        assert (old.status, old.head_sequence, old.usage.llm_calls, old.lessons) == (Status.COMPLETED, 2, 1, [])
+        assert [m.content for m in await store.get_path("old")] == ["hello", "hi"]
+        crashed = await store.get_trace("crashed")  # left running by a process that no longer exists
+        assert (crashed.status, crashed.stop_reason) == (Status.INTERRUPTED, StopReason.INTERRUPTED)
+        # and the upgraded schema behaves like a new one: claim, append (head and totals follow), log
+        token = new_token()
+        start = await store.last_change_id()
+        await store.claim("old", token, head=2, model="offline", config=old.config,
+                          messages=[NewMessage(role="user", content="again")])  # fmt: skip
+        trace = await store.get_trace("old")
+        assert trace.head_sequence == 3 and trace.status is Status.RUNNING
+        assert [c.kind for c in await store.changes_after(start)] == ["trace", "message"]
+    finally:
+        await store.close()
+
+
+@pytest.mark.slow
+async def test_a_write_waits_out_another_process_holding_the_write_lock(tmp_path):
+    """A real second connection takes the write lock for longer than busy_timeout; the append is retried
+    with backoff and lands once the lock is gone (before: 'database is locked' ended the run)."""
+    path = tmp_path / "traces.db"
+    store = await SQLiteTraceStore.open(path, busy_timeout_ms=200)
+    try:
+        token = new_token()
+        await store.create(Trace(trace_id="t", model="offline"), [NewMessage(role="user", content="x")], token)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                import sqlite3, sys, time
+                db = sqlite3.connect({str(path)!r}, isolation_level=None)
+                db.execute("BEGIN EXCLUSIVE")
+                print("locked", flush=True)
+                time.sleep(1.5)
+                db.execute("COMMIT")
+            """)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        message = await store.append("t", NewMessage(role="assistant", content="y"), 1, token=token)
+        assert message.sequence == 2 and time.monotonic() - started > 0.5
+        holder.wait(10)
+        holder.stdout.close()
+    finally:
+        await store.close()
+
+
+@pytest.mark.slow
+def test_a_killed_process_loses_no_committed_message(tmp_path):
+    """Every sequence the writer reported as stored survives a SIGKILL, and the trace reads interrupted."""
+    path = tmp_path / "traces.db"
+    script = textwrap.dedent(
+        f"""
+        import anyio
+        from agent.trace.models import NewMessage, Trace
+        from agent.trace.sqlite import SQLiteTraceStore
+
+        async def main():
+            store = await SQLiteTraceStore.open({str(path)!r})
+            token = "tok"
+            _, stored = await store.create(Trace(trace_id="t", model="offline"), [], token)
+            parent = None
+            while True:
+                m = await store.append("t", NewMessage(role="user", content="x" * 1000), parent, token=token)
+                parent = m.sequence
+                print(m.sequence, flush=True)
+
+        anyio.run(main)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    reported = 0
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        reported = int(line)
+        if reported >= 200:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+
+    async def check() -> None:
+        store = await SQLiteTraceStore.open(path)
+        try:
+            trace = await store.get_trace("t")
+            assert trace.status is Status.INTERRUPTED
+            path_messages = await store.get_path("t")
+            assert len(path_messages) >= reported
+            assert [m.sequence for m in path_messages] == list(range(1, len(path_messages) + 1))
+        finally:
+            await store.close()
+
+    anyio.run(check)
