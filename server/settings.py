@@ -79,7 +79,12 @@ OPTIONS: list[tuple[str, str, type, str]] = [
         int,
         f"lessons kept before consolidation (default {defaults.EXPERIENCE_BUDGET})",
     ),
-    ("--tool-timeout", "AGENT_TRACE_TOOL_TIMEOUT", float, f"seconds a tool call may take (default {defaults.TOOL_TIMEOUT_SECONDS:g})"),
+    (
+        "--tool-timeout",
+        "AGENT_TRACE_TOOL_TIMEOUT",
+        float,
+        f"seconds a tool call may take (default {defaults.TOOL_TIMEOUT_SECONDS:g})",
+    ),
     ("--auth-token", "AGENT_TRACE_TOKEN", str, "HTTP requires 'Authorization: Bearer <token>'"),
 ]
 

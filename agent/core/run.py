@@ -254,7 +254,9 @@ class Run:
             if open_tool_calls(self.segment.context):
                 text = CANCELLED_TOOL_RESULT if outcome.status is Status.STOPPED else UNFINISHED_TOOL_RESULT
                 for call_id in open_tool_calls(self.segment.context):
-                    events.append(await self._append(NewMessage(role="tool", tool_call_id=call_id, content=text)))
+                    events.append(
+                        await self._append(NewMessage(role="tool", tool_call_id=call_id, content=text))
+                    )
             final = await self.store.finish(
                 self.trace_id,
                 self.token,
@@ -350,7 +352,9 @@ class Run:
             log.warning("tool %s raised for trace %s", name, self.trace_id, exc_info=True)
             return f"Error: {name} failed: {type(exc).__name__}: {exc}"
         if len(result) > defaults.MAX_TOOL_RESULT_CHARS:
-            result = result[: defaults.MAX_TOOL_RESULT_CHARS] + f"\n[truncated: {len(result)} characters in all]"
+            result = (
+                result[: defaults.MAX_TOOL_RESULT_CHARS] + f"\n[truncated: {len(result)} characters in all]"
+            )
         return result
 
 

@@ -419,7 +419,12 @@ class AgentRunner:
             lessons=lessons,
         )
         segment = Segment(
-            trace, model, self.tools.select(config.tools), [], trace_config.max_iterations, trace_config.reflect
+            trace,
+            model,
+            self.tools.select(config.tools),
+            [],
+            trace_config.max_iterations,
+            trace_config.reflect,
         )
         return _Request(segment, new=trace, messages=messages)
 
@@ -448,7 +453,9 @@ class AgentRunner:
             "tools": config.tools,
         }
         trace_config = trace.config.model_copy(update={k: v for k, v in changes.items() if v is not None})
-        trace = trace.model_copy(update={"config": trace_config, "model": model.name if config.model else trace.model})
+        trace = trace.model_copy(
+            update={"config": trace_config, "model": model.name if config.model else trace.model}
+        )
         segment = Segment(
             trace,
             model,
@@ -496,7 +503,9 @@ class AgentRunner:
                 return None
         for message in stored:
             self._published(MessageStored(trace.trace_id, message))
-        run = Run(self.store, self.tools, token, segment, tool_timeout=self._tool_timeout, reflector=self.reflector)
+        run = Run(
+            self.store, self.tools, token, segment, tool_timeout=self._tool_timeout, reflector=self.reflector
+        )
         self._active[trace.trace_id] = run
         return run
 

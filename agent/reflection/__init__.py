@@ -48,4 +48,3 @@ async def reflect_on_trace(
         await runner.store.note_change("experiences", trace_id)
     events: list[TraceEvent] = [MessageStored(trace_id, m) for m in result.messages] if inside_run else []
     return Reflection(trace_id, text, lessons, events)
-

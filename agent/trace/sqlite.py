@@ -75,7 +75,9 @@ def _prefixed(columns: str, alias: str) -> str:
 
 
 def trace_from_row(row: Sequence[Any]) -> Trace:
-    trace_id, name, uid, model, config, status, stop_reason, head, created, updated, error, usage, lessons = row
+    trace_id, name, uid, model, config, status, stop_reason, head, created, updated, error, usage, lessons = (
+        row
+    )
     return Trace(
         trace_id=trace_id,
         name=name,
@@ -275,7 +277,9 @@ class SQLiteTraceStore:
         )
 
     async def _read_trace_on(self, db: aiosqlite.Connection, trace_id: str) -> Trace:
-        rows = list(await db.execute_fetchall(f"SELECT {TRACE_COLUMNS} FROM traces WHERE trace_id = ?", (trace_id,)))
+        rows = list(
+            await db.execute_fetchall(f"SELECT {TRACE_COLUMNS} FROM traces WHERE trace_id = ?", (trace_id,))
+        )
         if not rows:
             raise TraceNotFound(trace_id)
         return trace_from_row(rows[0])
@@ -333,7 +337,9 @@ class SQLiteTraceStore:
 
         async def body(db: aiosqlite.Connection) -> tuple[Trace, list[Message]]:
             if not await take(db, None):
-                rows = list(await db.execute_fetchall("SELECT owner FROM traces WHERE trace_id = ?", (trace_id,)))
+                rows = list(
+                    await db.execute_fetchall("SELECT owner FROM traces WHERE trace_id = ?", (trace_id,))
+                )
                 if not rows:
                     raise TraceNotFound(trace_id)
                 holder = rows[0][0]

@@ -51,7 +51,9 @@ class ClaimLost(TraceError):
     """A write named a claim the trace no longer holds: its lease lapsed and the trace moved on."""
 
     def __init__(self, trace_id: str):
-        super().__init__(f"The run of trace '{trace_id}' lost its claim (its lease lapsed); it stopped writing.")
+        super().__init__(
+            f"The run of trace '{trace_id}' lost its claim (its lease lapsed); it stopped writing."
+        )
         self.trace_id = trace_id
 
 

@@ -356,10 +356,15 @@ async def crashed_trace(store, trace_id: str) -> None:
     token = new_token()
     await store.create(
         Trace(trace_id=trace_id, model="scripted"),
-        [NewMessage(role="user", content="x"), NewMessage(role="assistant", tool_calls=[call("add", a=4, b=4)])],
+        [
+            NewMessage(role="user", content="x"),
+            NewMessage(role="assistant", tool_calls=[call("add", a=4, b=4)]),
+        ],
         token,
     )
-    await store.finish(trace_id, token, status=Status.INTERRUPTED, stop_reason=StopReason.INTERRUPTED, error=None)
+    await store.finish(
+        trace_id, token, status=Status.INTERRUPTED, stop_reason=StopReason.INTERRUPTED, error=None
+    )
 
 
 async def test_open_calls_left_by_a_crash_run_when_continued(store):

@@ -70,7 +70,12 @@ async def test_a_database_of_the_first_schema_is_upgraded_with_its_data(tmp_path
     store = await SQLiteTraceStore.open(path)
     try:
         old = await store.get_trace("old")
-        assert (old.status, old.head_sequence, old.usage.llm_calls, old.lessons) == (Status.COMPLETED, 2, 1, [])
+        assert (old.status, old.head_sequence, old.usage.llm_calls, old.lessons) == (
+            Status.COMPLETED,
+            2,
+            1,
+            [],
+        )
         assert [m.content for m in await store.get_path("old")] == ["hello", "hi"]
         crashed = await store.get_trace("crashed")  # left running by a process that no longer exists
         assert (crashed.status, crashed.stop_reason) == (Status.INTERRUPTED, StopReason.INTERRUPTED)
@@ -94,7 +99,9 @@ async def test_a_write_waits_out_another_process_holding_the_write_lock(tmp_path
     store = await SQLiteTraceStore.open(path, busy_timeout_ms=200)
     try:
         token = new_token()
-        await store.create(Trace(trace_id="t", model="offline"), [NewMessage(role="user", content="x")], token)
+        await store.create(
+            Trace(trace_id="t", model="offline"), [NewMessage(role="user", content="x")], token
+        )
         holder = subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(f"""
                 import sqlite3, sys, time

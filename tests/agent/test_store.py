@@ -34,7 +34,9 @@ async def new_trace(store, trace_id="t1", *messages: NewMessage, token: str | No
 async def idle_trace(store, trace_id="t1", *messages: NewMessage, **kw) -> Trace:
     """A trace created and finished: claimable by anyone."""
     _, token = await new_trace(store, trace_id, *messages, **kw)
-    return await store.finish(trace_id, token, status=Status.COMPLETED, stop_reason=StopReason.END_TURN, error=None)
+    return await store.finish(
+        trace_id, token, status=Status.COMPLETED, stop_reason=StopReason.END_TURN, error=None
+    )
 
 
 async def test_append_builds_a_tree_and_the_path_follows_the_head(store):
@@ -79,8 +81,10 @@ async def test_unknown_trace_is_a_sentence(store):
 
 async def test_list_traces_newest_first_with_filters_and_cursor(store):
     for i in range(5):
-        await idle_trace(store, f"t{i}", uid="alice" if i % 2 else "bob", created_at=f"2026-01-0{i + 1}T00:00:00")
-    _, token = await new_trace(store, "run", created_at="2025-01-01T00:00:00")
+        await idle_trace(
+            store, f"t{i}", uid="alice" if i % 2 else "bob", created_at=f"2026-01-0{i + 1}T00:00:00"
+        )
+    await new_trace(store, "run", created_at="2025-01-01T00:00:00")
     page = await store.list_traces(limit=2)
     assert [t.trace_id for t in page.traces] == ["t4", "t3"]
     page2 = await store.list_traces(limit=2, cursor=page.next_cursor)
@@ -119,15 +123,17 @@ async def test_a_claim_is_a_compare_and_set(store):
 
 
 async def test_a_refused_claim_changes_nothing(store):
-    _, token = await new_trace(store, "t1", user())
+    await new_trace(store, "t1", user())
     before = (await store.get_trace("t1"), await store.get_tree("t1"))
     with pytest.raises(TraceRunning):
-        await store.claim("t1", new_token(), head=1, model="other", config=TraceConfig(), messages=[user("x")])
+        await store.claim(
+            "t1", new_token(), head=1, model="other", config=TraceConfig(), messages=[user("x")]
+        )
     assert (await store.get_trace("t1"), await store.get_tree("t1")) == before
 
 
 async def test_writes_need_the_claims_token(store):
-    _, token = await new_trace(store, "t1", user())
+    await new_trace(store, "t1", user())
     with pytest.raises(ClaimLost):
         await store.append("t1", NewMessage(role="assistant", content="x"), 1, token="stale")
     with pytest.raises(ClaimLost):
@@ -140,7 +146,9 @@ async def test_writes_need_the_claims_token(store):
 async def test_side_branch_messages_never_move_the_head(store):
     trace = await idle_trace(store, "t1", user("q"), NewMessage(role="assistant", content="a"))
     question = await store.append("t1", user("reflect"), 2, token=None, side=True)
-    answer = await store.append("t1", NewMessage(role="assistant", content="- lesson"), question.sequence, token=None, side=True)
+    answer = await store.append(
+        "t1", NewMessage(role="assistant", content="- lesson"), question.sequence, token=None, side=True
+    )
     after = await store.get_trace("t1")
     assert after.head_sequence == trace.head_sequence == 2
     assert (after.status, after.stop_reason) == (Status.COMPLETED, StopReason.END_TURN)
@@ -163,7 +171,7 @@ async def test_finish_can_keep_the_claim_until_release(store):
 
 
 async def test_stop_requests_are_stored_for_the_owner(store):
-    _, token = await new_trace(store, "t1", user())
+    await new_trace(store, "t1", user())
     await idle_trace(store, "t2", user())
     assert await store.request_stop("t1") is True
     assert await store.request_stop("t2") is False

@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import anyio
 import httpx2
 import mcp.types as types
 import pytest
-from mcp import Client, StdioServerParameters
+from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.fake_openai import completion
+from tests.processes import HttpServer, console_script, free_port, server_args, stdio_params
 from tests.server.helpers import call, wait_done
 
 pytestmark = [
@@ -28,57 +24,6 @@ pytestmark = [
     pytest.mark.anyio,
     pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed"),
 ]
-
-
-def console_script() -> list[str]:
-    """The installed ``agent-trace-mcp`` next to this interpreter (what hosts launch)."""
-    script = Path(sys.executable).parent / "agent-trace-mcp"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("agent-trace-mcp")
-    return [found] if found else [sys.executable, "-m", "server.cli"]
-
-
-def server_args(tmp_path: Path, workspace: Path) -> list[str]:
-    return ["--data-dir", str(tmp_path / "data"), "--model", "offline", "--workspace", str(workspace)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class HttpServer:
-    def __init__(self, tmp_path: Path, workspace: Path, *extra: str, env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/mcp"
-        argv = [*console_script(), "--transport", "http", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = subprocess.Popen(
-            [*argv, *server_args(tmp_path, workspace), *extra],
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("server did not start listening")
-
-    def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process.stderr.close()
 
 
 @pytest.fixture
@@ -89,12 +34,6 @@ def http_server(tmp_path, workspace) -> Iterator[HttpServer]:
 
 
 # -- stdio ------------------------------------------------------------------------------------------
-
-
-def stdio_params(tmp_path: Path, workspace: Path, *extra: str, **env: str) -> StdioServerParameters:
-    command, *prefix = console_script()
-    args = [*prefix, *server_args(tmp_path, workspace), *extra]
-    return StdioServerParameters(command=command, args=args, env={**os.environ, **env})
 
 
 @pytest.mark.parametrize("mode", ["legacy", "auto"])

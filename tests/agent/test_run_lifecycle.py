@@ -1,0 +1,236 @@
+"""The run lifecycle owned by the store: supervised runs, cancel-safe starts, reflection inside the claim,
+empty replies, and two runners (as two processes would) sharing one database."""
+
+from __future__ import annotations
+
+import random
+from contextlib import AsyncExitStack
+
+import anyio
+import pytest
+
+from agent import AgentRunner, EventBus, MessageStored, RunConfig, Status, StopReason, TraceChanged
+from agent.core.run import EMPTY_REPLY_ERROR
+from agent.errors import TraceRunning
+from agent.experiences import Experiences
+from agent.llm.base import ModelResponse
+from agent.reflection import reflect_on_trace
+from agent.tools.registry import ToolRegistry
+from agent.trace.backends import open_store
+from agent.trace.models import Trace
+from tests.fakes import ScriptedModel, add_tool, call, models_for, reply, slow_tool
+
+pytestmark = pytest.mark.anyio
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def make_runner(store, model, *tools, **kw) -> AgentRunner:
+    return AgentRunner(
+        store,
+        tools=ToolRegistry(tools or [add_tool()]),
+        models=models_for(scripted=model),
+        default_model="scripted",
+        **kw,
+    )
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = await open_store(tmp_path / "traces.db")
+    yield s
+    await s.close()
+
+
+async def wait_status(store, trace_id: str, *statuses: Status) -> Trace:
+    with anyio.fail_after(10):
+        while (trace := await store.get_trace(trace_id)).status not in statuses:
+            await anyio.sleep(0.01)
+    return trace
+
+
+class FinishFails:
+    """A real store whose ``finish`` raises for one trace, as a full disk or a long lock would."""
+
+    def __init__(self, store, victim: list[str]):
+        self._store, self._victim = store, victim
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def finish(self, trace_id, token, **kw):
+        if trace_id in self._victim:
+            raise OSError(28, "No space left on device")
+        return await self._store.finish(trace_id, token, **kw)
+
+
+async def test_a_failed_write_ends_its_own_run_only_and_the_runner_goes_on(store, caplog):
+    victim: list[str] = []
+    model = ScriptedModel([reply("done")], delay=0.05)
+    runner = make_runner(FinishFails(store, victim), model)
+    async with runner:
+        doomed = await runner.start([user("a")], RunConfig())
+        victim.append(doomed.trace_id)
+        healthy = await runner.start([user("b")], RunConfig())
+        await wait_status(store, healthy.trace_id, Status.COMPLETED)
+        with anyio.fail_after(10):
+            await runner.wait(doomed.trace_id)
+        assert not runner.is_running(doomed.trace_id)
+        # the supervisor caught it: the shared task group still takes new runs
+        later = await runner.start([user("c")], RunConfig())
+        assert (await wait_status(store, later.trace_id, Status.COMPLETED)).status is Status.COMPLETED
+    assert "failed outside its loop" in caplog.text or "could not record the failure" in caplog.text
+
+
+async def test_a_cancelled_start_never_leaves_a_ghost(store):
+    """300 starts cancelled 0-3 ms in: each trace is either never stored or really runs to its end."""
+    model = ScriptedModel([reply("ok")])
+    runner = make_runner(store, model)
+    rng = random.Random(6)
+    async with runner:
+        for _ in range(300):
+            with anyio.move_on_after(rng.uniform(0, 0.003)):
+                await runner.start([user("x")], RunConfig())
+        with anyio.fail_after(20):
+            while runner.running():
+                await anyio.sleep(0.01)
+    page = await store.list_traces(limit=500)
+    assert page.traces, "some starts got through"
+    assert {t.status for t in page.traces} == {Status.COMPLETED}
+    assert await store.running_ids() == []
+
+
+async def test_an_empty_reply_is_asked_again_once_then_fails_with_a_sentence(store):
+    empty = ModelResponse(content=None)
+    runner = make_runner(store, ScriptedModel([empty, reply("second try")]))
+    result = await runner.run_result([user("x")], RunConfig())
+    assert result.answer == "second try" and result.trace.status is Status.COMPLETED
+    assert [m.role for m in await store.get_path(result.trace.trace_id)] == ["system", "user", "assistant"]
+
+    model = ScriptedModel([empty])
+    result = await make_runner(store, model).run_result([user("x")], RunConfig())
+    assert (result.trace.status, result.trace.error) == (Status.FAILED, EMPTY_REPLY_ERROR)
+    assert len(model.calls) == 2
+    assert [m.role for m in await store.get_path(result.trace.trace_id)] == ["system", "user"]
+
+
+async def test_reflection_happens_inside_the_claim_and_a_continuation_waits_behind_it(store, tmp_path):
+    """The host sees the answer at once; a continuation asked for meanwhile is accepted and runs after the
+    reflection, which is neither refused nor lost."""
+    reflecting = anyio.Event()
+    release = anyio.Event()
+    order: list[str] = []
+
+    async def model_step(messages, tools):
+        return reply("ok")
+
+    class Model(ScriptedModel):
+        async def complete(self, messages, tools, **kw):
+            if kw.get("tool_choice") == "none":  # the reflection's side branch
+                order.append("reflection")
+                reflecting.set()
+                await release.wait()
+                return reply("- Reflect before you continue.")
+            order.append(messages[-1]["content"])
+            return reply(f"answer to {messages[-1]['content']}")
+
+    experiences = Experiences(tmp_path / "experiences.md")
+    runner = make_runner(store, Model([]))
+
+    async def reflect(trace, head):
+        return (await reflect_on_trace(runner, experiences, trace.trace_id, head=head)).events
+
+    runner.reflector = reflect
+    try:
+        async with runner:
+            trace = await runner.start([user("first")], RunConfig(reflect=True))
+            with anyio.fail_after(10):
+                await reflecting.wait()
+            done = await store.get_trace(trace.trace_id)
+            assert done.status is Status.COMPLETED  # the answer is visible while the reflection runs
+            again = await runner.start([user("second")], RunConfig(trace_id=trace.trace_id))
+            assert again.status is Status.RUNNING  # accepted, not "already running"
+            with pytest.raises(TraceRunning):  # but only one continuation may queue
+                await runner.start([user("third")], RunConfig(trace_id=trace.trace_id))
+            release.set()
+            with anyio.fail_after(10):
+                await runner.wait(trace.trace_id)
+        final = await store.get_trace(trace.trace_id)
+        assert final.status is Status.COMPLETED
+        assert order == ["first", "reflection", "second", "reflection"]  # each run of the trace reflects
+        assert [m.content for m in await store.get_path(trace.trace_id)][-1] == "answer to second"
+        assert "Reflect before you continue." in await experiences.read_text()
+    finally:
+        experiences.close()
+
+
+async def test_two_runners_on_one_database_share_claims_stops_and_events(tmp_path):
+    """Two stores on one file behave like two server processes: one run at a time, stop from either,
+    and each hears the other's messages through the change feed."""
+    path = tmp_path / "traces.db"
+    started = anyio.Event()
+    async with AsyncExitStack() as stack:
+        store_a = await open_store(path)
+        stack.push_async_callback(store_a.close)
+        store_b = await open_store(path)
+        stack.push_async_callback(store_b.close)
+        model = ScriptedModel([reply(None, call("slow", "s1"))])
+        bus_b = EventBus()
+        a = await stack.enter_async_context(make_runner(store_a, model, slow_tool(started)))
+        b = await stack.enter_async_context(make_runner(store_b, model, slow_tool(), events=bus_b))
+        async with bus_b.subscribe() as heard:
+            trace = await a.start([user("go")], RunConfig())
+            with anyio.fail_after(5):
+                await started.wait()
+            with pytest.raises(TraceRunning):  # B may not run what A runs
+                await b.start([user("me too")], RunConfig(trace_id=trace.trace_id))
+            assert await store_b.running_ids() == [trace.trace_id]
+            with anyio.fail_after(5):  # B hears A's messages
+                async for event in heard:
+                    if isinstance(event, MessageStored) and event.message.role == "assistant":
+                        assert event.trace_id == trace.trace_id
+                        break
+            assert await store_b.request_stop(trace.trace_id)  # stop from B reaches A's run
+            with anyio.fail_after(5):
+                async for event in heard:
+                    if isinstance(event, TraceChanged) and event.trace.status is not Status.RUNNING:
+                        break
+        final = await store_a.get_trace(trace.trace_id)
+        assert (final.status, final.stop_reason) == (Status.STOPPED, StopReason.STOPPED)
+        path_messages = await store_a.get_path(trace.trace_id)
+        assert path_messages[-1].role == "tool" and path_messages[-1].content.startswith("Cancelled")
+        # now B may continue it
+        model.steps = [reply("resumed")]
+        result = await b.run_result([user("go on")], RunConfig(trace_id=trace.trace_id))
+        assert result.answer == "resumed"
+
+
+async def test_a_run_whose_lease_was_taken_stops_writing(tmp_path):
+    """A paused owner whose lease lapsed: another process resumed the trace, so the old run must not
+    write another message."""
+    path = tmp_path / "traces.db"
+    started = anyio.Event()
+    store_a = await open_store(path, lease_seconds=0.0)
+    store_b = await open_store(path)
+    try:
+        model = ScriptedModel([reply(None, call("slow", "s1"))])
+        a = make_runner(store_a, model, slow_tool(started, seconds=0.5))
+        async with a:
+            trace = await a.start([user("go")], RunConfig())
+            with anyio.fail_after(5):
+                await started.wait()
+            assert trace.trace_id in await store_b.sweep()  # its lease lapsed: B sees an interrupted trace
+            model_b = ScriptedModel([reply("mine now")])
+            result = await make_runner(store_b, model_b).run_result(
+                [], RunConfig(trace_id=trace.trace_id, insert_after=2)
+            )
+            with anyio.fail_after(5):
+                await a.wait(trace.trace_id)
+        path_messages = await store_b.get_path(trace.trace_id)
+        assert [m.content for m in path_messages][-1] == "mine now" and result.answer == "mine now"
+        assert all(m.content != "slow done" for m in await store_b.get_tree(trace.trace_id))
+    finally:
+        await store_a.close()
+        await store_b.close()
