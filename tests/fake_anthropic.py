@@ -329,6 +329,6 @@ class FakeAnthropic:
 @contextmanager
 def serving_anthropic(fake: FakeAnthropic) -> Iterator[FakeAnthropic]:
     """Run ``fake`` on a free loopback port; ``fake.base_url`` is what ``ANTHROPIC_BASE_URL`` takes."""
-    with serving(fake) as running:  # type: ignore[arg-type]  # same shape as FakeOpenAI
-        fake.base_url = f"http://127.0.0.1:{running.port}"
+    with serving(fake):  # type: ignore[arg-type]  # the same shape as FakeOpenAI; it sets fake.port
+        fake.base_url = f"http://127.0.0.1:{fake.port}"
         yield fake
