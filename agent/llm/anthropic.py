@@ -202,7 +202,7 @@ def native_schema(model: str, schema: dict[str, Any]) -> dict[str, Any] | None:
         return None
     try:
         transformed = transform_schema(schema)
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, RecursionError):  # not a schema it can map
         return None
     return {"format": {"type": "json_schema", "schema": transformed}}
 
