@@ -2,36 +2,31 @@
 
 The conversions are pure functions (tested on their own) because Anthropic differs from OpenAI in ways
 that fail at request time: the system prompt is a separate field, tool calls and results are content
-blocks, and user/assistant turns must alternate.
+blocks, user/assistant turns must alternate, and a history with tool blocks needs ``tools`` defined.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import anthropic
-from anthropic import AsyncAnthropic
+import httpx2  # the SDKs' HTTP client (agent.llm.common needs it too)
+from anthropic import AsyncAnthropic, transform_schema
 
-try:  # the HTTP client of the SDK (httpx2 in newer SDKs, httpx before)
-    import httpx2
-except ImportError:  # pragma: no cover
-    import httpx as httpx2  # type: ignore[no-redef]
-
+from agent import defaults
 from agent.errors import ModelCallError, ModelConfigError
-from agent.llm.base import ModelResponse, TextSink
-from agent.llm.common import (
-    DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT,
-    LLMSettings,
-    error_kind,
-    provider_error_sentence,
-)
+from agent.llm.base import ModelResponse, TextSink, ToolChoice
+from agent.llm.common import LLMSettings, error_kind, provider_error_sentence
+from agent.llm.redact import install_redaction
 from agent.trace.models import FunctionCall, MessageUsage, ToolCall
 
-DEFAULT_MAX_TOKENS = 4096
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 _PLACEHOLDER_USER = "(conversation start)"
+_FLAT_ARGUMENTS_LIMIT = 2_000
+# Claude models from before structured outputs (the API answers 400 to ``output_config.format``)
+_NO_NATIVE_SCHEMA = re.compile(r"^claude-(instant|2|3)|^claude-(opus|sonnet)-4(-0)?(-\d{8})?$")
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
@@ -91,8 +86,49 @@ def _parse_arguments(arguments: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def to_anthropic_messages(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
-    """OpenAI chat messages -> (system text, alternating Anthropic messages with block content)."""
+def _flat_call(call: dict[str, Any]) -> str:
+    function = call.get("function") or {}
+    arguments = json.dumps(_parse_arguments(function.get("arguments")), ensure_ascii=False)
+    if len(arguments) > _FLAT_ARGUMENTS_LIMIT:
+        arguments = arguments[: _FLAT_ARGUMENTS_LIMIT - 1] + "…"
+    return f"[called tool {function.get('name') or '?'} (id {call.get('id') or '?'}) with {arguments}]"
+
+
+def _flatten_tool_blocks(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool calls and results rewritten as plain text, for a request that sends no ``tools``."""
+    names: dict[str, str] = {}
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        if role == "assistant" and message.get("tool_calls"):
+            calls = message["tool_calls"]
+            for call in calls:
+                names[str(call.get("id") or "")] = str((call.get("function") or {}).get("name") or "?")
+            text = "\n".join(t for t in [_text_of(message.get("content")), *map(_flat_call, calls)] if t)
+            out.append({"role": "assistant", "content": text})
+        elif role == "tool":
+            call_id = str(message.get("tool_call_id") or "")
+            label = f"[result of tool {names.get(call_id, '?')} (id {call_id or '?'})]"
+            out.append({"role": "user", "content": f"{label}\n{_text_of(message.get('content'))}"})
+        else:
+            out.append(message)
+    return out
+
+
+def has_tool_blocks(messages: list[dict[str, Any]]) -> bool:
+    """Whether the conversation holds tool calls or results (Anthropic then requires ``tools``)."""
+    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+
+
+def to_anthropic_messages(
+    messages: list[dict[str, Any]], *, flatten_tools: bool = False
+) -> tuple[str, list[dict[str, Any]]]:
+    """OpenAI chat messages -> (system text, alternating Anthropic messages with block content).
+
+    ``flatten_tools`` writes tool calls and results as text, for a request without ``tools``.
+    """
+    if flatten_tools:
+        messages = _flatten_tool_blocks(messages)
     system_parts: list[str] = []
     turns: list[dict[str, Any]] = []
     for message in messages:
@@ -152,6 +188,38 @@ def to_anthropic_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
             converted["description"] = function["description"]
         out.append(converted)
     return out
+
+
+def native_schema(model: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+    """``output_config`` for structured outputs, or None where it would hurt more than help.
+
+    The API takes a subset of JSON Schema; the SDK's ``transform_schema`` maps a schema onto it (the
+    unsupported constraints move into descriptions, which the caller's validation still enforces). Not
+    sent for models older than structured outputs, for schemas it cannot map, or for free-form objects,
+    which the mapping would close to ``{}``.
+    """
+    if _NO_NATIVE_SCHEMA.search(model) or _has_open_object(schema):
+        return None
+    try:
+        transformed = transform_schema(schema)
+    except (ValueError, TypeError, AttributeError, RecursionError):  # not a schema it can map
+        return None
+    return {"format": {"type": "json_schema", "schema": transformed}}
+
+
+def _has_open_object(schema: Any) -> bool:
+    """An object schema with no properties that allows others: structured outputs cannot express it."""
+    if isinstance(schema, list):
+        return any(_has_open_object(item) for item in schema)
+    if not isinstance(schema, dict):
+        return False
+    if (
+        schema.get("type") == "object"
+        and not schema.get("properties")
+        and schema.get("additionalProperties", True) is not False
+    ):
+        return True
+    return any(_has_open_object(value) for value in schema.values() if isinstance(value, dict | list))
 
 
 # --- Anthropic -> ModelResponse ---------------------------------------------------------------------
@@ -267,9 +335,9 @@ class AnthropicModel:
         *,
         api_key: str,
         base_url: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        max_retries: int = DEFAULT_RETRIES,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
+        timeout: float = defaults.LLM_TIMEOUT_SECONDS,
+        max_retries: int = defaults.LLM_RETRIES,
+        max_tokens: int = defaults.ANTHROPIC_MAX_TOKENS,
         stream: bool = True,
         client: AsyncAnthropic | None = None,
     ) -> None:
@@ -281,6 +349,7 @@ class AnthropicModel:
         self.max_tokens = max_tokens
         self.stream = stream
         self._api_key = api_key
+        install_redaction()  # a base URL may carry credentials, and the HTTP client logs every URL
         self._client = client or AsyncAnthropic(
             api_key=api_key, base_url=self.base_url, timeout=timeout, max_retries=max_retries
         )
@@ -299,7 +368,7 @@ class AnthropicModel:
             )
         raw_max = (env.get("AGENT_TRACE_MAX_TOKENS") or "").strip()
         try:
-            max_tokens = int(raw_max) if raw_max else DEFAULT_MAX_TOKENS
+            max_tokens = int(raw_max) if raw_max else defaults.ANTHROPIC_MAX_TOKENS
         except ValueError:
             max_tokens = 0
         if max_tokens < 1:
@@ -321,6 +390,40 @@ class AnthropicModel:
         """Release the HTTP connections (optional)."""
         await self._client.close()
 
+    def build_request(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        *,
+        tool_choice: ToolChoice = "auto",
+        response_schema: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The Messages API arguments for one call.
+
+        With ``tool_choice="none"`` the tools still go, with ``{"type": "none"}``: the history keeps its
+        native tool blocks, so the model reads what it did exactly as it did it (no lossy rewrite, the
+        tool definitions at hand). Only with no tools to send are tool blocks written as text, since the
+        API refuses tool blocks without ``tools``.
+        """
+        flatten = not tools and has_tool_blocks(messages)
+        system, converted = to_anthropic_messages(messages, flatten_tools=flatten)
+        request: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": converted,
+        }
+        if system:
+            request["system"] = system
+        if tools:
+            request["tools"] = to_anthropic_tools(tools)
+            if tool_choice == "none":
+                request["tool_choice"] = {"type": "none"}
+        if response_schema is not None:
+            output_config = native_schema(self.model, response_schema)
+            if output_config is not None:
+                request["output_config"] = output_config
+        return request
+
     async def complete(
         self,
         messages: list[dict[str, Any]],
@@ -328,33 +431,25 @@ class AnthropicModel:
         *,
         temperature: float,
         on_text: TextSink | None = None,
+        tool_choice: ToolChoice = "auto",
+        response_schema: dict[str, Any] | None = None,
     ) -> ModelResponse:
         """One Messages API call; cancelling the caller's scope cancels the HTTP call and any retry sleep.
 
         ``temperature`` is not sent: the Messages API of anthropic SDK 2.x no longer takes one.
         """
-        system, converted = to_anthropic_messages(messages)
-        request: dict[str, Any] = {
-            "model": self.model,
-            "max_tokens": self.max_tokens,
-            "messages": converted,
-            "timeout": self.timeout,
-        }
-        if system:
-            request["system"] = system
-        if tools:
-            request["tools"] = to_anthropic_tools(tools)
+        request = self.build_request(
+            messages, tools, tool_choice=tool_choice, response_schema=response_schema
+        )
         try:
-            if not self.stream:
-                return from_anthropic_message(await self._client.messages.create(**request))
-            acc = StreamAccumulator()
-            stream = await self._client.messages.create(**request, stream=True)
-            async with stream:
-                async for event in stream:
-                    text = acc.add(event)
-                    if text and on_text is not None:
-                        on_text(text)
-            return acc.response()
+            if self.stream:
+                response = await self._complete_streamed(request, on_text)
+            else:
+                response = from_anthropic_message(
+                    await self._client.messages.create(**request, timeout=self.timeout)
+                )
+                if response.content and on_text is not None:
+                    on_text(response.content)  # one delta: the sink sees the same text in both modes
         except (anthropic.AnthropicError, httpx2.HTTPError) as exc:  # mid-stream transport errors are raw
             sentence = provider_error_sentence(
                 exc,
@@ -364,3 +459,16 @@ class AnthropicModel:
                 secrets=(self._api_key,),
             )
             raise ModelCallError(sentence) from None
+        if tool_choice == "none" and response.tool_calls:  # the contract is a text answer
+            response = response.model_copy(update={"tool_calls": []})
+        return response
+
+    async def _complete_streamed(self, request: dict[str, Any], on_text: TextSink | None) -> ModelResponse:
+        acc = StreamAccumulator()
+        stream = await self._client.messages.create(**request, stream=True, timeout=self.timeout)
+        async with stream:  # closes the response on cancellation or error
+            async for event in stream:
+                text = acc.add(event)
+                if text and on_text is not None:
+                    on_text(text)
+        return acc.response()

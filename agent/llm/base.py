@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -17,6 +17,9 @@ from agent.trace.models import MessageUsage, ToolCall
 
 TextSink = Callable[[str], None]
 """Receives streamed text deltas as they arrive, so a stopped run keeps its partial answer."""
+
+ToolChoice = Literal["auto", "none"]
+"""``auto``: the model may call the offered tools; ``none``: it must answer in text (a side branch)."""
 
 
 class ModelResponse(BaseModel):
@@ -33,6 +36,13 @@ class Model(Protocol):
     (``{"type": "function", "function": {"name", "description", "parameters"}}``). Implementations raise
     ``ModelCallError`` with a readable sentence when the provider fails after its SDK's retries, and must
     be cancellable at any await (a stopped trace cancels the call in flight).
+
+    ``tool_choice="none"`` is for side branches (reflection, compaction): the conversation may hold tool
+    calls and results, yet the reply is text and calls nothing, whatever ``tools`` are given (pass the
+    trace's tools: providers that need them to accept tool history get them). ``response_schema`` is a
+    JSON Schema the final text answer should satisfy; providers use their native structured-output mode
+    where they have one, and the caller still validates. An empty reply (no text, no calls) is returned
+    as it is.
     """
 
     name: str
@@ -44,11 +54,14 @@ class Model(Protocol):
         *,
         temperature: float,
         on_text: TextSink | None = None,
+        tool_choice: ToolChoice = "auto",
+        response_schema: dict[str, Any] | None = None,
     ) -> ModelResponse: ...
 
 
 def split_model_spec(spec: str) -> tuple[str, str]:
-    """``"openai:gpt-4o"`` -> ``("openai", "gpt-4o")``; a bare name means openai; ``offline`` stands alone."""
+    """``"openai:gpt-4o"`` -> ``("openai", "gpt-4o")``; a bare ``claude-…`` means anthropic, any other
+    bare name openai; ``offline`` stands alone."""
     spec = (spec or "").strip()
     if not spec:
         raise ModelConfigError(
@@ -58,7 +71,7 @@ def split_model_spec(spec: str) -> tuple[str, str]:
         return "offline", spec.partition(":")[2]
     provider, sep, name = spec.partition(":")
     if not sep:
-        return "openai", spec
+        return ("anthropic" if spec.startswith("claude-") else "openai"), spec
     if not name:
         raise ModelConfigError(
             f"Model '{spec}' names no model after '{provider}:'; write e.g. '{provider}:<model-name>'."

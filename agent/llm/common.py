@@ -10,10 +10,10 @@ from urllib.parse import urlsplit
 
 import httpx2
 
+from agent import defaults
 from agent.errors import ModelConfigError
+from agent.llm.redact import redact
 
-DEFAULT_TIMEOUT = 120.0
-DEFAULT_RETRIES = 2
 _MESSAGE_LIMIT = 300
 
 
@@ -21,16 +21,18 @@ _MESSAGE_LIMIT = 300
 class LLMSettings:
     """Per-call limits shared by the SDK providers (the SDK defaults are a 10-minute timeout)."""
 
-    timeout: float = DEFAULT_TIMEOUT
-    max_retries: int = DEFAULT_RETRIES
+    timeout: float = defaults.LLM_TIMEOUT_SECONDS
+    max_retries: int = defaults.LLM_RETRIES
     stream: bool = True
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> LLMSettings:
         """Read AGENT_TRACE_LLM_TIMEOUT, AGENT_TRACE_LLM_RETRIES and AGENT_TRACE_LLM_STREAM."""
         return cls(
-            timeout=_env_number(env, "AGENT_TRACE_LLM_TIMEOUT", DEFAULT_TIMEOUT, float, minimum=0.001),
-            max_retries=_env_number(env, "AGENT_TRACE_LLM_RETRIES", DEFAULT_RETRIES, int, minimum=0),
+            timeout=_env_number(
+                env, "AGENT_TRACE_LLM_TIMEOUT", defaults.LLM_TIMEOUT_SECONDS, float, minimum=0.001
+            ),
+            max_retries=_env_number(env, "AGENT_TRACE_LLM_RETRIES", defaults.LLM_RETRIES, int, minimum=0),
             stream=_env_flag(env, "AGENT_TRACE_LLM_STREAM", True),
         )
 
@@ -56,10 +58,11 @@ def _env_flag(env: dict[str, str], key: str, default: bool) -> bool:
 
 
 def _scrub(text: str, secrets: tuple[str | None, ...]) -> str:
+    """The known secrets, URL credentials and secret-looking query values replaced by ``***``."""
     for secret in secrets:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
-    return text
+    return redact(text)
 
 
 def _short(text: str, limit: int = _MESSAGE_LIMIT) -> str:
@@ -71,7 +74,8 @@ def _provider_message(exc: Exception) -> str:
     """The provider's own short message: the error body's ``message`` when there is one."""
     body = getattr(exc, "body", None)
     if isinstance(body, dict):
-        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        error = body.get("error")
+        inner: dict[str, Any] = error if isinstance(error, dict) else body
         message = inner.get("message")
         if isinstance(message, str) and message.strip():
             return message

@@ -14,10 +14,20 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from agent.llm.base import ModelResponse, TextSink
+from agent.llm.base import ModelResponse, TextSink, ToolChoice
 from agent.trace.models import FunctionCall, MessageUsage, ToolCall
 
 EXCERPT_LIMIT = 400
+DIGEST_LIMIT = 1_500
+_DIGEST_EXCERPT = 120
+_COMPACTION_REQUEST = re.compile(r"summari[sz]e the conversation so far", re.IGNORECASE)
+_QUESTION_WORDS = ("question", "ask", "prompt")
+_LEAD_IN = re.compile(
+    r"^(?:[\s:,;\-–—]+|(?:to|and|then|please|ask|asking|the host|the user|me|whether|if|about|for|"
+    r"a question|question|with)\b)*",
+    re.IGNORECASE,
+)
+_QUESTION_END = re.compile(r"(?<=\?)|[.!;\n]|,?\s+(?:and\s+)?then\b")
 _PATH_WORDS = ("path", "file", "dir", "folder")
 _QUERY_WORDS = ("pattern", "query", "text", "search", "regex", "keyword", "term")
 _QUOTED = re.compile(r"\"([^\"]+)\"|'([^']+)'|`([^`]+)`")
@@ -51,7 +61,7 @@ def _tool_functions(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _named(name: str, text: str) -> int | None:
     """Where ``name`` occurs in ``text`` as a whole word (tool names may hold '_' and '-'), else None."""
-    match = re.search(rf"(?<!{_WORD_EDGE}){re.escape(name)}(?!{_WORD_EDGE})", text)
+    match = _mention(name, text)
     return match.start() if match else None
 
 
@@ -88,6 +98,7 @@ class _Clues:
 
     def __init__(self, text: str, tool_names: list[str], keys: set[str]):
         self.text = text
+        self.tool_names = tool_names
         self.explicit: dict[str, str] = {}
         if keys:  # ``name=value`` / ``name: value`` for the schema's own property names only
             alternatives = "|".join(re.escape(k) for k in sorted(keys, key=len, reverse=True))
@@ -117,6 +128,26 @@ class _Clues:
                 self.used.add(value)
                 return value
         return None
+
+
+def _question(text: str, tool_names: list[str]) -> str:
+    """A question from free text: what follows the tool's mention, lead-in words dropped, one sentence."""
+    mentions = [(m.start(), m.end()) for name in tool_names if (m := _mention(name, text))]
+    rest = text[min(mentions)[1] :] if mentions else text
+    if not rest.strip(" \t\n.!?"):  # the question came before the tool's name
+        rest = text
+        for name in tool_names:
+            rest = re.sub(rf"(?<!{_WORD_EDGE}){re.escape(name)}(?!{_WORD_EDGE})", " ", rest)
+    rest = _LEAD_IN.sub("", rest.strip())
+    sentence = _QUESTION_END.split(rest, maxsplit=1)[0].strip(" ,;:")
+    if not sentence:
+        return "What should I do next?"
+    sentence = sentence[0].upper() + sentence[1:]
+    return sentence if sentence.endswith("?") else sentence + "?"
+
+
+def _mention(name: str, text: str) -> re.Match[str] | None:
+    return re.search(rf"(?<!{_WORD_EDGE}){re.escape(name)}(?!{_WORD_EDGE})", text)
 
 
 def _path_like(token: str) -> bool:
@@ -223,7 +254,11 @@ def _value(
         return required, default if default in schema["enum"] else schema["enum"][0]
     is_path = any(word in lowered for word in _PATH_WORDS)
     is_query = any(word in lowered for word in _QUERY_WORDS) or lowered == "q"
+    if kind == "string" and required and any(word in lowered for word in _QUESTION_WORDS):
+        question = clues.take(clues.quoted) or _question(clues.text, clues.tool_names)
+        return True, _fit_string(question, schema)
     if kind == "string":
+        found: str | None
         if is_path:
             quoted_paths = [q for q in clues.quoted if _path_like(q)]
             found = clues.take(clues.paths + quoted_paths + (clues.quoted if required else []))
@@ -307,6 +342,13 @@ def arguments_for(function: dict[str, Any], text: str, tool_names: list[str]) ->
     return _fill_object(_resolve(schema, schema), clues, schema)
 
 
+def value_for_schema(schema: dict[str, Any], text: str) -> Any:
+    """A value valid for ``schema`` built from an answer's text: its strings get the whole text."""
+    clues = _Clues(text, [], _property_names(schema))
+    clues.quoted = []  # an answer's `code` spans are not the values it means
+    return _value("result", schema, clues, schema, required=True)[1]
+
+
 # --- answers ------------------------------------------------------------------------------------------
 
 
@@ -378,6 +420,41 @@ def _reflection(messages: list[dict[str, Any]], last_user: int) -> str:
     return "\n".join(bullets)
 
 
+def _digest(history: list[dict[str, Any]]) -> str:
+    """A compact, bounded digest of ``history``: the task, each tool call with its result, the last text."""
+    users = [_text(m.get("content")) for m in history if m.get("role") == "user"]
+    texts = [_text(m.get("content")) for m in history if m.get("role") == "assistant"]
+    latest = next((t for t in reversed(texts) if t.strip()), "")
+    calls = _calls_by_id(history)
+    lines = []
+    for message in history:
+        if message.get("role") != "tool":
+            continue
+        function = calls.get(str(message.get("tool_call_id")), {})
+        arguments = function.get("arguments") or ""
+        shown = f"`{function.get('name') or message.get('name') or 'a tool'}`"
+        if arguments not in ("", "{}"):
+            shown += f" {_short(arguments, 80)}"
+        excerpt = _short(_text(message.get("content")), _DIGEST_EXCERPT) or "(no output)"
+        lines.append(f"- {shown} → {excerpt}")
+    head = [
+        "Summary of the conversation so far:",
+        f'Task: "{_short(users[0], 300)}"' if users else "Task: (none given)",
+        f"Tool calls ({len(lines)}):" if lines else "Tool calls: none.",
+    ]
+    tail = [f'Latest answer: "{_short(latest, 300)}"'] if latest else []
+    room = DIGEST_LIMIT - sum(len(line) + 1 for line in head + tail) - 40
+    kept: list[str] = []
+    for line in reversed(lines):  # the latest calls matter most to what comes next
+        if len(line) + 1 > room:
+            break
+        kept.insert(0, line)
+        room -= len(line) + 1
+    if len(kept) < len(lines):
+        kept.insert(0, f"- … {len(lines) - len(kept)} earlier call(s) left out")
+    return "\n".join(head + kept + tail)[:DIGEST_LIMIT]
+
+
 def _plain_answer(messages: list[dict[str, Any]], user_text: str, functions: list[dict[str, Any]]) -> str:
     system = next((_text(m.get("content")) for m in messages if m.get("role") == "system"), None)
     parts = [f'You asked: "{_short(user_text, 200)}".' if user_text.strip() else "Your message was empty."]
@@ -405,9 +482,12 @@ class OfflineModel:
     """A deterministic demo/test model: no network, no randomness, no intelligence.
 
     Given the last user message it (a) calls each offered tool the text names, with schema-valid
-    arguments taken from the text; (b) once tool results follow, summarises them; (c) answers a
-    reflection request ("reflect", "lesson") with lesson bullets built from the conversation; (d)
-    otherwise replies quoting the request. ``delay`` sleeps before answering, to demo stopping a run.
+    arguments taken from the text (never with ``tool_choice="none"``), ids numbered on from the calls
+    already in the conversation; (b) once tool results follow, summarises them; (c) answers a
+    compaction request ("summarise the conversation so far") with a bounded digest, and a reflection
+    request ("reflect", "lesson") with lesson bullets built from the conversation; (d) otherwise replies
+    quoting the request. With a ``response_schema`` its text answers are JSON valid for the schema.
+    ``delay`` sleeps before answering, to demo stopping a run.
     """
 
     name = "offline"
@@ -422,12 +502,12 @@ class OfflineModel:
         *,
         temperature: float = 0.0,
         on_text: TextSink | None = None,
-        tool_choice: str = "auto",
+        tool_choice: ToolChoice = "auto",
         response_schema: dict[str, Any] | None = None,
     ) -> ModelResponse:
         """Answer by the rules above; cancellable at every await (``temperature`` is ignored)."""
         await anyio.sleep(self.delay)
-        response = self.respond(messages, tools)
+        response = self.respond(messages, tools, tool_choice=tool_choice, response_schema=response_schema)
         if response.content and on_text is not None:
             size = max(1, -(-len(response.content) // 4))
             for start in range(0, len(response.content), size):
@@ -435,8 +515,15 @@ class OfflineModel:
                 await anyio.lowlevel.checkpoint()  # a cancellation point between chunks
         return response
 
-    def respond(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> ModelResponse:
-        """The answer, synchronously: a pure function of ``messages`` and ``tools``."""
+    def respond(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        *,
+        tool_choice: ToolChoice = "auto",
+        response_schema: dict[str, Any] | None = None,
+    ) -> ModelResponse:
+        """The answer, synchronously: a pure function of its arguments."""
         functions = _tool_functions(tools)
         last_user = next(
             (i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), None
@@ -450,14 +537,17 @@ class OfflineModel:
             after = messages[last_user + 1 :]
             if any(m.get("role") == "tool" for m in after):
                 content = _summary(after)
+            elif _COMPACTION_REQUEST.search(user_text):
+                content = _digest(messages[:last_user])
             elif re.search(r"reflect|lesson", user_text, re.IGNORECASE):
                 content = _reflection(messages, last_user)
             else:
-                named = _named_tools(user_text, functions)
+                named = _named_tools(user_text, functions) if tool_choice != "none" else []
                 names = [f["name"] for f in functions]
+                made = sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
                 calls = [
                     ToolCall(
-                        id=f"call_offline_{index}",
+                        id=f"call_offline_{made + index}",
                         function=FunctionCall(
                             name=function["name"],
                             arguments=json.dumps(arguments_for(function, segment, names), ensure_ascii=False),
@@ -468,6 +558,8 @@ class OfflineModel:
                     )
                 ]
                 content = None if calls else _plain_answer(messages, user_text, functions)
+        if content is not None and response_schema is not None:
+            content = json.dumps(value_for_schema(response_schema, content), ensure_ascii=False)
         completion = (content or "") + "".join(c.function.name + c.function.arguments for c in calls)
         usage = MessageUsage(
             prompt_tokens=_estimate_tokens(messages) + (_estimate_tokens(tools) if tools else 0),

@@ -5,24 +5,15 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import httpx2  # the SDKs' HTTP client (agent.llm.common needs it too)
 import openai
 from openai import AsyncOpenAI
 
-try:  # the HTTP client of the SDK (httpx2 in newer SDKs, httpx before)
-    import httpx2
-except ImportError:  # pragma: no cover
-    import httpx as httpx2  # type: ignore[no-redef]
-
+from agent import defaults
 from agent.errors import ModelCallError, ModelConfigError
-from agent.llm.base import ModelResponse, TextSink
-from agent.llm.common import (
-    DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT,
-    LLMSettings,
-    error_kind,
-    provider_error_sentence,
-    url_origin,
-)
+from agent.llm.base import ModelResponse, TextSink, ToolChoice
+from agent.llm.common import LLMSettings, error_kind, provider_error_sentence, url_origin
+from agent.llm.redact import install_redaction
 from agent.trace.models import FunctionCall, MessageUsage, ToolCall
 
 LOCAL_PLACEHOLDER_KEY = "not-needed"  # local OpenAI-compatible servers accept any key
@@ -37,8 +28,8 @@ class OpenAIModel:
         *,
         api_key: str,
         base_url: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        max_retries: int = DEFAULT_RETRIES,
+        timeout: float = defaults.LLM_TIMEOUT_SECONDS,
+        max_retries: int = defaults.LLM_RETRIES,
         stream: bool = True,
         client: AsyncOpenAI | None = None,
     ) -> None:
@@ -49,6 +40,7 @@ class OpenAIModel:
         self.max_retries = max_retries
         self.stream = stream
         self._api_key = api_key
+        install_redaction()  # a base URL may carry credentials, and the HTTP client logs every URL
         self._client = client or AsyncOpenAI(
             api_key=api_key, base_url=self.base_url, timeout=timeout, max_retries=max_retries
         )
@@ -87,28 +79,34 @@ class OpenAIModel:
         *,
         temperature: float,
         on_text: TextSink | None = None,
+        tool_choice: ToolChoice = "auto",
+        response_schema: dict[str, Any] | None = None,
     ) -> ModelResponse:
-        """One chat completion; cancelling the caller's scope cancels the HTTP call and any retry sleep."""
-        request: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": temperature,
-            "timeout": self.timeout,
-        }
-        if tools:
-            request["tools"] = tools
+        """One chat completion; cancelling the caller's scope cancels the HTTP call and any retry sleep.
+
+        ``tool_choice="none"`` sends the tools with ``tool_choice: "none"`` (the API refuses a
+        ``tool_choice`` without tools, so with none it sends neither); a ``response_schema`` goes as a
+        non-strict ``json_schema`` response format, which accepts any schema.
+        """
+        request = build_request(self.model, messages, tools, temperature=temperature, tool_choice=tool_choice)
+        request["timeout"] = self.timeout
+        if response_schema is not None:
+            request["response_format"] = response_format(response_schema)
         try:
             if self.stream:
-                return await self._complete_streamed(request, on_text)
-            completion = await self._client.chat.completions.create(**request)
+                response = await self._complete_streamed(request, on_text)
+            else:
+                response = _from_completion(await self._client.chat.completions.create(**request))
+                if response.content and on_text is not None:
+                    on_text(response.content)  # one delta: the sink sees the same text in both modes
         except (openai.OpenAIError, httpx2.HTTPError) as exc:
             sentence = provider_error_sentence(
                 exc, self.name, kind=error_kind(exc, openai), base_url=self.base_url, secrets=(self._api_key,)
             )
             raise ModelCallError(sentence) from None
-        response = _from_completion(completion)
-        if response.content and on_text is not None:
-            on_text(response.content)  # one delta: the sink sees the same text in both modes
+        if tool_choice == "none" and response.tool_calls:
+            # some OpenAI-compatible servers ignore tool_choice; the contract is a text answer
+            response = response.model_copy(update={"tool_calls": []})
         return response
 
     async def _complete_streamed(self, request: dict[str, Any], on_text: TextSink | None) -> ModelResponse:
@@ -122,6 +120,28 @@ class OpenAIModel:
                 if delta_text and on_text is not None:
                     on_text(delta_text)
         return acc.response()
+
+
+def build_request(
+    model: str,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]],
+    *,
+    temperature: float,
+    tool_choice: ToolChoice,
+) -> dict[str, Any]:
+    """The Chat Completions arguments; ``tool_choice`` only when it is not the default and tools go."""
+    request: dict[str, Any] = {"model": model, "messages": messages, "temperature": temperature}
+    if tools:
+        request["tools"] = tools
+        if tool_choice == "none":
+            request["tool_choice"] = "none"
+    return request
+
+
+def response_format(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's structured-output mode, non-strict: strict mode accepts only a subset of JSON Schema."""
+    return {"type": "json_schema", "json_schema": {"name": "result", "schema": schema, "strict": False}}
 
 
 class StreamAccumulator:

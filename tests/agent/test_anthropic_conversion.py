@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx2
 import pytest
@@ -14,10 +15,12 @@ from agent.llm.anthropic import (
     AnthropicModel,
     StreamAccumulator,
     from_anthropic_message,
+    native_schema,
     to_anthropic_messages,
     to_anthropic_tools,
 )
-from agent.llm.base import resolve_model
+from agent.llm.base import resolve_model, split_model_spec
+from agent.llm.windows import context_window
 
 SECRET = "sk-ant-test-secret-0123456789"
 
@@ -171,7 +174,7 @@ def test_text_only_response_has_no_tool_calls():
     assert response.content == "Hi." and response.tool_calls == []
 
 
-STREAM_EVENTS = [
+STREAM_EVENTS: list[dict[str, Any]] = [
     {
         "type": "message_start",
         "message": {**MESSAGE, "content": [], "usage": {"input_tokens": 25, "output_tokens": 1}},
@@ -285,3 +288,96 @@ def test_from_env_reads_key_base_url_and_limits():
     assert AnthropicModel.from_env("x", {"ANTHROPIC_API_KEY": SECRET}).max_tokens == 4096
     with pytest.raises(ModelConfigError, match="AGENT_TRACE_MAX_TOKENS"):
         AnthropicModel.from_env("x", {"ANTHROPIC_API_KEY": SECRET, "AGENT_TRACE_MAX_TOKENS": "lots"})
+
+
+def test_flattened_tool_blocks_become_text_that_alternates():
+    messages = [
+        {"role": "user", "content": "add"},
+        {"role": "assistant", "content": "On it.", "tool_calls": [tool_call("c1", "add", '{"a": 2}')]},
+        {"role": "tool", "tool_call_id": "c1", "content": "2"},
+        {"role": "user", "content": "Reflect."},
+    ]
+    _, turns = to_anthropic_messages(messages, flatten_tools=True)
+    assert turns == [
+        {"role": "user", "content": [{"type": "text", "text": "add"}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": 'On it.\n[called tool add (id c1) with {"a": 2}]'}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "[result of tool add (id c1)]\n2"},
+                {"type": "text", "text": "Reflect."},
+            ],
+        },
+    ]
+
+
+def _request(messages, tools, **kw) -> dict:
+    model = AnthropicModel("claude-sonnet-4-5", api_key=SECRET, base_url="http://anthropic.test")
+    return model.build_request(messages, tools, **kw)
+
+
+def test_side_branch_requests_keep_tools_or_flatten_them():
+    tools = [{"type": "function", "function": {"name": "ls", "parameters": {"type": "object"}}}]
+    history = [
+        {"role": "user", "content": "look"},
+        {"role": "assistant", "content": None, "tool_calls": [tool_call("c1", "ls", "{}")]},
+        {"role": "tool", "tool_call_id": "c1", "content": "a.txt"},
+        {"role": "user", "content": "Reflect."},
+    ]
+    native = _request(history, tools, tool_choice="none")
+    assert native["tool_choice"] == {"type": "none"} and native["tools"][0]["name"] == "ls"
+    assert native["messages"][1]["content"][0]["type"] == "tool_use"
+    flat = _request(history, [], tool_choice="none")
+    assert "tools" not in flat and "tool_choice" not in flat
+    assert all(block["type"] == "text" for turn in flat["messages"] for block in turn["content"])
+    auto = _request(history, tools)
+    assert "tool_choice" not in auto and auto["messages"] == native["messages"]
+
+
+def test_native_schema_only_where_structured_outputs_help():
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}, "required": ["n"]}
+    config = native_schema("claude-sonnet-4-5", schema)
+    assert config is not None and config["format"]["type"] == "json_schema"
+    assert config["format"]["schema"]["additionalProperties"] is False
+    assert (
+        "minimum: 1" in config["format"]["schema"]["properties"]["n"]["description"]
+    )  # still validated by us
+    for old in ("claude-3-7-sonnet-latest", "claude-sonnet-4-20250514", "claude-opus-4-0", "claude-2.1"):
+        assert native_schema(old, schema) is None, old
+    assert native_schema("claude-sonnet-4-5", {"type": "object"}) is None  # free-form: it would force {}
+    assert native_schema("claude-sonnet-4-5", {"additionalProperties": {"type": "string"}}) is None
+    assert "output_config" in _request([{"role": "user", "content": "x"}], [], response_schema=schema)
+
+
+def test_bare_claude_names_mean_anthropic_and_others_openai():
+    assert split_model_spec("claude-sonnet-4-5") == ("anthropic", "claude-sonnet-4-5")
+    assert split_model_spec("gpt-4o") == ("openai", "gpt-4o")
+    assert split_model_spec("openai:claude-proxy") == ("openai", "claude-proxy")
+    with pytest.raises(ModelConfigError, match="ANTHROPIC_API_KEY"):
+        resolve_model("claude-sonnet-4-5", {"OPENAI_API_KEY": "sk-other"})
+
+
+@pytest.mark.parametrize(
+    ("spec", "tokens"),
+    [
+        ("openai:gpt-4o", 128_000),
+        ("gpt-4o-mini-2024-07-18", 128_000),
+        ("openai:gpt-4.1-nano", 1_047_576),
+        ("o3-mini", 200_000),
+        ("o4-mini", 200_000),
+        ("gpt-5-mini", 272_000),
+        ("claude-sonnet-4-5", 200_000),
+        ("anthropic:claude-3-5-haiku-latest", 200_000),
+        ("anthropic:claude-opus-4-1-20250805", 200_000),
+        ("openai:openai/gpt-4o", 128_000),
+        ("openai:llama3", None),
+        ("offline", None),
+        ("", None),
+        ("mystery:model", None),
+    ],
+)
+def test_context_window_by_prefix(spec, tokens):
+    assert context_window(spec) == tokens

@@ -228,3 +228,156 @@ async def test_delay_is_cancellable():
         with anyio.move_on_after(0.05) as scope:
             await OfflineModel(delay=60).complete(convo("hello"), [], temperature=0)
     assert scope.cancelled_caught
+
+
+ASK = tool("ask_host", {"question": {"type": "string"}}, ["question"])
+
+
+async def run_turns(model: OfflineModel, requests: list[str], tools: list[dict]) -> list[dict]:
+    """Drive the model as the runner does: each request, its tool calls answered, until it answers."""
+    messages = convo(requests[0])
+    for index, request in enumerate(requests):
+        if index:
+            messages.append({"role": "user", "content": request})
+        for _ in range(3):
+            response = await model.complete(messages, tools, temperature=0)
+            calls = [c.model_dump() for c in response.tool_calls]
+            messages.append({"role": "assistant", "content": response.content, "tool_calls": calls or None})
+            if not calls:
+                break
+            messages += [{"role": "tool", "tool_call_id": c["id"], "content": "ok"} for c in calls]
+    return messages
+
+
+async def test_call_ids_are_unique_across_turns_and_reflection_counts_every_call():
+    messages = await run_turns(
+        OfflineModel(), ["use calc__add to add 2 and 3", "now read_file a.txt and grep for x"], TOOLS
+    )
+    ids = [c["id"] for m in messages if m.get("tool_calls") for c in m["tool_calls"]]
+    assert ids == ["call_offline_1", "call_offline_2", "call_offline_3"]
+    messages.append({"role": "user", "content": "Reflect on this run."})
+    reflection = await OfflineModel().complete(messages, TOOLS, temperature=0)
+    assert "3 tool calls" in reflection.content and "4 model steps" in reflection.content
+
+
+async def test_tool_choice_none_never_calls_a_tool():
+    response = await OfflineModel().complete(
+        convo("use calc__add to add 2 and 3"), TOOLS, temperature=0, tool_choice="none"
+    )
+    assert response.tool_calls == [] and "use calc__add to add 2 and 3" in response.content
+
+
+async def test_compaction_request_gets_a_bounded_digest_and_no_calls():
+    model = OfflineModel()
+    messages = await run_turns(model, ["read_file notes.md please", "grep for TODO"], TOOLS)
+    messages.append({"role": "user", "content": "Summarise the conversation so far; read_file is named."})
+    response = await model.complete(messages, TOOLS, temperature=0)
+    assert response.tool_calls == []
+    digest = response.content
+    assert 'Task: "read_file notes.md please"' in digest
+    assert '`read_file` {"path": "notes.md"} → ok' in digest and "`grep`" in digest
+    assert "Latest answer:" in digest and "here is what came back" in digest
+    many = convo("count to 300") + [
+        m
+        for i in range(300)
+        for m in (
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": f"c{i}", "type": "function", "function": {"name": "grep", "arguments": "{}"}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": f"c{i}", "content": f"result {i} " + "x" * 300},
+        )
+    ]
+    many.append({"role": "user", "content": "Please SUMMARISE THE CONVERSATION SO FAR."})
+    long_digest = (await model.complete(many, TOOLS, temperature=0)).content
+    assert len(long_digest) <= 1_500 and "earlier call(s) left out" in long_digest
+    assert "result 299" in long_digest and "result 0 " not in long_digest
+    assert long_digest == (await OfflineModel().complete(many, TOOLS, temperature=0)).content
+
+
+@pytest.mark.parametrize(
+    ("text", "question"),
+    [
+        ("Use ask_host to ask the host which colour to use, then summarise", "Which colour to use?"),
+        ("ask_host: which file should I read?", "Which file should I read?"),
+        ("Which database should I use? Ask with ask_host.", "Which database should I use?"),
+        ('call ask_host "May I delete build/?"', "May I delete build/?"),
+        ("ask_host", "What should I do next?"),
+    ],
+)
+async def test_ask_host_gets_a_question_from_the_text(text, question):
+    response = await OfflineModel().complete(convo(text), [ASK, READ], temperature=0)
+    [call] = response.tool_calls
+    assert call.function.name == "ask_host" and call.function.parsed_arguments() == {"question": question}
+
+
+async def test_the_hosts_answer_is_summarised():
+    messages = convo("Use ask_host to ask which file to read") + [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_offline_1",
+                    "type": "function",
+                    "function": {"name": "ask_host", "arguments": '{"question": "Which file to read?"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_offline_1", "content": "Read README.md"},
+    ]
+    response = await OfflineModel().complete(messages, [ASK], temperature=0)
+    assert response.tool_calls == []
+    assert "`ask_host`" in response.content and "returned: Read README.md" in response.content
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {
+            "type": "object",
+            "properties": {"answer": {"type": "string"}, "n": {"type": "integer"}},
+            "required": ["answer", "n"],
+        },
+        {
+            "type": "object",
+            "properties": {
+                "verdict": {"enum": ["pass", "fail"]},
+                "files": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                "detail": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
+            },
+            "required": ["verdict", "files", "detail"],
+            "additionalProperties": False,
+        },
+        {"type": "string", "maxLength": 20},
+        {"type": "array", "items": {"type": "number", "minimum": 10}, "minItems": 2},
+    ],
+)
+async def test_text_answers_are_json_valid_for_a_response_schema(schema):
+    for messages in (
+        convo("What is the capital of France? Say 3 things."),
+        convo("Reflect on this run."),
+        await run_turns(OfflineModel(), ["use calc__add to add 2 and 3"], TOOLS),
+    ):
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]  # ask for the answer again, now with the schema
+        response = await OfflineModel().complete(messages, TOOLS, temperature=0, response_schema=schema)
+        assert response.tool_calls == []
+        jsonschema.validate(json.loads(response.content), schema)
+        again = await OfflineModel().complete(messages, TOOLS, temperature=0, response_schema=schema)
+        assert again.content == response.content
+
+
+async def test_a_response_schema_does_not_stop_tool_calls():
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    response = await OfflineModel().complete(
+        convo("use calc__add to add 2 and 3"), TOOLS, temperature=0, response_schema=schema
+    )
+    assert response.content is None and [c.function.name for c in response.tool_calls] == ["calc__add"]
+    summary = await OfflineModel().complete(
+        convo("x")[:1] + [{"role": "user", "content": "hello"}], [], temperature=0, response_schema=schema
+    )
+    assert json.loads(summary.content)["a"].startswith('You asked: "hello".')

@@ -6,6 +6,7 @@ replies and records every request, so retries, streaming assembly and cancellati
 
 from __future__ import annotations
 
+import logging
 import socket
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from agent.errors import ModelCallError, ModelConfigError
 from agent.llm.base import resolve_model
 from agent.llm.openai import OpenAIModel
+from agent.llm.redact import RedactingFilter, redact
 from tests.fake_openai import FakeOpenAI, chunk, completion
 
 SECRET = "sk-test-secret-0123456789"
@@ -36,7 +38,8 @@ def fake(fake_openai: FakeOpenAI) -> FakeOpenAI:
 async def make_model(fake: FakeOpenAI, **kw: Any) -> OpenAIModel:
     kw.setdefault("max_retries", 2)
     kw.setdefault("timeout", 30)
-    return OpenAIModel("gpt-test", api_key=SECRET, base_url=f"http://127.0.0.1:{fake.port}/v1", **kw)
+    base_url = f"http://127.0.0.1:{fake.port}/v1"  # type: ignore[attr-defined]  # set by serving()
+    return OpenAIModel("gpt-test", api_key=SECRET, base_url=base_url, **kw)
 
 
 pytestmark = pytest.mark.slow  # real HTTP to the fake provider
@@ -236,3 +239,75 @@ def test_from_env_reads_timeout_retries_and_stream():
     assert (default.timeout, default.max_retries, default.stream) == (120.0, 2, True)
     with pytest.raises(ModelConfigError, match="AGENT_TRACE_LLM_TIMEOUT"):
         OpenAIModel.from_env("gpt-4o", {"OPENAI_API_KEY": SECRET, "AGENT_TRACE_LLM_TIMEOUT": "soon"})
+
+
+@pytest.mark.anyio
+async def test_tool_choice_none_goes_with_the_tools_and_no_call_comes_back(fake):
+    calls = [{"id": "call_a", "type": "function", "function": {"name": "add", "arguments": "{}"}}]
+    fake.script = [("json", completion("Text only.", calls))]  # a compatible server that ignores it
+    model = await make_model(fake, stream=False)
+    history = [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "call_a", "content": "0"},
+        {"role": "user", "content": "Reflect on this run."},
+    ]
+    response = await model.complete(history, [ADD_TOOL], temperature=0, tool_choice="none")
+    await model.complete(history, [], temperature=0, tool_choice="none")
+    await model.complete(USER, [ADD_TOOL], temperature=0)
+    await model.aclose()
+    assert response.content == "Text only." and response.tool_calls == []
+    with_tools, without_tools, auto = (r["body"] for r in fake.requests)
+    assert with_tools["tool_choice"] == "none" and with_tools["tools"] == [ADD_TOOL]
+    assert with_tools["messages"] == history
+    assert "tool_choice" not in without_tools and "tools" not in without_tools  # refused without tools
+    assert "tool_choice" not in auto  # the default is not spelled out: some servers reject it
+
+
+@pytest.mark.anyio
+async def test_response_schema_goes_as_a_json_schema_response_format(fake):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    fake.script = [("sse", ([chunk({"content": '{"n": 3}'}), chunk(None, usage=(5, 2))], False))]
+    model = await make_model(fake)
+    response = await model.complete(USER, [], temperature=0, response_schema=schema)
+    await model.aclose()
+    assert response.content == '{"n": 3}'
+    assert fake.requests[0]["body"]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "result", "schema": schema, "strict": False},
+    }
+
+
+def test_redact_hides_userinfo_and_secret_query_values():
+    assert redact("POST http://alice:s3cret@host:8/v1/chat?api-key=k1&x=1&token=t2#f") == (
+        "POST http://***@host:8/v1/chat?api-key=***&x=1&token=***#f"
+    )
+    kept = "GET https://host/v1/models?limit=5&design=x user@example.com"
+    assert redact(kept) == kept
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["userinfo", "query"])
+async def test_credentials_in_the_base_url_never_reach_the_log(fake, caplog, where):
+    password = "pw-0123456789-secret"
+    base = f"http://127.0.0.1:{fake.port}/v1"
+    if where == "userinfo":
+        base = f"http://bob:{password}@127.0.0.1:{fake.port}/v1"
+    else:
+        base += f"?api-key={password}"
+    fake.script = [("json", completion("Hello."))]
+    caplog.set_level(logging.INFO)
+    for logger in [logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)]:
+        for installed in [f for f in logger.filters if isinstance(f, RedactingFilter)]:
+            logger.removeFilter(installed)  # an earlier test's provider must not do this one's work
+    model = resolve_model("openai:gpt-test", {"OPENAI_BASE_URL": base, "AGENT_TRACE_LLM_RETRIES": "0"})
+    try:
+        await model.complete(USER, [], temperature=0)
+    except ModelCallError as exc:  # a query in a base URL may spoil the path: the log is what matters
+        assert password not in str(exc)
+    finally:
+        await model.aclose()  # type: ignore[attr-defined]
+    http_lines = [r.getMessage() for r in caplog.records if r.name.startswith("httpx")]
+    assert any("HTTP Request: POST http://" in line and f":{fake.port}/v1" in line for line in http_lines)
+    assert all(password not in r.getMessage() for r in caplog.records)
+    assert password not in caplog.text and "***" in caplog.text
