@@ -112,7 +112,7 @@ class Engine:
     async def message(self, trace_id: str, sequence: int) -> Message | None:
         return await self._store.get_message(trace_id, sequence)
 
-    async def list(
+    async def list_traces(
         self, *, status: str | None = None, uid: str | None = None, limit: int = 20, cursor: str | None = None
     ) -> TracePage:
         return await self._store.list_traces(status=status, uid=uid, limit=limit, cursor=cursor)

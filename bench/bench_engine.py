@@ -25,10 +25,11 @@ import anyio
 # Run from anywhere: the installed editable finder may map `agent` to a namespace package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent import AgentRunner, NewMessage, RunConfig, Trace, open_store
-from agent.llm.base import ModelResponse
+from agent import AgentRunner, NewMessage, RunConfig, Trace, TraceConfig, open_store
+from agent.llm.base import ModelResponse, TextSink, ToolChoice
 from agent.tools.registry import ToolRegistry
 from agent.trace.models import FunctionCall, ToolCall
+from agent.trace.store import new_token
 
 STEP_TRACE_STEPS, STEP_TRACES, WARMUP_TRACES = 50, 7, 2
 CONCURRENT_TRACES, CONCURRENT_STEPS = 100, 20
@@ -44,7 +45,16 @@ class BenchModel:
         self.name = f"bench:{steps}"
         self.steps = steps
 
-    async def complete(self, messages: list[dict], tools: list[dict], *, temperature: float, on_text=None):
+    async def complete(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        *,
+        temperature: float,
+        on_text: TextSink | None = None,
+        tool_choice: ToolChoice = "auto",
+        response_schema: dict[str, Any] | None = None,
+    ) -> ModelResponse:
         last = messages[-1]
         done = int(last["tool_call_id"][1:]) + 1 if last["role"] == "tool" else 0
         if done >= self.steps - 1:
@@ -54,12 +64,17 @@ class BenchModel:
         )
 
 
+RESULT_BYTES = int(os.environ.get("BENCH_RESULT_BYTES", "500"))
+
+
 class OkTool:
-    name, description, group = "ok", "returns ok", None
+    """Returns RESULT_BYTES of text (500 by default: a small file listing or a short read)."""
+
+    name, description, group = "ok", "returns a fixed text", None
     input_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {}}
 
     async def call(self, args: dict[str, Any]) -> str:
-        return "ok"
+        return "x" * RESULT_BYTES
 
 
 def ms(seconds: float) -> float:
@@ -119,8 +134,9 @@ async def bench_concurrent(runner: AgentRunner) -> dict:
 async def build_trace(store, n: int, branches: tuple[int, ...] = ()) -> str:
     """A linear chain of ``n`` messages (system, user, then assistant tool call / tool result pairs),
     plus 5-message side branches forking off each sequence in ``branches``; the head ends on the chain's end."""
-    trace = await store.create_trace(Trace(trace_id=os.urandom(16).hex(), model="bench:1"))
-    tid = trace.trace_id
+    tid = os.urandom(16).hex()
+    token = new_token()
+    await store.create(Trace(trace_id=tid, model="bench:1"), [], token)
 
     def message(seq: int) -> NewMessage:
         if seq <= 2:
@@ -131,15 +147,20 @@ async def build_trace(store, n: int, branches: tuple[int, ...] = ()) -> str:
         return NewMessage(role="tool", tool_call_id=f"c{seq - 1}", content="ok")
 
     for seq in range(1, n + 1):
-        await store.append_message(tid, message(seq), seq - 1 or None)
+        await store.append(tid, message(seq), seq - 1 or None, token=token)
     for fork in branches:
         parent = fork
         for _ in range(5):
             parent = (
-                await store.append_message(tid, NewMessage(role="user", content="side"), parent)
+                await store.append(tid, NewMessage(role="user", content="side"), parent, token=token)
             ).sequence
-    await store.update_trace(tid, head_sequence=n)
+    await claim_at(store, tid, token, n)
     return tid
+
+
+async def claim_at(store, tid: str, token: str, head: int) -> None:
+    """What a rewind writes: the claim moves the head (then the run would append after it)."""
+    await store.claim(tid, token, head=head, model="bench:1", config=TraceConfig())
 
 
 async def timed(repeats: int, func, *args, reset=None) -> float:
@@ -160,14 +181,19 @@ async def bench_rewind(store) -> dict:
     big = await build_trace(store, BIG_MESSAGES, branches=(3, 101, 2_001, 5_001, 9_001))
     build_s = time.perf_counter() - start
     small = await build_trace(store, SHORT_PATH)
+    token = new_token()  # the bench holds every claim under one token, as one run would
+    for tid in (big, small):
+        trace = await store.get_trace(tid)
+        await store.finish(tid, (await store.renew())[tid], status=trace.status, stop_reason=None, error=None)
+        await claim_at(store, tid, token, trace.head_sequence)
 
     async def rewind(tid: str) -> None:  # the store work of a run with insert_after=REWIND_TO
-        await store.update_trace(tid, head_sequence=REWIND_TO)
+        await claim_at(store, tid, token, REWIND_TO)
         path = await store.get_path(tid, REWIND_TO)
         assert len(path) == REWIND_TO
 
     def restore(tid: str, head: int):
-        return lambda: store.update_trace(tid, head_sequence=head)
+        return lambda: claim_at(store, tid, token, head)
 
     assert len(await store.get_path(big)) == BIG_MESSAGES
     return {
@@ -184,6 +210,7 @@ async def bench_rewind(store) -> dict:
 
 async def main() -> dict:
     result: dict[str, Any] = {
+        "tool_result_bytes": RESULT_BYTES,
         "python": platform.python_version(),
         "sqlite_version": sqlite3.sqlite_version,
         "cpu_count": os.cpu_count(),

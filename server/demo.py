@@ -10,6 +10,7 @@ import argparse
 import json
 import tempfile
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,21 +80,26 @@ def render_tree(trace: dict[str, Any], messages: list[dict[str, Any]], active: s
     return lines
 
 
+def _text(blocks: Sequence[Any]) -> str:
+    """The text of the first text block of a tool result or resource."""
+    return next((b.text for b in blocks if isinstance(getattr(b, "text", None), str)), "")
+
+
 async def _call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
     result = await client.call_tool(tool, arguments)
-    if result.is_error:
-        raise SystemExit(f"demo: {tool} failed: {result.content[0].text}")
+    if result.is_error or result.structured_content is None:
+        raise SystemExit(f"demo: {tool} failed: {_text(result.content)}")
     return result.structured_content
 
 
 async def _wait(client: Client, trace_id: str) -> dict[str, Any]:
-    async def progress(value: float, total: float | None, message: str | None) -> None:
+    async def progress(progress: float, total: float | None, message: str | None) -> None:
         _say(f"   · {message}")
 
     result = await client.call_tool(
         "get_trace", {"trace_id": trace_id, "wait_seconds": 60}, progress_callback=progress
     )
-    return result.structured_content
+    return result.structured_content or {}
 
 
 def _prepare(data_dir: Path) -> Settings:
@@ -142,10 +148,10 @@ async def run_demo(args: argparse.Namespace | None = None) -> int:
         _say(textwrap.indent(reflection["reflection"], "     "))
         _say(f"   appended to {settings.experiences}")
 
-        tree = json.loads((await client.read_resource(f"trace://{tid}/tree")).contents[0].text)
+        tree = json.loads(_text((await client.read_resource(f"trace://{tid}/tree")).contents))
         active = {
             m["sequence"]
-            for m in json.loads((await client.read_resource(f"trace://{tid}")).contents[0].text)["messages"]
+            for m in json.loads(_text((await client.read_resource(f"trace://{tid}")).contents))["messages"]
         }
         trace = tree["trace"]
         _say(f"\n4. The trace tree (trace://{tid}/tree) — ● active path, ○ other branches")

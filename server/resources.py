@@ -83,14 +83,16 @@ async def resource_list_middleware(ctx: ServerRequestContext[Any, Any], call_nex
     cursor = (ctx.params or {}).get("cursor")
     # Start from the SDK's own answer so era-specific fields (resultType, cache hints) stay as it sets them.
     result = await call_next(ctx)
-    wire = (
+    wire: dict[str, Any] = (
         dict(result)
         if isinstance(result, dict)
         else result.model_dump(by_alias=True, mode="json", exclude_none=True)
+        if result is not None
+        else {}
     )
     static = [] if cursor else list(wire.get("resources", []))
     try:
-        page = await state.engine.list(limit=PAGE_SIZE, cursor=cursor or None)
+        page = await state.engine.list_traces(limit=PAGE_SIZE, cursor=cursor or None)
     except TraceError as exc:
         raise MCPError(code=INVALID_PARAMS, message=str(exc)) from None
     wire["resources"] = static + [_resource(t) for t in page.traces]

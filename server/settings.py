@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from agent import defaults
 from agent.engine import EngineSettings
@@ -37,7 +37,7 @@ class Settings(EngineSettings):
     def for_data_dir(cls, data_dir: Path | str, **overrides) -> Settings:
         """Settings rooted in one folder (what the demo and the tests use)."""
         data_dir = Path(data_dir)
-        values = dict(
+        values: dict[str, Any] = dict(
             data_dir=data_dir,
             db=data_dir / "traces.db",
             experiences=data_dir / "experiences.md",

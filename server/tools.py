@@ -13,7 +13,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
-from agent import Message, RunConfig, Trace, TraceError
+from agent import Message, RunConfig, Trace, TraceError, defaults
 from agent.core.runner import last_answer
 from agent.engine import Engine
 from agent.trace.models import Status
@@ -132,10 +132,12 @@ def register_tools(mcp: MCPServer) -> None:
         model: Annotated[
             str | None, Field(description="'provider:name': 'openai:gpt-4o', 'anthropic:<model>', 'offline'")
         ] = None,
-        temperature: Annotated[float, Field(ge=0, le=2, description="Sampling temperature")] = 0.3,
+        temperature: Annotated[
+            float, Field(ge=0, le=2, description="Sampling temperature")
+        ] = defaults.TEMPERATURE,
         max_iterations: Annotated[
-            int, Field(ge=1, le=10_000, description="Most model calls in one run")
-        ] = 200,
+            int, Field(ge=1, le=defaults.MAX_ITERATIONS_LIMIT, description="Most model calls in one run")
+        ] = defaults.MAX_ITERATIONS,
         system_prompt: Annotated[
             str | None, Field(description="System prompt; none: built from skills and recalled lessons")
         ] = None,
@@ -259,7 +261,7 @@ def register_tools(mcp: MCPServer) -> None:
         cursor: Annotated[str | None, Field(description="next_cursor from the previous page")] = None,
     ) -> TraceList:
         """Traces, newest first, a page at a time."""
-        page = await engine_of(ctx).list(
+        page = await engine_of(ctx).list_traces(
             status=status.value if status else None, uid=uid, limit=limit, cursor=cursor
         )
         return TraceList(traces=page.traces, next_cursor=page.next_cursor)

@@ -19,7 +19,7 @@ conversation is always one a provider accepts. Every step yields the events it s
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,7 +139,7 @@ class Run:
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    async def steps(self) -> AsyncIterator[TraceEvent]:
+    async def steps(self) -> AsyncGenerator[TraceEvent, None]:
         """Drive the run to its end (and any continuation queued meanwhile), yielding what it stores."""
         while True:
             async for event in self._segment():
@@ -156,7 +156,7 @@ class Run:
             if released is not None:
                 yield TraceChanged(released)
 
-    async def _segment(self) -> AsyncIterator[TraceEvent]:
+    async def _segment(self) -> AsyncGenerator[TraceEvent, None]:
         outcome = ANSWERED
         segment = self.segment
         self.state = "running"
@@ -165,8 +165,8 @@ class Run:
             while True:
                 pending = pending_calls(segment.context)
                 if pending:
-                    for event in await self._tool_step(pending):
-                        yield event
+                    for stored_event in await self._tool_step(pending):
+                        yield stored_event
                 if self.stop_requested:
                     break
                 if iterations >= segment.max_iterations:
@@ -224,15 +224,15 @@ class Run:
                     finished = await self._finish(outcome, keep_claim=will_reflect)
             self.state = "reflecting" if will_reflect and not self.lost else "done"
             self.finished.set()
-        for event in finished:
-            yield event
+        for finish_event in finished:
+            yield finish_event
         if self.state != "reflecting" or self.reflector is None:
             return
         try:
             with self._guard():
                 reflected = await self.reflector(segment.trace, self.head)
-            for event in reflected:
-                yield event
+            for reflected_event in reflected:
+                yield reflected_event
         except Exception:
             log.exception("the reflection on trace %s failed", self.trace_id)
         finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -166,8 +166,8 @@ class AgentRunner:
                         log.warning("trace %s: another process took over its claim; stopping here", trace_id)
                         run.lose_claim()
                 for trace_id, token in held.items():
-                    run = self._active.get(trace_id)
-                    if run is None or run.token != token:
+                    local = self._active.get(trace_id)
+                    if local is None or local.token != token:
                         await self._let_go(trace_id, token)
                 await self.store.sweep()
             except Exception:
@@ -233,17 +233,18 @@ class AgentRunner:
                 group.start_soon(self._supervise, run, name=f"trace {run.trace_id}")
         return request.segment.trace
 
-    async def run(self, messages: Sequence[Any], config: RunConfig) -> AsyncIterator[TraceEvent]:
+    async def run(self, messages: Sequence[Any], config: RunConfig) -> AsyncGenerator[TraceEvent, None]:
         """Run in the caller's task: yields the claimed trace, then every event of the run as stored."""
         request = await self._prepare(messages, config)
         with anyio.CancelScope(shield=True):
-            run = await self._commit(request)
-        if run is None:  # queued behind a reflection: follow that run instead
+            committed = await self._commit(request)
+        if committed is None:  # queued behind a reflection: follow that run instead
             behind = request.behind
             assert behind is not None
             await behind.done.wait()
             yield TraceChanged(await self.store.get_trace(behind.trace_id))
             return
+        run = committed
         started = False
         try:
             yield TraceChanged(run.segment.trace)
@@ -323,7 +324,7 @@ class AgentRunner:
                 error = "the model gave an empty answer"
         return RunResult(trace=await self.store.get_trace(trace_id), messages=stored, error=error)
 
-    async def _drain(self, run: Run) -> AsyncIterator[TraceEvent]:
+    async def _drain(self, run: Run) -> AsyncGenerator[TraceEvent, None]:
         """The one loop every adapter runs: each event the run stores is published, then yielded."""
         async with aclosing(run.steps()) as steps:
             async for event in steps:

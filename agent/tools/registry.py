@@ -22,10 +22,14 @@ class Tool(Protocol):
     failure, which the runner turns into a tool message. It must be cancellable at any await.
     """
 
-    name: str
-    description: str
-    input_schema: dict[str, Any]
-    group: str | None
+    @property
+    def name(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def input_schema(self) -> dict[str, Any]: ...
+    @property
+    def group(self) -> str | None: ...
 
     async def call(self, arguments: dict[str, Any]) -> str: ...
 

@@ -15,9 +15,11 @@ def is_postgres_url(db: str | Path) -> bool:
 async def open_store(db: str | Path, *, lease_seconds: float = defaults.LEASE_SECONDS) -> TraceStore:
     """Open (creating and migrating) the store; claims left by dead processes are swept on the way."""
     if is_postgres_url(db):
-        from agent.trace.postgres import PostgresTraceStore
+        from importlib import import_module
 
-        return await PostgresTraceStore.open(str(db), lease_seconds=lease_seconds)
+        postgres = import_module("agent.trace.postgres")
+        store: TraceStore = await postgres.PostgresTraceStore.open(str(db), lease_seconds=lease_seconds)
+        return store
     from agent.trace.sqlite import SQLiteTraceStore
 
     return await SQLiteTraceStore.open(db, lease_seconds=lease_seconds)

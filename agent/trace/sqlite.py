@@ -196,17 +196,22 @@ class SQLiteTraceStore:
         """Run ``attempt`` (shielded, under the write lock), retrying while the database is locked."""
         with anyio.CancelScope(shield=True):
             async with self._write_lock:
-                deadline = time.monotonic() + WRITE_RETRY_SECONDS
-                delay = 0.05
-                while True:
-                    try:
-                        return await attempt()
-                    except sqlite3.OperationalError as exc:
-                        if not _busy(exc) or time.monotonic() + delay > deadline:
-                            raise
-                        log.warning("the trace database is locked by another process; retrying a write")
-                        await anyio.sleep(delay)
-                        delay = min(delay * 2, 2.0)
+                result = await self._until_unlocked(attempt)
+        return result
+
+    @staticmethod
+    async def _until_unlocked(attempt: Callable[[], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + WRITE_RETRY_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                return await attempt()
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("the trace database is locked by another process; retrying a write")
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _write(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """One statement: atomic by itself, one trip to the connection's thread."""

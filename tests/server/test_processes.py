@@ -47,7 +47,9 @@ async def test_two_stdio_servers_on_one_data_dir_share_every_run(tmp_path, works
         tid = (await call(host_a, "create_trace", prompt="Look around"))["trace_id"]
         await host_b.session.subscribe_resource(f"trace://{tid}")
         # B refuses a second run of A's trace, and lists it as running
-        refusal = await call_error(host_b, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "me"}])
+        refusal = await call_error(
+            host_b, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "me"}]
+        )
         assert "already running" in refusal
         assert tid in (await call(host_b, "list_running"))["running"]
 
