@@ -98,6 +98,21 @@ class Engine:
     def model(self, spec: str | None = None) -> Model:
         return self._runner.model(spec)
 
+    # -- this process's runs (for the shared server: idle exit, drain, stop --now) ------------------------
+
+    def local_runs(self) -> list[str]:
+        """The traces this process is running (or reflecting on) now."""
+        return self._runner.owned()
+
+    async def stop_local_runs(self) -> None:
+        """Stop every run of this process and wait until each has ended ``stopped``."""
+        self._runner.stop_all()
+        await self._runner.wait_idle()
+
+    async def wait_local_idle(self) -> None:
+        """Return once this process runs nothing (a draining server waits here)."""
+        await self._runner.wait_idle()
+
     # -- views ------------------------------------------------------------------------------------------
 
     async def get(self, trace_id: str) -> Trace:

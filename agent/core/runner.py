@@ -200,6 +200,20 @@ class AgentRunner:
         run.stop()
         return True
 
+    def owned(self) -> list[str]:
+        """Every trace this process holds a run of: running, finishing or reflecting."""
+        return list(self._active)
+
+    def stop_all(self) -> None:
+        """Stop every run of this process (each ends ``stopped``, its open tool calls closed)."""
+        for run in list(self._active.values()):
+            run.stop()
+
+    async def wait_idle(self) -> None:
+        """Return once this process runs nothing."""
+        while self._active:
+            await next(iter(self._active.values())).done.wait()
+
     def _stop_asked(self, trace_id: str) -> None:
         """Another process asked (through the store) to stop a trace: act if it is ours."""
         self.stop(trace_id)
