@@ -170,12 +170,28 @@ def m005_claims_and_changes(db: sqlite3.Connection) -> None:
     )
 
 
+def m006_steering(db: sqlite3.Connection) -> None:
+    """Tags to group traces, when the latest run started, the question a paused trace asks, the typed
+    result, and where a fork came from."""
+    _run_script(
+        db,
+        """
+        ALTER TABLE traces ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';
+        ALTER TABLE traces ADD COLUMN started_at TEXT;
+        ALTER TABLE traces ADD COLUMN question TEXT;
+        ALTER TABLE traces ADD COLUMN result TEXT;
+        ALTER TABLE traces ADD COLUMN forked_from TEXT
+        """,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial,
     m002_recalled_lessons,
     m003_head_follows_messages,
     m004_run_owner,
     m005_claims_and_changes,
+    m006_steering,
 ]
 
 

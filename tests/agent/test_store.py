@@ -234,3 +234,60 @@ async def test_every_change_is_logged_with_the_token_that_made_it(store):
     assert changes[1].message.content == "hi" and changes[3].trace.status is Status.COMPLETED
     assert await store.changes_after(changes[-1].id) == []
     assert await store.changes_after(start, limit=2) == changes[:2]
+
+
+# -- steering fields, tails, deletion and retention --------------------------------------------------------
+
+
+async def test_tags_fork_question_and_result_round_trip(store):
+    from agent.trace.models import ForkPoint
+
+    await new_trace(store, "t1", user(), tags=["batch-7", "eval"], forked_from=ForkPoint(trace_id="t0", sequence=4))
+    _, token = await new_trace(store, "t2", user(), tags=["eval"])
+    paused = await store.finish(
+        "t2", token, status=Status.NEEDS_INPUT, stop_reason=StopReason.NEEDS_INPUT, error=None, question="Which file?"
+    )
+    assert (paused.question, paused.outcome.value) == ("Which file?", "needs_input")
+    assert [t.trace_id for t in (await store.list_traces(tag="eval")).traces] == ["t2", "t1"]
+    assert [t.trace_id for t in (await store.list_traces(tag="batch-7")).traces] == ["t1"]
+    one = await store.get_trace("t1")
+    assert one.tags == ["batch-7", "eval"] and one.forked_from == ForkPoint(trace_id="t0", sequence=4)
+    claimed, _ = await store.claim("t2", new_token(), head=1, model="offline", config=TraceConfig())
+    assert claimed.question is None and claimed.started_at is not None
+    done = await store.finish(
+        "t2", (await store.renew())["t2"], status=Status.COMPLETED, stop_reason=StopReason.END_TURN,
+        error=None, result={"files": 3},
+    )  # fmt: skip
+    assert done.result == {"files": 3} and (await store.get_trace("t2")).result == {"files": 3}
+
+
+async def test_the_tail_of_the_path_costs_its_length(store):
+    _, token = await new_trace(store, "t1", *[user(str(i)) for i in range(10)])
+    await store.append("t1", user("side"), 3, token=None, side=True)
+    assert [m.content for m in await store.get_tail("t1", 3)] == ["7", "8", "9"]
+    assert len(await store.get_tail("t1", 50)) == 10
+    assert await store.get_tail("t1", 0) == []
+
+
+async def test_delete_refuses_a_claimed_trace_and_removes_an_idle_one(store):
+    await new_trace(store, "busy", user())
+    await idle_trace(store, "idle", user(), NewMessage(role="assistant", content="a"))
+    assert await store.delete("busy") is False
+    assert (await store.get_trace("busy")).status is Status.RUNNING
+    start = await store.last_change_id()
+    assert await store.delete("idle") is True
+    with pytest.raises(TraceNotFound):
+        await store.get_trace("idle")
+    assert await store.get_tree("idle") == []
+    assert [c.kind for c in await store.changes_after(start)] == ["deleted"]
+    with pytest.raises(TraceNotFound):
+        await store.delete("idle")
+
+
+async def test_prune_deletes_only_finished_traces_older_than_the_cut(store):
+    await idle_trace(store, "done", user())
+    await new_trace(store, "running", user())
+    assert await store.prune("2000-01-01T00:00:00") == 0  # nothing finished that long ago
+    assert await store.prune("2999-01-01T00:00:00") == 1
+    assert [t.trace_id for t in (await store.list_traces(limit=10)).traces] == ["running"]
+    assert await store.get_tree("done") == []
