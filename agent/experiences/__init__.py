@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskStatus
 
 from agent import defaults
 from agent.experiences.consolidate import ConsolidationResult, consolidate
@@ -129,7 +130,7 @@ class Experiences:
         return await self.file.read_bounded(max_chars)
 
     async def lessons(self) -> list[Lesson]:
-        """The lessons in file order (the newest 2,000 at most, each cut to a bounded length)."""
+        """The lessons in file order: the newest ``MAX_INDEXED_LESSONS``, each cut to ``MAX_LESSON_CHARS``."""
         return await self.index.lessons()
 
     async def lesson_count(self) -> int:
@@ -156,7 +157,7 @@ class Experiences:
         on_change: Callable[[], Awaitable[object]],
         *,
         interval: float = defaults.FEED_POLL_SECONDS,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Call ``on_change`` whenever the file changes, until cancelled (run it in a task group with
         ``await tg.start(experiences.watch, notify)``: changes after ``start`` returns are seen)."""
