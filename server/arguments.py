@@ -67,11 +67,11 @@ def sentence(error: ErrorDetails, tool: str) -> str:
     if kind in _KINDS:
         return f"{name} must be {_KINDS[kind]}; got {got}."
     if kind in ("greater_than_equal", "greater_than"):
-        bound = ctx.get("ge", ctx.get("gt"))
+        bound = _number(ctx.get("ge", ctx.get("gt")))
         word = "at least" if kind == "greater_than_equal" else "more than"
         return f"{name} must be {word} {bound}; got {got}."
     if kind in ("less_than_equal", "less_than"):
-        bound = ctx.get("le", ctx.get("lt"))
+        bound = _number(ctx.get("le", ctx.get("lt")))
         word = "at most" if kind == "less_than_equal" else "less than"
         return f"{name} must be {word} {bound}; got {got}."
     if kind in ("string_too_long", "too_long"):
@@ -91,6 +91,10 @@ def sentence(error: ErrorDetails, tool: str) -> str:
         return f"{tool} has no argument '{where}'."
     message = str(error.get("msg", "is invalid")).split(" [", 1)[0].rstrip(".")
     return f"{name} is invalid ({message}); got {got}."
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def validation_sentence(exc: ValidationError, tool: str) -> str:

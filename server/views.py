@@ -174,7 +174,11 @@ def summary(trace: Trace, tail: Sequence[Message], *, note: str | None = None) -
     answer = answer_of(trace, tail)
     last_text = last_text_of(tail)
     last_sequence = tail[-1].sequence if tail else None
-    limits = [(ANSWER_CHARS, LAST_TEXT_CHARS, RECENT_LINES, QUESTION_CHARS), (600, 200, 3, 400), (200, 100, 2, 200)]
+    limits = [
+        (ANSWER_CHARS, LAST_TEXT_CHARS, RECENT_LINES, QUESTION_CHARS),
+        (600, 200, 3, 400),
+        (200, 100, 2, 200),
+    ]
     body: dict[str, Any] = {}
     for answer_chars, last_chars, lines, question_chars in limits:
         body = {

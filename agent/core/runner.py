@@ -55,6 +55,7 @@ class RunConfig(BaseModel):
     tools: list[str] | None = None
     name: str | None = None
     uid: str | None = None
+    tags: list[str] | None = None
     trace_id: str | None = None
     insert_after: int | None = None
     recall: int | None = Field(None, ge=0)
@@ -429,6 +430,7 @@ class AgentRunner:
             trace_id=secrets.token_hex(16),
             name=config.name,
             uid=config.uid,
+            tags=list(dict.fromkeys(config.tags or [])),
             model=spec,
             config=trace_config,
             lessons=lessons,

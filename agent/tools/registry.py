@@ -67,8 +67,10 @@ class ToolRegistry:
         unknown = [w for w in whitelist if w not in known]
         if unknown:
             available = ", ".join(self.names() + [f"{g} (server)" for g in self.groups()]) or "none"
+            named = ", ".join(repr(name[:80]) for name in unknown[:5]) + (" …" if len(unknown) > 5 else "")
             raise UnknownToolError(
-                f"Unknown tool or server name(s) {', '.join(map(repr, unknown))} in tools; available: {available}."
+                f"Unknown tool or server name(s) {named} in tools; available: {available} "
+                "(agent_info describes each)."
             )
 
     def select(self, whitelist: list[str] | None) -> list[Tool]:

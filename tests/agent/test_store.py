@@ -242,10 +242,17 @@ async def test_every_change_is_logged_with_the_token_that_made_it(store):
 async def test_tags_fork_question_and_result_round_trip(store):
     from agent.trace.models import ForkPoint
 
-    await new_trace(store, "t1", user(), tags=["batch-7", "eval"], forked_from=ForkPoint(trace_id="t0", sequence=4))
+    await new_trace(
+        store, "t1", user(), tags=["batch-7", "eval"], forked_from=ForkPoint(trace_id="t0", sequence=4)
+    )
     _, token = await new_trace(store, "t2", user(), tags=["eval"])
     paused = await store.finish(
-        "t2", token, status=Status.NEEDS_INPUT, stop_reason=StopReason.NEEDS_INPUT, error=None, question="Which file?"
+        "t2",
+        token,
+        status=Status.NEEDS_INPUT,
+        stop_reason=StopReason.NEEDS_INPUT,
+        error=None,
+        question="Which file?",
     )
     assert (paused.question, paused.outcome.value) == ("Which file?", "needs_input")
     assert [t.trace_id for t in (await store.list_traces(tag="eval")).traces] == ["t2", "t1"]
