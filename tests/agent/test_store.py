@@ -269,7 +269,7 @@ async def test_tags_fork_question_and_result_round_trip(store):
 
 
 async def test_the_tail_of_the_path_costs_its_length(store):
-    _, token = await new_trace(store, "t1", *[user(str(i)) for i in range(10)])
+    await new_trace(store, "t1", *[user(str(i)) for i in range(10)])
     await store.append("t1", user("side"), 3, token=None, side=True)
     assert [m.content for m in await store.get_tail("t1", 3)] == ["7", "8", "9"]
     assert len(await store.get_tail("t1", 50)) == 10

@@ -14,15 +14,6 @@ from tests.fakes import ScriptedModel, call, models_for, reply, turn_script
 
 
 @pytest.fixture
-def workspace(tmp_path):
-    root = tmp_path / "workspace"
-    root.mkdir()
-    (root / "README.md").write_text("# Demo project\nThe answer is 42.\n", encoding="utf-8")
-    (root / "notes.txt").write_text("remember the milk\n", encoding="utf-8")
-    return root
-
-
-@pytest.fixture
 def settings(tmp_path, workspace) -> Settings:
     return Settings.for_data_dir(tmp_path / "data", model="scripted", workspace=workspace)
 
