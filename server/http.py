@@ -10,6 +10,7 @@ real clients out); POSTs that are not an ``initialize`` opening sessions; half-s
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import socket
@@ -56,10 +57,8 @@ def check_bind(settings: Settings) -> None:
 def _own_names() -> list[str]:
     """This machine's names and addresses: what clients of a wildcard bind put in their Host header."""
     names = {socket.gethostname(), socket.getfqdn()}
-    try:
+    with contextlib.suppress(OSError):
         names |= {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)}
-    except OSError:
-        pass
     return sorted(n for n in names if n)
 
 
@@ -111,7 +110,7 @@ class BearerToken:
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 body = {"error": "unauthorized", "error_description": "Send 'Authorization: Bearer <token>'."}
-                await _reply(send, 401, body, [(b"www-authenticate", b'Bearer realm="agent-trace-mcp"')])
+                await _reply(send, 401, body, ((b"www-authenticate", b'Bearer realm="agent-trace-mcp"'),))
                 return
         await self.app(scope, receive, send)
 
