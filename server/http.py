@@ -81,8 +81,8 @@ def transport_security(settings: Settings) -> TransportSecuritySettings | None:
 
 
 async def _reply(
-    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()
-) -> None:  # type: ignore[assignment]
+    send: Send, status: int, body: dict[str, Any], headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
     data = json.dumps(body).encode()
     await send(
         {
