@@ -25,6 +25,7 @@ from agent.experiences import ConsolidationResult, Experiences, Lesson, format_l
 from agent.llm.base import Model, resolve_model
 from agent.reflection import Reflection, reflect_on_trace
 from agent.skills import LoadSkillTool, read_skills, skills_system_prompt
+from agent.tools.ask import AskHostTool
 from agent.tools.files import workspace_tools
 from agent.tools.mcp import McpServers, load_mcp_config
 from agent.tools.registry import ToolRegistry
@@ -129,7 +130,9 @@ class Engine:
         """Stop a running trace wherever it runs; False when it is not running."""
         if self._runner.stop(trace_id):
             return True
-        return await self._store.request_stop(trace_id)
+        if await self._store.request_stop(trace_id):
+            return True
+        return await self._runner.cancel_paused(trace_id)
 
     async def reflect(self, trace_id: str, focus: str | None = None) -> Reflection:
         reflection = await reflect_on_trace(self._runner, self.experiences, trace_id, focus)
@@ -280,7 +283,7 @@ class Engine:
             ToolInfo(
                 t.name, " ".join(t.description.split())[:160], t.group, bool(getattr(t, "read_only", False))
             )
-            for t in self.tools.select(None)
+            for t in [*self.tools.select(None), AskHostTool()]
         ]
         servers: list[dict[str, Any]] = []
         if self.downstream is not None and hasattr(self.downstream, "describe"):

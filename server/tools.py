@@ -203,6 +203,14 @@ WaitSeconds = Annotated[
         description=f"Wait up to this long (capped at the server's --max-wait, {defaults.MAX_WAIT_SECONDS:g} s)",
     ),
 ]
+MaxTokens = Annotated[
+    int | None,
+    Field(ge=1, description="Token budget for a run (prompt + completion); it ends hit_limit when spent"),
+]
+TimeoutSeconds = Annotated[
+    float | None,
+    Field(gt=0, le=86_400, description="Wall-clock limit for a run, in seconds; it ends hit_limit"),
+]
 Tags = Annotated[
     StrList | None,
     Field(max_length=MAX_TAGS, description=f"Labels to group traces by (at most {MAX_TAGS})"),
@@ -295,6 +303,30 @@ def register_tools(mcp: MCPServer) -> None:
         reflect: Annotated[
             bool, Field(description="Reflect automatically when the run completes or fails")
         ] = False,
+        max_tokens: MaxTokens = None,
+        timeout_seconds: TimeoutSeconds = None,
+        output_schema: Annotated[
+            dict[str, Any] | None,
+            Field(
+                description="A JSON Schema the final answer must satisfy; the valid JSON comes back as result"
+            ),
+        ] = None,
+        ask_host: Annotated[
+            bool,
+            Field(description="Give the agent an ask_host(question) tool: it pauses the run as needs_input"),
+        ] = True,
+        confirm_tools: Annotated[
+            StrList | None,
+            Field(description="Tools or servers whose calls wait for your approval (run_trace(approve=...))"),
+        ] = None,
+        from_trace: Annotated[
+            TraceId | None,
+            Field(description="Fork: start from a copy of this trace's path (the source is unchanged)"),
+        ] = None,
+        from_sequence: Annotated[
+            Sequence_ | None,
+            Field(description="Fork: copy the source's path up to this sequence (default: its head)"),
+        ] = None,
     ) -> Started:
         """Start a new agent trace in the background and return its id at once.
 
@@ -304,7 +336,7 @@ def register_tools(mcp: MCPServer) -> None:
         all_messages = list(messages or [])
         if prompt:
             all_messages.append({"role": "user", "content": prompt})
-        if not all_messages:
+        if not all_messages and from_trace is None:
             raise ToolError("Give the task as prompt (a string) or messages (OpenAI chat messages).")
         check_sizes(name, uid, tags, tools, system_prompt)
         config = RunConfig(
@@ -318,11 +350,19 @@ def register_tools(mcp: MCPServer) -> None:
             recall=recall,
             reflect=reflect,
             tags=tags,
+            max_tokens=max_tokens,
+            timeout_seconds=timeout_seconds,
+            output_schema=output_schema,
+            ask_host=ask_host,
+            confirm_tools=confirm_tools,
+            from_trace=from_trace,
+            from_sequence=from_sequence,
         )
         engine = engine_of(ctx)
         trace = await engine.create(all_messages, config)
+        verb = "started" if from_trace is None else f"forked from {from_trace} and started"
         return Started(
-            trace_id=trace.trace_id, message=started_message(trace, "started", engine.settings.max_wait)
+            trace_id=trace.trace_id, message=started_message(trace, verb, engine.settings.max_wait)
         )
 
     @mcp.tool(title="Run trace", annotations=RUNS_AGENT)
@@ -338,10 +378,49 @@ def register_tools(mcp: MCPServer) -> None:
                 "message's tool results); with no messages, regenerate from there"
             ),
         ] = None,
+        answer: Annotated[
+            str | None,
+            Field(
+                max_length=MAX_PROMPT_CHARS,
+                description="Your answer to the question a needs_input trace asks",
+            ),
+        ] = None,
+        approve: Annotated[
+            bool | None,
+            Field(
+                description="For a tool call waiting for approval: true runs it, false declines it (answer: why)"
+            ),
+        ] = None,
+        model: Annotated[
+            str | None, Field(max_length=200, description="Another model for this run and after")
+        ] = None,
+        temperature: Annotated[
+            float | None, Field(ge=0, le=2, description="Another sampling temperature")
+        ] = None,
+        max_iterations: Annotated[
+            int | None,
+            Field(ge=1, le=defaults.MAX_ITERATIONS_LIMIT, description="Most model calls in this run"),
+        ] = None,
+        tools: Annotated[StrList | None, Field(description="Another whitelist of tools or servers")] = None,
+        max_tokens: MaxTokens = None,
+        timeout_seconds: TimeoutSeconds = None,
     ) -> Started:
-        """Continue, rewind or regenerate a trace that is not running; returns at once while the run goes on."""
+        """Continue, rewind, regenerate, or answer a trace that is not running; returns at once while the run
+        goes on. Overrides (model, temperature, budgets, tools) apply to this run and are stored with the trace."""
         engine = engine_of(ctx)
-        trace = await engine.continue_(trace_id, messages or [], RunConfig(insert_after=insert_after))
+        check_sizes(None, None, None, tools, None)
+        config = RunConfig(
+            insert_after=insert_after,
+            answer=answer,
+            approve=approve,
+            model=model,
+            temperature=temperature,
+            max_iterations=max_iterations,
+            tools=tools,
+            max_tokens=max_tokens,
+            timeout_seconds=timeout_seconds,
+        )
+        trace = await engine.continue_(trace_id, messages or [], config)
         return Started(
             trace_id=trace.trace_id,
             message=started_message(trace, "is running again", engine.settings.max_wait),
@@ -541,6 +620,15 @@ def register_tools(mcp: MCPServer) -> None:
             backup_path=str(result.backup_path) if result.backup_path else None,
             skipped_reason=result.skipped_reason,
         )
+
+    @mcp.tool(title="Delete trace", annotations=DELETES)
+    @tool_errors
+    async def delete_trace(ctx: Context, trace_id: TraceId) -> Deleted:
+        """Delete a trace that is not running, with all its messages (lessons it taught stay in experiences)."""
+        engine = engine_of(ctx)
+        if not await engine.delete(trace_id):
+            raise ToolError(f"Trace '{trace_id}' is running; stop it (stop_trace) before you delete it.")
+        return Deleted(trace_id=trace_id, deleted=True)
 
     @mcp.tool(title="What the agent can use", annotations=READ_ONLY)
     @tool_errors

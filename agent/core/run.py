@@ -19,6 +19,7 @@ conversation is always one a provider accepts. Every step yields the events it s
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,8 +29,10 @@ import anyio
 
 from agent import defaults
 from agent.core.messages import open_tool_calls
+from agent.core.typed import MAX_REASKS, parse_result, reask
 from agent.errors import ModelCallError, ToolCallError
 from agent.llm.base import Model, ModelResponse
+from agent.tools.ask import ASK_HOST, question_of
 from agent.tools.registry import Tool, ToolRegistry, openai_tool_schema
 from agent.trace.events import MessageStored, TraceChanged, TraceEvent
 from agent.trace.models import Message, NewMessage, Status, StopReason, ToolCall, Trace
@@ -49,6 +52,8 @@ class Outcome:
     status: Status
     stop_reason: StopReason
     error: str | None = None
+    question: str | None = None
+    result: Any = None
 
     @classmethod
     def answered(cls) -> Outcome:
@@ -63,6 +68,8 @@ ANSWERED = Outcome.answered()
 STOPPED = Outcome(Status.STOPPED, StopReason.STOPPED)
 INTERRUPTED = Outcome(Status.INTERRUPTED, StopReason.INTERRUPTED)
 MAX_ITERATIONS = Outcome(Status.COMPLETED, StopReason.MAX_ITERATIONS)
+TOKEN_BUDGET = Outcome(Status.STOPPED, StopReason.TOKEN_BUDGET)
+TIMEOUT = Outcome(Status.STOPPED, StopReason.TIMEOUT)
 
 
 class EmptyReply(Exception):
@@ -79,6 +86,23 @@ class Segment:
     context: list[Message]
     max_iterations: int
     reflect: bool = False
+    confirm: frozenset[str] = frozenset()
+    """Tool names and server names whose calls wait for the host's approval."""
+    approved: frozenset[str] = frozenset()
+    """Ids of pending calls the host approved (run them this time)."""
+    max_tokens: int | None = None
+    timeout_seconds: float | None = None
+    deadline: float | None = None
+    """anyio time at which the run ends ``timeout`` (set when the segment starts)."""
+    output_schema: dict[str, Any] | None = None
+
+    def needs_approval(self, call: ToolCall) -> bool:
+        if call.id in self.approved:
+            return False
+        tool = next((t for t in self.tools if t.name == call.function.name), None)
+        return call.function.name in self.confirm or (
+            tool is not None and tool.group is not None and tool.group in self.confirm
+        )
 
 
 Reflector = Callable[[Trace, int], Awaitable[list[TraceEvent]]]
@@ -99,6 +123,7 @@ class Run:
     """claimed → running → finishing → reflecting (claim kept) → done"""
     queued: Segment | None = None
     stop_requested: bool = False
+    timed_out: bool = False
     lost: bool = False
     holding: bool = False
     outcome: Outcome | None = None
@@ -127,8 +152,9 @@ class Run:
 
     @contextmanager
     def _guard(self) -> Iterator[anyio.CancelScope]:
-        """Run one model or tool step so that ``stop`` cancels it."""
-        with anyio.CancelScope() as scope:
+        """Run one model or tool step so that ``stop`` (or the run's deadline) cancels it."""
+        deadline = self.segment.deadline if self.segment.deadline is not None else math.inf
+        with anyio.CancelScope(deadline=deadline) as scope:
             self._scope = scope
             if self.stop_requested:
                 scope.cancel()
@@ -136,6 +162,8 @@ class Run:
                 yield scope
             finally:
                 self._scope = None
+        if anyio.current_time() >= deadline:
+            self.timed_out = True
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -156,27 +184,53 @@ class Run:
             if released is not None:
                 yield TraceChanged(released)
 
+    def _ending(self, tokens: int) -> Outcome | None:
+        """A limit reached between steps: stopped, timed out, or over the token budget."""
+        if self.timed_out or (
+            self.segment.deadline is not None and anyio.current_time() >= self.segment.deadline
+        ):
+            self.timed_out = True
+            return TIMEOUT
+        if self.segment.max_tokens is not None and tokens >= self.segment.max_tokens:
+            return TOKEN_BUDGET
+        if self.stop_requested:
+            return STOPPED
+        return None
+
     async def _segment(self) -> AsyncGenerator[TraceEvent, None]:
         outcome = ANSWERED
         segment = self.segment
         self.state = "running"
+        if segment.timeout_seconds is not None:
+            segment.deadline = anyio.current_time() + segment.timeout_seconds
         try:
-            iterations = empty = 0
+            iterations = empty = reasks = tokens = 0
             while True:
                 pending = pending_calls(segment.context)
                 if pending:
-                    for stored_event in await self._tool_step(pending):
+                    runnable = [c for c in pending if not self._waits_for_host(c)]
+                    for stored_event in await self._tool_step(runnable):
                         yield stored_event
-                if self.stop_requested:
+                    waiting = [c for c in pending if self._waits_for_host(c)]
+                    if waiting and self._ending(tokens) is None:
+                        outcome = Outcome(
+                            Status.NEEDS_INPUT, StopReason.NEEDS_INPUT, question=self._question(waiting)
+                        )
+                        break
+                if (ending := self._ending(tokens)) is not None:
+                    outcome = ending
                     break
                 if iterations >= segment.max_iterations:
                     outcome = MAX_ITERATIONS
                     break
                 response = await self._call_model()
                 iterations += 1
-                if response is None:  # stopped before the model said anything
+                if response is None:  # stopped (or out of time) before the model said anything
+                    outcome = self._ending(tokens) or STOPPED
                     break
-                if not response.content and not response.tool_calls:
+                if response.usage is not None:
+                    tokens += response.usage.prompt_tokens + response.usage.completion_tokens
+                if not response.content and not response.tool_calls and self._ending(tokens) is None:
                     empty += 1
                     if empty >= 2:
                         raise EmptyReply()
@@ -190,8 +244,26 @@ class Run:
                     usage=response.usage,
                 )
                 yield await self._append(assistant)
-                if self.stop_requested or not response.tool_calls:
+                if (ending := self._ending(tokens)) is not None:
+                    outcome = ending
                     break
+                if response.tool_calls:
+                    continue
+                if segment.output_schema is None:
+                    break
+                value, problem = parse_result(response.content, segment.output_schema)
+                if problem is None:
+                    outcome = Outcome(Status.COMPLETED, StopReason.END_TURN, result=value)
+                    break
+                if reasks >= MAX_REASKS:
+                    outcome = Outcome.failed(
+                        f"The answer was not JSON valid for output_schema after {reasks + 1} tries ({problem})."
+                    )
+                    break
+                reasks += 1
+                yield await self._append(
+                    NewMessage(role="user", content=reask(problem, segment.output_schema))
+                )
         except ModelCallError as exc:
             outcome = Outcome.failed(str(exc))
         except EmptyReply:
@@ -210,7 +282,7 @@ class Run:
                 f"The run failed with an internal error ({type(exc).__name__}); the server log has the details."
             )
         finally:
-            if self.stop_requested and outcome == ANSWERED:
+            if self.stop_requested and outcome.status is Status.COMPLETED:
                 outcome = STOPPED
             will_reflect = (
                 segment.reflect
@@ -251,7 +323,7 @@ class Run:
         """Close open tool calls and record the outcome; keep the claim when a reflection follows."""
         events: list[TraceEvent] = []
         try:
-            if open_tool_calls(self.segment.context):
+            if open_tool_calls(self.segment.context) and outcome.status is not Status.NEEDS_INPUT:
                 text = CANCELLED_TOOL_RESULT if outcome.status is Status.STOPPED else UNFINISHED_TOOL_RESULT
                 for call_id in open_tool_calls(self.segment.context):
                     events.append(
@@ -264,6 +336,8 @@ class Run:
                 stop_reason=outcome.stop_reason,
                 error=outcome.error,
                 release=not keep_claim,
+                question=outcome.question,
+                result=outcome.result,
             )
         except ClaimLost:
             self.lost = True
@@ -284,6 +358,24 @@ class Run:
                 wire[message.sequence] = message.to_openai()
         return [wire[m.sequence] for m in self.segment.context]
 
+    def _waits_for_host(self, call: ToolCall) -> bool:
+        """An ask_host call, or a call the host must approve first."""
+        asks = call.function.name == ASK_HOST and any(t.name == ASK_HOST for t in self.segment.tools)
+        return asks or self.segment.needs_approval(call)
+
+    def _question(self, waiting: list[ToolCall]) -> str:
+        """What the paused run asks the host: the agent's questions, then the approvals it needs."""
+        asked = [question_of(c.function.arguments) for c in waiting if c.function.name == ASK_HOST]
+        approvals = [c for c in waiting if c.function.name != ASK_HOST]
+        parts = list(asked)
+        if approvals:
+            listed = "; ".join(f"{c.function.name}({_short(c.function.arguments, 300)})" for c in approvals)
+            parts.append(
+                f"The agent wants to call {listed}. Approve with run_trace(approve=true), or decline with "
+                "approve=false and answer='why'."
+            )
+        return " ".join(parts)
+
     async def _call_model(self) -> ModelResponse | None:
         """One model call that ``stop`` cancels; a stopped call keeps its streamed text (None if there was none)."""
         partial: list[str] = []
@@ -292,7 +384,11 @@ class Run:
         schemas = [openai_tool_schema(t) for t in segment.tools]
         with self._guard():
             return await segment.model.complete(
-                messages, schemas, temperature=segment.trace.config.temperature, on_text=partial.append
+                messages,
+                schemas,
+                temperature=segment.trace.config.temperature,
+                on_text=partial.append,
+                response_schema=segment.output_schema,
             )
         text = "".join(partial)
         return ModelResponse(content=text) if text else None
@@ -356,6 +452,11 @@ class Run:
                 result[: defaults.MAX_TOOL_RESULT_CHARS] + f"\n[truncated: {len(result)} characters in all]"
             )
         return result
+
+
+def _short(text: str, limit: int) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def pending_calls(context: list[Message]) -> list[ToolCall]:
