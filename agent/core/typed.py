@@ -41,7 +41,7 @@ def parse_result(text: str | None, schema: dict[str, Any]) -> tuple[Any, str | N
         raw = fenced.group(1)
     try:
         value = json.loads(raw)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return None, f"it is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
     error = next(iter(sorted(Draft202012Validator(schema).iter_errors(value), key=lambda e: e.path)), None)
     if error is None:
