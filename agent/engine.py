@@ -12,6 +12,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,10 @@ class EngineSettings:
     experience_budget: int = defaults.EXPERIENCE_BUDGET
     tool_timeout: float = defaults.TOOL_TIMEOUT_SECONDS
     max_wait: float = defaults.MAX_WAIT_SECONDS
+    context_tokens: int | None = None
+    """The prompt budget; None: the model's known window, else ``defaults.CONTEXT_TOKENS``."""
+    retain_days: float | None = None
+    """Finished traces older than this are deleted (None: kept forever)."""
 
 
 OnMessage = Callable[[Message], Awaitable[None]]
@@ -328,6 +333,18 @@ class Engine:
             await self._store.note_change("experiences")
         return result
 
+    async def _prune_finished(self, days: float) -> None:
+        """``--retain-days``: delete finished traces not updated for that long, now and every hour."""
+        while True:
+            cut = (datetime.now(UTC) - timedelta(days=days)).isoformat(timespec="microseconds")
+            try:
+                removed = await self._store.prune(cut)
+                if removed:
+                    log.info("deleted %d finished trace(s) older than %g days", removed, days)
+            except Exception:
+                log.exception("pruning old traces failed")
+            await anyio.sleep(3600)
+
     async def _consolidate_if_over_budget(self) -> None:
         budget = self.settings.experience_budget
         try:
@@ -380,6 +397,7 @@ async def open_engine(
             default_model=settings.model,
             system_prompt=system_prompt_builder(settings, experiences),
             tool_timeout=settings.tool_timeout,
+            context_tokens=settings.context_tokens,
         )
         group = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(group.cancel_scope.cancel)  # runs first on exit: background housekeeping stops
@@ -392,6 +410,8 @@ async def open_engine(
 
         runner.reflector = reflect_in_run
         await stack.enter_async_context(runner)
+        if settings.retain_days is not None:
+            group.start_soon(engine._prune_finished, settings.retain_days)
         yield engine
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from agent import defaults
+from agent.trace.compaction import compaction_of
 from agent.trace.models import Message, Outcome, Trace
 
 SUMMARY_BYTES = 4000
@@ -55,6 +56,13 @@ def elide(value: Any, limit: int = 60) -> str:
 def one_line(message: Message, names: dict[str, str] | None = None, limit: int = LINE_CHARS) -> str:
     """A short line for a message: progress notes, ``recent`` and ``last_action``."""
     names = names if names is not None else {}
+    record = compaction_of(message)
+    if record is not None:
+        saved = f" (~{int(record.get('tokens_saved', 0)):,} tokens saved)"
+        if record.get("covers"):
+            first, last = record["covers"]
+            return f"compacted the context: summarised messages {first}–{last}{saved}"
+        return f"compacted the context: {len(record.get('elided', []))} old tool results elided{saved}"
     if message.role == "assistant" and message.tool_calls:
         calls = []
         for call in message.tool_calls:

@@ -51,7 +51,9 @@ def parse_messages(raw: Sequence[Any]) -> list[NewMessage]:
             raise InvalidMessages(
                 f"Message {index} has role {role!r}; use one of system, user, assistant, tool."
             )
-        data = {k: v for k, v in item.items() if k != "usage"}
+        data = {
+            k: v for k, v in item.items() if k not in ("usage", "meta")
+        }  # engine fields, never a caller's
         data["content"] = _text_content(index, item.get("content"))
         try:
             message = NewMessage.model_validate(data)

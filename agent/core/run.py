@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +34,7 @@ from agent.errors import ModelCallError, ToolCallError
 from agent.llm.base import Model, ModelResponse
 from agent.tools.ask import ASK_HOST, question_of
 from agent.tools.registry import Tool, ToolRegistry, openai_tool_schema
+from agent.trace import compaction
 from agent.trace.events import MessageStored, TraceChanged, TraceEvent
 from agent.trace.models import Message, NewMessage, Status, StopReason, ToolCall, Trace
 from agent.trace.store import ClaimLost, TraceStore
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CANCELLED_TOOL_RESULT = "Cancelled: the trace was stopped before this tool call finished."
 UNFINISHED_TOOL_RESULT = "Not run: the previous run ended before this tool call finished."
+WAITING_TOOL_RESULT = "Not answered yet: the run is waiting for the host to reply to this call."
 EMPTY_REPLY_ERROR = "The model gave an empty reply (no text and no tool calls) twice in a row."
 
 
@@ -95,6 +97,8 @@ class Segment:
     deadline: float | None = None
     """anyio time at which the run ends ``timeout`` (set when the segment starts)."""
     output_schema: dict[str, Any] | None = None
+    context_tokens: int = defaults.CONTEXT_TOKENS
+    """The prompt budget of this segment's model (see ``agent.trace.compaction.budget_for``)."""
 
     def needs_approval(self, call: ToolCall) -> bool:
         if call.id in self.approved:
@@ -130,8 +134,11 @@ class Run:
     finished: anyio.Event = field(default_factory=anyio.Event)
     """Set once the outcome is written (a continuation may then be queued behind the reflection)."""
     done: anyio.Event = field(default_factory=anyio.Event)
+    tokens_per_char: float = compaction.INITIAL_TOKENS_PER_CHAR
     _scope: anyio.CancelScope | None = None
     _wire: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _sizes: dict[int, int] = field(default_factory=dict)
+    _sent_chars: int = 0
 
     @property
     def trace_id(self) -> str:
@@ -177,6 +184,7 @@ class Run:
             self.segment, self.queued = self.queued, None
             self.finished = anyio.Event()
             self._wire.clear()
+            self._sizes.clear()
         if self.holding and not self.lost:
             with anyio.CancelScope(shield=True):
                 released = await self.store.release(self.trace_id, self.token)
@@ -223,6 +231,11 @@ class Run:
                 if iterations >= segment.max_iterations:
                     outcome = MAX_ITERATIONS
                     break
+                for compacted in await self._fit_context():
+                    yield compacted
+                if (ending := self._ending(tokens)) is not None:
+                    outcome = ending
+                    break
                 response = await self._call_model()
                 iterations += 1
                 if response is None:  # stopped (or out of time) before the model said anything
@@ -230,6 +243,7 @@ class Run:
                     break
                 if response.usage is not None:
                     tokens += response.usage.prompt_tokens + response.usage.completion_tokens
+                    self._calibrate(response.usage.prompt_tokens)
                 if not response.content and not response.tool_calls and self._ending(tokens) is None:
                     empty += 1
                     if empty >= 2:
@@ -350,13 +364,92 @@ class Run:
 
     # -- model step ---------------------------------------------------------------------------------
 
-    def model_messages(self) -> list[dict[str, Any]]:
-        """The active path as the model receives it (each message converted once per run)."""
-        wire = self._wire
-        for message in self.segment.context:
-            if message.sequence not in wire:
-                wire[message.sequence] = message.to_openai()
-        return [wire[m.sequence] for m in self.segment.context]
+    def _convert(self, message: Message) -> dict[str, Any]:
+        """A message in OpenAI form, converted (and measured) once per run."""
+        item = self._wire.get(message.sequence)
+        if item is None:
+            item = self._wire[message.sequence] = message.to_openai()
+            self._sizes[id(item)] = compaction.chars_of(item)
+        return item
+
+    def _size(self, item: dict[str, Any]) -> int:
+        size = self._sizes.get(id(item))
+        return size if size is not None else compaction.chars_of(item)
+
+    def model_messages(
+        self, extra_elided: Iterable[int] = (), *, clamp: bool = False
+    ) -> list[dict[str, Any]]:
+        """The active path as the model receives it: compactions applied (``clamp``: cut to fit, as sent)."""
+        return compaction.build_context(
+            self.trace_id,
+            self.segment.context,
+            convert=self._convert,
+            extra_elided=extra_elided,
+            clamp_to=self._room() if clamp else None,
+            tokens_per_char=self.tokens_per_char,
+        )
+
+    def _schemas(self) -> list[dict[str, Any]]:
+        return [openai_tool_schema(t) for t in self.segment.tools]
+
+    def _room(self) -> int:
+        """Tokens the messages may take: the budget less the reply's room and the tool schemas."""
+        tools = compaction.estimate([], self._schemas(), ratio=self.tokens_per_char)
+        return self.segment.context_tokens - compaction.REPLY_RESERVE_TOKENS - tools
+
+    def _estimate(self, wire: list[dict[str, Any]]) -> int:
+        return compaction.estimate(wire, ratio=self.tokens_per_char, sizes=self._size)
+
+    async def _fit_context(self) -> list[MessageStored]:
+        """Before a model call that would pass the budget: elide old tool results, then summarise old turns."""
+        room = self._room()
+        before = self._estimate(self.model_messages())
+        if before <= room:
+            return []
+        events: list[MessageStored] = []
+        target = room * compaction.LOW_WATER
+        plan = compaction.plan_elision(
+            self.segment.context, lambda elided: self._estimate(self.model_messages(elided)) <= target
+        )
+        if plan is not None:
+            after = self._estimate(self.model_messages(plan.elided))
+            events.append(await self._append(compaction.record(plan, saved=before - after)))
+            before = after
+        if before > room and (summary_plan := compaction.plan_summary(self.segment.context)) is not None:
+            request = compaction.summary_request(
+                self.trace_id,
+                self.segment.context,
+                summary_plan,
+                self.segment.context_tokens,
+                self.tokens_per_char,
+            )
+            try:
+                with self._guard():
+                    response = await self.segment.model.complete(
+                        request, self._schemas(), temperature=0, tool_choice="none"
+                    )
+            except ModelCallError:
+                log.warning("summarising trace %s to fit its context failed; cutting instead", self.trace_id)
+                return events
+            if response.content:
+                summary = compaction.record(summary_plan, saved=0, summary=response.content)
+                summary.usage = response.usage
+                would_be = Message(**summary.model_dump(), sequence=0, parent_sequence=None, created_at="")
+                after = self._estimate(
+                    compaction.build_context(
+                        self.trace_id, [*self.segment.context, would_be], convert=self._convert
+                    )
+                )
+                assert summary.meta is not None
+                summary.meta["compaction"]["tokens_saved"] = max(0, before - after)
+                events.append(await self._append(summary))
+        return events
+
+    def _calibrate(self, prompt_tokens: int) -> None:
+        """Learn the provider's tokens-per-character from what it reported (only ever more careful)."""
+        if self._sent_chars > 0 and prompt_tokens > 0:
+            observed = prompt_tokens / self._sent_chars * 1.05
+            self.tokens_per_char = min(1.0, max(self.tokens_per_char, observed))
 
     def _waits_for_host(self, call: ToolCall) -> bool:
         """An ask_host call, or a call the host must approve first."""
@@ -380,8 +473,9 @@ class Run:
         """One model call that ``stop`` cancels; a stopped call keeps its streamed text (None if there was none)."""
         partial: list[str] = []
         segment = self.segment
-        messages = self.model_messages()
-        schemas = [openai_tool_schema(t) for t in segment.tools]
+        messages = self.model_messages(clamp=True)
+        schemas = self._schemas()
+        self._sent_chars = sum(self._size(m) for m in messages) + compaction.chars_of(schemas)
         with self._guard():
             return await segment.model.complete(
                 messages,

@@ -30,6 +30,7 @@ from agent.core.rewind import cut_point
 from agent.core.run import (
     CANCELLED_TOOL_RESULT,
     UNFINISHED_TOOL_RESULT,
+    WAITING_TOOL_RESULT,
     Reflector,
     Run,
     Segment,
@@ -38,8 +39,10 @@ from agent.core.run import (
 from agent.core.typed import check_schema
 from agent.errors import InvalidMessages, ModelCallError, SequenceError, TraceRunning
 from agent.llm.base import Model, resolve_model
+from agent.llm.windows import context_window
 from agent.tools.ask import ASK_HOST, AskHostTool
 from agent.tools.registry import ToolRegistry, openai_tool_schema
+from agent.trace import compaction
 from agent.trace.events import EventBus, MessageStored, TraceChanged, TraceEvent
 from agent.trace.feed import ChangeFeed, Recent
 from agent.trace.models import ForkPoint, Message, NewMessage, Status, StopReason, Trace, TraceConfig
@@ -135,6 +138,7 @@ class AgentRunner:
         system_prompt: SystemPromptBuilder = default_system_prompt,
         tool_timeout: float | None = defaults.TOOL_TIMEOUT_SECONDS,
         reflector: Reflector | None = None,
+        context_tokens: int | None = None,
     ):
         self.store = store
         self.tools = tools if tools is not None else ToolRegistry()
@@ -145,6 +149,7 @@ class AgentRunner:
         self._model_cache: dict[str, Model] = {}
         self._system_prompt = system_prompt
         self._tool_timeout = tool_timeout
+        self._context_tokens = context_tokens
         self._active: dict[str, Run] = {}
         self._ask_host = AskHostTool()
         self._own_tokens = Recent()
@@ -378,18 +383,32 @@ class AgentRunner:
             head = trace.head_sequence
         path = await self.store.get_path(trace_id, head) if head is not None else []
         model = self.model(trace.model)
-        tools = self.tools.select(trace.config.tools)
+        tools = self._segment(trace, model, path).tools  # as the run offers them, ask_host included
+        branch: list[Message] = []
+        parent = head
+        for call_id in open_tool_calls(path):  # a paused trace: its pending calls get a side-branch answer
+            note = NewMessage(role="tool", tool_call_id=call_id, content=WAITING_TOOL_RESULT)
+            branch.append(await self.store.append(trace_id, note, parent, token=None, side=True))
+            parent = branch[-1].sequence
         question = await self.store.append(
-            trace_id, NewMessage(role="user", content=prompt), head, token=None, side=True
+            trace_id, NewMessage(role="user", content=prompt), parent, token=None, side=True
         )
+        branch.append(question)
         if publish:
-            self._published(MessageStored(trace_id, question))
-        stored = [question]
+            for message in branch:
+                self._published(MessageStored(trace_id, message))
+        stored = list(branch)
         error = None
+        schemas = [openai_tool_schema(t) for t in tools]
+        room = (
+            compaction.budget_for(self._context_tokens, context_window(model.name))
+            - compaction.REPLY_RESERVE_TOKENS
+            - compaction.estimate([], schemas, ratio=compaction.INITIAL_TOKENS_PER_CHAR)
+        )
         try:
             response = await model.complete(
-                [m.to_openai() for m in [*path, question]],
-                [openai_tool_schema(t) for t in tools],
+                compaction.build_context(trace_id, [*path, *branch], clamp_to=room),
+                schemas,
                 temperature=trace.config.temperature,
                 tool_choice="none",
             )
@@ -485,6 +504,7 @@ class AgentRunner:
             max_tokens=config.max_tokens,
             timeout_seconds=config.timeout_seconds,
             output_schema=config.output_schema,
+            context_tokens=compaction.budget_for(self._context_tokens, context_window(model.name)),
         )
 
     async def _prepare_new(self, messages: list[NewMessage], config: RunConfig) -> _Request:

@@ -100,6 +100,8 @@ class TraceUsage(BaseModel):
     completion_tokens: int = 0
     llm_calls: int = 0
     tool_calls: int = 0
+    compactions: int = 0
+    tokens_saved: int = Field(0, description="prompt tokens compaction kept out of requests (estimated)")
 
 
 class NewMessage(BaseModel):
@@ -113,6 +115,7 @@ class NewMessage(BaseModel):
     tool_call_id: str | None = None
     name: str | None = None
     usage: MessageUsage | None = None
+    meta: dict[str, Any] | None = Field(None, description="engine records, e.g. a context compaction")
 
 
 class Message(NewMessage):

@@ -65,7 +65,7 @@ TRACE_COLUMNS = (
     "error, usage, lessons, tags, started_at, question, result, forked_from"
 )
 MESSAGE_COLUMNS = (
-    "sequence, parent_sequence, role, content, tool_calls, tool_call_id, name, usage, created_at, side"
+    "sequence, parent_sequence, role, content, tool_calls, tool_call_id, name, usage, created_at, side, meta"
 )
 _N_TRACE = len(TRACE_COLUMNS.split(","))
 _N_MESSAGE = len(MESSAGE_COLUMNS.split(","))
@@ -103,7 +103,7 @@ def trace_from_row(row: Sequence[Any]) -> Trace:
 
 
 def message_from_row(row: Sequence[Any]) -> Message:
-    sequence, parent, role, content, tool_calls, tool_call_id, name, usage, created, side = row
+    sequence, parent, role, content, tool_calls, tool_call_id, name, usage, created, side, meta = row
     return Message(
         sequence=sequence,
         parent_sequence=parent,
@@ -115,6 +115,7 @@ def message_from_row(row: Sequence[Any]) -> Message:
         usage=MessageUsage.model_validate_json(usage) if usage else None,
         created_at=created,
         side=bool(side),
+        meta=json.loads(meta) if meta else None,
     )
 
 
@@ -266,13 +267,14 @@ class SQLiteTraceStore:
             usage,
             created_at,
             int(side),
+            json.dumps(message.meta) if message.meta else None,
             trace_id,
         ]
         if not side:
             params.append(token)
         rows = await db.execute_fetchall(
             f"INSERT INTO messages (trace_id, {MESSAGE_COLUMNS}) "
-            "SELECT trace_id, last_sequence + 1, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM traces "
+            "SELECT trace_id, last_sequence + 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM traces "
             f"WHERE trace_id = ?{fence} RETURNING sequence",
             params,
         )

@@ -318,7 +318,7 @@ async def test_side_branch_leaves_head_and_status_and_forbids_tools(store):
     tree = await store.get_tree(tid)
     assert len(tree) == 5 and [m.side for m in tree[-2:]] == [True, True]
     # the trace's tools go along (providers refuse tool blocks without them), their use forbidden
-    assert [t["function"]["name"] for t in model.calls[1]["tools"]] == ["add"]
+    assert [t["function"]["name"] for t in model.calls[1]["tools"]] == ["add", "ask_host"]
     assert model.calls[1]["tool_choice"] == "none"
 
 
