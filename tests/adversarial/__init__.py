@@ -1,1 +1,1 @@
-"""Adversarial tests (issue 14): what an attacker or a careless user does, through real processes."""
+"""Attacks and faults, each through the path an attacker or a failure takes (marked slow)."""
