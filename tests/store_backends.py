@@ -3,7 +3,8 @@
 PostgreSQL: ``AGENT_TRACE_TEST_PG`` (then it must answer), else the local default if it answers within a
 second. Each test gets a schema of its own (``search_path`` in the URL; the store creates and migrates
 it); the schemas are dropped when the test process exits, and those of dead test processes at the next
-start. With no server the postgres parameters skip, all with the one line of ``PG_SKIP_REASON``.
+start. With no server the contract suite runs on SQLite alone and the PostgreSQL-only module skips
+with the one line of ``PG_SKIP_REASON``.
 """
 
 from __future__ import annotations
@@ -106,12 +107,13 @@ def _find_postgres() -> str | None:
 
 
 PG_URL = _find_postgres()
-BACKENDS = ["sqlite", "postgres"]
+BACKENDS = ["sqlite", "postgres"] if PG_URL else ["sqlite"]
+"""With no server the contract suite runs on SQLite alone; test_postgres_store.py skips, in one line."""
 _schemas = itertools.count(1)
 
 
 def require_postgres() -> str:
-    """The server URL, or skip the test (every such skip is one line in pytest's summary)."""
+    """The server URL, or skip the test."""
     if PG_URL is None:
         pytest.skip(PG_SKIP_REASON)
     return PG_URL

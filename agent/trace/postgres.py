@@ -279,7 +279,12 @@ class PostgresTraceStore:
             raise DatabaseUnreachable(url, exc) from exc
         try:
             async with pool.acquire() as db:
-                await migrate(db, schema)
+                try:
+                    await migrate(db, schema)
+                except asyncpg.PostgresError as exc:
+                    raise TraceError(
+                        f"Cannot set up the trace schema '{schema}' in {redact_url(url)}: {_reason(exc)}."
+                    ) from exc
                 channel = await db.fetchval("SELECT change_channel(current_schema())")
             store = cls(pool, url=url, settings=settings, channel=channel, lease_seconds=lease_seconds)
         except BaseException:
