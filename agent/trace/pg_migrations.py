@@ -148,9 +148,8 @@ async def migrate(db: Db, schema: str, *, upto: int | None = None) -> int:
     The connection's ``search_path`` must name ``schema`` first.
     """
     target = len(MIGRATIONS) if upto is None else upto
-    lock = "SELECT pg_advisory_xact_lock(hashtextextended('agent-trace-mcp:migrate:' || $1, 0))"
     async with db.transaction():
-        await db.execute(lock, schema)
+        await _lock(db, schema)
         if await db.fetchval("SELECT to_regnamespace(quote_ident($1)) IS NULL", schema):
             await db.execute(f"CREATE SCHEMA {_quote(schema)}")
         await db.execute(
@@ -161,8 +160,7 @@ async def migrate(db: Db, schema: str, *, upto: int | None = None) -> int:
     version = 0
     for number in range(1, target + 1):
         async with db.transaction():
-            await db.execute(lock, schema)
-            await db.execute("SET LOCAL statement_timeout = 0")
+            await _lock(db, schema)
             version = await db.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
             if version > len(MIGRATIONS):
                 raise RuntimeError(
@@ -178,6 +176,14 @@ async def migrate(db: Db, schema: str, *, upto: int | None = None) -> int:
             )
             version = number
     return version
+
+
+async def _lock(db: Db, schema: str) -> None:
+    """Wait for any replica migrating the same schema (however long its step takes), then hold it off."""
+    await db.execute("SET LOCAL statement_timeout = 0")
+    await db.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('agent-trace-mcp:migrate:' || $1, 0))", schema
+    )
 
 
 def _quote(identifier: str) -> str:

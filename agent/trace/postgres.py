@@ -7,7 +7,9 @@ numbered in commit order and each NOTIFYs its id; a dedicated listening connecti
 which reads the rows. The schema defaults to ``agent_trace`` (set another with ``?search_path=NAME``).
 
 A dropped connection is replaced by the pool; a write is retried unless the drop hit its COMMIT (then it
-may have landed, and the caller hears so), a read always is.
+may have landed, and the caller hears so), a read always is. Durability is the server's: every commit is
+flushed (``synchronous_commit=on``); a URL with ``?synchronous_commit=off`` trades the last commits before
+a server crash for speed, as SQLite's ``synchronous=NORMAL`` does for a power cut.
 """
 
 from __future__ import annotations
@@ -109,8 +111,9 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    """A failure of the connection, not of the statement: the same work may succeed on a new one."""
+def _retryable(exc: BaseException) -> bool:
+    """The same work may succeed when tried again: the connection failed (not the statement), or the
+    server rolled the transaction back to break a deadlock."""
     if isinstance(exc, asyncpg.InterfaceError):
         return "closed" in str(exc)
     return isinstance(
@@ -320,7 +323,7 @@ class PostgresTraceStore:
             try:
                 return await self._attempt(body, transaction, stage)
             except Exception as exc:
-                if not _is_connection_error(exc):
+                if not _retryable(exc):
                     raise
                 if stage[0] == "committing" and not idempotent:
                     raise WriteOutcomeUnknown(trace_id) from exc
@@ -674,7 +677,7 @@ class PostgresTraceStore:
             try:
                 await self._listen()
             except Exception as exc:
-                if not _is_connection_error(exc):
+                if not _retryable(exc):
                     raise
                 log.warning("cannot listen for changes (%s); retrying", _reason(exc))
                 await anyio.sleep(timeout)
