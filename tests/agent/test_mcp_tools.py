@@ -77,6 +77,36 @@ def test_config_errors_are_sentences_naming_file_and_server(
     assert str(path) in str(info.value)
 
 
+def test_config_relative_paths_resolve_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    path = write_config(
+        folder,
+        {
+            "mcpServers": {
+                "no_cwd": {"command": "python", "args": ["s.py"]},
+                "rel_cwd": {"command": "python", "cwd": "servers/a"},
+                "abs_cwd": {"command": "python", "cwd": "/srv"},
+                "rel_cmd": {"command": "./bin/srv.py", "cwd": "servers"},
+                "sub_cmd": {"command": "bin/tool"},
+                "abs_cmd": {"command": "/usr/bin/tool"},
+            }
+        },
+    )
+    monkeypatch.chdir(tmp_path)  # a relative config path is taken from where we were started
+    stdio = {n: s for n, s in load_mcp_config("conf/mcp.json").items() if isinstance(s, StdioServerSpec)}
+    assert stdio["no_cwd"].cwd == str(folder) and stdio["no_cwd"].command == "python"  # PATH lookup kept
+    assert stdio["no_cwd"].args == ["s.py"]  # arguments are the server's business (found from its cwd)
+    assert stdio["rel_cwd"].cwd == str(folder / "servers" / "a")
+    assert stdio["abs_cwd"].cwd == "/srv"
+    assert stdio["rel_cmd"].command == str(folder / "bin" / "srv.py")  # the folder, not the cwd
+    assert stdio["sub_cmd"].command == str(folder / "bin" / "tool")
+    assert stdio["abs_cmd"].command == "/usr/bin/tool"
+    assert path.parent == folder and len(stdio) == 6
+
+
 def test_config_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         load_mcp_config(tmp_path / "nope.json")
@@ -333,3 +363,32 @@ async def test_http_server_tools() -> None:
         with anyio.fail_after(10):
             await process.wait()
         await process.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_config_servers_start_in_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "conf"
+    (folder / "bin").mkdir(parents=True)
+    (folder / "data").mkdir()
+    script = folder / "bin" / "srv.py"
+    script.write_text(
+        f"#!{sys.executable}\nimport runpy\nrunpy.run_path({SERVER_SCRIPT!r}, run_name='__main__')\n"
+    )
+    script.chmod(0o755)
+    config = {
+        "mcpServers": {
+            "here": {"command": "./bin/srv.py"},
+            "there": {"command": sys.executable, "args": ["../bin/srv.py"], "cwd": "data"},
+        }
+    }
+    path = write_config(folder, config)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    async with servers(load_mcp_config(path)) as (mcp_servers, registry):
+        assert mcp_servers.status() == {"here": "connected", "there": "connected"}
+        assert await call(registry, "here__cwd") == os.path.realpath(folder)
+        assert await call(registry, "there__cwd") == os.path.realpath(folder / "data")
