@@ -245,9 +245,33 @@ class _Server:
     async def _session(self) -> str:
         """One session: connect within the startup timeout, register tools, serve until lost.
 
-        Returns why a served session ended; raises when it never got that far.
+        Returns why a served session ended; raises when it never got that far. A start that runs out
+        of time is reported failed at once, not after the bounded shutdown of its process.
         """
-        with anyio.CancelScope(deadline=anyio.current_time() + self._opts.startup_timeout) as attempt:
+        deadline = anyio.current_time() + self._opts.startup_timeout
+        outcome: str | Exception = ""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._flag_late_start, deadline)
+            try:
+                outcome = await self._attempt(deadline)
+            except Exception as exc:  # kept out of the task group, which would wrap it in a group
+                outcome = exc
+            tg.cancel_scope.cancel()
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _late_start(self) -> str:
+        return f"it did not answer within {self._opts.startup_timeout:g} s"
+
+    async def _flag_late_start(self, deadline: float) -> None:
+        await anyio.sleep_until(deadline)
+        if not self._served:
+            self.state, self.reason, self._failed_stderr = "failed", self._late_start(), self._stderr
+            self.first_attempt_done.set()
+
+    async def _attempt(self, deadline: float) -> str:
+        with anyio.CancelScope(deadline=deadline) as attempt:
             conn = _Connection()
             async with self._client(conn) as client:
                 conn.client = client
@@ -265,7 +289,7 @@ class _Server:
                     self._forget()  # before the (possibly slow) close: no new calls to a dead server
                     tg.cancel_scope.cancel()
                 return conn.reason
-        raise _StartFailure(f"it did not answer within {self._opts.startup_timeout:g} s")
+        raise _StartFailure(self._late_start())
 
     @asynccontextmanager
     async def _client(self, conn: _Connection) -> AsyncIterator[Client]:

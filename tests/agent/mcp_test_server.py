@@ -173,8 +173,8 @@ def stderr_flood(megabytes: int, last_line: str) -> int:
 
 
 @mcp.tool()
-def block(seconds: float, marker: str = "") -> str:
-    """Block the whole process (not just this call) for the given seconds, creating ``marker`` first."""
+async def block(seconds: float, marker: str = "") -> str:
+    """Block the whole process (its event loop, not just this call), creating ``marker`` first."""
     if marker:
         Path(marker).write_text(str(os.getpid()))
     time.sleep(seconds)
