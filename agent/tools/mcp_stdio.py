@@ -147,10 +147,10 @@ async def stdio_transport(
     connection = _Connection(process, lost)
     async with anyio.create_task_group() as tg:
         assert process.stderr is not None
-        tg.start_soon(connection.guard, stderr.follow(process.stderr))
-        tg.start_soon(connection.guard, connection.read(to_session))
-        tg.start_soon(connection.guard, connection.write(from_session))
-        tg.start_soon(connection.guard, connection.watch_exit())
+        tg.start_soon(connection.guard, stderr.follow, process.stderr)
+        tg.start_soon(connection.guard, connection.read, to_session)
+        tg.start_soon(connection.guard, connection.write, from_session)
+        tg.start_soon(connection.guard, connection.watch_exit)
         try:
             yield from_server, to_server
         finally:
@@ -174,10 +174,10 @@ class _Connection:
         if not self._stopping:
             self._report_lost(reason)
 
-    async def guard(self, task: Awaitable[None]) -> None:
+    async def guard(self, task: Callable[..., Awaitable[None]], *args: Any) -> None:
         """Run one pipe task; a bug in it ends this connection (reported as lost), never the caller's."""
         try:
-            await task
+            await task(*args)
         except Exception as exc:
             logger.exception("MCP stdio transport task failed")
             self._lost(f"our side of its connection failed ({type(exc).__name__})")
