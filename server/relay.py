@@ -103,6 +103,22 @@ class ServerAddress:
     def log(self) -> Path:
         return self.data_dir / "server.log"
 
+    def draining_record(self, pid: int) -> Path:
+        """A server that stopped listening to drain keeps this record until it exits (``stop-server`` finds it)."""
+        return self.data_dir / f"draining-{pid}.json"
+
+    def draining(self) -> list[dict[str, Any]]:
+        """The records of servers still draining; records of dead ones are removed on the way."""
+        found = []
+        for path in sorted(self.data_dir.glob("draining-*.json")):
+            record = _read_json(path)
+            pid = record.get("pid")
+            if isinstance(pid, int) and process_alive(pid):
+                found.append(record)
+            else:
+                path.unlink(missing_ok=True)
+        return found
+
     def prepare(self) -> None:
         """Create the data directory (0700 when new) and check the socket's folder is this user's alone."""
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -128,12 +144,25 @@ def _private_folder(folder: Path) -> None:
         )
 
 
-def read_record(address: ServerAddress) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(address.record.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_record(address: ServerAddress) -> dict[str, Any]:
+    return _read_json(address.record)
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Written whole or not at all (0600)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        json.dump(data, out)
+    os.replace(temporary, path)
 
 
 def process_alive(pid: int) -> bool:
@@ -216,9 +245,9 @@ def server_environment(settings: Settings) -> dict[str, str]:
     env.pop(IN_PROCESS_VARIABLE, None)
     for flag, variable, _kind, _help in OPTIONS:
         name = flag.lstrip("-").replace("-", "_")
-        if name == "auth_token":
-            continue  # HTTP only; left as the relay's environment has it
-        value = getattr(settings, name, None)
+        if name == "auth_token" or not hasattr(settings, name):
+            continue  # HTTP only, or not a setting of its own: left as the relay's environment has it
+        value = getattr(settings, name)
         if value is None:
             env.pop(variable, None)
         else:
@@ -232,8 +261,9 @@ def server_environment(settings: Settings) -> dict[str, str]:
 class Channel:
     """One connection to the shared server: control requests, one JSON line each way, then maybe MCP."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, data_dir: Path):
         self.sock = sock
+        self.data_dir = data_dir
         self.pending = b""  # bytes after the last reply: the start of the MCP stream, if any
         self.server: subprocess.Popen[bytes] | None = None  # the server, when this relay started it
 
@@ -276,7 +306,7 @@ def open_channel(address: ServerAddress) -> Channel | None:
         raise ServerUnavailable(
             f"Cannot connect to the shared server at {address.socket}: {exc.strerror}."
         ) from exc
-    return Channel(sock)
+    return Channel(sock, address.data_dir)
 
 
 def ask_once(address: ServerAddress, request: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -425,6 +455,7 @@ def pump(channel: Channel, stdin: int = 0, stdout: int = 1) -> int:
     finished = threading.Event()
     server_closed = threading.Event()
     host_closed = threading.Event()
+    answered = threading.Event()
 
     def upstream() -> None:
         try:
@@ -443,6 +474,7 @@ def pump(channel: Channel, stdin: int = 0, stdout: int = 1) -> int:
             if channel.pending:
                 _write_all(stdout, channel.pending)
             while data := sock.recv(CHUNK):
+                answered.set()
                 _write_all(stdout, data)
         except OSError:
             pass
@@ -467,6 +499,14 @@ def pump(channel: Channel, stdin: int = 0, stdout: int = 1) -> int:
     if channel.server is not None:  # it died: reap it, or its pid looks alive to the next server's sweep
         with suppress(subprocess.TimeoutExpired):
             channel.server.wait(0.5)
+    if not answered.is_set():  # it never got going: say why
+        address = ServerAddress.of(channel.data_dir)
+        log.error(
+            "the shared server closed this session at once; the end of %s:\n%s",
+            address.log,
+            _log_tail(address),
+        )
+        return 1
     log.warning(
         "the shared server ended this session (it was stopped, upgraded or crashed; see its log); "
         "the host should restart this MCP server"
@@ -481,6 +521,8 @@ def relay(settings: Settings) -> int:
     except ServerUnavailable as exc:
         print(f"agent-trace-mcp: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     return pump(channel)
 
 
@@ -521,23 +563,62 @@ def format_status(reply: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+NO_UNIX_SOCKETS = (
+    "There is no shared server on this platform (it needs Unix sockets): hosts serve in-process."
+)
+
+
 def show_status(settings: Settings, as_json: bool = False) -> int:
+    if not unix_sockets_available():
+        print(NO_UNIX_SOCKETS)
+        return 1
     address = ServerAddress.of(settings.data_dir)
     reply = ask_once(address, {CONTROL_KEY: "status"}) if address.socket.exists() else None
+    draining = address.draining()
     if reply is None:
         print(_no_server(address))
-        return 1
-    print(json.dumps(reply, indent=2) if as_json else format_status(reply))
-    return 0
+    elif as_json:
+        print(json.dumps({**reply, "draining_servers": draining}, indent=2))
+    else:
+        print(format_status(reply))
+    if not as_json or reply is None:
+        for record in draining:
+            print(f"Draining: the server of version {record.get('version')} (pid {record.get('pid')}) "
+                  "takes no hosts and exits when its runs finish.")  # fmt: skip
+    return 1 if reply is None else 0
 
 
 def stop_server(settings: Settings, now: bool = False) -> int:
-    """Drain (or with ``now``, stop the runs of) the shared server and wait until its process has exited."""
-    address = ServerAddress.of(settings.data_dir)
-    channel = open_channel(address) if address.socket.exists() else None
-    if channel is None:
-        print(_no_server(address))
+    """Drain (or with ``now``, stop the runs of) the shared server, and any server still draining, and wait
+    until their processes have exited."""
+    if not unix_sockets_available():
+        print(NO_UNIX_SOCKETS)
         return 0
+    address = ServerAddress.of(settings.data_dir)
+    draining = [record["pid"] for record in address.draining()]
+    channel = open_channel(address) if address.socket.exists() else None
+    code = 0 if channel is None else _stop_listening_server(address, channel, now)
+    if channel is None and not draining:
+        print(_no_server(address))
+    for pid in draining:
+        if now:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)  # a server's SIGTERM stops its runs: they end stopped
+            print(f"Stopping the draining server (pid {pid})…", flush=True)
+        else:
+            print(f"Waiting for the draining server (pid {pid}) to finish its runs…", flush=True)
+        try:
+            while process_alive(pid):
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            print("\nIt goes on draining.")
+            return 130
+        print(f"The draining server (pid {pid}) has stopped.")
+    return code
+
+
+def _stop_listening_server(address: ServerAddress, channel: Channel, now: bool) -> int:
+    pid: Any = None
     try:
         reply = channel.ask({CONTROL_KEY: "stop", "now": now, "wait": True})
         pid, running = reply.get("pid"), len(reply.get("running") or [])

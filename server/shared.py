@@ -39,6 +39,7 @@ from server.relay import (
     running_version,
     settings_digests,
     try_lock,
+    write_json,
 )
 from server.settings import Settings
 from server.state import ServerState
@@ -167,20 +168,19 @@ class SharedServer:
         self._sock, self._socket_id = sock, (info.st_dev, info.st_ino)
         self._write_record()
 
-    def _write_record(self) -> None:
-        record = {
+    def _record(self) -> dict[str, Any]:
+        return {
             "pid": self.info.pid,
             "version": self.version,
+            "state": self.mode.value,
             "socket": str(self.address.socket),
             "data_dir": str(self.address.data_dir),
             "log": str(self.address.log),
             "started_at": _iso(self.info.started_at),
         }
-        temporary = self.address.record.with_name(f"server.json.{self.info.pid}")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(record, out)
-        os.replace(temporary, self.address.record)
+
+    def _write_record(self) -> None:
+        write_json(self.address.record, self._record())
 
     def _socket_is_ours(self) -> bool:
         try:
@@ -196,6 +196,8 @@ class SharedServer:
             os.unlink(os.fsencode(self.address.socket))
         if read_record(self.address).get("pid") == self.info.pid:
             self.address.record.unlink(missing_ok=True)
+        if self.mode is Mode.DRAINING and self._lock_fd is not None:  # until it exits, stop-server finds it
+            write_json(self.address.draining_record(self.info.pid), self._record())
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -224,6 +226,7 @@ class SharedServer:
                 group.cancel_scope.cancel()
         finally:
             self._stop_listening()
+            self.address.draining_record(self.info.pid).unlink(missing_ok=True)
             await listener.aclose()
         log.info("shared server (pid %d) stopped: %s", self.info.pid, self.reason)
         return 0
@@ -445,6 +448,11 @@ def serve_shared(settings: Settings) -> int:
         return 1
     try:
         return anyio.run(server.run)
-    except Exception:
+    except Exception as exc:
         log.exception("the shared server failed")
+        while isinstance(exc, ExceptionGroup) and exc.exceptions:  # anyio's task groups wrap it
+            exc = exc.exceptions[0]
+        log.error(
+            "the shared server stopped on an error: %s: %s", type(exc).__name__, exc
+        )  # the log's last line
         return 1

@@ -249,6 +249,8 @@ async def test_a_relay_of_another_version_drains_the_old_server(tmp_path, worksp
             new = status(tmp_path)
             assert new["pid"] != old["pid"] and new["version"] != "0.0.1"
             assert process_alive(old["pid"])  # draining: its run goes on
+            shown = run_cli(tmp_path, "status").stdout
+            assert f"Draining: the server of version 0.0.1 (pid {old['pid']})" in shown
             assert tid in (await call(host_b, "list_running"))["running"]
             fake_openai.release.set()
             view = await wait_done(host_b, tid)
