@@ -394,6 +394,11 @@ async def test_every_frame_with_an_id_gets_a_reply(tmp_path, workspace, how):
             reply = await reply_to(frame)
             assert (reply["id"], reply["error"]["code"]) == (request_id, code), frame
             assert reply["error"]["message"].endswith(".") or reply["error"]["message"]
+        too_large = await reply_to(
+            b'{"jsonrpc":"2.0","id":8,"method":"ping","params":{"x":"' + b"a" * 34_000_000 + b'"}}'
+        )
+        assert (too_large["id"], too_large["error"]["code"]) == (None, -32600)
+        assert "result" in await reply_to(b'{"jsonrpc":"2.0","id":9,"method":"ping"}\r')  # CRLF framing
         listed = await reply_to(b'{"jsonrpc":"2.0","id":99,"method":"tools/list"}')
         assert listed["id"] == 99 and listed["result"]["tools"]  # the session lived through it all
         await process.stdin.aclose()
