@@ -8,9 +8,11 @@ experiences), wired once over the store, the runner, the tools and the experienc
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ from agent.errors import TraceError
 from agent.experiences import ConsolidationResult, Experiences, Lesson, format_lessons_block
 from agent.llm.base import Model, resolve_model
 from agent.reflection import Reflection, reflect_on_trace
-from agent.skills import LoadSkillTool, skills_system_prompt
+from agent.skills import LoadSkillTool, read_skills, skills_system_prompt
+from agent.tools.ask import AskHostTool
 from agent.tools.files import workspace_tools
 from agent.tools.mcp import McpServers, load_mcp_config
 from agent.tools.registry import ToolRegistry
@@ -49,9 +52,53 @@ class EngineSettings:
     experience_recall: int = defaults.EXPERIENCE_RECALL
     experience_budget: int = defaults.EXPERIENCE_BUDGET
     tool_timeout: float = defaults.TOOL_TIMEOUT_SECONDS
+    max_wait: float = defaults.MAX_WAIT_SECONDS
+    context_tokens: int | None = None
+    """The prompt budget; None: the model's known window, else ``defaults.CONTEXT_TOKENS``."""
+    retain_days: float | None = None
+    """Finished traces older than this are deleted (None: kept forever)."""
 
 
 OnMessage = Callable[[Message], Awaitable[None]]
+OnIdle = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class ToolInfo:
+    name: str
+    description: str
+    server: str | None
+    read_only: bool
+
+
+@dataclass
+class AgentInfo:
+    """What the background agent can use, for the ``agent_info`` tool."""
+
+    tools: list[ToolInfo]
+    servers: list[dict[str, Any]]
+    default_model: str
+    providers: dict[str, bool]
+    workspace: str
+    skills: list[dict[str, str]]
+
+
+def providers_configured(env: dict[str, str] | None = None) -> dict[str, bool]:
+    """Which providers have what they need (never the keys themselves)."""
+    import os
+
+    env = dict(os.environ) if env is None else env
+    try:
+        import anthropic  # noqa: F401
+
+        has_extra = True
+    except ImportError:
+        has_extra = False
+    return {
+        "openai": bool(env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL")),
+        "anthropic": bool(env.get("ANTHROPIC_API_KEY")) and has_extra,
+        "offline": True,
+    }
 
 
 class Engine:
@@ -88,7 +135,9 @@ class Engine:
         """Stop a running trace wherever it runs; False when it is not running."""
         if self._runner.stop(trace_id):
             return True
-        return await self._store.request_stop(trace_id)
+        if await self._store.request_stop(trace_id):
+            return True
+        return await self._runner.cancel_paused(trace_id)
 
     async def reflect(self, trace_id: str, focus: str | None = None) -> Reflection:
         reflection = await reflect_on_trace(self._runner, self.experiences, trace_id, focus)
@@ -128,32 +177,140 @@ class Engine:
         return await self._store.get_message(trace_id, sequence)
 
     async def list_traces(
-        self, *, status: str | None = None, uid: str | None = None, limit: int = 20, cursor: str | None = None
+        self,
+        *,
+        status: str | None = None,
+        uid: str | None = None,
+        tag: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
     ) -> TracePage:
-        return await self._store.list_traces(status=status, uid=uid, limit=limit, cursor=cursor)
+        return await self._store.list_traces(status=status, uid=uid, tag=tag, limit=limit, cursor=cursor)
 
     async def running(self) -> list[str]:
         """Every trace running now, in any process that shares the store."""
         return await self._store.running_ids()
 
-    async def wait(self, trace_id: str, seconds: float, on_message: OnMessage | None = None) -> Trace:
-        """Return when the trace is not running, or after ``seconds``; ``on_message`` hears each message
-        stored meanwhile (by this process or another)."""
+    async def tail(self, trace_id: str, count: int) -> list[Message]:
+        """The last ``count`` messages of the active path (cheap on a long trace)."""
+        return await self._store.get_tail(trace_id, count)
+
+    async def wait(
+        self,
+        trace_id: str,
+        seconds: float,
+        on_message: OnMessage | None = None,
+        *,
+        after_sequence: int | None = None,
+        on_idle: OnIdle | None = None,
+        idle_every: float = defaults.PROGRESS_INTERVAL_SECONDS,
+    ) -> Trace:
+        """Return when the trace is not running, or after ``seconds``.
+
+        ``on_message`` hears each active-path message after ``after_sequence`` — those stored before the
+        wait began first, then each one stored meanwhile by any process; ``on_idle`` is called whenever
+        ``idle_every`` seconds pass without one (a heartbeat for clients that time out without progress).
+        """
         trace = await self._store.get_trace(trace_id)
         if seconds <= 0 or trace.status is not Status.RUNNING:
             return trace
         async with self._events.subscribe() as events:
             trace = await self._store.get_trace(trace_id)  # after subscribing: no wake-up can be missed
+            heard: set[int] = set()
+            if on_message is not None and after_sequence is not None:
+                for message in await self._store.get_path(trace_id):
+                    if message.sequence > after_sequence:
+                        heard.add(message.sequence)
+                        await on_message(message)
             if trace.status is Status.RUNNING:
                 with anyio.move_on_after(seconds):
-                    async for event in events:
-                        if event.trace_id != trace_id:
-                            continue
-                        if isinstance(event, MessageStored) and on_message is not None:
-                            await on_message(event.message)
-                        elif isinstance(event, TraceChanged) and event.trace.status is not Status.RUNNING:
-                            break
+                    await self._follow(trace_id, events, heard, on_message, on_idle, idle_every)
         return await self._store.get_trace(trace_id)
+
+    async def _follow(
+        self,
+        trace_id: str,
+        events: AsyncIterator[TraceEvent],
+        heard: set[int],
+        on_message: OnMessage | None,
+        on_idle: OnIdle | None,
+        idle_every: float,
+    ) -> None:
+        while True:
+            event: TraceEvent | None = None
+            with anyio.move_on_after(idle_every if on_idle is not None else math.inf):
+                event = await anext(aiter(events))
+            if event is None:
+                assert on_idle is not None
+                await on_idle()
+                continue
+            if event.trace_id != trace_id:
+                continue
+            if isinstance(event, MessageStored) and not event.message.side:
+                if on_message is not None and event.message.sequence not in heard:
+                    heard.add(event.message.sequence)
+                    await on_message(event.message)
+            elif isinstance(event, TraceChanged) and event.trace.status is not Status.RUNNING:
+                return
+
+    async def await_traces(
+        self, trace_ids: Sequence[str], *, every: bool, seconds: float, on_idle: OnIdle | None = None
+    ) -> list[Trace]:
+        """Wait until one (``every=False``) or all of the traces are not running, or ``seconds`` pass."""
+        wanted = list(dict.fromkeys(trace_ids))
+        async with self._events.subscribe() as events:
+            traces = [await self._store.get_trace(tid) for tid in wanted]
+
+            def settled() -> bool:
+                done = [t.status is not Status.RUNNING for t in traces]
+                return all(done) if every else any(done)
+
+            if seconds > 0 and not settled():
+                with anyio.move_on_after(seconds):
+                    while not settled():
+                        event: TraceEvent | None = None
+                        with anyio.move_on_after(defaults.PROGRESS_INTERVAL_SECONDS):
+                            event = await anext(aiter(events))
+                        if event is None:
+                            if on_idle is not None:
+                                await on_idle()
+                            continue
+                        if isinstance(event, TraceChanged) and event.trace_id in wanted:
+                            traces[wanted.index(event.trace_id)] = event.trace
+        return [await self._store.get_trace(tid) for tid in wanted]
+
+    async def delete(self, trace_id: str) -> bool:
+        """Remove a trace that is not running, with its messages; False when it runs."""
+        return await self._store.delete(trace_id)
+
+    async def agent_info(self) -> AgentInfo:
+        tools = [
+            ToolInfo(
+                t.name, " ".join(t.description.split())[:160], t.group, bool(getattr(t, "read_only", False))
+            )
+            for t in [*self.tools.select(None), AskHostTool()]
+        ]
+        servers: list[dict[str, Any]] = []
+        if self.downstream is not None and hasattr(self.downstream, "describe"):
+            servers = [
+                s.model_dump() if hasattr(s, "model_dump") else dict(s) for s in self.downstream.describe()
+            ]
+        skills = [
+            {"name": s.name, "description": s.description}
+            for s in await read_skills(self.settings.skills_dir)
+        ]
+        return AgentInfo(
+            tools=tools,
+            servers=servers,
+            default_model=self.settings.model,
+            providers=providers_configured(),
+            workspace=str(self.settings.workspace),
+            skills=skills,
+        )
+
+    def agent_is_read_only(self) -> bool:
+        """Whether every tool the agent could call only reads (then a run changes nothing outside)."""
+        return all(bool(getattr(t, "read_only", False)) for t in self.tools.select(None))
 
     def subscribe(self) -> AbstractAsyncContextManager[AsyncIterator[TraceEvent]]:
         """Every event of every trace, this process's and (through the change feed) the others'."""
@@ -164,16 +321,29 @@ class Engine:
     async def recall(self, query: str, limit: int) -> list[Lesson]:
         return await self.experiences.recall(query, limit)
 
-    async def experiences_text(self) -> str:
-        return await self.experiences.read_text()
+    async def experiences_text(self) -> tuple[str, bool]:
+        """The experiences markdown, bounded (newest sections first); True when some were left out."""
+        return await self.experiences.read_bounded()
 
     async def consolidate(self, model: str | None = None) -> ConsolidationResult:
         result = await self.experiences.consolidate(
             self.model(model), self.settings.experience_budget, force=True
         )
-        if result.backup_path is not None:
+        if result.changed:
             await self._store.note_change("experiences")
         return result
+
+    async def _prune_finished(self, days: float) -> None:
+        """``--retain-days``: delete finished traces not updated for that long, now and every hour."""
+        while True:
+            cut = (datetime.now(UTC) - timedelta(days=days)).isoformat(timespec="microseconds")
+            try:
+                removed = await self._store.prune(cut)
+                if removed:
+                    log.info("deleted %d finished trace(s) older than %g days", removed, days)
+            except Exception:
+                log.exception("pruning old traces failed")
+            await anyio.sleep(3600)
 
     async def _consolidate_if_over_budget(self) -> None:
         budget = self.settings.experience_budget
@@ -181,7 +351,7 @@ class Engine:
             if budget > 0 and await self.experiences.lesson_count() > budget:
                 result = await self.experiences.consolidate(self.model(), budget)
                 log.info("consolidated experiences: %s", result.model_dump_json())
-                if result.backup_path is not None:
+                if result.changed:
                     await self._store.note_change("experiences")
         except Exception:
             log.exception("background consolidation of %s failed", self.experiences.path)
@@ -227,6 +397,7 @@ async def open_engine(
             default_model=settings.model,
             system_prompt=system_prompt_builder(settings, experiences),
             tool_timeout=settings.tool_timeout,
+            context_tokens=settings.context_tokens,
         )
         group = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(group.cancel_scope.cancel)  # runs first on exit: background housekeeping stops
@@ -239,6 +410,8 @@ async def open_engine(
 
         runner.reflector = reflect_in_run
         await stack.enter_async_context(runner)
+        if settings.retain_days is not None:
+            group.start_soon(engine._prune_finished, settings.retain_days)
         yield engine
 
 

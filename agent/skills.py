@@ -143,6 +143,7 @@ class LoadSkillTool:
 
     name = "load_skill"
     group: str | None = None
+    read_only = True
 
     def __init__(self, skills_dir: str | Path | None, skills: Sequence[Skill] | None = None):
         self._skills_dir = skills_dir

@@ -1,28 +1,87 @@
-"""Builds the MCPServer: the engine in the lifespan, tools, resources, notification middleware."""
+"""Builds the MCP server: the engine in the lifespan, tools, resources, prompts and the middleware."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
-from mcp.server.mcpserver import MCPServer
+from mcp import MCPError
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus
+from mcp.types import INVALID_PARAMS, CallToolResult, GetPromptResult, InputRequiredResult
+from pydantic import ValidationError
 
+from agent import defaults
 from agent.engine import open_engine
 from agent.llm.base import Model, resolve_model
+from server.arguments import validation_sentence
 from server.notify import Notifier, subscriptions_middleware
+from server.prompts import register_prompts
 from server.resources import register_resources, resource_list_middleware
 from server.settings import Settings
-from server.state import ServerState
-from server.tools import register_tools
+from server.state import ServerState, state_of
+from server.tools import patch_annotations, register_tools
+from server.views import elide
 
-VERSION = "0.1.0"
-INSTRUCTIONS = """\
+VERSION = "0.2.0"
+INSTRUCTIONS = f"""\
 agent-trace-mcp runs LLM agents in the background as traces. create_trace starts one and returns its id at
-once; get_trace(trace_id, wait_seconds=60) waits for it with progress; run_trace continues, rewinds
-(insert_after) or regenerates it; stop_trace stops it; reflect_trace turns it into lessons that later traces
-recall. Traces are also resources: trace://<id> (active path) and trace://<id>/tree (every branch)."""
+once. get_trace(trace_id) answers with a compact summary (answer, question, latest steps); add
+wait_seconds (≤ {defaults.MAX_WAIT_SECONDS:g}) to long-poll with progress, view='messages' for the steps.
+await_traces waits on several at once. run_trace continues, rewinds (insert_after) or regenerates a trace;
+stop_trace stops it; reflect_trace turns it into lessons later traces recall. agent_info lists what the
+background agent can use (tools, servers, models, workspace, skills). Traces are resources too:
+trace://<id>, trace://<id>/tree and trace://<id>/messages/<sequence> (one message, uncut)."""
+
+
+class TraceServer(MCPServer):
+    """MCPServer whose refusals are one sentence naming the argument, never a validator dump."""
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        if self._tool_manager.get_tool(name) is None:
+            raise ToolError(
+                f"There is no tool {elide(name, 40)}; tools/list shows this server's tools "
+                "(agent_info shows what the background agent can use)."
+            )
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError):
+                raise ToolError(validation_sentence(exc.__cause__, name)) from None
+            prefix = f"Error executing tool {name}: "
+            text = str(exc)
+            if text.startswith(prefix):
+                raise ToolError(text[len(prefix) :]) from None
+            raise
+
+    async def get_prompt(
+        self, name: str, arguments: dict[str, Any] | None = None, context: Context[Any, Any] | None = None
+    ) -> GetPromptResult | InputRequiredResult:
+        if self._prompt_manager.get_prompt(name) is None:
+            raise MCPError(
+                code=INVALID_PARAMS, message=f"There is no prompt {elide(name, 40)}; prompts/list shows them."
+            )
+        try:
+            return await super().get_prompt(name, arguments, context)
+        except ValueError as exc:
+            raise MCPError(
+                code=INVALID_PARAMS, message=f"The prompt {name} could not be rendered: {exc}"
+            ) from None
+
+
+async def annotations_middleware(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+    """tools/list: honest destructive hints, from what the background agent could call right now."""
+    result = await call_next(ctx)
+    state = state_of(ctx.lifespan_context)
+    if ctx.method == "tools/list" and state is not None:
+        result = await patch_annotations(result, state)
+    return result
 
 
 def build_server(settings: Settings, models: Callable[[str], Model] = resolve_model) -> MCPServer:
@@ -37,15 +96,16 @@ def build_server(settings: Settings, models: Callable[[str], Model] = resolve_mo
             yield ServerState(settings, engine, notifier)
             group.cancel_scope.cancel()
 
-    mcp = MCPServer(
+    mcp = TraceServer(
         "agent-trace-mcp",
         title="Agent traces",
         version=VERSION,
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
         subscriptions=bus,
-        middleware=[subscriptions_middleware, resource_list_middleware],
+        middleware=[subscriptions_middleware, resource_list_middleware, annotations_middleware],
     )
     register_tools(mcp)
     register_resources(mcp, settings)
+    register_prompts(mcp)
     return mcp

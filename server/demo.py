@@ -96,10 +96,13 @@ async def _wait(client: Client, trace_id: str) -> dict[str, Any]:
     async def progress(progress: float, total: float | None, message: str | None) -> None:
         _say(f"   · {message}")
 
-    result = await client.call_tool(
-        "get_trace", {"trace_id": trace_id, "wait_seconds": 60}, progress_callback=progress
-    )
-    return result.structured_content or {}
+    while True:  # each wait is bounded (--max-wait): a host polls again until the trace is done
+        result = await client.call_tool(
+            "get_trace", {"trace_id": trace_id, "wait_seconds": 30}, progress_callback=progress
+        )
+        summary = result.structured_content or {}
+        if summary.get("trace", {}).get("outcome") != "running":
+            return summary
 
 
 def _prepare(data_dir: Path) -> Settings:
@@ -126,10 +129,11 @@ async def run_demo(args: argparse.Namespace | None = None) -> int:
             prompt="Use read_file to read README.md and tell me what this project does.",
         )  # fmt: skip
         tid = started["trace_id"]
-        _say(f"   trace {tid} started; waiting with get_trace(wait_seconds=60):")
+        _say(f"   trace {tid} started; waiting with get_trace(wait_seconds=30):")
         first = await _wait(client, tid)
-        call_seq = next(m["sequence"] for m in first["messages"] if m.get("tool_calls"))
-        _say(f"   {first['trace']['status']} ({first['trace']['stop_reason']}). Answer:")
+        steps = (await _call(client, "get_trace", trace_id=tid, view="full"))["messages"]
+        call_seq = next(m["sequence"] for m in steps if m.get("tool_calls"))
+        _say(f"   {first['trace']['outcome']} ({first['trace']['stop_reason']}). Answer:")
         _say(textwrap.indent(textwrap.fill(first["answer"] or "", 96), "     "))
 
         _say(
@@ -165,9 +169,10 @@ async def run_demo(args: argparse.Namespace | None = None) -> int:
 
         _say("\n5. A later trace on a similar task starts with those lessons in its system prompt")
         later = await _call(client, "create_trace", prompt='Use search_files to search for "altimeter".')
-        done = await _wait(client, later["trace_id"])
+        await _wait(client, later["trace_id"])
+        done = await _call(client, "get_trace", trace_id=later["trace_id"], view="full")
         _say("   before — the first trace's system prompt:")
-        _say(textwrap.indent(first["messages"][0]["content"], "     │ ", lambda _: True))
+        _say(textwrap.indent(steps[0]["content"], "     │ ", lambda _: True))
         _say(f"   after — trace {later['trace_id']} recalled {len(done['trace']['lessons'])} lesson(s):")
         _say(textwrap.indent(done["messages"][0]["content"], "     │ ", lambda _: True))
 

@@ -1,18 +1,43 @@
-"""Serving over streamable HTTP: Host/Origin protection, the optional bearer token, the bind-address rule."""
+"""Serving over streamable HTTP: Host/Origin protection, the optional bearer token, bounded sessions and
+bounded requests.
+
+What an adversary tried and these guards stop: a web page reaching a loopback server (Origin/Host checks
+stay on whatever the bind address, token or not); thousands of ``initialize`` POSTs never closed (sessions
+expire when idle, each peer has a cap, the oldest idle session is evicted first, so a flood cannot lock
+real clients out); POSTs that are not an ``initialize`` opening sessions; half-sent requests held open
+(a deadline for headers, and for each chunk of a body).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.settings import LOOPBACK_HOSTS, Settings
 
 LOOPBACK_ALLOWED_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
 LOOPBACK_ALLOWED_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+
+SESSION_IDLE_SECONDS = 300.0
+"""A session with no request in flight (a client's GET stream counts as one) expires after this."""
+MAX_SESSIONS = 1024
+SESSIONS_PER_PEER = 64
+HEADER_TIMEOUT_SECONDS = 10.0
+BODY_CHUNK_TIMEOUT_SECONDS = 30.0
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 class UnsafeBind(Exception):
@@ -29,17 +54,48 @@ def check_bind(settings: Settings) -> None:
     )
 
 
+def _own_names() -> list[str]:
+    """This machine's names and addresses: what clients of a wildcard bind put in their Host header."""
+    names = {socket.gethostname(), socket.getfqdn()}
+    with contextlib.suppress(OSError):
+        names |= {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)}
+    return sorted(n for n in names if n)
+
+
 def transport_security(settings: Settings) -> TransportSecuritySettings | None:
-    """None lets the SDK protect a loopback bind itself; named hosts get an explicit allow-list."""
-    if not settings.allowed_hosts:
+    """Host/Origin checks stay on for every bind: loopback, plus --allowed-host, plus the bind address
+    (for a wildcard bind, this machine's own names). None lets the SDK guard a plain loopback bind."""
+    extra = list(settings.allowed_hosts)
+    if settings.host not in LOOPBACK_HOSTS:
+        extra += _own_names() if settings.host in WILDCARD_BINDS else [settings.host]
+    if not extra:
         return None
     hosts, origins = list(LOOPBACK_ALLOWED_HOSTS), list(LOOPBACK_ALLOWED_ORIGINS)
-    for host in settings.allowed_hosts:
-        hosts += [host, f"{host}:*"]
-        origins += [f"http://{host}", f"https://{host}", f"http://{host}:*", f"https://{host}:*"]
+    for host in dict.fromkeys(extra):
+        shown = f"[{host}]" if ":" in host else host
+        hosts += [shown, f"{shown}:*"]
+        origins += [f"http://{shown}", f"https://{shown}", f"http://{shown}:*", f"https://{shown}:*"]
     return TransportSecuritySettings(
         enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
     )
+
+
+async def _reply(
+    send: Send, status: int, body: dict[str, Any], headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
 
 
 class BearerToken:
@@ -53,30 +109,236 @@ class BearerToken:
         if scope["type"] == "http":
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
-                body = json.dumps(
-                    {"error": "unauthorized", "error_description": "Send 'Authorization: Bearer <token>'."}
-                ).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 401,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"www-authenticate", b'Bearer realm="agent-trace-mcp"'),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                body = {"error": "unauthorized", "error_description": "Send 'Authorization: Bearer <token>'."}
+                await _reply(send, 401, body, ((b"www-authenticate", b'Bearer realm="agent-trace-mcp"'),))
                 return
         await self.app(scope, receive, send)
 
 
-def http_app(mcp: MCPServer, settings: Settings) -> ASGIApp:
+class BodyDeadline:
+    """ASGI middleware: a body that stops arriving is a gone client (each chunk has a deadline)."""
+
+    def __init__(self, app: ASGIApp, seconds: float | None = None):
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            message: Message = {"type": "http.disconnect"}
+            with anyio.move_on_after(self.seconds or BODY_CHUNK_TIMEOUT_SECONDS):
+                message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                complete = True
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
+@dataclass
+class _Session:
+    peer: str
+    last_seen: float
+    in_flight: int = 0
+
+
+class SessionGuard:
+    """Bounds the SDK's HTTP sessions: only an ``initialize`` opens one, each peer has a cap, and when a
+    cap or the total is reached the oldest idle session goes first (a flood cannot lock clients out)."""
+
+    def __init__(self, manager: Any, *, per_peer: int = SESSIONS_PER_PEER, total: int = MAX_SESSIONS):
+        self._manager = manager
+        self._handle: Callable[[Scope, Receive, Send], Awaitable[None]] = manager.asgi_app
+        self._per_peer = per_peer
+        self._total = total
+        self._sessions: dict[str, _Session] = {}
+        manager.asgi_app = (
+            self.handle_request
+        )  # what the route's ASGI app calls (the SDK's body limit inside)
+
+    def open_sessions(self) -> int:
+        self._forget_closed()
+        return len(self._sessions)
+
+    async def handle_request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or [])
+        session_id = headers.get(b"mcp-session-id", b"").decode("latin-1") or None
+        peer = (scope.get("client") or ("?", 0))[0]
+        if session_id is not None:
+            await self._serve_existing(session_id, scope, receive, send)
+            return
+        modern = headers.get(b"mcp-protocol-version", b"").startswith(b"2026")
+        if scope.get("method") != "POST" or modern:
+            await self._handle(scope, receive, send)  # sessionless (2026-07-28) or refused by the SDK itself
+            return
+        body, receive = await _buffered(receive)
+        if not _is_initialize(body):
+            await _reply(
+                send,
+                400,
+                _jsonrpc_error(
+                    body,
+                    "Only an initialize request may open a session; send "
+                    "the Mcp-Session-Id header the initialize answer gave.",
+                ),
+            )
+            return
+        await self._make_room(peer)
+        created: list[str] = []
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start" and message.get("status", 500) < 400:
+                for name, value in message.get("headers", []):
+                    if name.lower() == b"mcp-session-id":
+                        created.append(value.decode("latin-1"))
+            await send(message)
+
+        await self._handle(scope, receive, watch)
+        for new_id in created:
+            self._sessions[new_id] = _Session(peer, time.monotonic())
+
+    async def _serve_existing(self, session_id: str, scope: Scope, receive: Receive, send: Send) -> None:
+        record = self._sessions.get(session_id)
+        if record is not None:
+            record.in_flight += 1
+        try:
+            await self._handle(scope, receive, send)
+        finally:
+            if record is not None:
+                record.in_flight -= 1
+                record.last_seen = time.monotonic()
+
+    def _forget_closed(self) -> None:
+        live = self._manager._server_instances  # the SDK's table of open sessions
+        for session_id in [s for s in self._sessions if s not in live]:
+            del self._sessions[session_id]
+
+    async def _make_room(self, peer: str) -> None:
+        """Evict the oldest idle session of this peer (at its cap) or of anyone (at the total)."""
+        self._forget_closed()
+        mine = [s for s, r in self._sessions.items() if r.peer == peer]
+        if len(mine) >= self._per_peer:
+            await self._evict_oldest_idle(mine)
+        if len(self._manager._server_instances) >= self._total:
+            await self._evict_oldest_idle(list(self._sessions))
+
+    async def _evict_oldest_idle(self, candidates: list[str]) -> None:
+        idle = [s for s in candidates if self._sessions[s].in_flight == 0]
+        if not idle:
+            return  # every one is busy: the SDK's own limit answers 503
+        oldest = min(idle, key=lambda s: self._sessions[s].last_seen)
+        transport = self._manager._server_instances.get(oldest)
+        del self._sessions[oldest]
+        if transport is not None:
+            await self._manager._discard_session(oldest, transport)
+
+
+async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
+    """Read a (bounded) request body, and a receive that replays it."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            break
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+def _is_initialize(body: bytes) -> bool:
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(message, dict) and message.get("method") == "initialize"
+
+
+def _jsonrpc_error(body: bytes, text: str) -> dict[str, Any]:
+    request_id = None
+    try:
+        parsed = json.loads(body)
+        if isinstance(parsed, dict) and isinstance(parsed.get("id"), (str, int)):
+            request_id = parsed["id"]
+    except ValueError:
+        pass
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32600, "message": text}}
+
+
+class BoundedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for a request's headers: a half-sent request is dropped."""
+
+    _header_timer: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._disarm()  # the headers are in: the app runs (its body has deadlines of its own)
+        elif self._header_timer is None:
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._expire)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _expire(self) -> None:
+        self._header_timer = None
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+
+
+def http_app(
+    mcp: MCPServer,
+    settings: Settings,
+    *,
+    sessions_per_peer: int = SESSIONS_PER_PEER,
+    max_sessions: int = MAX_SESSIONS,
+) -> ASGIApp:
     """The ASGI app serving ``/mcp`` (stateful, so 2025-11-25 clients get pushed notifications)."""
     app: ASGIApp = mcp.streamable_http_app(
-        streamable_http_path="/mcp", host=settings.host, transport_security=transport_security(settings)
+        streamable_http_path="/mcp",
+        host=settings.host,
+        transport_security=transport_security(settings),
+        session_idle_timeout=SESSION_IDLE_SECONDS,
+        max_sessions=max_sessions,
+        max_request_body_size=MAX_BODY_BYTES,
     )
+    SessionGuard(mcp.session_manager, per_peer=sessions_per_peer, total=max_sessions)
+    app = BodyDeadline(app)
     if settings.auth_token:
         app = BearerToken(app, settings.auth_token)
     return app
@@ -87,6 +349,11 @@ async def serve_http(mcp: MCPServer, settings: Settings) -> None:
 
     check_bind(settings)
     config = uvicorn.Config(
-        http_app(mcp, settings), host=settings.host, port=settings.port, log_level="warning", lifespan="on"
+        http_app(mcp, settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        lifespan="on",
+        http=BoundedH11Protocol,
     )
     await uvicorn.Server(config).serve()

@@ -16,7 +16,7 @@ from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated, SubscriptionBus
-from mcp.types import INVALID_PARAMS
+from mcp.types import INVALID_PARAMS, METHOD_NOT_FOUND
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from agent.engine import Engine
@@ -129,6 +129,12 @@ async def subscriptions_middleware(ctx: ServerRequestContext[Any, Any], call_nex
     if notifier is None:  # before the lifespan has produced the engine
         return await call_next(ctx)
     if ctx.method in ("resources/subscribe", "resources/unsubscribe"):
+        if ctx.session.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            raise MCPError(
+                code=METHOD_NOT_FOUND,
+                message=f"{ctx.method} is not part of protocol {ctx.session.protocol_version}; "
+                "open a subscriptions/listen stream instead.",
+            )
         uri = str((ctx.params or {}).get("uri", ""))
         if not uri:
             raise MCPError(code=INVALID_PARAMS, message=f"{ctx.method} needs a 'uri'.")

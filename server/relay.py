@@ -559,7 +559,7 @@ def format_status(reply: Mapping[str, Any]) -> str:
         f"Running traces: {len(running)}",
     ]
     lines += [f"  {run.get('trace_id')}  {run.get('name') or ''}".rstrip() for run in running]
-    lines += [f"Note: {note}" for note in reply.get("settings_notes") or []]
+    lines += [f"Note: {note}" for note in reply.get("notes") or []]
     return "\n".join(lines)
 
 

@@ -12,27 +12,72 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.types import INVALID_PARAMS
 
 from agent import TraceError
+from agent.engine import Engine
 from agent.experiences import ExperienceFile
+from agent.trace.models import Message, Trace
 from server.settings import Settings
 from server.state import state_of
+from server.views import cut, elide
 
 PAGE_SIZE = 50
 
 
-async def _trace_json(ctx: Context, trace_id: str, whole_tree: bool) -> str:
+RESOURCE_BYTES = 900_000
+"""A resource stays under the 1 MiB message limit of common clients; every message is listed, long contents cut."""
+_CUTS = (16_000, 2_000, 200, 0)
+
+
+def _engine(ctx: Context) -> Engine:
     state = state_of(ctx.request_context.lifespan_context)
     assert state is not None
-    engine = state.engine
+    return state.engine
+
+
+def trace_body(trace: Trace, messages: list[Message]) -> str:
+    """JSON {trace, messages}; contents cut (with a marker naming the message's own resource) to fit."""
+    for limit in _CUTS:
+        dumped = []
+        for message in messages:
+            item = message.model_dump(mode="json")
+            item["content"] = cut(message.content, limit, trace.trace_id, message.sequence)
+            dumped.append(item)
+        text = json.dumps({"trace": trace.model_dump(mode="json"), "messages": dumped}, ensure_ascii=False)
+        if len(text.encode()) <= RESOURCE_BYTES:
+            break
+    return text
+
+
+async def _trace_json(ctx: Context, trace_id: str, whole_tree: bool) -> str:
+    engine = _engine(ctx)
     try:
         trace = await engine.get(trace_id)
     except TraceError as exc:
         raise ResourceNotFoundError(str(exc)) from None
     messages = await (engine.tree(trace_id) if whole_tree else engine.path(trace_id))
-    body = {"trace": trace.model_dump(mode="json"), "messages": [m.model_dump(mode="json") for m in messages]}
-    return json.dumps(body, ensure_ascii=False)
+    return trace_body(trace, messages)
 
 
 def register_resources(mcp: MCPServer, settings: Settings) -> None:
+    @mcp.resource(
+        "trace://{trace_id}/messages/{sequence}",
+        name="trace-message",
+        title="One message of a trace, uncut",
+        mime_type="application/json",
+        description="JSON of one stored message (any branch), with its whole content",
+    )
+    async def trace_message(trace_id: str, sequence: str, ctx: Context) -> str:
+        engine = _engine(ctx)
+        if not sequence.isdigit():
+            raise ResourceNotFoundError(f"{elide(sequence, 20)} is not a message sequence (1, 2, 3…).")
+        try:
+            await engine.get(trace_id)
+        except TraceError as exc:
+            raise ResourceNotFoundError(str(exc)) from None
+        message = await engine.message(trace_id, int(sequence))
+        if message is None:
+            raise ResourceNotFoundError(f"Trace '{trace_id}' has no message with sequence {int(sequence)}.")
+        return message.model_dump_json()
+
     @mcp.resource(
         "trace://{trace_id}/tree",
         name="trace-tree",
@@ -58,14 +103,15 @@ def register_resources(mcp: MCPServer, settings: Settings) -> None:
         name="experiences",
         title="Experiences",
         mime_type="text/markdown",
-        description="Lessons from reflections on earlier traces, one section per reflection",
+        description="Lessons from reflections on earlier traces, one section per reflection (newest kept if cut)",
     )
     async def experiences() -> str:
-        return await ExperienceFile(settings.experiences).read_text()
+        text, _ = await ExperienceFile(settings.experiences).read_bounded()
+        return text
 
 
-def _resource(trace: Any) -> dict[str, Any]:
-    label = trace.name or trace.trace_id
+def _resource(trace: Trace) -> dict[str, Any]:
+    label = " ".join((trace.name or trace.trace_id).split())[:80]
     return {
         "uri": f"trace://{trace.trace_id}",
         "name": f"trace-{trace.trace_id}",

@@ -9,7 +9,6 @@ its socket file is removed (its runs end ``stopped``), and when told to: drain, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -18,7 +17,7 @@ import socket
 import sys
 import time
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -55,7 +54,6 @@ STOP_RUNS_SECONDS = 15.0
 BIND_WAIT_SECONDS = 10.0
 """How long a new server waits for the lock of one that no longer answers (it is exiting)."""
 CLOSE_SECONDS = 5.0
-MAX_SETTINGS_NOTES = 5
 DRAINED, STOP_NOW = "drained", "stop-server --now"  # shutdown reasons a control request gives
 
 
@@ -71,7 +69,7 @@ class Mode(StrEnum):
 
 @dataclass
 class ProcessInfo:
-    """This server process as ``status`` shows it, and where ``agent_info`` reads the settings notes."""
+    """This server process as ``status`` shows it."""
 
     pid: int
     version: str
@@ -79,15 +77,6 @@ class ProcessInfo:
     data_dir: Path
     socket: Path
     log: Path
-    settings_notes: list[str] = field(default_factory=list)
-    """One sentence per host that connected with settings other than the server's start-up ones."""
-
-
-@dataclass
-class SharedServerState(ServerState):
-    """Each session's lifespan state on the shared server: the server's state plus this process."""
-
-    process: ProcessInfo
 
 
 def _iso(timestamp: float) -> str:
@@ -120,7 +109,7 @@ class SharedServer:
         self.mode = Mode.SERVING
         self.reason = ""
         self._stop_runs_asked = False
-        self._state: SharedServerState | None = None
+        self._state: ServerState | None = None
         self._connections: set[anyio.CancelScope] = set()
         self._sessions = 0
         self._sock: socket.socket | None = None
@@ -218,7 +207,9 @@ class SharedServer:
                 group.start_soon(self._accept, listener)
                 group.start_soon(self._signals)
                 async with self._server.lifespan(self._server) as state:
-                    self._state = self._shared_state(state)
+                    if not isinstance(state, ServerState):
+                        raise TypeError("the server's lifespan must yield a ServerState")
+                    self._state = state  # one state, one engine: every session shares it
                     self._ready.set()
                     group.start_soon(self._watch, self._state.engine)
                     await self._shutdown.wait()
@@ -230,12 +221,6 @@ class SharedServer:
             await listener.aclose()
         log.info("shared server (pid %d) stopped: %s", self.info.pid, self.reason)
         return 0
-
-    def _shared_state(self, state: Any) -> SharedServerState:
-        if not isinstance(state, ServerState):
-            raise TypeError("the server's lifespan must yield a ServerState")
-        values = {item.name: getattr(state, item.name) for item in dataclasses.fields(state)}
-        return SharedServerState(**values, process=self.info)
 
     async def _accept(self, listener: SocketListener) -> None:
         assert self._group is not None
@@ -344,20 +329,20 @@ class SharedServer:
             "sessions": self._sessions,
             "idle_exit_seconds": self.settings.idle_exit,
             "running": running,
-            "settings_notes": list(self.info.settings_notes),
+            "notes": list(self._state.notes) if self._state else [],
         }
 
     def _note_settings(self, differ: list[str]) -> None:
+        """Say so in the log, in ``status`` and in ``agent_info`` (which reads ``ServerState.notes``)."""
         note = (
             f"A host connected with settings that differ from this server's ({', '.join(differ)}); it is "
             "served with the ones the server started with. Run `agent-trace-mcp stop-server` to restart "
             "the server with new settings."
         )
-        notes = self.info.settings_notes
-        if note not in notes:
-            notes.append(note)
-            del notes[:-MAX_SETTINGS_NOTES]
-            log.warning("%s", note)
+        if self._state is None or note in self._state.notes:
+            return
+        self._state.notes.append(note)
+        log.warning("%s", note)
 
     # -- ending ----------------------------------------------------------------------------------------
 

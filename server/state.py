@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.engine import Engine
@@ -15,6 +15,8 @@ class ServerState:
     settings: Settings
     engine: Engine
     notifier: Notifier
+    notes: list[str] = field(default_factory=list)
+    """Sentences for agent_info, e.g. a relay whose settings differ from the shared server's."""
 
 
 def state_of(lifespan_context: Any) -> ServerState | None:

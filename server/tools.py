@@ -1,4 +1,8 @@
-"""The MCP tools: thin — validate, call the engine, shape the answer. Names and shapes follow product.md."""
+"""The MCP tools: thin — validate, call the engine, shape the answer. Names and shapes follow product.md.
+
+Every answer is written for the model that reads it: compact JSON text (the structured copy is for
+programs), sized with ``server.views``, and every wait bounded by ``--max-wait``.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,35 @@ from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import ToolAnnotations
-from pydantic import BaseModel, Field
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent import Message, RunConfig, Trace, TraceError, defaults
-from agent.core.runner import last_answer
 from agent.engine import Engine
 from agent.trace.models import Status
-from server.state import state_of
+from server.arguments import (
+    MAX_NAME_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_SYSTEM_PROMPT_CHARS,
+    MAX_TAG_CHARS,
+    MAX_TAGS,
+    MAX_TOOL_NAME_CHARS,
+    MAX_TOOLS,
+    MAX_UID_CHARS,
+    Sequence_,
+    StrList,
+    TraceId,
+)
+from server.state import ServerState, state_of
+from server.views import (
+    MESSAGES_VIEW_CHARS,
+    TAIL_MESSAGES,
+    compact_row,
+    messages_view,
+    one_line,
+    row_with_answer,
+    summary,
+)
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -26,12 +51,23 @@ R = TypeVar("R")
 READ_ONLY = ToolAnnotations(
     read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
 )
-ACTS = ToolAnnotations(
-    read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
+RUNS_AGENT = ToolAnnotations(
+    read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True
 )
+"""create_trace / run_trace: destructive unless every tool the agent could call only reads (set per listing)."""
 STOPS = ToolAnnotations(
     read_only_hint=False, destructive_hint=False, idempotent_hint=True, open_world_hint=False
 )
+LEARNS = ToolAnnotations(
+    read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
+)
+REWRITES = ToolAnnotations(
+    read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=True
+)
+DELETES = ToolAnnotations(
+    read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
+)
+AGENT_TOOLS = ("create_trace", "run_trace")
 
 
 class Started(BaseModel):
@@ -41,8 +77,12 @@ class Started(BaseModel):
 
 
 class Stopping(BaseModel):
-    trace_id: str
-    status: Literal["stopping", "not_running"]
+    model_config = ConfigDict(extra="allow")
+
+    trace_id: str | None = None
+    status: Literal["stopping", "not_running"] | None = None
+    stopping: list[str] | None = None
+    not_running: list[str] | None = None
 
 
 class Reflected(BaseModel):
@@ -53,16 +93,26 @@ class Reflected(BaseModel):
 
 class Running(BaseModel):
     running: list[str]
+    traces: list[dict[str, Any]] = Field(description="compact rows with steps, started_at and last_action")
 
 
-class TraceView(BaseModel):
-    trace: Trace
-    messages: list[Message]
-    answer: str | None = Field(description="the text of the last assistant message on the active path")
+class TraceAnswer(BaseModel):
+    """get_trace's answer; its fields depend on ``view`` (summary, messages or full)."""
+
+    model_config = ConfigDict(extra="allow")
+    trace: dict[str, Any]
+
+
+class Awaited(BaseModel):
+    done: list[dict[str, Any]] = Field(
+        description="compact rows (with answer/result/question) of finished traces"
+    )
+    running: list[str]
+    next: str | None = None
 
 
 class TraceList(BaseModel):
-    traces: list[Trace]
+    traces: list[dict[str, Any]]
     next_cursor: str | None = None
 
 
@@ -73,15 +123,51 @@ class LessonView(BaseModel):
 
 
 class ExperiencesView(BaseModel):
-    content: str
     path: str
+    content: str | None = Field(None, description="the experiences markdown, newest sections first if cut")
+    truncated: bool | None = None
     lessons: list[LessonView] | None = Field(None, description="with query: the ranked lessons, best first")
 
 
-def engine_of(ctx: Context) -> Engine:
+class Consolidated(BaseModel):
+    before: int
+    after: int
+    merged: int = 0
+    dropped: list[dict[str, Any]] = Field(default_factory=list)
+    backup_path: str | None = None
+    skipped_reason: str | None = None
+
+
+class Deleted(BaseModel):
+    trace_id: str
+    deleted: bool
+
+
+class AgentInfoView(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tools: list[dict[str, Any]]
+    servers: list[dict[str, Any]]
+    default_model: str
+    providers: dict[str, bool]
+    workspace: str
+    skills: list[dict[str, str]]
+
+
+def state_from(ctx: Context) -> ServerState:
     state = state_of(ctx.request_context.lifespan_context)
     assert state is not None, "the lifespan has not produced the engine"
-    return state.engine
+    return state
+
+
+def engine_of(ctx: Context) -> Engine:
+    return state_from(ctx).engine
+
+
+def compact(model: BaseModel, *, drop_none: bool = False) -> CallToolResult:
+    """Compact JSON text for the reading model (no indentation, no nulls), the full object for programs."""
+    data = model.model_dump(mode="json", exclude_none=drop_none)
+    text = model.model_dump_json(exclude_none=True)
+    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
 
 
 def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -110,27 +196,87 @@ Messages = Annotated[
     list[dict[str, Any]] | None,
     Field(description="OpenAI chat messages, e.g. [{'role': 'user', 'content': 'Summarise README.md'}]"),
 ]
-TraceId = Annotated[str, Field(description="The trace id that create_trace returned (32 hex characters)")]
+WaitSeconds = Annotated[
+    float,
+    Field(
+        ge=0,
+        description=f"Wait up to this long (capped at the server's --max-wait, {defaults.MAX_WAIT_SECONDS:g} s)",
+    ),
+]
+MaxTokens = Annotated[
+    int | None,
+    Field(ge=1, description="Token budget for a run (prompt + completion); it ends hit_limit when spent"),
+]
+TimeoutSeconds = Annotated[
+    float | None,
+    Field(gt=0, le=86_400, description="Wall-clock limit for a run, in seconds; it ends hit_limit"),
+]
+Tags = Annotated[
+    StrList | None,
+    Field(max_length=MAX_TAGS, description=f"Labels to group traces by (at most {MAX_TAGS})"),
+]
 
 
-def started_message(trace: Trace, verb: str) -> str:
+def started_message(trace: Trace, verb: str, max_wait: float) -> str:
+    wait = int(min(30, max_wait))
     return (
         f"Trace {trace.trace_id} {verb} on {trace.model}. It runs in the background: call "
-        f"get_trace(trace_id, wait_seconds=60) to wait for it, or read trace://{trace.trace_id}."
+        f"get_trace(trace_id, wait_seconds={wait}) to wait for it (await_traces for several)."
     )
 
 
+def capped(engine: Engine, wait_seconds: float) -> tuple[float, str | None]:
+    """The wait the server grants, and a note when it is less than asked."""
+    limit = engine.settings.max_wait
+    if wait_seconds <= limit:
+        return wait_seconds, None
+    return limit, f"Waited {limit:g} s, the server's --max-wait (asked {wait_seconds:g} s)."
+
+
+def check_sizes(
+    name: str | None,
+    uid: str | None,
+    tags: list[str] | None,
+    tools: list[str] | None,
+    system_prompt: str | None,
+) -> None:
+    """Oversized fields are refused at creation, so one record can never poison shared listings."""
+    if name is not None and len(name) > MAX_NAME_CHARS:
+        raise ToolError(f"name is {len(name):,} characters; at most {MAX_NAME_CHARS} are allowed.")
+    if uid is not None and len(uid) > MAX_UID_CHARS:
+        raise ToolError(f"uid is {len(uid):,} characters; at most {MAX_UID_CHARS} are allowed.")
+    for tag in tags or []:
+        if not tag or len(tag) > MAX_TAG_CHARS:
+            raise ToolError(f"Each tag must be 1 to {MAX_TAG_CHARS} characters; one is {len(tag):,}.")
+    if tools is not None:
+        if len(tools) > MAX_TOOLS:
+            raise ToolError(f"tools lists {len(tools):,} names; at most {MAX_TOOLS} are allowed.")
+        if any(len(t) > MAX_TOOL_NAME_CHARS for t in tools):
+            raise ToolError(f"A name in tools is longer than {MAX_TOOL_NAME_CHARS} characters.")
+    if system_prompt is not None and len(system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
+        raise ToolError(
+            f"system_prompt is {len(system_prompt):,} characters; at most {MAX_SYSTEM_PROMPT_CHARS:,} are allowed."
+        )
+
+
 def register_tools(mcp: MCPServer) -> None:
-    @mcp.tool(title="Create trace", annotations=ACTS)
+    @mcp.tool(title="Create trace", annotations=RUNS_AGENT)
     @tool_errors
     async def create_trace(
         ctx: Context,
         messages: Messages = None,
         prompt: Annotated[
-            str | None, Field(description="The task, as one user message (shorthand for messages)")
+            str | None,
+            Field(
+                max_length=MAX_PROMPT_CHARS,
+                description="The task, as one user message (shorthand for messages)",
+            ),
         ] = None,
         model: Annotated[
-            str | None, Field(description="'provider:name': 'openai:gpt-4o', 'anthropic:<model>', 'offline'")
+            str | None,
+            Field(
+                max_length=200, description="'provider:name': 'openai:gpt-4o', 'anthropic:<model>', 'offline'"
+            ),
         ] = None,
         temperature: Annotated[
             float, Field(ge=0, le=2, description="Sampling temperature")
@@ -142,15 +288,14 @@ def register_tools(mcp: MCPServer) -> None:
             str | None, Field(description="System prompt; none: built from skills and recalled lessons")
         ] = None,
         tools: Annotated[
-            list[str] | None,
+            StrList | None,
             Field(
                 description="Whitelist of tool names ('read_file', 'calc__add') or server names ('calc'); none: all"
             ),
         ] = None,
         name: Annotated[str | None, Field(description="A name for the trace, for people")] = None,
-        uid: Annotated[
-            str | None, Field(description="Who the trace is for (filter list_traces by it)")
-        ] = None,
+        uid: Annotated[str | None, Field(description="Who the trace is for (a label to filter by)")] = None,
+        tags: Tags = None,
         recall: Annotated[
             int | None,
             Field(ge=0, le=50, description="Lessons from experience to recall into the prompt (0: none)"),
@@ -158,16 +303,42 @@ def register_tools(mcp: MCPServer) -> None:
         reflect: Annotated[
             bool, Field(description="Reflect automatically when the run completes or fails")
         ] = False,
+        max_tokens: MaxTokens = None,
+        timeout_seconds: TimeoutSeconds = None,
+        output_schema: Annotated[
+            dict[str, Any] | None,
+            Field(
+                description="A JSON Schema the final answer must satisfy; the valid JSON comes back as result"
+            ),
+        ] = None,
+        ask_host: Annotated[
+            bool,
+            Field(description="Give the agent an ask_host(question) tool: it pauses the run as needs_input"),
+        ] = True,
+        confirm_tools: Annotated[
+            StrList | None,
+            Field(description="Tools or servers whose calls wait for your approval (run_trace(approve=...))"),
+        ] = None,
+        from_trace: Annotated[
+            TraceId | None,
+            Field(description="Fork: start from a copy of this trace's path (the source is unchanged)"),
+        ] = None,
+        from_sequence: Annotated[
+            Sequence_ | None,
+            Field(description="Fork: copy the source's path up to this sequence (default: its head)"),
+        ] = None,
     ) -> Started:
         """Start a new agent trace in the background and return its id at once.
 
-        The agent calls tools until it answers; watch it with get_trace(wait_seconds=…) or the trace:// resource.
+        The agent calls its tools (agent_info lists them) until it answers. Follow it with
+        get_trace(trace_id, wait_seconds=30) — a compact summary — or await_traces for several.
         """
         all_messages = list(messages or [])
         if prompt:
             all_messages.append({"role": "user", "content": prompt})
-        if not all_messages:
+        if not all_messages and from_trace is None:
             raise ToolError("Give the task as prompt (a string) or messages (OpenAI chat messages).")
+        check_sizes(name, uid, tags, tools, system_prompt)
         config = RunConfig(
             model=model,
             temperature=temperature,
@@ -178,149 +349,380 @@ def register_tools(mcp: MCPServer) -> None:
             uid=uid,
             recall=recall,
             reflect=reflect,
+            tags=tags,
+            max_tokens=max_tokens,
+            timeout_seconds=timeout_seconds,
+            output_schema=output_schema,
+            ask_host=ask_host,
+            confirm_tools=confirm_tools,
+            from_trace=from_trace,
+            from_sequence=from_sequence,
         )
-        trace = await engine_of(ctx).create(all_messages, config)
-        return Started(trace_id=trace.trace_id, message=started_message(trace, "started"))
+        engine = engine_of(ctx)
+        trace = await engine.create(all_messages, config)
+        verb = "started" if from_trace is None else f"forked from {from_trace} and started"
+        return Started(
+            trace_id=trace.trace_id, message=started_message(trace, verb, engine.settings.max_wait)
+        )
 
-    @mcp.tool(title="Run trace", annotations=ACTS)
+    @mcp.tool(title="Run trace", annotations=RUNS_AGENT)
     @tool_errors
     async def run_trace(
         ctx: Context,
         trace_id: TraceId,
         messages: Messages = None,
         insert_after: Annotated[
-            int | None,
+            Sequence_ | None,
             Field(
                 description="None: continue from the head. A sequence: rewind there and branch (past an assistant "
                 "message's tool results); with no messages, regenerate from there"
             ),
         ] = None,
+        answer: Annotated[
+            str | None,
+            Field(
+                max_length=MAX_PROMPT_CHARS,
+                description="Your answer to the question a needs_input trace asks",
+            ),
+        ] = None,
+        approve: Annotated[
+            bool | None,
+            Field(
+                description="For a tool call waiting for approval: true runs it, false declines it (answer: why)"
+            ),
+        ] = None,
+        model: Annotated[
+            str | None, Field(max_length=200, description="Another model for this run and after")
+        ] = None,
+        temperature: Annotated[
+            float | None, Field(ge=0, le=2, description="Another sampling temperature")
+        ] = None,
+        max_iterations: Annotated[
+            int | None,
+            Field(ge=1, le=defaults.MAX_ITERATIONS_LIMIT, description="Most model calls in this run"),
+        ] = None,
+        tools: Annotated[StrList | None, Field(description="Another whitelist of tools or servers")] = None,
+        max_tokens: MaxTokens = None,
+        timeout_seconds: TimeoutSeconds = None,
     ) -> Started:
-        """Continue, rewind or regenerate a finished trace; returns at once while the run goes on."""
-        trace = await engine_of(ctx).continue_(trace_id, messages or [], RunConfig(insert_after=insert_after))
-        return Started(trace_id=trace.trace_id, message=started_message(trace, "is running again"))
+        """Continue, rewind, regenerate, or answer a trace that is not running; returns at once while the run
+        goes on. Overrides (model, temperature, budgets, tools) apply to this run and are stored with the trace."""
+        engine = engine_of(ctx)
+        check_sizes(None, None, None, tools, None)
+        config = RunConfig(
+            insert_after=insert_after,
+            answer=answer,
+            approve=approve,
+            model=model,
+            temperature=temperature,
+            max_iterations=max_iterations,
+            tools=tools,
+            max_tokens=max_tokens,
+            timeout_seconds=timeout_seconds,
+        )
+        trace = await engine.continue_(trace_id, messages or [], config)
+        return Started(
+            trace_id=trace.trace_id,
+            message=started_message(trace, "is running again", engine.settings.max_wait),
+        )
 
-    @mcp.tool(title="Stop trace", annotations=STOPS)
+    @mcp.tool(title="Stop traces", annotations=STOPS)
     @tool_errors
-    async def stop_trace(ctx: Context, trace_id: TraceId) -> Stopping:
-        """Stop a running trace promptly (a model call in flight included); it ends with status 'stopped'."""
-        stopping = await engine_of(ctx).stop(trace_id)  # unknown trace: a tool error, not "not_running"
-        return Stopping(trace_id=trace_id, status="stopping" if stopping else "not_running")
+    async def stop_trace(
+        ctx: Context,
+        trace_id: Annotated[TraceId | None, Field(description="The trace to stop")] = None,
+        trace_ids: Annotated[
+            StrList | None, Field(max_length=500, description="Several traces to stop")
+        ] = None,
+        tag: Annotated[
+            str | None, Field(max_length=MAX_TAG_CHARS, description="Stop every running trace with this tag")
+        ] = None,
+    ) -> Stopping:
+        """Stop running traces promptly (a model call in flight included); each ends 'stopped', wherever it runs."""
+        engine = engine_of(ctx)
+        if trace_id is not None and trace_ids is None and tag is None:
+            stopping = await engine.stop(trace_id)  # unknown trace: a tool error, not "not_running"
+            one = Stopping(trace_id=trace_id, status="stopping" if stopping else "not_running")
+            return compact(one, drop_none=True)  # type: ignore[return-value]
+        ids = await targets(engine, trace_id, trace_ids, tag, "stop_trace")
+        stopped: list[str] = []
+        idle: list[str] = []
+        for tid in ids:
+            (stopped if await engine.stop(tid) else idle).append(tid)
+        return compact(Stopping(stopping=stopped, not_running=idle), drop_none=True)  # type: ignore[return-value]
 
-    @mcp.tool(title="Reflect on trace", annotations=ACTS)
+    @mcp.tool(title="Reflect on trace", annotations=LEARNS)
     @tool_errors
     async def reflect_trace(
         ctx: Context,
         trace_id: TraceId,
         focus: Annotated[
-            str | None, Field(description="What the reflection should look at, e.g. 'tool errors'")
+            str | None,
+            Field(max_length=2000, description="What the reflection should look at, e.g. 'tool errors'"),
         ] = None,
     ) -> Reflected:
         """Ask the trace's model for lessons on a side branch (the main path is untouched) and append them to
         the experiences file, where later traces recall them."""
         reflection = await engine_of(ctx).reflect(trace_id, focus)
-        return Reflected(trace_id=trace_id, reflection=reflection.text, lessons=reflection.lessons)
+        text = reflection.text if len(reflection.text) <= 4000 else reflection.text[:4000] + "… [cut]"
+        return Reflected(trace_id=trace_id, reflection=text, lessons=reflection.lessons)
 
     @mcp.tool(title="List running traces", annotations=READ_ONLY)
+    @tool_errors
     async def list_running(ctx: Context) -> Running:
-        """The ids of the traces running now."""
-        return Running(running=await engine_of(ctx).running())
+        """The traces running now, in any process sharing the store, with their steps and latest action."""
+        engine = engine_of(ctx)
+        rows = []
+        for tid in (ids := await engine.running()):
+            trace = await engine.get(tid)
+            tail = await engine.tail(tid, 2)
+            row = compact_row(trace)
+            row["started_at"] = trace.started_at
+            row["last_action"] = one_line(tail[-1], {}) if tail else None
+            rows.append(row)
+        return Running(running=ids, traces=rows)
 
-    @mcp.tool(title="Get trace", annotations=READ_ONLY)
+    @mcp.tool(title="Get trace", annotations=READ_ONLY, structured_output=True)
     @tool_errors
     async def get_trace(
         ctx: Context,
         trace_id: TraceId,
-        wait_seconds: Annotated[
-            float,
-            Field(
-                ge=0,
-                le=3600,
-                description="Wait up to this long for the trace to stop running, sending progress",
-            ),
-        ] = 0,
+        wait_seconds: WaitSeconds = 0,
         after_sequence: Annotated[
-            int | None, Field(description="Only return active-path messages after this sequence")
+            int | None,
+            Field(ge=0, le=10**12, description="Only messages after this sequence (and their progress)"),
         ] = None,
-    ) -> TraceView:
-        """The trace, its active-path messages and its last answer; with wait_seconds, a long-poll that returns
-        as soon as the trace is not running, sending a progress notification per stored message meanwhile."""
+        view: Annotated[
+            Literal["summary", "messages", "full"],
+            Field(
+                description="summary (default, ≤ 4 KB); messages: the steps, each cut at max_chars; full: uncut"
+            ),
+        ] = "summary",
+        max_chars: Annotated[
+            int,
+            Field(
+                ge=100, le=MESSAGES_VIEW_CHARS, description="view=messages: cut each message at this length"
+            ),
+        ] = 2000,
+    ) -> TraceAnswer:
+        """The trace as a compact summary (answer, question, latest steps) by default; with wait_seconds, a
+        long-poll that returns as soon as the trace stops running, sending progress meanwhile."""
         engine = engine_of(ctx)
-        trace = await wait_with_progress(engine, ctx, trace_id, wait_seconds)
-        path = await engine.path(trace_id)
-        shown = [m for m in path if after_sequence is None or m.sequence > after_sequence]
-        return TraceView(trace=trace, messages=shown, answer=last_answer(path))
+        seconds, note = capped(engine, wait_seconds)
+        trace = await wait_with_progress(engine, ctx, trace_id, seconds, after_sequence)
+        if seconds > 0 and trace.status is Status.RUNNING:
+            note = ((note + " ") if note else "") + f"Still running after {seconds:g} s."
+        if view == "summary":
+            body = summary(trace, await engine.tail(trace_id, TAIL_MESSAGES), note=note)
+        else:
+            body = messages_view(
+                trace, await engine.path(trace_id), after_sequence, max_chars, full=view == "full"
+            )
+            if note:
+                body["note"] = note
+        return compact(TraceAnswer.model_validate(body))  # type: ignore[return-value]
+
+    @mcp.tool(title="Await traces", annotations=READ_ONLY)
+    @tool_errors
+    async def await_traces(
+        ctx: Context,
+        trace_ids: Annotated[
+            StrList | None, Field(max_length=500, description="The traces to wait on")
+        ] = None,
+        tag: Annotated[
+            str | None, Field(max_length=MAX_TAG_CHARS, description="Wait on every trace with this tag")
+        ] = None,
+        mode: Annotated[
+            Literal["any", "all"],
+            Field(description="any: return when one has finished; all: when every one has"),
+        ] = "any",
+        wait_seconds: WaitSeconds = 30,
+    ) -> Awaited:
+        """Wait on several traces at once; returns compact rows (answer, result, question) for the finished
+        ones and the ids still running."""
+        engine = engine_of(ctx)
+        ids = await targets(engine, None, trace_ids, tag, "await_traces", running_only=False)
+        seconds, note = capped(engine, wait_seconds)
+        beat = heartbeat(ctx, "waiting on traces")
+        traces = await engine.await_traces(ids, every=mode == "all", seconds=seconds, on_idle=beat)
+        done, running = [], []
+        for trace in traces:
+            if trace.status is Status.RUNNING:
+                running.append(trace.trace_id)
+            else:
+                done.append(row_with_answer(trace, await engine.tail(trace.trace_id, 1)))
+        hint = None
+        if running:
+            hint = (note + " " if note else "") + (
+                f"{len(running)} still running: call await_traces again with their ids "
+                f"(wait_seconds ≤ {engine.settings.max_wait:g})."
+            )
+        return compact(Awaited(done=done, running=running, next=hint))  # type: ignore[return-value]
 
     @mcp.tool(title="List traces", annotations=READ_ONLY)
     @tool_errors
     async def list_traces(
         ctx: Context,
         status: Annotated[Status | None, Field(description="Only traces with this status")] = None,
-        uid: Annotated[str | None, Field(description="Only traces created with this uid")] = None,
+        uid: Annotated[
+            str | None, Field(max_length=MAX_UID_CHARS, description="Only traces created with this uid")
+        ] = None,
+        tag: Annotated[
+            str | None, Field(max_length=MAX_TAG_CHARS, description="Only traces with this tag")
+        ] = None,
         limit: Annotated[int, Field(ge=1, le=200, description="Traces per page")] = 20,
-        cursor: Annotated[str | None, Field(description="next_cursor from the previous page")] = None,
+        cursor: Annotated[
+            str | None, Field(max_length=1000, description="next_cursor from the previous page")
+        ] = None,
     ) -> TraceList:
-        """Traces, newest first, a page at a time."""
+        """Traces as compact rows (no config, no lesson texts), newest first, a page at a time."""
         page = await engine_of(ctx).list_traces(
-            status=status.value if status else None, uid=uid, limit=limit, cursor=cursor
+            status=status.value if status else None, uid=uid, tag=tag, limit=limit, cursor=cursor
         )
-        return TraceList(traces=page.traces, next_cursor=page.next_cursor)
+        return compact(TraceList(traces=[compact_row(t) for t in page.traces], next_cursor=page.next_cursor))  # type: ignore[return-value]
 
     @mcp.tool(title="Get experiences", annotations=READ_ONLY)
     @tool_errors
     async def get_experiences(
         ctx: Context,
         query: Annotated[
-            str | None, Field(description="Also return the lessons most relevant to this text, best first")
+            str | None,
+            Field(max_length=10_000, description="Return only the lessons most relevant to this text"),
         ] = None,
         limit: Annotated[int, Field(ge=1, le=100, description="Most lessons returned for a query")] = 10,
     ) -> ExperiencesView:
-        """The experiences markdown file (reflections as lessons); with query, the ranked lessons too."""
+        """The experiences markdown (lessons from reflections); with query, only the ranked lessons."""
         engine = engine_of(ctx)
-        lessons = None
+        path = str(engine.experiences.path)
         if query:
             found = await engine.recall(query, limit)
             lessons = [LessonView(text=l.text, heading=l.heading, trace_id=l.trace_id) for l in found]
-        return ExperiencesView(
-            content=await engine.experiences_text(), path=str(engine.experiences.path), lessons=lessons
-        )
+            return compact(ExperiencesView(path=path, lessons=lessons))  # type: ignore[return-value]
+        content, truncated = await engine.experiences_text()
+        return compact(ExperiencesView(path=path, content=content, truncated=truncated))  # type: ignore[return-value]
 
-    @mcp.tool(title="Consolidate experiences", annotations=ACTS)
+    @mcp.tool(title="Consolidate experiences", annotations=REWRITES)
     @tool_errors
     async def consolidate_experiences(
         ctx: Context,
         model: Annotated[
-            str | None, Field(description="Model to merge lessons with; none: the server default")
+            str | None,
+            Field(max_length=200, description="Model to merge lessons with; none: the server default"),
         ] = None,
-    ) -> dict[str, Any]:
-        """Merge duplicate lessons and drop contradicted ones now, keeping a dated backup of the file."""
+    ) -> Consolidated:
+        """Merge duplicate lessons and drop contradicted ones now (a dated backup of the file is kept)."""
         result = await engine_of(ctx).consolidate(model)
-        return result.model_dump(mode="json")
+        return Consolidated(
+            before=result.before,
+            after=result.after,
+            merged=result.merged,
+            dropped=[d.model_dump() for d in result.dropped[:50]],
+            backup_path=str(result.backup_path) if result.backup_path else None,
+            skipped_reason=result.skipped_reason,
+        )
+
+    @mcp.tool(title="Delete trace", annotations=DELETES)
+    @tool_errors
+    async def delete_trace(ctx: Context, trace_id: TraceId) -> Deleted:
+        """Delete a trace that is not running, with all its messages (lessons it taught stay in experiences)."""
+        engine = engine_of(ctx)
+        if not await engine.delete(trace_id):
+            raise ToolError(f"Trace '{trace_id}' is running; stop it (stop_trace) before you delete it.")
+        return Deleted(trace_id=trace_id, deleted=True)
+
+    @mcp.tool(title="What the agent can use", annotations=READ_ONLY)
+    @tool_errors
+    async def agent_info(ctx: Context) -> AgentInfoView:
+        """What the background agent can use: its tools (name, one line, server), the downstream MCP servers
+        (up, or failed with the reason), the default model and which providers are configured, the workspace,
+        the skills."""
+        state = state_from(ctx)
+        info = await state.engine.agent_info()
+        body: dict[str, Any] = {
+            "tools": [
+                {"name": t.name, "description": t.description, "server": t.server, "read_only": t.read_only}
+                for t in info.tools
+            ],
+            "servers": info.servers,
+            "default_model": info.default_model,
+            "providers": info.providers,
+            "workspace": info.workspace,
+            "skills": info.skills,
+            "max_wait_seconds": state.engine.settings.max_wait,
+        }
+        if state.notes:
+            body["notes"] = state.notes
+        return compact(AgentInfoView.model_validate(body))  # type: ignore[return-value]
 
 
-def describe(message: Message, tool_names: dict[str, str]) -> str:
-    """A short line for a progress notification, e.g. 'assistant called calc__add'."""
-    if message.role == "assistant" and message.tool_calls:
-        for call in message.tool_calls:
-            tool_names[call.id] = call.function.name
-        return "assistant called " + ", ".join(c.function.name for c in message.tool_calls)
-    text = (message.content or "").strip().replace("\n", " ")
-    short = text[:80] + ("…" if len(text) > 80 else "")
-    if message.role == "tool":
-        return f"{tool_names.get(message.tool_call_id or '', 'tool')} returned: {short}"
-    if message.role == "assistant":
-        return f"assistant answered: {short}"
-    return f"{message.role}: {short}"
+async def targets(
+    engine: Engine,
+    trace_id: str | None,
+    trace_ids: list[str] | None,
+    tag: str | None,
+    tool: str,
+    *,
+    running_only: bool = True,
+) -> list[str]:
+    """The traces a many-trace call names: ids, or every (running) trace with a tag."""
+    ids = [*([trace_id] if trace_id else []), *(trace_ids or [])]
+    if tag is not None:
+        page = await engine.list_traces(
+            status=Status.RUNNING.value if running_only else None, tag=tag, limit=500
+        )
+        ids += [t.trace_id for t in page.traces]
+    if not ids and tag is None:
+        raise ToolError(f"{tool} needs trace_id, trace_ids or tag.")
+    return list(dict.fromkeys(ids))
 
 
-async def wait_with_progress(engine: Engine, ctx: Context, trace_id: str, wait_seconds: float) -> Trace:
-    """Wait for the trace to stop running, reporting each message stored meanwhile as progress."""
+def heartbeat(ctx: Context, what: str) -> Callable[[], Awaitable[None]]:
+    """A progress note sent when nothing else happened for a while (hosts reset their timeout on it)."""
+    count = 0
+
+    async def beat() -> None:
+        nonlocal count
+        count += 1
+        await ctx.report_progress(count, None, f"still {what}")
+
+    return beat
+
+
+async def wait_with_progress(
+    engine: Engine, ctx: Context, trace_id: str, wait_seconds: float, after_sequence: int | None
+) -> Trace:
+    """Wait for the trace to stop running, reporting each stored message as progress (and a heartbeat)."""
     tool_names: dict[str, str] = {}
+    sent = 0
     if wait_seconds > 0:
-        for message in await engine.path(trace_id):  # name the results of calls made before we listened
-            describe(message, tool_names)
+        for message in await engine.tail(
+            trace_id, TAIL_MESSAGES
+        ):  # name results of calls made before we listened
+            one_line(message, tool_names)
 
     async def progress(message: Message) -> None:
-        await ctx.report_progress(message.sequence, None, describe(message, tool_names))
+        nonlocal sent
+        sent += 1
+        await ctx.report_progress(sent, None, one_line(message, tool_names))
 
-    return await engine.wait(trace_id, wait_seconds, progress)
+    async def beat() -> None:
+        nonlocal sent
+        sent += 1
+        await ctx.report_progress(sent, None, "still running")
+
+    return await engine.wait(trace_id, wait_seconds, progress, after_sequence=after_sequence, on_idle=beat)
+
+
+async def patch_annotations(result: Any, state: ServerState) -> Any:
+    """tools/list: create_trace/run_trace are destructive unless every tool the agent could call only reads."""
+    read_only = state.engine.agent_is_read_only()
+    tools = result.get("tools") if isinstance(result, dict) else getattr(result, "tools", None)
+    for tool in tools or []:
+        name = tool.get("name") if isinstance(tool, dict) else tool.name
+        if name not in AGENT_TOOLS:
+            continue
+        if isinstance(tool, dict):
+            tool.setdefault("annotations", {})["destructiveHint"] = not read_only
+        elif tool.annotations is not None:
+            tool.annotations = tool.annotations.model_copy(update={"destructive_hint": not read_only})
+    return result

@@ -28,6 +28,16 @@ def no_sqlite_thread_left_behind():
     assert not left, f"{len(left)} SQLite connection thread(s) left open by this test"
 
 
+@pytest.fixture
+def workspace(tmp_path):
+    """A small project folder: the root of the agent's file tools in server tests."""
+    root = tmp_path / "workspace"
+    root.mkdir()
+    (root / "README.md").write_text("# Demo project\nThe answer is 42.\n", encoding="utf-8")
+    (root / "notes.txt").write_text("remember the milk\n", encoding="utf-8")
+    return root
+
+
 @pytest.fixture(params=__import__("tests.store_backends", fromlist=["BACKENDS"]).BACKENDS)
 def store_url(request, tmp_path) -> str:
     """Where a contract test's store lives, once per backend."""

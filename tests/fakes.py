@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,11 +68,35 @@ class ScriptedModel:
         if isinstance(step, Exception):
             raise step
         response = step(messages, tools) if callable(step) else step
+        if inspect.isawaitable(response):
+            response = await response
+        if tool_choice == "none" and response.tool_calls:  # as the providers do: no calls when forbidden
+            response = response.model_copy(update={"tool_calls": []})
         if self.stream and on_text and response.content:
             for word in response.content.split(" "):
                 on_text(word + " ")
                 await anyio.sleep(self.chunk_delay)
         return response
+
+
+REFLECTION_REPLY = "- Read the file with read_file before answering questions about it."
+
+
+def turn_script(
+    *steps: ModelResponse, reflection: str = REFLECTION_REPLY
+) -> Callable[[list[dict], list[dict]], ModelResponse]:
+    """A step for ScriptedModel that plays ``steps`` afresh for every user turn of every trace: the
+    reply is chosen by how many assistant messages follow the latest user message (the last repeats).
+    A reflection request (the reflection prompt) is answered with ``reflection``."""
+
+    def step(messages: list[dict], tools: list[dict]) -> ModelResponse:
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+        if last_user >= 0 and "reflect on the conversation" in (messages[last_user].get("content") or ""):
+            return reply(reflection)
+        done = sum(1 for m in messages[last_user + 1 :] if m.get("role") == "assistant")
+        return steps[min(done, len(steps) - 1)]
+
+    return step
 
 
 def models_for(**by_spec: Any) -> Callable[[str], Any]:

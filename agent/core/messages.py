@@ -51,7 +51,9 @@ def parse_messages(raw: Sequence[Any]) -> list[NewMessage]:
             raise InvalidMessages(
                 f"Message {index} has role {role!r}; use one of system, user, assistant, tool."
             )
-        data = {k: v for k, v in item.items() if k != "usage"}
+        data = {
+            k: v for k, v in item.items() if k not in ("usage", "meta")
+        }  # engine fields, never a caller's
         data["content"] = _text_content(index, item.get("content"))
         try:
             message = NewMessage.model_validate(data)
@@ -70,6 +72,11 @@ def parse_messages(raw: Sequence[Any]) -> list[NewMessage]:
         if role != "assistant" and message.tool_calls:
             raise InvalidMessages(
                 f"Message {index} ({role}) has tool_calls; only assistant messages can call tools."
+            )
+        ids = [c.id for c in message.tool_calls or []]
+        if len(ids) != len(set(ids)):
+            raise InvalidMessages(
+                f"Message {index} (assistant) has two tool calls with the same id; ids must differ."
             )
         if role != "tool":
             message.tool_call_id = None
@@ -103,6 +110,7 @@ def check_placement(
     a tool message: the runner closes them first (see AgentRunner).
     """
     open_ids = [] if new and new[0].role != "tool" else open_tool_calls(path)
+    caller_calls = False  # open calls made by an assistant message in ``new``, not by the model
     for offset, message in enumerate(new):
         index = first_index + offset
         if message.role == "tool":
@@ -120,3 +128,9 @@ def check_placement(
             )
         if message.role == "assistant":
             open_ids = [c.id for c in message.tool_calls or []]
+            caller_calls = bool(open_ids)
+    if caller_calls and open_ids:
+        raise InvalidMessages(
+            f"The assistant message calls tool(s) {', '.join(open_ids)} without their results; add a tool message "
+            "for each call: tools run only when the model calls them."
+        )

@@ -19,7 +19,8 @@ conversation is always one a provider accepts. Every step yields the events it s
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+import math
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +29,12 @@ import anyio
 
 from agent import defaults
 from agent.core.messages import open_tool_calls
+from agent.core.typed import MAX_REASKS, parse_result, reask
 from agent.errors import ModelCallError, ToolCallError
 from agent.llm.base import Model, ModelResponse
+from agent.tools.ask import ASK_HOST, question_of
 from agent.tools.registry import Tool, ToolRegistry, openai_tool_schema
+from agent.trace import compaction
 from agent.trace.events import MessageStored, TraceChanged, TraceEvent
 from agent.trace.models import Message, NewMessage, Status, StopReason, ToolCall, Trace
 from agent.trace.store import ClaimLost, TraceStore
@@ -39,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CANCELLED_TOOL_RESULT = "Cancelled: the trace was stopped before this tool call finished."
 UNFINISHED_TOOL_RESULT = "Not run: the previous run ended before this tool call finished."
+WAITING_TOOL_RESULT = "Not answered yet: the run is waiting for the host to reply to this call."
 EMPTY_REPLY_ERROR = "The model gave an empty reply (no text and no tool calls) twice in a row."
 
 
@@ -49,6 +54,8 @@ class Outcome:
     status: Status
     stop_reason: StopReason
     error: str | None = None
+    question: str | None = None
+    result: Any = None
 
     @classmethod
     def answered(cls) -> Outcome:
@@ -63,6 +70,8 @@ ANSWERED = Outcome.answered()
 STOPPED = Outcome(Status.STOPPED, StopReason.STOPPED)
 INTERRUPTED = Outcome(Status.INTERRUPTED, StopReason.INTERRUPTED)
 MAX_ITERATIONS = Outcome(Status.COMPLETED, StopReason.MAX_ITERATIONS)
+TOKEN_BUDGET = Outcome(Status.STOPPED, StopReason.TOKEN_BUDGET)
+TIMEOUT = Outcome(Status.STOPPED, StopReason.TIMEOUT)
 
 
 class EmptyReply(Exception):
@@ -79,6 +88,25 @@ class Segment:
     context: list[Message]
     max_iterations: int
     reflect: bool = False
+    confirm: frozenset[str] = frozenset()
+    """Tool names and server names whose calls wait for the host's approval."""
+    approved: frozenset[str] = frozenset()
+    """Ids of pending calls the host approved (run them this time)."""
+    max_tokens: int | None = None
+    timeout_seconds: float | None = None
+    deadline: float | None = None
+    """anyio time at which the run ends ``timeout`` (set when the segment starts)."""
+    output_schema: dict[str, Any] | None = None
+    context_tokens: int = defaults.CONTEXT_TOKENS
+    """The prompt budget of this segment's model (see ``agent.trace.compaction.budget_for``)."""
+
+    def needs_approval(self, call: ToolCall) -> bool:
+        if call.id in self.approved:
+            return False
+        tool = next((t for t in self.tools if t.name == call.function.name), None)
+        return call.function.name in self.confirm or (
+            tool is not None and tool.group is not None and tool.group in self.confirm
+        )
 
 
 Reflector = Callable[[Trace, int], Awaitable[list[TraceEvent]]]
@@ -99,14 +127,18 @@ class Run:
     """claimed → running → finishing → reflecting (claim kept) → done"""
     queued: Segment | None = None
     stop_requested: bool = False
+    timed_out: bool = False
     lost: bool = False
     holding: bool = False
     outcome: Outcome | None = None
     finished: anyio.Event = field(default_factory=anyio.Event)
     """Set once the outcome is written (a continuation may then be queued behind the reflection)."""
     done: anyio.Event = field(default_factory=anyio.Event)
+    tokens_per_char: float = compaction.INITIAL_TOKENS_PER_CHAR
     _scope: anyio.CancelScope | None = None
     _wire: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _sizes: dict[int, int] = field(default_factory=dict)
+    _sent_chars: int = 0
 
     @property
     def trace_id(self) -> str:
@@ -127,8 +159,9 @@ class Run:
 
     @contextmanager
     def _guard(self) -> Iterator[anyio.CancelScope]:
-        """Run one model or tool step so that ``stop`` cancels it."""
-        with anyio.CancelScope() as scope:
+        """Run one model or tool step so that ``stop`` (or the run's deadline) cancels it."""
+        deadline = self.segment.deadline if self.segment.deadline is not None else math.inf
+        with anyio.CancelScope(deadline=deadline) as scope:
             self._scope = scope
             if self.stop_requested:
                 scope.cancel()
@@ -136,6 +169,8 @@ class Run:
                 yield scope
             finally:
                 self._scope = None
+        if anyio.current_time() >= deadline:
+            self.timed_out = True
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -149,6 +184,7 @@ class Run:
             self.segment, self.queued = self.queued, None
             self.finished = anyio.Event()
             self._wire.clear()
+            self._sizes.clear()
         if self.holding and not self.lost:
             with anyio.CancelScope(shield=True):
                 released = await self.store.release(self.trace_id, self.token)
@@ -156,27 +192,59 @@ class Run:
             if released is not None:
                 yield TraceChanged(released)
 
+    def _ending(self, tokens: int) -> Outcome | None:
+        """A limit reached between steps: stopped, timed out, or over the token budget."""
+        if self.timed_out or (
+            self.segment.deadline is not None and anyio.current_time() >= self.segment.deadline
+        ):
+            self.timed_out = True
+            return TIMEOUT
+        if self.segment.max_tokens is not None and tokens >= self.segment.max_tokens:
+            return TOKEN_BUDGET
+        if self.stop_requested:
+            return STOPPED
+        return None
+
     async def _segment(self) -> AsyncGenerator[TraceEvent, None]:
         outcome = ANSWERED
         segment = self.segment
         self.state = "running"
+        if segment.timeout_seconds is not None:
+            segment.deadline = anyio.current_time() + segment.timeout_seconds
         try:
-            iterations = empty = 0
+            iterations = empty = reasks = tokens = 0
             while True:
                 pending = pending_calls(segment.context)
                 if pending:
-                    for stored_event in await self._tool_step(pending):
+                    runnable = [c for c in pending if not self._waits_for_host(c)]
+                    for stored_event in await self._tool_step(runnable):
                         yield stored_event
-                if self.stop_requested:
+                    waiting = [c for c in pending if self._waits_for_host(c)]
+                    if waiting and self._ending(tokens) is None:
+                        outcome = Outcome(
+                            Status.NEEDS_INPUT, StopReason.NEEDS_INPUT, question=self._question(waiting)
+                        )
+                        break
+                if (ending := self._ending(tokens)) is not None:
+                    outcome = ending
                     break
                 if iterations >= segment.max_iterations:
                     outcome = MAX_ITERATIONS
                     break
+                for compacted in await self._fit_context():
+                    yield compacted
+                if (ending := self._ending(tokens)) is not None:
+                    outcome = ending
+                    break
                 response = await self._call_model()
                 iterations += 1
-                if response is None:  # stopped before the model said anything
+                if response is None:  # stopped (or out of time) before the model said anything
+                    outcome = self._ending(tokens) or STOPPED
                     break
-                if not response.content and not response.tool_calls:
+                if response.usage is not None:
+                    tokens += response.usage.prompt_tokens + response.usage.completion_tokens
+                    self._calibrate(response.usage.prompt_tokens)
+                if not response.content and not response.tool_calls and self._ending(tokens) is None:
                     empty += 1
                     if empty >= 2:
                         raise EmptyReply()
@@ -190,8 +258,26 @@ class Run:
                     usage=response.usage,
                 )
                 yield await self._append(assistant)
-                if self.stop_requested or not response.tool_calls:
+                if (ending := self._ending(tokens)) is not None:
+                    outcome = ending
                     break
+                if response.tool_calls:
+                    continue
+                if segment.output_schema is None:
+                    break
+                value, problem = parse_result(response.content, segment.output_schema)
+                if problem is None:
+                    outcome = Outcome(Status.COMPLETED, StopReason.END_TURN, result=value)
+                    break
+                if reasks >= MAX_REASKS:
+                    outcome = Outcome.failed(
+                        f"The answer was not JSON valid for output_schema after {reasks + 1} tries ({problem})."
+                    )
+                    break
+                reasks += 1
+                yield await self._append(
+                    NewMessage(role="user", content=reask(problem, segment.output_schema))
+                )
         except ModelCallError as exc:
             outcome = Outcome.failed(str(exc))
         except EmptyReply:
@@ -210,7 +296,7 @@ class Run:
                 f"The run failed with an internal error ({type(exc).__name__}); the server log has the details."
             )
         finally:
-            if self.stop_requested and outcome == ANSWERED:
+            if self.stop_requested and outcome.status is Status.COMPLETED:
                 outcome = STOPPED
             will_reflect = (
                 segment.reflect
@@ -251,7 +337,7 @@ class Run:
         """Close open tool calls and record the outcome; keep the claim when a reflection follows."""
         events: list[TraceEvent] = []
         try:
-            if open_tool_calls(self.segment.context):
+            if open_tool_calls(self.segment.context) and outcome.status is not Status.NEEDS_INPUT:
                 text = CANCELLED_TOOL_RESULT if outcome.status is Status.STOPPED else UNFINISHED_TOOL_RESULT
                 for call_id in open_tool_calls(self.segment.context):
                     events.append(
@@ -264,6 +350,8 @@ class Run:
                 stop_reason=outcome.stop_reason,
                 error=outcome.error,
                 release=not keep_claim,
+                question=outcome.question,
+                result=outcome.result,
             )
         except ClaimLost:
             self.lost = True
@@ -276,23 +364,125 @@ class Run:
 
     # -- model step ---------------------------------------------------------------------------------
 
-    def model_messages(self) -> list[dict[str, Any]]:
-        """The active path as the model receives it (each message converted once per run)."""
-        wire = self._wire
-        for message in self.segment.context:
-            if message.sequence not in wire:
-                wire[message.sequence] = message.to_openai()
-        return [wire[m.sequence] for m in self.segment.context]
+    def _convert(self, message: Message) -> dict[str, Any]:
+        """A message in OpenAI form, converted (and measured) once per run."""
+        item = self._wire.get(message.sequence)
+        if item is None:
+            item = self._wire[message.sequence] = message.to_openai()
+            self._sizes[id(item)] = compaction.chars_of(item)
+        return item
+
+    def _size(self, item: dict[str, Any]) -> int:
+        size = self._sizes.get(id(item))
+        return size if size is not None else compaction.chars_of(item)
+
+    def model_messages(
+        self, extra_elided: Iterable[int] = (), *, clamp: bool = False
+    ) -> list[dict[str, Any]]:
+        """The active path as the model receives it: compactions applied (``clamp``: cut to fit, as sent)."""
+        return compaction.build_context(
+            self.trace_id,
+            self.segment.context,
+            convert=self._convert,
+            extra_elided=extra_elided,
+            clamp_to=self._room() if clamp else None,
+            tokens_per_char=self.tokens_per_char,
+        )
+
+    def _schemas(self) -> list[dict[str, Any]]:
+        return [openai_tool_schema(t) for t in self.segment.tools]
+
+    def _room(self) -> int:
+        """Tokens the messages may take: the budget less the reply's room and the tool schemas."""
+        tools = compaction.estimate([], self._schemas(), ratio=self.tokens_per_char)
+        return self.segment.context_tokens - compaction.REPLY_RESERVE_TOKENS - tools
+
+    def _estimate(self, wire: list[dict[str, Any]]) -> int:
+        return compaction.estimate(wire, ratio=self.tokens_per_char, sizes=self._size)
+
+    async def _fit_context(self) -> list[MessageStored]:
+        """Before a model call that would pass the budget: elide old tool results, then summarise old turns."""
+        room = self._room()
+        before = self._estimate(self.model_messages())
+        if before <= room:
+            return []
+        events: list[MessageStored] = []
+        target = room * compaction.LOW_WATER
+        plan = compaction.plan_elision(
+            self.segment.context, lambda elided: self._estimate(self.model_messages(elided)) <= target
+        )
+        if plan is not None:
+            after = self._estimate(self.model_messages(plan.elided))
+            events.append(await self._append(compaction.record(plan, saved=before - after)))
+            before = after
+        if before > room and (summary_plan := compaction.plan_summary(self.segment.context)) is not None:
+            request = compaction.summary_request(
+                self.trace_id,
+                self.segment.context,
+                summary_plan,
+                self.segment.context_tokens,
+                self.tokens_per_char,
+            )
+            try:
+                with self._guard():
+                    response = await self.segment.model.complete(
+                        request, self._schemas(), temperature=0, tool_choice="none"
+                    )
+            except ModelCallError:
+                log.warning("summarising trace %s to fit its context failed; cutting instead", self.trace_id)
+                return events
+            if response.content:
+                summary = compaction.record(summary_plan, saved=0, summary=response.content)
+                summary.usage = response.usage
+                would_be = Message(**summary.model_dump(), sequence=0, parent_sequence=None, created_at="")
+                after = self._estimate(
+                    compaction.build_context(
+                        self.trace_id, [*self.segment.context, would_be], convert=self._convert
+                    )
+                )
+                assert summary.meta is not None
+                summary.meta["compaction"]["tokens_saved"] = max(0, before - after)
+                events.append(await self._append(summary))
+        return events
+
+    def _calibrate(self, prompt_tokens: int) -> None:
+        """Learn the provider's tokens-per-character from what it reported (only ever more careful)."""
+        if self._sent_chars > 0 and prompt_tokens > 0:
+            observed = prompt_tokens / self._sent_chars * 1.05
+            self.tokens_per_char = min(1.0, max(self.tokens_per_char, observed))
+
+    def _waits_for_host(self, call: ToolCall) -> bool:
+        """An ask_host call, or a call the host must approve first."""
+        asks = call.function.name == ASK_HOST and any(t.name == ASK_HOST for t in self.segment.tools)
+        return asks or self.segment.needs_approval(call)
+
+    def _question(self, waiting: list[ToolCall]) -> str:
+        """What the paused run asks the host: the agent's questions, then the approvals it needs."""
+        asked = [question_of(c.function.arguments) for c in waiting if c.function.name == ASK_HOST]
+        approvals = [c for c in waiting if c.function.name != ASK_HOST]
+        parts = list(asked)
+        if approvals:
+            listed = "; ".join(f"{c.function.name}({_short(c.function.arguments, 300)})" for c in approvals)
+            parts.append(
+                f"The agent wants to call {listed}. Approve with run_trace(approve=true), or decline with "
+                "approve=false and answer='why'."
+            )
+        return " ".join(parts)
 
     async def _call_model(self) -> ModelResponse | None:
         """One model call that ``stop`` cancels; a stopped call keeps its streamed text (None if there was none)."""
         partial: list[str] = []
         segment = self.segment
-        messages = self.model_messages()
-        schemas = [openai_tool_schema(t) for t in segment.tools]
+        messages = self.model_messages(clamp=True)
+        schemas = self._schemas()
+        self._sent_chars = sum(self._size(m) for m in messages) + compaction.chars_of(schemas)
         with self._guard():
             return await segment.model.complete(
-                messages, schemas, temperature=segment.trace.config.temperature, on_text=partial.append
+                messages,
+                schemas,
+                temperature=segment.trace.config.temperature,
+                on_text=partial.append,
+                response_schema=segment.output_schema,
             )
         text = "".join(partial)
         return ModelResponse(content=text) if text else None
@@ -356,6 +546,11 @@ class Run:
                 result[: defaults.MAX_TOOL_RESULT_CHARS] + f"\n[truncated: {len(result)} characters in all]"
             )
         return result
+
+
+def _short(text: str, limit: int) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def pending_calls(context: list[Message]) -> list[ToolCall]:

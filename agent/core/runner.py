@@ -27,13 +27,25 @@ from pydantic import BaseModel, Field
 from agent import defaults
 from agent.core.messages import check_placement, open_tool_calls, parse_messages
 from agent.core.rewind import cut_point
-from agent.core.run import UNFINISHED_TOOL_RESULT, Reflector, Run, Segment
+from agent.core.run import (
+    CANCELLED_TOOL_RESULT,
+    UNFINISHED_TOOL_RESULT,
+    WAITING_TOOL_RESULT,
+    Reflector,
+    Run,
+    Segment,
+    pending_calls,
+)
+from agent.core.typed import check_schema
 from agent.errors import InvalidMessages, ModelCallError, SequenceError, TraceRunning
 from agent.llm.base import Model, resolve_model
+from agent.llm.windows import context_window
+from agent.tools.ask import ASK_HOST, AskHostTool
 from agent.tools.registry import ToolRegistry, openai_tool_schema
+from agent.trace import compaction
 from agent.trace.events import EventBus, MessageStored, TraceChanged, TraceEvent
 from agent.trace.feed import ChangeFeed, Recent
-from agent.trace.models import Message, NewMessage, Status, StopReason, Trace, TraceConfig
+from agent.trace.models import ForkPoint, Message, NewMessage, Status, StopReason, Trace, TraceConfig
 from agent.trace.store import ClaimLost, TraceStore, new_token
 
 log = logging.getLogger(__name__)
@@ -55,10 +67,20 @@ class RunConfig(BaseModel):
     tools: list[str] | None = None
     name: str | None = None
     uid: str | None = None
+    tags: list[str] | None = None
     trace_id: str | None = None
     insert_after: int | None = None
     recall: int | None = Field(None, ge=0)
     reflect: bool | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    timeout_seconds: float | None = Field(None, gt=0)
+    output_schema: dict[str, Any] | None = None
+    ask_host: bool | None = None
+    confirm_tools: list[str] | None = None
+    from_trace: str | None = None
+    from_sequence: int | None = None
+    answer: str | None = None
+    approve: bool | None = None
 
 
 @dataclass
@@ -116,6 +138,7 @@ class AgentRunner:
         system_prompt: SystemPromptBuilder = default_system_prompt,
         tool_timeout: float | None = defaults.TOOL_TIMEOUT_SECONDS,
         reflector: Reflector | None = None,
+        context_tokens: int | None = None,
     ):
         self.store = store
         self.tools = tools if tools is not None else ToolRegistry()
@@ -126,7 +149,9 @@ class AgentRunner:
         self._model_cache: dict[str, Model] = {}
         self._system_prompt = system_prompt
         self._tool_timeout = tool_timeout
+        self._context_tokens = context_tokens
         self._active: dict[str, Run] = {}
+        self._ask_host = AskHostTool()
         self._own_tokens = Recent()
         self._own_messages = Recent()
         self._group: TaskGroup | None = None
@@ -152,7 +177,22 @@ class AgentRunner:
         group, self._group, self._entered = self._entered, None, None
         assert group is not None
         group.cancel_scope.cancel()
-        return await group.__aexit__(exc_type, exc, tb)
+        try:
+            return await group.__aexit__(exc_type, exc, tb)
+        finally:
+            await self.close_models()
+
+    async def close_models(self) -> None:
+        """Close the providers' HTTP clients while the event loop still runs (else they fail at exit)."""
+        models, self._model_cache = list(self._model_cache.values()), {}
+        with anyio.CancelScope(shield=True):
+            for model in models:
+                close = getattr(model, "aclose", None)
+                if close is not None:
+                    try:
+                        await close()
+                    except Exception:
+                        log.debug("closing model %s failed", getattr(model, "name", model), exc_info=True)
 
     async def _keep_leases(self) -> None:
         """Renew this process's claims; runs whose claim was taken stop; orphaned claims are let go."""
@@ -213,6 +253,39 @@ class AgentRunner:
         """Return once this process runs nothing."""
         while self._active:
             await next(iter(self._active.values())).done.wait()
+
+    async def cancel_paused(self, trace_id: str) -> bool:
+        """Stop a trace that waits for input: its pending calls are closed as cancelled, it ends ``stopped``."""
+        trace = await self.store.get_trace(trace_id)
+        if trace.status is not Status.NEEDS_INPUT:
+            return False
+        context = await self.store.get_path(trace_id)
+        closing = [
+            NewMessage(role="tool", tool_call_id=c, content=CANCELLED_TOOL_RESULT)
+            for c in open_tool_calls(context)
+        ]
+        token = new_token()
+        self._own_tokens.add(token)
+        with anyio.CancelScope(shield=True):
+            try:
+                claimed, stored = await self.store.claim(
+                    trace_id,
+                    token,
+                    head=trace.head_sequence,
+                    model=trace.model,
+                    config=trace.config,
+                    messages=closing,
+                )
+            except TraceRunning:
+                return False
+            self._published(TraceChanged(claimed))
+            for message in stored:
+                self._published(MessageStored(trace_id, message))
+            final = await self.store.finish(
+                trace_id, token, status=Status.STOPPED, stop_reason=StopReason.STOPPED, error=None
+            )
+            self._published(TraceChanged(final))
+        return True
 
     def _stop_asked(self, trace_id: str) -> None:
         """Another process asked (through the store) to stop a trace: act if it is ours."""
@@ -310,18 +383,32 @@ class AgentRunner:
             head = trace.head_sequence
         path = await self.store.get_path(trace_id, head) if head is not None else []
         model = self.model(trace.model)
-        tools = self.tools.select(trace.config.tools)
+        tools = self._segment(trace, model, path).tools  # as the run offers them, ask_host included
+        branch: list[Message] = []
+        parent = head
+        for call_id in open_tool_calls(path):  # a paused trace: its pending calls get a side-branch answer
+            note = NewMessage(role="tool", tool_call_id=call_id, content=WAITING_TOOL_RESULT)
+            branch.append(await self.store.append(trace_id, note, parent, token=None, side=True))
+            parent = branch[-1].sequence
         question = await self.store.append(
-            trace_id, NewMessage(role="user", content=prompt), head, token=None, side=True
+            trace_id, NewMessage(role="user", content=prompt), parent, token=None, side=True
         )
+        branch.append(question)
         if publish:
-            self._published(MessageStored(trace_id, question))
-        stored = [question]
+            for message in branch:
+                self._published(MessageStored(trace_id, message))
+        stored = list(branch)
         error = None
+        schemas = [openai_tool_schema(t) for t in tools]
+        room = (
+            compaction.budget_for(self._context_tokens, context_window(model.name))
+            - compaction.REPLY_RESERVE_TOKENS
+            - compaction.estimate([], schemas, ratio=compaction.INITIAL_TOKENS_PER_CHAR)
+        )
         try:
             response = await model.complete(
-                [m.to_openai() for m in [*path, question]],
-                [openai_tool_schema(t) for t in tools],
+                compaction.build_context(trace_id, [*path, *branch], clamp_to=room),
+                schemas,
                 temperature=trace.config.temperature,
                 tool_choice="none",
             )
@@ -397,27 +484,69 @@ class AgentRunner:
             return await self._prepare_new(messages, config)
         return await self._prepare_existing(messages, config, action)
 
+    def _segment(
+        self, trace: Trace, model: Model, context: list[Message], approved: frozenset[str] = frozenset()
+    ) -> Segment:
+        """What a run of ``trace`` works with, from its stored config."""
+        config = trace.config
+        tools = [t for t in self.tools.select(config.tools) if t.name != ASK_HOST]
+        if config.ask_host:
+            tools.append(self._ask_host)
+        return Segment(
+            trace,
+            model,
+            tools,
+            context,
+            config.max_iterations,
+            config.reflect,
+            confirm=frozenset(config.confirm_tools or ()),
+            approved=approved,
+            max_tokens=config.max_tokens,
+            timeout_seconds=config.timeout_seconds,
+            output_schema=config.output_schema,
+            context_tokens=compaction.budget_for(self._context_tokens, context_window(model.name)),
+        )
+
     async def _prepare_new(self, messages: list[NewMessage], config: RunConfig) -> _Request:
-        if not messages:
-            raise InvalidMessages("A new trace needs at least one message (or a prompt).")
         if config.insert_after is not None:
             raise SequenceError(
                 "insert_after applies to an existing trace; give trace_id too, or leave it out."
             )
-        spec = config.model or self.default_model
+        if config.answer is not None or config.approve is not None:
+            raise InvalidMessages("answer and approve reply to a paused trace: use them with run_trace.")
+        source: Trace | None = None
+        copied: list[NewMessage] = []
+        fork_head: int | None = None
+        if config.from_trace is not None:
+            source, copied, fork_head = await self._fork_prefix(config)
+        elif config.from_sequence is not None:
+            raise SequenceError("from_sequence needs from_trace: the trace to fork.")
+        if not messages and not copied:
+            raise InvalidMessages("A new trace needs at least one message (or a prompt).")
+        spec = config.model or (source.model if source else self.default_model)
         model = self.model(spec)
         self.tools.check_whitelist(config.tools)
-        check_placement([], messages)
-        trace_config = TraceConfig(
-            temperature=defaults.TEMPERATURE if config.temperature is None else config.temperature,
-            max_iterations=config.max_iterations or defaults.MAX_ITERATIONS,
-            system_prompt=config.system_prompt,
-            tools=config.tools,
-            recall=config.recall,
-            reflect=bool(config.reflect),
-        )
-        lessons: list[str] = []
-        if messages[0].role != "system":
+        self.tools.check_whitelist(config.confirm_tools, argument="confirm_tools")
+        if config.output_schema is not None:
+            check_schema(config.output_schema)
+        check_placement(copied, messages)
+        base = source.config if source is not None else TraceConfig()
+        given = {
+            "temperature": config.temperature,
+            "max_iterations": config.max_iterations,
+            "system_prompt": config.system_prompt,
+            "tools": config.tools,
+            "recall": config.recall,
+            "reflect": config.reflect,
+            "max_tokens": config.max_tokens,
+            "timeout_seconds": config.timeout_seconds,
+            "output_schema": config.output_schema,
+            "ask_host": config.ask_host,
+            "confirm_tools": config.confirm_tools,
+        }
+        trace_config = base.model_copy(update={k: v for k, v in given.items() if v is not None})
+        lessons: list[str] = list(source.lessons) if source is not None else []
+        if not copied and messages[0].role != "system":
             if config.system_prompt is not None:
                 prompt = SystemPrompt(config.system_prompt)
             else:
@@ -429,23 +558,34 @@ class AgentRunner:
             trace_id=secrets.token_hex(16),
             name=config.name,
             uid=config.uid,
-            model=spec,
+            tags=list(dict.fromkeys(config.tags or [])),
+            model=model.name if config.model else spec,
             config=trace_config,
             lessons=lessons,
+            forked_from=ForkPoint(trace_id=source.trace_id, sequence=fork_head or 0)
+            if source is not None
+            else None,
         )
-        segment = Segment(
-            trace,
-            model,
-            self.tools.select(config.tools),
-            [],
-            trace_config.max_iterations,
-            trace_config.reflect,
-        )
-        return _Request(segment, new=trace, messages=messages)
+        return _Request(self._segment(trace, model, []), new=trace, messages=[*copied, *messages])
+
+    async def _fork_prefix(self, config: RunConfig) -> tuple[Trace, list[NewMessage], int | None]:
+        """The source trace, copies of its path up to ``from_sequence`` (past its tool results), and
+        the source sequence the copies end at. The source is only read."""
+        assert config.from_trace is not None
+        source = await self.store.get_trace(config.from_trace)
+        if config.from_sequence is None:
+            head = source.head_sequence
+        else:
+            head = await cut_point(self.store, source, config.from_sequence)
+        path = await self.store.get_path(source.trace_id, head) if head is not None else []
+        fields = {"role", "content", "tool_calls", "tool_call_id", "name"}
+        return source, [NewMessage.model_validate(m.model_dump(include=fields)) for m in path], head
 
     async def _prepare_existing(self, messages: list[NewMessage], config: RunConfig, action: str) -> _Request:
         trace_id = config.trace_id
         assert trace_id is not None
+        if config.from_trace is not None or config.from_sequence is not None:
+            raise InvalidMessages("from_trace forks into a new trace: use it with create_trace.")
         trace = await self.store.get_trace(trace_id)
         behind = await self._local_run_to_queue_behind(trace_id, action)
         head = trace.head_sequence
@@ -455,31 +595,64 @@ class AgentRunner:
         model = self.model(config.model or trace.model)
         if config.tools is not None:
             self.tools.check_whitelist(config.tools)
-        check_placement(context, messages)
+        changes = {
+            "temperature": config.temperature,
+            "max_iterations": config.max_iterations,
+            "tools": config.tools,
+            "max_tokens": config.max_tokens,
+            "timeout_seconds": config.timeout_seconds,
+        }
+        trace_config = trace.config.model_copy(update={k: v for k, v in changes.items() if v is not None})
+        trace = trace.model_copy(
+            update={"config": trace_config, "model": model.name if config.model else trace.model}
+        )
+        replies, approved = self._replies(trace, context, config)
+        check_placement(context, [*replies, *messages])
+        messages = [*replies, *messages]
         if messages and open_tool_calls(context) and messages[0].role != "tool":
             closing = [
                 NewMessage(role="tool", tool_call_id=call_id, content=UNFINISHED_TOOL_RESULT)
                 for call_id in open_tool_calls(context)
             ]
             messages = closing + messages
-        changes = {
-            "temperature": config.temperature,
-            "max_iterations": config.max_iterations,
-            "tools": config.tools,
-        }
-        trace_config = trace.config.model_copy(update={k: v for k, v in changes.items() if v is not None})
-        trace = trace.model_copy(
-            update={"config": trace_config, "model": model.name if config.model else trace.model}
+        return _Request(
+            self._segment(trace, model, context, approved), head=head, messages=messages, behind=behind
         )
-        segment = Segment(
-            trace,
-            model,
-            self.tools.select(trace_config.tools),
-            context,
-            trace_config.max_iterations,
-            trace_config.reflect,
-        )
-        return _Request(segment, head=head, messages=messages, behind=behind)
+
+    def _replies(
+        self, trace: Trace, context: list[Message], config: RunConfig
+    ) -> tuple[list[NewMessage], frozenset[str]]:
+        """The host's answer or approval for a paused trace: tool results to store, calls to run."""
+        if config.answer is None and config.approve is None:
+            return [], frozenset()
+        tid = trace.trace_id
+        if trace.status is not Status.NEEDS_INPUT or config.insert_after is not None:
+            raise InvalidMessages(
+                f"Trace '{tid}' is not waiting for input (it is {trace.status.value}); answer and approve reply to "
+                "a trace whose outcome is needs_input."
+            )
+        segment = self._segment(trace, self.model(trace.model), context)
+        waiting = pending_calls(context)
+        asks = [c for c in waiting if c.function.name == ASK_HOST]
+        approvals = [c for c in waiting if c.function.name != ASK_HOST and segment.needs_approval(c)]
+        if config.approve is not None:
+            if not approvals:
+                raise InvalidMessages(
+                    f"Trace '{tid}' has no tool call waiting for approval; answer its question instead."
+                )
+            if config.approve:
+                return [], frozenset(c.id for c in approvals)
+            reason = (config.answer or "").strip() or "no reason given"
+            declined = [
+                NewMessage(role="tool", tool_call_id=c.id, content=f"declined: {reason}") for c in approvals
+            ]
+            return declined, frozenset()
+        if not asks:
+            raise InvalidMessages(
+                f"Trace '{tid}' asks no question; it waits for a tool approval: pass approve=true or approve=false."
+            )
+        answer = config.answer or ""
+        return [NewMessage(role="tool", tool_call_id=c.id, content=answer) for c in asks], frozenset()
 
     async def _local_run_to_queue_behind(self, trace_id: str, action: str) -> Run | None:
         """A local run that has answered and is reflecting: a continuation waits behind it, not refused."""

@@ -2,33 +2,49 @@
 
 The markdown file (one ``## <trace_id> (<YYYY-MM-DD HH:MM>)`` section per reflection, a bullet per
 lesson) is the human-readable source of truth; recall ranks its lessons with SQLite FTS5, and
-consolidation keeps it bounded. ``Experiences`` is the one object the server needs.
+consolidation keeps it near its budget. Every write and every read is size-bounded (``limits``).
+``Experiences`` is the one object the server needs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+from anyio.abc import TaskStatus
 
+from agent import defaults
 from agent.experiences.consolidate import ConsolidationResult, consolidate
 from agent.experiences.file import ExperienceFile
+from agent.experiences.limits import (
+    MAX_LESSON_CHARS,
+    MAX_LESSONS_PER_REFLECTION,
+    MAX_RECALL_CHARS,
+    MAX_REFLECTION_SCAN_CHARS,
+    MAX_VIEW_CHARS,
+)
 from agent.experiences.markdown import (
     Lesson,
     ParsedFile,
     Section,
     bullet_items,
+    cut,
     normalize,
     parse,
     render_section,
 )
 from agent.experiences.recall import LESSONS_HEADING, LessonIndex, build_match_query, format_lessons_block
+from agent.experiences.view import FileKey
 from agent.llm.base import Model
 
-DEFAULT_RECALL_LIMIT = 5
-DEFAULT_CONSOLIDATION_BUDGET = 60
+log = logging.getLogger(__name__)
+
+DEFAULT_RECALL_LIMIT = defaults.EXPERIENCE_RECALL
+DEFAULT_CONSOLIDATION_BUDGET = defaults.EXPERIENCE_BUDGET
 
 __all__ = [
     "DEFAULT_CONSOLIDATION_BUDGET",
@@ -37,6 +53,7 @@ __all__ = [
     "ConsolidationResult",
     "ExperienceFile",
     "Experiences",
+    "FileKey",
     "Lesson",
     "LessonIndex",
     "ParsedFile",
@@ -50,13 +67,24 @@ __all__ = [
 ]
 
 
-def lessons_from_reflection(text: str) -> list[str]:
-    """The bullets of a reflection (its prose is framing, not lessons); with none, the whole text."""
-    bullets = bullet_items(text)
-    if bullets:
-        return bullets
-    whole = normalize(text or "")
-    return [whole] if whole else []
+def lessons_from_reflection(
+    text: str, *, max_lessons: int = MAX_LESSONS_PER_REFLECTION, max_chars: int = MAX_LESSON_CHARS
+) -> list[str]:
+    """The bullets of a reflection (its prose is framing, not lessons); with none, the whole text.
+
+    At most ``max_lessons`` of them, each cut at ``max_chars`` with a marker saying so.
+    """
+    text = str(text or "")
+    scanned = text[:MAX_REFLECTION_SCAN_CHARS]
+    lessons = bullet_items(scanned)
+    if len(scanned) < len(text) and len(lessons) > 1 and len(lessons[-1]) <= max_chars:
+        lessons = lessons[:-1]  # the scan may have ended inside it, and a cut would not say so
+    if not lessons:
+        whole = normalize(scanned)
+        lessons = [whole] if whole else []
+    if len(lessons) > max_lessons:
+        log.info("a reflection held %d lessons; keeping the first %d", len(lessons), max_lessons)
+    return [cut(lesson, max_chars) for lesson in lessons[:max_lessons]]
 
 
 def source_line(trace_id: str, first_sequence: int | None = None, last_sequence: int | None = None) -> str:
@@ -81,8 +109,11 @@ class Experiences:
     async def append_reflection(
         self, trace_id: str, reflection_text: str, *, source: str, when: datetime | None = None
     ) -> list[str]:
-        """Record one reflection as a section and return the lessons it holds ([] for empty text)."""
-        lessons = lessons_from_reflection(reflection_text)
+        """Record one reflection as a section and return the lessons recorded ([] for empty text).
+
+        A non-empty answer means the file changed. Lessons are bounded in count and length.
+        """
+        lessons = await anyio.to_thread.run_sync(lessons_from_reflection, reflection_text)
         if not lessons:
             return []
         await self.file.append_section(trace_id, lessons, when or datetime.now(UTC), source)
@@ -90,17 +121,56 @@ class Experiences:
         return lessons
 
     async def read_text(self) -> str:
+        """The whole file, unbounded: for curation and tests; readers get :meth:`read_bounded`."""
         return await self.file.read_text()
 
+    async def read_bounded(self, max_chars: int = MAX_VIEW_CHARS) -> tuple[str, bool]:
+        """At most ``max_chars`` of the file: the newest whole sections that fit, in file order, and a
+        last line saying how many were left out; the flag says whether any were."""
+        return await self.file.read_bounded(max_chars)
+
     async def lessons(self) -> list[Lesson]:
+        """The lessons in file order: the newest ``MAX_INDEXED_LESSONS``, each cut to ``MAX_LESSON_CHARS``."""
         return await self.index.lessons()
 
     async def lesson_count(self) -> int:
-        return len(await self.index.lessons())
+        return await self.index.count()
 
-    async def recall(self, query: str, limit: int = DEFAULT_RECALL_LIMIT) -> list[Lesson]:
-        """The lessons most relevant to ``query``, best first, at most ``limit`` (0 turns recall off)."""
-        return await self.index.search(query, limit)
+    async def recall(
+        self, query: str, limit: int = DEFAULT_RECALL_LIMIT, *, max_chars: int = MAX_RECALL_CHARS
+    ) -> list[Lesson]:
+        """The lessons most relevant to ``query``, best first, near-duplicates skipped; at most
+        ``limit`` of them (0 turns recall off) and ``max_chars`` of text in all."""
+        return await self.index.search(query, limit, max_chars)
+
+    async def change_key(self) -> FileKey:
+        """The file's (mtime_ns, size, inode), None when missing: pass it to :meth:`changed_since`."""
+        return await self.file.stat_key()
+
+    async def changed_since(self, key: FileKey) -> tuple[bool, FileKey]:
+        """Whether the file changed (here or in another process) since ``key`` was taken, and the new key."""
+        current = await self.file.stat_key()
+        return current != key, current
+
+    async def watch(
+        self,
+        on_change: Callable[[], Awaitable[object]],
+        *,
+        interval: float = defaults.FEED_POLL_SECONDS,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``on_change`` whenever the file changes, until cancelled (run it in a task group with
+        ``await tg.start(experiences.watch, notify)``: changes after ``start`` returns are seen)."""
+        key = await self.change_key()
+        task_status.started()
+        while True:
+            await anyio.sleep(interval)
+            changed, key = await self.changed_since(key)
+            if changed:
+                try:
+                    await on_change()
+                except Exception:
+                    log.exception("could not report a change of %s", self.path.name)
 
     async def consolidate(
         self, model: Model, budget: int = DEFAULT_CONSOLIDATION_BUDGET, force: bool = False

@@ -4,7 +4,8 @@ An append-only file only grows and contradicts itself (ExpeL curates its insight
 reason). The model proposes a plan; the code applies it conservatively: a lesson the plan does not
 mention is kept verbatim, a malformed answer changes nothing, and the plan is applied to the file as
 it is when the rewrite happens (under the file lock), so a reflection appended while the model was
-thinking survives. The previous file is kept beside it as a dated backup.
+thinking survives. The previous file is kept beside it as a dated backup. What the model sees and
+what it may write are bounded (see ``limits``): the oldest lessons, each cut short.
 """
 
 from __future__ import annotations
@@ -17,16 +18,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.errors import TraceError
 from agent.experiences.file import ExperienceFile
-from agent.experiences.markdown import TITLE, Lesson, ParsedFile, normalize, parse, render_section
+from agent.experiences.limits import MAX_CONSOLIDATION_LESSONS, MAX_LABEL_CHARS, MAX_LESSON_CHARS
+from agent.experiences.markdown import TITLE, Lesson, ParsedFile, cut, normalize, parse, render_section
 from agent.llm.base import Model
 
 log = logging.getLogger(__name__)
 
 CONSOLIDATED_HEADING = "consolidated"
+MAX_DROPPED_NOTE_CHARS = 2_000
+"""The ``_dropped:_`` and ``_source:_`` notes of a consolidated section are records for people; the
+full list is in the result and the backup."""
 
 SYSTEM_PROMPT = (
     "You curate a list of lessons an AI agent learned from earlier tasks. Merge lessons that say the "
@@ -67,7 +73,10 @@ class DroppedReport(BaseModel):
 
 
 class ConsolidationResult(BaseModel):
-    """What a pass did; ``skipped_reason`` says why nothing was written, when nothing was."""
+    """What a pass did; ``skipped_reason`` says why nothing was written, when nothing was.
+
+    ``changed`` is true when the file was rewritten: the caller's cue to tell readers it changed.
+    """
 
     before: int
     after: int
@@ -76,13 +85,15 @@ class ConsolidationResult(BaseModel):
     kept_unaccounted: list[str] = Field(default_factory=list)
     backup_path: Path | None = None
     skipped_reason: str | None = None
+    changed: bool = False
 
 
 async def consolidate(
     file: ExperienceFile, model: Model, budget: int, *, force: bool = False
 ) -> ConsolidationResult:
     """Run one consolidation pass when the file holds more than ``budget`` lessons (or when forced)."""
-    lessons = parse(await file.read_text()).lessons()
+    text = await file.read_text()
+    lessons = await anyio.to_thread.run_sync(_lessons_of, text)  # a large file must not stall the loop
     count = len(lessons)
     if not lessons:
         return ConsolidationResult(before=0, after=0, skipped_reason="The experiences file has no lessons.")
@@ -90,8 +101,9 @@ async def consolidate(
         return ConsolidationResult(
             before=count, after=count, skipped_reason=f"{count} lessons is within the budget of {budget}."
         )
+    listed = lessons[:MAX_CONSOLIDATION_LESSONS]  # the oldest: what they merge into goes last
     try:
-        response = await model.complete(_messages(lessons), [], temperature=0)
+        response = await model.complete(_messages(listed), [], temperature=0)
     except TraceError as exc:
         return ConsolidationResult(before=count, after=count, skipped_reason=f"The model call failed: {exc}")
     except Exception:
@@ -100,7 +112,7 @@ async def consolidate(
     plan, problem = parse_plan(response.content or "")
     if plan is None:
         return ConsolidationResult(before=count, after=count, skipped_reason=problem)
-    return await _apply(file, lessons, plan)
+    return await _apply(file, listed, plan, before=count)
 
 
 def parse_plan(content: str) -> tuple[ConsolidationPlan | None, str]:
@@ -122,7 +134,8 @@ def parse_plan(content: str) -> tuple[ConsolidationPlan | None, str]:
 
 def _messages(lessons: list[Lesson]) -> list[dict[str, Any]]:
     listing = "\n".join(
-        f"{number}. [{lesson.id}] ({lesson.when or 'undated'}, {lesson.heading}) {lesson.text}"
+        f"{number}. [{lesson.id}] ({lesson.when or 'undated'}, {cut(lesson.heading, MAX_LABEL_CHARS)}) "
+        f"{cut(lesson.text, MAX_LESSON_CHARS)}"
         for number, lesson in enumerate(lessons, start=1)
     )
     return [
@@ -146,7 +159,10 @@ def _resolver(lessons: list[Lesson]) -> Callable[[str], str | None]:
     return resolve
 
 
-async def _apply(file: ExperienceFile, lessons: list[Lesson], plan: ConsolidationPlan) -> ConsolidationResult:
+async def _apply(
+    file: ExperienceFile, lessons: list[Lesson], plan: ConsolidationPlan, *, before: int
+) -> ConsolidationResult:
+    """Apply the plan for the ``lessons`` the model saw; ``before`` counts every lesson in the file."""
     by_id = {lesson.id: lesson for lesson in lessons}
     resolve = _resolver(lessons)
     unchanged: set[str] = set()  # kept as they were: stay in their own section
@@ -155,7 +171,7 @@ async def _apply(file: ExperienceFile, lessons: list[Lesson], plan: Consolidatio
     for keep in plan.keep:
         refs = (resolve(ref) for ref in keep.from_ids)
         ids = list(dict.fromkeys(i for i in refs if i is not None and i not in removed | unchanged))
-        text = normalize(keep.text)
+        text = cut(normalize(keep.text), MAX_LESSON_CHARS)
         if not ids or not text:
             continue  # a lesson with no known origin is invented, not curated; an empty one says nothing
         if len(ids) == 1 and by_id[ids[0]].text == text:
@@ -169,13 +185,14 @@ async def _apply(file: ExperienceFile, lessons: list[Lesson], plan: Consolidatio
         if ident is None or ident in removed | unchanged:
             continue  # unknown, already dropped, or also kept: keeping wins
         removed.add(ident)
-        reason = normalize(drop.reason) or "no reason given"
-        dropped.append(DroppedReport(id=ident, text=by_id[ident].text, reason=reason))
+        reason = cut(normalize(drop.reason), MAX_LABEL_CHARS) or "no reason given"
+        text = cut(by_id[ident].text, MAX_LESSON_CHARS)
+        dropped.append(DroppedReport(id=ident, text=text, reason=reason))
     unaccounted = [lesson.id for lesson in lessons if lesson.id not in removed | unchanged]
     if not merged and not dropped:
         return ConsolidationResult(
-            before=len(lessons),
-            after=len(lessons),
+            before=before,
+            after=before,
             kept_unaccounted=unaccounted,
             skipped_reason="The model found nothing to merge or drop.",
         )
@@ -184,12 +201,13 @@ async def _apply(file: ExperienceFile, lessons: list[Lesson], plan: Consolidatio
         lambda current: _render(parse(current), removed, merged, dropped, by_id, when)
     )
     return ConsolidationResult(
-        before=len(lessons),
-        after=len(parse(rewrite.new_text).lessons()),
+        before=before,
+        after=len(await anyio.to_thread.run_sync(_lessons_of, rewrite.new_text)),
         dropped=dropped,
         merged=len(merged),
         kept_unaccounted=unaccounted,
         backup_path=rewrite.backup_path,
+        changed=rewrite.changed,
     )
 
 
@@ -218,17 +236,22 @@ def _render(
             )
     if merged:
         origins = list(dict.fromkeys(_origin(by_id[i]) for _, ids in merged for i in ids))
-        notes = {"dropped": "; ".join(f"{d.text} ({d.reason})" for d in dropped)} if dropped else None
+        listing = "; ".join(f"{d.text} ({d.reason})" for d in dropped)
+        notes = {"dropped": cut(listing, MAX_DROPPED_NOTE_CHARS)} if dropped else None
         parts.append(
             render_section(
                 CONSOLIDATED_HEADING,
                 [text for text, _ in merged],
                 when,
-                f"merged from {', '.join(origins)}",
+                cut(f"merged from {', '.join(origins)}", MAX_DROPPED_NOTE_CHARS),
                 notes,
             ).strip()
         )
     return "\n\n".join(parts) + "\n"
+
+
+def _lessons_of(text: str) -> list[Lesson]:
+    return parse(text).lessons()
 
 
 def _origin(lesson: Lesson) -> str:

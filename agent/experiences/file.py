@@ -1,17 +1,23 @@
-"""The experiences markdown file: appends that never tear, and atomic rewrites with a dated backup.
+"""The experiences markdown file: appends and rewrites that are all-or-nothing, and bounded reads.
 
 Reflections can finish at the same moment in one server, and a second server (or a CLI run) may
 share the file, so every write holds an anyio Lock (tasks in this process) and an exclusive
-``fcntl.flock`` (other processes). The flock is re-checked against the path's inode after it is
-taken: a rewrite replaces the file with a new inode, and a writer that waited on the old one must
-not append to a file nobody will read again. All file IO runs in a worker thread so a slow disk
-never stalls the event loop.
+``fcntl.flock`` (other processes). Every write, an append included, puts the whole new text in a
+temporary file beside the old one, fsyncs it and ``os.replace``s it in: a writer killed at any point
+leaves the old file or the new one, never a torn section (an ``O_APPEND`` write cut short by a crash
+left half a section behind). The flock is re-checked against the path's inode after it is taken: a
+writer that waited on a replaced inode retries on the new file. All file IO runs in a worker thread
+so a slow disk never stalls the event loop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,12 +26,21 @@ from pathlib import Path
 
 import anyio
 
-from agent.experiences.markdown import TITLE, render_section
+from agent.experiences.limits import MAX_LABEL_CHARS, MAX_PREAMBLE_CHARS, MAX_SCAN_BYTES, MAX_VIEW_CHARS
+from agent.experiences.markdown import TITLE, cut, normalize, render_section, split
+from agent.experiences.view import FileKey, Window, bounded_view
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - non-POSIX: only the in-process lock protects the file
     fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+STALE_TEMP_SECONDS = 60.0
+"""A temporary file this old belongs to a writer that died; younger ones may still be being written."""
+_COUNT_CHUNK_BYTES = 1 << 20
+_SECTION_START = re.compile(rb"\n##(?=[ \t\r\n])")
 
 
 @dataclass(frozen=True)
@@ -49,15 +64,24 @@ class ExperienceFile:
         """The whole file, or "" when it does not exist yet."""
         return await anyio.to_thread.run_sync(self._read_sync)
 
-    async def stat_key(self) -> tuple[int, int] | None:
-        """(mtime_ns, size), or None when missing: cheap change detection for the recall index."""
+    async def stat_key(self) -> FileKey:
+        """The file's :data:`FileKey`: cheap change detection for recall and change notifications."""
         return await anyio.to_thread.run_sync(self._stat_sync)
 
+    async def read_window(self, max_bytes: int) -> Window:
+        """At most the newest ``max_bytes`` of the file, cut at a section heading when it is larger."""
+        return await anyio.to_thread.run_sync(self._read_window_sync, max_bytes)
+
+    async def read_bounded(self, max_chars: int = MAX_VIEW_CHARS) -> tuple[str, bool]:
+        """The file as readers get it: at most ``max_chars``, whole sections, and whether any were left out."""
+        return await anyio.to_thread.run_sync(self._read_bounded_sync, max_chars)
+
     async def append_section(self, trace_id: str, lessons: list[str], when: datetime, source: str) -> str:
-        """Append one ``## <trace_id> (<date>)`` section in a single write and return its text."""
-        section = render_section(trace_id, lessons, when, source)
+        """Add one ``## <trace_id> (<date>)`` section, all or nothing, and return its text."""
+        heading = cut(normalize(trace_id), MAX_LABEL_CHARS)
+        section = render_section(heading, lessons, when, cut(normalize(source or ""), MAX_LABEL_CHARS))
         async with self._lock:
-            await anyio.to_thread.run_sync(self._append_sync, section)
+            await anyio.to_thread.run_sync(self._rewrite_sync, lambda old: _appended(old, section), False)
         return section
 
     async def replace(self, new_text: str, backup: bool = True) -> Path | None:
@@ -76,12 +100,11 @@ class ExperienceFile:
 
     # --- blocking helpers, run in a worker thread -------------------------------------------------
 
-    def _stat_sync(self) -> tuple[int, int] | None:
+    def _stat_sync(self) -> FileKey:
         try:
-            st = self.path.stat()
+            return _key(self.path.stat())
         except FileNotFoundError:
             return None
-        return st.st_mtime_ns, st.st_size
 
     def _read_sync(self) -> str:
         try:
@@ -90,17 +113,30 @@ class ExperienceFile:
         except FileNotFoundError:
             return ""
 
-    def _append_sync(self, section: str) -> None:
-        with self._flocked(exclusive=True, create=True) as fd:
-            size = os.fstat(fd).st_size
-            if size == 0:
-                prefix = f"{TITLE}\n\n"
-            else:
-                os.lseek(fd, max(0, size - 2), os.SEEK_SET)
-                tail = os.read(fd, 2)
-                prefix = "" if tail.endswith(b"\n\n") else "\n" if tail.endswith(b"\n") else "\n\n"
-            _write_all(fd, (prefix + section).encode("utf-8"))  # O_APPEND: one write at the end
-            os.fsync(fd)
+    def _read_bounded_sync(self, max_chars: int) -> tuple[str, bool]:
+        return bounded_view(self._read_window_sync(MAX_SCAN_BYTES), max_chars)
+
+    def _read_window_sync(self, max_bytes: int) -> Window:
+        try:
+            with self._flocked(exclusive=False, create=False) as fd:
+                st = os.fstat(fd)
+                if st.st_size <= max_bytes:
+                    return Window(_read_fd(fd), _key(st))
+                start = st.st_size - max_bytes
+                tail = _pread_all(fd, start, max_bytes)
+                found = _SECTION_START.search(tail)
+                begin = found.start() + 1 if found else len(tail)
+                head = _pread_all(fd, 0, min(start + begin, 4 * MAX_PREAMBLE_CHARS))
+                preamble, _ = split(head.decode("utf-8", "replace"))
+                return Window(
+                    text=tail[begin:].decode("utf-8", "replace"),
+                    key=_key(st),
+                    complete=False,
+                    preamble=preamble,
+                    skipped_sections=_count_sections(fd, start + begin),
+                )
+        except FileNotFoundError:
+            return Window("", None)
 
     def _rewrite_sync(self, transform: Callable[[str], str | None], backup: bool) -> Rewrite:
         with self._flocked(exclusive=True, create=True) as fd:
@@ -109,6 +145,7 @@ class ExperienceFile:
             if new is None or new == old:
                 return Rewrite(old, old, None, False)
             backup_path = self._write_backup(old) if backup and old else None
+            self._sweep_stale_temps()
             self._write_atomic(new, os.fstat(fd).st_mode & 0o777)
             return Rewrite(old, new, backup_path, True)
 
@@ -128,7 +165,8 @@ class ExperienceFile:
         return candidate
 
     def _write_atomic(self, text: str, mode: int) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        target = self._target()  # a symlinked file stays a symlink: its target is replaced
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
             _write_all(fd, text.encode("utf-8"))
             os.fchmod(fd, mode or 0o644)
@@ -138,14 +176,35 @@ class ExperienceFile:
             os.unlink(tmp)
             raise
         os.close(fd)
-        os.replace(tmp, self.path)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+
+    def _target(self) -> Path:
+        return Path(os.path.realpath(self.path))
+
+    def _sweep_stale_temps(self) -> None:
+        """Remove temporary files left by writers killed mid-write (called holding the lock)."""
+        target = self._target()
+        pattern = re.compile(rf"\.{re.escape(target.name)}\.[^.]+\.tmp")
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        try:
+            entries = list(os.scandir(target.parent))
+        except OSError:
+            return
+        for entry in entries:
+            if not pattern.fullmatch(entry.name):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    log.info("removed %s, left by a writer that died mid-write", entry.name)
 
     @contextmanager
     def _flocked(self, *, exclusive: bool, create: bool) -> Iterator[int]:
         """An fd on the current file, flocked; retried if the file was replaced while we waited."""
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        flags = (os.O_RDWR | os.O_APPEND | os.O_CREAT) if create else os.O_RDONLY
+        flags = (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY
         while True:
             fd = os.open(self.path, flags, 0o644)
             try:
@@ -162,6 +221,56 @@ class ExperienceFile:
                     return
             finally:
                 os.close(fd)  # closing releases the flock
+
+
+def _appended(old: str, section: str) -> str:
+    """``old`` with ``section`` after it, a blank line between, and the title on a new file."""
+    if not old:
+        return f"{TITLE}\n\n{section}"
+    gap = "" if old.endswith("\n\n") else "\n" if old.endswith("\n") else "\n\n"
+    return old + gap + section
+
+
+def _key(st: os.stat_result) -> FileKey:
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _count_sections(fd: int, end: int) -> int:
+    """How many section headings the bytes before ``end`` hold, read a chunk at a time."""
+    count = 1 if end > 2 and re.match(rb"##[ \t\r\n]", _pread_all(fd, 0, 3)) else 0
+    carry, offset = b"", 0
+    while offset < end:
+        chunk = os.pread(fd, min(_COUNT_CHUNK_BYTES, end - offset), offset)
+        if not chunk:
+            break
+        offset += len(chunk)
+        buffer = carry + chunk
+        count += len(_SECTION_START.findall(buffer))
+        carry = buffer[-3:]  # shorter than a match: none is counted twice
+    return count
+
+
+def _pread_all(fd: int, offset: int, size: int) -> bytes:
+    chunks = []
+    while size > 0 and (chunk := os.pread(fd, size, offset)):
+        chunks.append(chunk)
+        offset += len(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable; not every platform lets a directory be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _read_fd(fd: int) -> str:

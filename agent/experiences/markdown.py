@@ -24,7 +24,7 @@ _WHEN = re.compile(r"\((?P<when>\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2})?)[^)]
 _BULLET = re.compile(r"^ {0,3}(?:[-*+]|\d{1,9}[.)])(?:\s+(?P<text>.*))?$")
 _META = re.compile(r"^_(?P<key>[a-z][a-z ]*):\s*(?P<value>.*?)_\s*$")
 _FENCE = re.compile(r"^\s*(```|~~~)")
-META_KEYS = frozenset({"source", "dropped", "merged"})
+META_KEYS = frozenset({"source", "dropped", "merged", "left out"})
 """Italic ``_key: value_`` lines with these keys are section metadata, not lessons."""
 
 
@@ -99,14 +99,43 @@ def parse(text: str) -> ParsedFile:
 
 
 def _parse(text: str) -> ParsedFile:
+    preamble, chunks = _chunks(text)
+    seen: dict[str, int] = {}  # ids are unique in the file even when a section is repeated verbatim
+    return ParsedFile(preamble=preamble, sections=[_section(rest, body, seen) for rest, body in chunks])
+
+
+def split(text: str) -> tuple[str, list[str]]:
+    """The preamble and each section's raw text, without parsing lessons: cheap, for bounded views."""
+    try:
+        preamble, chunks = _chunks(text)
+    except Exception:
+        return (str(text) if isinstance(text, str) else ""), []
+    return preamble, ["\n".join(lines).strip("\n") + "\n" for _, lines in chunks]
+
+
+def parse_section(raw: str, seen: dict[str, int] | None = None) -> Section | None:
+    """One section's raw text (as ``split`` gives it) parsed; None when it is not a section."""
+    try:
+        _, chunks = _chunks(raw)
+        if not chunks:
+            return None
+        rest, lines = chunks[0]
+        for _, more in chunks[1:]:  # a cut section can hold no further heading, but be forgiving
+            lines += more
+        return _section(rest, lines, {} if seen is None else seen)
+    except Exception:
+        return None
+
+
+def _chunks(text: str) -> tuple[str, list[tuple[str, list[str]]]]:
+    """The preamble, then (heading rest, lines) per ``## `` section; headings inside fences do not count."""
     if not isinstance(text, str):
         text = bytes(text).decode("utf-8", "replace") if isinstance(text, (bytes, bytearray)) else str(text)
     text = text.replace("\x00", "")
-    lines = text.splitlines()
     preamble: list[str] = []
     chunks: list[tuple[str, list[str]]] = []
     in_fence = False
-    for line in lines:
+    for line in text.splitlines():
         if _FENCE.match(line):
             in_fence = not in_fence
         heading = None if in_fence else _HEADING.match(line)
@@ -116,9 +145,23 @@ def _parse(text: str) -> ParsedFile:
             chunks[-1][1].append(line)
         else:
             preamble.append(line)
-    preamble_text = "\n".join(preamble).strip("\n")
-    seen: dict[str, int] = {}  # ids are unique in the file even when a section is repeated verbatim
-    return ParsedFile(preamble=preamble_text, sections=[_section(rest, body, seen) for rest, body in chunks])
+    return "\n".join(preamble).strip("\n"), chunks
+
+
+def cut(text: str, max_chars: int) -> str:
+    """``text`` if it is short enough, else its start (at a word break when one is near) and a marker.
+
+    The marker names the original length, so a reader sees that something was cut and how much.
+    """
+    if len(text) <= max_chars:
+        return text
+    marker = f" […cut from {len(text):,} characters]"
+    room = max(0, max_chars - len(marker))
+    head = text[:room]
+    space = head.rfind(" ")
+    if space >= room * 0.8:
+        head = head[:space]
+    return (head.rstrip() + marker)[:max_chars]
 
 
 def _section(rest: str, lines: list[str], seen: dict[str, int]) -> Section:

@@ -1,10 +1,12 @@
 """Recall: rank the lessons against a task with SQLite FTS5 and format them for a system prompt.
 
 The markdown file stays the source of truth (people edit it by hand), so the index is a cache: an
-in-memory FTS5 table rebuilt whenever the file's (mtime_ns, size) differs from the last build. It is
-small (hundreds of lessons), so a full rebuild is simpler and safer than incremental updates. The
-blocking sqlite work runs in a worker thread; plain ``sqlite3`` on ``:memory:`` holds no thread
-of its own, so nothing outlives the process the way an unclosed aiosqlite connection would.
+in-memory FTS5 table rebuilt whenever the file's key (mtime_ns, size, inode) differs from the last
+build. It is small (hundreds of lessons), so a full rebuild is simpler and safer than incremental
+updates. What it holds is bounded whatever the file holds (see ``limits``): the newest part of the
+file, each lesson cut to a short length, so one huge lesson can never reach a system prompt. The
+blocking parse and sqlite work run in a worker thread; plain ``sqlite3`` on ``:memory:`` holds no
+thread of its own, so nothing outlives the process the way an unclosed aiosqlite connection would.
 """
 
 from __future__ import annotations
@@ -12,11 +14,22 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+from collections import deque
 
 import anyio
 
-from agent.experiences.file import ExperienceFile
-from agent.experiences.markdown import Lesson, parse
+from agent.experiences.file import ExperienceFile, FileKey
+from agent.experiences.limits import (
+    MAX_INDEXED_LESSONS,
+    MAX_LABEL_CHARS,
+    MAX_LESSON_CHARS,
+    MAX_RECALL_CANDIDATES,
+    MAX_RECALL_CHARS,
+    MAX_SCAN_BYTES,
+    MAX_SECTION_SCAN_CHARS,
+    NEAR_DUPLICATE_JACCARD,
+)
+from agent.experiences.markdown import Lesson, cut, parse_section, split
 
 LESSONS_HEADING = "## Lessons from earlier traces"
 MAX_QUERY_TOKENS = 48
@@ -159,14 +172,74 @@ def build_match_query(text: str) -> str:
     never reach FTS5 as syntax, and operators such as AND/NEAR become quoted words (or stop words).
     """
     tokens: list[str] = []
-    for word in _WORD.findall(str(text or "").lower()):
-        word = word.strip("_")
+    for found in _WORD.finditer(str(text or "")):  # lazily: a huge task text stops at the cap
+        word = found.group().lower().strip("_")
         if len(word) < 3 or word in STOP_WORDS or word in tokens or word.isdigit():
             continue
         tokens.append(word)
         if len(tokens) >= MAX_QUERY_TOKENS:
             break
     return " OR ".join(f'"{token}"' for token in tokens)
+
+
+def word_set(text: str) -> frozenset[str]:
+    """The words of a lesson, case and a plural "s" folded: what near-duplicate checks compare."""
+    words = (w.lower().strip("_") for w in _WORD.findall(text))
+    return frozenset(w[:-1] if len(w) > 3 and w.endswith("s") else w for w in words if w)
+
+
+def near_duplicate(a: frozenset[str], b: frozenset[str]) -> bool:
+    """Word-set Jaccard at or above ``NEAR_DUPLICATE_JACCARD``: the two lessons say the same thing."""
+    if not a or not b:
+        return a == b
+    return len(a & b) / len(a | b) >= NEAR_DUPLICATE_JACCARD
+
+
+def pick(ranked: list[Lesson], limit: int, max_chars: int) -> list[Lesson]:
+    """Best first, up to ``limit`` lessons and ``max_chars`` of text, skipping near-duplicates of a pick."""
+    chosen: list[Lesson] = []
+    chosen_words: list[frozenset[str]] = []
+    used = 0
+    for lesson in ranked:
+        if len(chosen) >= limit:
+            break
+        if used + len(lesson.text) > max_chars:
+            continue  # a shorter one further down may still fit
+        words = word_set(lesson.text) or frozenset([lesson.text.casefold()])
+        if any(near_duplicate(words, other) for other in chosen_words):
+            continue
+        chosen.append(lesson)
+        chosen_words.append(words)
+        used += len(lesson.text)
+    return chosen
+
+
+def bounded_lessons(text: str) -> tuple[list[Lesson], int]:
+    """The newest ``MAX_INDEXED_LESSONS`` lessons of ``text`` in file order, each cut short, and the
+    count of all lessons it holds; a section larger than any we write is parsed from its start only."""
+    _, sections = split(text)
+    kept: deque[Lesson] = deque(maxlen=MAX_INDEXED_LESSONS)
+    seen: dict[str, int] = {}  # shared across sections, so ids match a whole-file parse
+    total = 0
+    for raw in sections:
+        section = parse_section(raw[:MAX_SECTION_SCAN_CHARS], seen)
+        if section is None:
+            continue
+        total += len(section.lessons)
+        kept.extend(_bounded(lesson) for lesson in section.lessons)
+    return list(kept), total
+
+
+def _bounded(lesson: Lesson) -> Lesson:
+    if len(lesson.text) <= MAX_LESSON_CHARS and len(lesson.heading) <= MAX_LABEL_CHARS:
+        return lesson
+    return lesson.model_copy(
+        update={
+            "text": cut(lesson.text, MAX_LESSON_CHARS),
+            "heading": cut(lesson.heading, MAX_LABEL_CHARS),
+            "source": cut(lesson.source, MAX_LABEL_CHARS) if lesson.source else lesson.source,
+        }
+    )
 
 
 def format_lessons_block(lessons: list[Lesson]) -> str:
@@ -183,7 +256,7 @@ def format_lessons_block(lessons: list[Lesson]) -> str:
 
 
 class LessonIndex:
-    """A full-text index over the experiences file's lessons, rebuilt when the file changes."""
+    """A full-text index over the experiences file's lessons (bounded), rebuilt when the file changes."""
 
     def __init__(self, file: ExperienceFile):
         self.file = file
@@ -192,7 +265,8 @@ class LessonIndex:
             "CREATE VIRTUAL TABLE lessons USING fts5(text, tokenize = 'porter unicode61 remove_diacritics 2')"
         )
         self._lessons: list[Lesson] = []
-        self._built_key: tuple[int, int] | None = None
+        self._total = 0
+        self._built_key: FileKey = None
         self._stale = True
         self._lock = anyio.Lock()
         self._thread_lock = threading.Lock()  # the connection is shared by worker threads
@@ -202,22 +276,31 @@ class LessonIndex:
         self._stale = True
 
     async def lessons(self) -> list[Lesson]:
-        """All lessons in file order, as of the current file."""
+        """The lessons in file order, as of the current file (the newest ``MAX_INDEXED_LESSONS``, cut short)."""
         async with self._lock:
             await self._refresh()
             return list(self._lessons)
 
-    async def search(self, query: str, limit: int) -> list[Lesson]:
-        """The ``limit`` lessons best matching ``query`` by bm25; never raises on odd user text."""
-        if limit <= 0:
+    async def count(self) -> int:
+        """How many lessons the file holds (in its newest ``MAX_SCAN_BYTES``)."""
+        async with self._lock:
+            await self._refresh()
+            return self._total
+
+    async def search(self, query: str, limit: int, max_chars: int = MAX_RECALL_CHARS) -> list[Lesson]:
+        """The lessons best matching ``query`` by bm25, near-duplicates skipped, at most ``limit`` of them
+        and ``max_chars`` of text; never raises on odd user text."""
+        if limit <= 0 or max_chars <= 0:
             return []
         match = build_match_query(query)
         if not match:
             return []
         async with self._lock:
             await self._refresh()
-            rows = await anyio.to_thread.run_sync(self._search_sync, match, limit)
-            return [self._lessons[row] for row in rows if 0 <= row < len(self._lessons)]
+            lessons = self._lessons
+            rows = await anyio.to_thread.run_sync(self._search_sync, match, max(limit, MAX_RECALL_CANDIDATES))
+            ranked = [lessons[row] for row in rows if 0 <= row < len(lessons)]
+            return pick(ranked, limit, max_chars)
 
     def close(self) -> None:
         with self._thread_lock:
@@ -229,14 +312,20 @@ class LessonIndex:
             return
         self._stale = False  # cleared before reading: a write landing meanwhile sets it again
         try:
-            lessons = parse(await self.file.read_text()).lessons()
-            await anyio.to_thread.run_sync(self._rebuild_sync, lessons)
+            window = await self.file.read_window(MAX_SCAN_BYTES)
+            lessons, total = await anyio.to_thread.run_sync(self._rebuild_sync, window.text)
         except BaseException:
             self._stale = True  # a cancelled or failed rebuild must not pass for a good one
             raise
-        self._lessons, self._built_key = lessons, key
+        # the key of what was read, not of the earlier stat: a write in between is seen next time
+        self._lessons, self._total, self._built_key = lessons, total, window.key
 
-    def _rebuild_sync(self, lessons: list[Lesson]) -> None:
+    def _rebuild_sync(self, text: str) -> tuple[list[Lesson], int]:
+        lessons, total = bounded_lessons(text)
+        self._fill_sync(lessons)
+        return lessons, total
+
+    def _fill_sync(self, lessons: list[Lesson]) -> None:
         with self._thread_lock, self._conn:
             self._conn.execute("DELETE FROM lessons")
             self._conn.executemany(

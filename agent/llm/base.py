@@ -59,6 +59,10 @@ class Model(Protocol):
     ) -> ModelResponse: ...
 
 
+SLOW_OFFLINE_DELAY = 1.0
+"""``offline:slow`` thinks a second before each answer: for demos of stopping and time limits."""
+
+
 def split_model_spec(spec: str) -> tuple[str, str]:
     """``"openai:gpt-4o"`` -> ``("openai", "gpt-4o")``; a bare ``claude-…`` means anthropic, any other
     bare name openai; ``offline`` stands alone."""
@@ -86,7 +90,9 @@ def resolve_model(spec: str, env: dict[str, str] | None = None) -> Model:
     if provider == "offline":
         from agent.llm.offline import OfflineModel
 
-        return OfflineModel()
+        model = OfflineModel(delay=SLOW_OFFLINE_DELAY if name == "slow" else 0.0)
+        model.name = "offline:slow" if name == "slow" else "offline"
+        return model
     if provider == "openai":
         from agent.llm.openai import OpenAIModel
 

@@ -1,34 +1,53 @@
 """Read-only workspace tools (list_files, read_file, search_files) confined to one root directory.
 
-Every path a model gives is untrusted. It is joined to the root, resolved (following symlinks and ``..``)
-and must land inside the resolved root by ``Path.is_relative_to`` -- never a string prefix, so a sibling
-``/x/work_extra`` is not inside ``/x/work``. While walking a tree, symlinks whose target lies outside
-the root are skipped, and symlinked directories are never descended into (no loops, no duplicates: a
-target inside the root is walked on its own). Everything is pure Python (no command line is built) and
-all filesystem work runs in a worker thread so the event loop never blocks.
+Every path a model gives is untrusted, and the tree may change while a tool reads it. Paths are
+relative to the root and are opened through ``safe_fs`` one component at a time from the root's fd,
+never by a path checked beforehand, so a symlink swapped in mid-call cannot lead outside (its docstring
+also says what no path check can see: hard links). Symlinks whose target lies inside the root work;
+those leading outside are refused, and skipped while walking; symlinked directories are never
+descended. Only regular files are read: a FIFO or device is refused, never waited on. Everything is
+pure Python (no command line is built). The work runs in worker threads on the tools' own small
+limiter, is abandoned when its call is cancelled and then stops at its next check, so slow file work
+can neither hold up a stopped trace nor take the threads the rest of the server needs.
 """
 
 from __future__ import annotations
 
-import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
 
 from agent.errors import ToolCallError
+from agent.tools.file_reading import READ_CAP_BYTES, read_lines, read_small
 from agent.tools.registry import Tool
+from agent.tools.safe_fs import (
+    MAX_DEPTH,
+    MAX_PATH_CHARS,
+    Found,
+    Missing,
+    OutsideRoot,
+    PathRefused,
+    Session,
+    SymlinkLoop,
+    TooDeep,
+    WorkspaceRoot,
+)
+
+__all__ = ["FILE_TOOL_THREADS", "MAX_DEPTH", "READ_CAP_BYTES", "Workspace", "workspace_tools"]
 
 SKIPPED_DIRS = frozenset({".git", "__pycache__", "node_modules", ".venv"})
-READ_CAP_BYTES = 256 * 1024
 SEARCH_MAX_FILE_BYTES = 1024 * 1024
 SEARCH_LINE_CHARS = 300
-_SNIFF_BYTES = 8192
+FILE_TOOL_THREADS = 4
+"""Worker threads the file tools use at once, on a limiter of their own (never the server's default one)."""
+_SEARCH_CHECK_EVERY_LINES = 4096
+_SHOWN_PATH_CHARS = 200
 
 
 def _prop(type_: str, description: str, **extra: Any) -> dict[str, Any]:
@@ -114,7 +133,7 @@ def _parse_arguments(tool: str, schema: dict[str, Any], arguments: dict[str, Any
             raise ToolCallError(f"{tool} needs the '{name}' argument.")
     parsed: dict[str, Any] = {}
     for name, prop in props.items():
-        value = arguments.get(name)
+        value: Any = arguments.get(name)
         if value is None:
             parsed[name] = prop.get("default")
             continue
@@ -138,223 +157,201 @@ def _parse_arguments(tool: str, schema: dict[str, Any], arguments: dict[str, Any
     return parsed
 
 
-def _show(path: PurePosixPath | str) -> str:
-    """A path as the model sees it: POSIX form, undecodable bytes replaced so the text is valid UTF-8."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+def _show(path: str) -> str:
+    """A path as the model sees it: undecodable bytes replaced so the text is valid UTF-8."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _check_cancelled() -> None:
-    """Stop a long walk in the worker thread once the calling task is cancelled (stop must be prompt)."""
-    anyio.from_thread.check_cancelled()
+def _elide(text: str) -> str:
+    """A model-given value fit to quote back in a sentence: valid UTF-8, long ones cut in the middle."""
+    if len(text) > _SHOWN_PATH_CHARS:
+        text = text[: _SHOWN_PATH_CHARS * 2 // 3] + "…" + text[-_SHOWN_PATH_CHARS // 4 :]
+    return _show(text)
+
+
+def _rel(parts: tuple[str, ...]) -> str:
+    """Names below the root as the model sees them, '.' for the root itself."""
+    return _show("/".join(parts) or ".")
+
+
+def _deep_note(skipped: int) -> str:
+    directories = "directory" if skipped == 1 else "directories"
+    return f"[Skipped {skipped} {directories} nested deeper than {MAX_DEPTH} levels.]"
+
+
+Check = Callable[[], None]
+"""Raises in a worker thread once its call has been abandoned, so the work stops instead of running on."""
 
 
 class Workspace:
     """The synchronous, contained filesystem operations behind the tools; each runs in a worker thread."""
 
     def __init__(self, root: Path | str):
-        self.root = Path(root).resolve()
+        self.root = WorkspaceRoot(root)
 
-    def _inside(self, path: Path) -> bool:
-        return path.is_relative_to(self.root)
+    def _open(self, fs: Session, raw: str) -> Found:
+        """What a model-given path leads to inside the root, or a sentence saying why it cannot be used.
 
-    def resolve(self, raw: str) -> tuple[Path, PurePosixPath]:
-        """The real path for a model-given relative path, and its display form relative to the root.
-
-        Refuses absolute paths and anything resolving outside the root (``..``, symlinks) before looking
-        at existence, so nothing is revealed about files outside the workspace.
+        Only ever relative to the root; an outside path is refused without looking at what is there,
+        so nothing is revealed about files outside the workspace.
         """
         raw = raw or "."
+        shown = _elide(raw)
         if "\0" in raw:
-            raise ToolCallError(f"Path {raw!r} contains a NUL character; give a plain relative path.")
+            raise ToolCallError(f"Path {shown!r} contains a NUL character; give a plain relative path.")
+        if len(raw) > MAX_PATH_CHARS:
+            raise ToolCallError(
+                f"Path '{shown}' is too long ({len(raw)} characters); paths have at most {MAX_PATH_CHARS}."
+            )
         if Path(raw).is_absolute():
             raise ToolCallError(
-                f"Path '{raw}' is absolute; give a path relative to the workspace root, "
+                f"Path '{shown}' is absolute; give a path relative to the workspace root, "
                 "such as 'src/main.py'."
             )
         try:
-            real = (self.root / raw).resolve()
-        except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop (Python 3.11)
-            msg = f"Path '{raw}' cannot be resolved (a symlink loop?); try another path."
-            raise ToolCallError(msg) from exc
-        if not self._inside(real):
+            return fs.resolve([raw])
+        except OutsideRoot:
             raise ToolCallError(
-                f"Path '{raw}' is outside the workspace; only paths inside the workspace root can be used."
-            )
-        if not real.exists():
+                f"Path '{shown}' is outside the workspace; only paths inside the workspace root can be used."
+            ) from None
+        except Missing:
             raise ToolCallError(
-                f"There is no file or directory '{raw}' in the workspace; use list_files to see what exists."
-            )
-        return real, PurePosixPath(real.relative_to(self.root).as_posix())
+                f"There is no file or directory '{shown}' in the workspace; use list_files to see what exists."
+            ) from None
+        except SymlinkLoop:
+            raise ToolCallError(
+                f"Path '{shown}' cannot be resolved (a symlink loop?); try another path."
+            ) from None
+        except TooDeep:
+            raise ToolCallError(
+                f"Path '{shown}' is nested deeper than {MAX_DEPTH} directories; the file tools go no deeper."
+            ) from None
 
-    def _children(self, directory: Path) -> list[tuple[str, Path, bool, bool]]:
-        """Entries of a directory as (name, path, is_dir, descend), sorted by name, outside links dropped."""
-        try:
-            with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            return []  # unreadable subdirectory: skip it rather than fail the whole walk
-        children = []
-        for entry in entries:
-            path = Path(entry.path)
-            try:
-                if entry.is_symlink():
-                    target = path.resolve()
-                    if self._inside(target):
-                        children.append((entry.name, path, target.is_dir(), False))
-                else:
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                    children.append((entry.name, path, is_dir, is_dir))
-            except (OSError, RuntimeError):
-                continue
-        return children
-
-    def _walk(
-        self, directory: Path, rel: PurePosixPath, recursive: bool
-    ) -> Iterator[tuple[PurePosixPath, Path, bool]]:
-        """(relative path, path, is_dir) depth-first in name order; skips noise directories when recursing."""
-        for name, path, is_dir, descend in self._children(directory):
-            _check_cancelled()
-            if recursive and is_dir and name in SKIPPED_DIRS:
-                continue
-            yield rel / name, path, is_dir
-            if recursive and descend:
-                yield from self._walk(path, rel / name, recursive)
-
-    def list_files(self, args: dict[str, Any]) -> str:
-        real, rel = self.resolve(args["path"])
-        if not real.is_dir():
-            raise ToolCallError(f"'{_show(rel)}' is a file, not a directory; use read_file to read it.")
-        limit: int = args["max_entries"]
-        lines: list[str] = []
-        truncated = False
-        for child_rel, _, is_dir in self._walk(real, rel, args["recursive"]):
-            if len(lines) == limit:
-                truncated = True
-                break
-            lines.append(_show(child_rel) + ("/" if is_dir else ""))
-        if not lines:
-            return f"Directory '{_show(rel)}' is empty."
-        if truncated:
-            lines.append(
-                f"[List truncated at {limit} entries; list a subdirectory or raise max_entries "
-                "(at most 1000).]"
-            )
-        return "\n".join(lines)
-
-    def read_file(self, args: dict[str, Any]) -> str:
-        real, rel = self.resolve(args["path"])
-        shown = _show(rel)
-        if real.is_dir():
-            raise ToolCallError(f"'{shown}' is a directory; use list_files to see its contents.")
-        if not stat.S_ISREG(real.stat().st_mode):
-            raise ToolCallError(f"'{shown}' is not a regular file and cannot be read.")
-        offset: int = args["offset"]
-        with open(real, "rb") as f:
-            if b"\0" in f.read(_SNIFF_BYTES):
-                raise ToolCallError(
-                    f"'{shown}' looks like a binary file (it contains NUL bytes); "
-                    "read_file only reads text files."
-                )
-            f.seek(0)
-            line_no, partial = 1, False
-            while line_no < offset:  # skip in bounded pieces so one huge line cannot exhaust memory
-                piece = f.readline(64 * 1024)
-                if not piece:
-                    break
-                partial = not piece.endswith(b"\n")
-                line_no += not partial
-            out = bytearray()
-            count, note = 0, ""
-            while count < args["limit"]:
-                line = f.readline(READ_CAP_BYTES - len(out) + 1)
-                if not line:
-                    break
-                if len(out) + len(line) > READ_CAP_BYTES:
-                    if count == 0:
-                        out += line[:READ_CAP_BYTES]
-                        note = (
-                            f"[Line {offset} is longer than the 256 KiB read cap; only its start is shown.]"
-                        )
-                    else:
-                        note = (
-                            f"[Stopped at the 256 KiB read cap after line {offset + count - 1}; call "
-                            f"read_file with offset={offset + count} to continue.]"
-                        )
-                    break
-                out += line
-                count += 1
-            else:
-                if f.read(1):
-                    note = (
-                        f"[Showing lines {offset}-{offset + count - 1}; the file continues. Call "
-                        f"read_file with offset={offset + count} to read more.]"
+    def list_files(self, args: dict[str, Any], check: Check) -> str:
+        with self.root.session(check) as fs:
+            found = self._open(fs, args["path"])
+            shown = _rel(found.parts)
+            if stat.S_ISREG(found.st.st_mode):
+                raise ToolCallError(f"'{shown}' is a file, not a directory; use read_file to read it.")
+            if not found.is_dir:
+                raise ToolCallError(f"'{shown}' is not a directory; list_files lists directories.")
+            limit: int = args["max_entries"]
+            lines: list[str] = []
+            notes: list[str] = []
+            for entry in fs.walk(found.parts, recursive=args["recursive"], skip=SKIPPED_DIRS):
+                if len(lines) == limit:
+                    notes.append(
+                        f"[List truncated at {limit} entries; list a subdirectory or raise max_entries "
+                        "(at most 1000).]"
                     )
-        if b"\0" in out:
-            raise ToolCallError(f"'{shown}' contains NUL bytes (binary data); read_file only reads text.")
-        text = out.decode("utf-8", "replace")
-        if not text and not note:
-            if offset == 1:
-                return f"File '{shown}' is empty."
-            lines = line_no - 1 + partial
-            raise ToolCallError(f"'{shown}' has only {lines} line(s); offset {offset} is past its end.")
-        if note:
-            text += ("" if text.endswith("\n") or not text else "\n") + note
-        return text
+                    break
+                lines.append(_rel(entry.parts) + ("/" if entry.is_dir else ""))
+            if fs.skipped_deep:
+                notes.append(_deep_note(fs.skipped_deep))
+        if not lines and not notes:
+            return f"Directory '{shown}' is empty."
+        return "\n".join(lines + notes)
 
-    def search_files(self, args: dict[str, Any]) -> str:
+    def read_file(self, args: dict[str, Any], check: Check) -> str:
+        with self.root.session(check) as fs:
+            found = self._open(fs, args["path"])
+            shown = _rel(found.parts)
+            if found.is_dir:
+                raise ToolCallError(f"'{shown}' is a directory; use list_files to see its contents.")
+            if not found.is_file or found.fd is None:
+                raise ToolCallError(f"'{shown}' is not a regular file and cannot be read.")
+            return read_lines(found.fd, found.st.st_size, shown, args["offset"], args["limit"], check)
+
+    def search_files(self, args: dict[str, Any], check: Check) -> str:
         pattern: str = args["pattern"]
         if "\n" in pattern or "\r" in pattern:
             raise ToolCallError("The search pattern must be a single line; matches are found within lines.")
-        real, rel = self.resolve(args["path"])
         fold: Callable[[str], str] = (lambda s: s) if args["case_sensitive"] else str.casefold
         needle = fold(pattern)
-        files: Iterator[tuple[PurePosixPath, Path]] = (
-            iter([(rel, real)])
-            if not real.is_dir()
-            else ((r, p) for r, p, is_dir in self._walk(real, rel, recursive=True) if not is_dir)
-        )
         limit: int = args["max_results"]
         results: list[str] = []
         matched_files = too_big = 0
         truncated = False
-        for file_rel, path in files:
-            _check_cancelled()
-            try:
-                info = path.stat()
-                if not stat.S_ISREG(info.st_mode):
-                    continue
-                if info.st_size > SEARCH_MAX_FILE_BYTES:
+        with self.root.session(check) as fs:
+            found = self._open(fs, args["path"])
+            where = _rel(found.parts)
+            if not found.is_dir and not found.is_file:
+                raise ToolCallError(f"'{where}' is not a regular file and cannot be searched.")
+            for parts, data in self._contents(fs, found):
+                if data is None:
                     too_big += 1
                     continue
-                data = path.read_bytes()
-            except OSError:
-                continue
-            if b"\0" in data:
-                continue
-            hit = False
-            for number, line in enumerate(data.decode("utf-8", "replace").split("\n"), start=1):
-                if needle not in fold(line):
-                    continue
-                if len(results) == limit:
-                    truncated = True
+                hits = 0
+                for number, line in _matching_lines(data, fold, needle, check):
+                    if len(results) == limit:
+                        truncated = True
+                        break
+                    hits = 1
+                    results.append(f"{_rel(parts)}:{number}: {_excerpt(line.strip(), fold, needle)}")
+                matched_files += hits
+                if truncated:
                     break
-                hit = True
-                results.append(f"{_show(file_rel)}:{number}: {_excerpt(line.strip(), fold, needle)}")
-            matched_files += hit
-            if truncated:
-                break
-        where = _show(rel)
-        skipped = f"\n[Skipped {too_big} file(s) over 1 MiB.]" if too_big else ""
+            notes = [f"[Skipped {too_big} file(s) over 1 MiB.]"] if too_big else []
+            if fs.skipped_deep:
+                notes.append(_deep_note(fs.skipped_deep))
+        shown = _elide(pattern)
         if not results:
-            return f"No matches for '{pattern}' under '{where}'.{skipped}"
+            return "\n".join([f"No matches for '{shown}' under '{where}'.", *notes])
         if truncated:
             head = (
-                f"First {limit} matches for '{pattern}' under '{where}' (truncated: there are more; "
+                f"First {limit} matches for '{shown}' under '{where}' (truncated: there are more; "
                 "narrow path or pattern, or raise max_results up to 500):"
             )
         else:
-            head = f"{len(results)} match(es) in {matched_files} file(s) for '{pattern}' under '{where}':"
-        return head + "\n" + "\n".join(results) + skipped
+            head = f"{len(results)} match(es) in {matched_files} file(s) for '{shown}' under '{where}':"
+        return "\n".join([head, *results, *notes])
+
+    def _contents(self, fs: Session, found: Found) -> Iterator[tuple[tuple[str, ...], bytes | None]]:
+        """(names, content) of each regular file to search, found or those below it; None: over 1 MiB."""
+        for file in [found] if found.is_file else self._files_below(fs, found.parts):
+            fs.check()
+            assert file.fd is not None  # only regular files, opened, come here
+            try:
+                data = read_small(file.fd, file.st.st_size, SEARCH_MAX_FILE_BYTES)
+            except OSError:
+                continue
+            finally:
+                fs.close(file)
+            yield file.parts, data
+
+    @staticmethod
+    def _files_below(fs: Session, top: tuple[str, ...]) -> Iterator[Found]:
+        """The regular files of the tree below top, each opened through its directory's fd.
+
+        A file found through a symlink keeps the link's place as its name (``alias.py``), as listed.
+        """
+        for entry in fs.walk(top, recursive=True, skip=SKIPPED_DIRS):
+            if entry.is_dir:
+                continue
+            try:
+                opened = fs.open_entry(entry)
+            except (PathRefused, OSError):
+                continue
+            if not opened.is_file:
+                fs.close(opened)
+                continue
+            yield Found(entry.parts, opened.st, opened.fd)
+
+
+def _matching_lines(
+    data: bytes, fold: Callable[[str], str], needle: str, check: Check
+) -> Iterator[tuple[int, str]]:
+    """(line number, line) of each line of a text file that contains needle; nothing for binary data."""
+    if b"\0" in data:
+        return
+    text = data.decode("utf-8", "replace")
+    if needle not in fold(text):  # folding goes character by character, so no single line matches either
+        return
+    for number, line in enumerate(text.split("\n"), start=1):
+        if number % _SEARCH_CHECK_EVERY_LINES == 0:
+            check()
+        if needle in fold(line):
+            yield number, line
 
 
 def _excerpt(line: str, fold: Callable[[str], str], needle: str) -> str:
@@ -367,50 +364,76 @@ def _excerpt(line: str, fold: Callable[[str], str], needle: str) -> str:
     return ("…" if start else "") + line[start : start + SEARCH_LINE_CHARS] + "…"
 
 
+class _Abandoned(Exception):
+    """Raised inside a worker whose call was cancelled: nobody waits for its answer any more."""
+
+
 @dataclass(eq=False)
 class _WorkspaceTool:
-    """A Tool whose work is a synchronous Workspace method, run off the event loop."""
+    """A Tool whose work is a synchronous Workspace method, run off the event loop on the tools' limiter."""
 
     name: str
     description: str
     input_schema: dict[str, Any]
-    run: Callable[[dict[str, Any]], str]
+    run: Callable[[dict[str, Any], Check], str]
+    limiter: anyio.CapacityLimiter
     group: str | None = None
+    read_only: ClassVar[bool] = True
 
     async def call(self, arguments: dict[str, Any]) -> str:
         args = _parse_arguments(self.name, self.input_schema, arguments)
+        abandoned = threading.Event()
+
+        def check() -> None:
+            if abandoned.is_set():
+                raise _Abandoned
+
         try:
-            return await anyio.to_thread.run_sync(self.run, args)
+            # Abandoned on cancel, so a stop or timeout returns at once; `check` then stops the worker.
+            return await anyio.to_thread.run_sync(
+                self.run, args, check, abandon_on_cancel=True, limiter=self.limiter
+            )
         except OSError as exc:  # e.g. permission denied; str(exc) would show absolute paths
+            path = _elide(args.get("path") or ".")
             raise ToolCallError(
-                f"{self.name} could not read '{args.get('path', '.')}': {exc.strerror or 'I/O error'}."
+                f"{self.name} could not read '{path}': {exc.strerror or 'I/O error'}."
             ) from exc
+        finally:
+            abandoned.set()
 
 
 def workspace_tools(root: Path | str) -> list[Tool]:
-    """The three read-only tools over ``root``, resolved once here (symlinked roots work)."""
+    """The three read-only tools over ``root``, resolved once here (symlinked roots work).
+
+    They share one small thread limiter of their own, so however many are stuck on slow storage, the
+    server's other ``to_thread`` work (database, experiences file) keeps the default limiter's threads.
+    """
     ws = Workspace(root)
+    limiter = anyio.CapacityLimiter(FILE_TOOL_THREADS)
     return [
         _WorkspaceTool(
-            "list_files",
-            "List files and directories in the workspace (directories end with '/'), optionally recursively; "
-            "returns at most max_entries paths (up to 1000), relative to the workspace root.",
-            LIST_SCHEMA,
-            ws.list_files,
+            name="list_files",
+            description="List files and directories in the workspace (directories end with '/'), optionally "
+            "recursively; returns at most max_entries paths (up to 1000), relative to the workspace root.",
+            input_schema=LIST_SCHEMA,
+            run=ws.list_files,
+            limiter=limiter,
         ),
         _WorkspaceTool(
-            "read_file",
-            "Read a UTF-8 text file from the workspace, from line offset for up to limit lines; output is "
-            "capped at 256 KiB and binary files are refused.",
-            READ_SCHEMA,
-            ws.read_file,
+            name="read_file",
+            description="Read a UTF-8 text file from the workspace, from line offset for up to limit lines; "
+            "output is capped at 256 KiB and binary files are refused.",
+            input_schema=READ_SCHEMA,
+            run=ws.read_file,
+            limiter=limiter,
         ),
         _WorkspaceTool(
-            "search_files",
-            "Find lines containing a plain-text pattern in workspace files, returned as "
+            name="search_files",
+            description="Find lines containing a plain-text pattern in workspace files, returned as "
             "'path:LINE: text'; at most max_results (up to 500), skipping binary files, files over 1 MiB, "
             ".git, node_modules, .venv and __pycache__.",
-            SEARCH_SCHEMA,
-            ws.search_files,
+            input_schema=SEARCH_SCHEMA,
+            run=ws.search_files,
+            limiter=limiter,
         ),
     ]

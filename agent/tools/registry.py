@@ -59,16 +59,18 @@ class ToolRegistry:
     def groups(self) -> list[str]:
         return sorted({t.group for t in self._tools.values() if t.group})
 
-    def check_whitelist(self, whitelist: list[str] | None) -> None:
+    def check_whitelist(self, whitelist: list[str] | None, *, argument: str = "tools") -> None:
         """Refuse a whitelist entry that matches no tool and no group, listing what exists."""
         if whitelist is None:
             return
-        known = set(self._tools) | set(self.groups())
+        known = set(self._tools) | set(self.groups()) | {"ask_host"}
         unknown = [w for w in whitelist if w not in known]
         if unknown:
             available = ", ".join(self.names() + [f"{g} (server)" for g in self.groups()]) or "none"
+            named = ", ".join(repr(name[:80]) for name in unknown[:5]) + (" …" if len(unknown) > 5 else "")
             raise UnknownToolError(
-                f"Unknown tool or server name(s) {', '.join(map(repr, unknown))} in tools; available: {available}."
+                f"Unknown tool or server name(s) {named} in {argument}; available: {available} "
+                "(agent_info describes each)."
             )
 
     def select(self, whitelist: list[str] | None) -> list[Tool]:

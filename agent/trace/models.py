@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from agent import defaults
 
 
 def utc_now() -> str:
@@ -24,14 +26,47 @@ class Status(StrEnum):
     STOPPED = "stopped"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
+    NEEDS_INPUT = "needs_input"
 
 
 class StopReason(StrEnum):
     END_TURN = "end_turn"
     MAX_ITERATIONS = "max_iterations"
+    TOKEN_BUDGET = "token_budget"
+    TIMEOUT = "timeout"
     STOPPED = "stopped"
     ERROR = "error"
     INTERRUPTED = "interrupted"
+    NEEDS_INPUT = "needs_input"
+
+
+class Outcome(StrEnum):
+    """What a host reads first: how the trace stands, from its status and stop reason."""
+
+    RUNNING = "running"
+    ANSWERED = "answered"
+    HIT_LIMIT = "hit_limit"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    NEEDS_INPUT = "needs_input"
+
+
+LIMIT_REASONS = frozenset({StopReason.MAX_ITERATIONS, StopReason.TOKEN_BUDGET, StopReason.TIMEOUT})
+
+
+def outcome_of(status: Status, stop_reason: StopReason | None) -> Outcome:
+    if status is Status.COMPLETED and stop_reason not in LIMIT_REASONS:
+        return Outcome.ANSWERED
+    if stop_reason in LIMIT_REASONS and status in (Status.COMPLETED, Status.STOPPED):
+        return Outcome.HIT_LIMIT
+    return {
+        Status.RUNNING: Outcome.RUNNING,
+        Status.STOPPED: Outcome.STOPPED,
+        Status.FAILED: Outcome.FAILED,
+        Status.INTERRUPTED: Outcome.INTERRUPTED,
+        Status.NEEDS_INPUT: Outcome.NEEDS_INPUT,
+    }.get(status, Outcome.FAILED)
 
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -65,6 +100,8 @@ class TraceUsage(BaseModel):
     completion_tokens: int = 0
     llm_calls: int = 0
     tool_calls: int = 0
+    compactions: int = 0
+    tokens_saved: int = Field(0, description="prompt tokens compaction kept out of requests (estimated)")
 
 
 class NewMessage(BaseModel):
@@ -78,6 +115,7 @@ class NewMessage(BaseModel):
     tool_call_id: str | None = None
     name: str | None = None
     usage: MessageUsage | None = None
+    meta: dict[str, Any] | None = Field(None, description="engine records, e.g. a context compaction")
 
 
 class Message(NewMessage):
@@ -103,18 +141,33 @@ class Message(NewMessage):
 class TraceConfig(BaseModel):
     """How a trace runs; stored with it so a continued run behaves the same."""
 
-    temperature: float = 0.3
-    max_iterations: int = 200
+    temperature: float = defaults.TEMPERATURE
+    max_iterations: int = defaults.MAX_ITERATIONS
     system_prompt: str | None = None
     tools: list[str] | None = None
     recall: int | None = None
     reflect: bool = False
+    max_tokens: int | None = Field(None, description="prompt + completion tokens one run may use")
+    timeout_seconds: float | None = Field(None, description="wall-clock seconds one run may take")
+    output_schema: dict[str, Any] | None = Field(
+        None, description="JSON Schema the final answer must satisfy"
+    )
+    ask_host: bool = Field(True, description="the agent may ask the host a question (the ask_host tool)")
+    confirm_tools: list[str] | None = Field(
+        None, description="tools or servers whose calls wait for approval"
+    )
+
+
+class ForkPoint(BaseModel):
+    trace_id: str
+    sequence: int
 
 
 class Trace(BaseModel):
     trace_id: str
     name: str | None = None
     uid: str | None = None
+    tags: list[str] = Field(default_factory=list)
     model: str
     config: TraceConfig = Field(default_factory=TraceConfig)
     status: Status = Status.RUNNING
@@ -122,8 +175,17 @@ class Trace(BaseModel):
     head_sequence: int | None = None
     created_at: str = Field(default_factory=utc_now)
     updated_at: str = Field(default_factory=utc_now)
+    started_at: str | None = Field(None, description="when the latest run started")
     error: str | None = None
+    question: str | None = Field(None, description="what the agent asks, when it needs input")
+    result: Any = Field(None, description="the answer as JSON valid for output_schema, when one was given")
+    forked_from: ForkPoint | None = None
     usage: TraceUsage = Field(default_factory=TraceUsage)
     lessons: list[str] = Field(
         default_factory=list, description="experience lessons recalled into its prompt"
     )
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def outcome(self) -> Outcome:
+        return outcome_of(self.status, self.stop_reason)

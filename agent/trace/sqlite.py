@@ -27,6 +27,7 @@ from agent import defaults
 from agent.errors import TraceNotFound, TraceRunning
 from agent.trace.migrations import migrate
 from agent.trace.models import (
+    ForkPoint,
     Message,
     MessageUsage,
     NewMessage,
@@ -61,10 +62,10 @@ _PRUNE_BATCH = 10_000
 
 TRACE_COLUMNS = (
     "trace_id, name, uid, model, config, status, stop_reason, head_sequence, created_at, updated_at, "
-    "error, usage, lessons"
+    "error, usage, lessons, tags, started_at, question, result, forked_from"
 )
 MESSAGE_COLUMNS = (
-    "sequence, parent_sequence, role, content, tool_calls, tool_call_id, name, usage, created_at, side"
+    "sequence, parent_sequence, role, content, tool_calls, tool_call_id, name, usage, created_at, side, meta"
 )
 _N_TRACE = len(TRACE_COLUMNS.split(","))
 _N_MESSAGE = len(MESSAGE_COLUMNS.split(","))
@@ -75,9 +76,10 @@ def _prefixed(columns: str, alias: str) -> str:
 
 
 def trace_from_row(row: Sequence[Any]) -> Trace:
-    trace_id, name, uid, model, config, status, stop_reason, head, created, updated, error, usage, lessons = (
-        row
-    )
+    (
+        trace_id, name, uid, model, config, status, stop_reason, head, created, updated, error, usage, lessons,
+        tags, started_at, question, result, forked_from,
+    ) = row  # fmt: skip
     return Trace(
         trace_id=trace_id,
         name=name,
@@ -92,11 +94,16 @@ def trace_from_row(row: Sequence[Any]) -> Trace:
         error=error,
         usage=TraceUsage.model_validate_json(usage),
         lessons=json.loads(lessons),
+        tags=json.loads(tags),
+        started_at=started_at,
+        question=question,
+        result=json.loads(result) if result is not None else None,
+        forked_from=ForkPoint.model_validate_json(forked_from) if forked_from else None,
     )
 
 
 def message_from_row(row: Sequence[Any]) -> Message:
-    sequence, parent, role, content, tool_calls, tool_call_id, name, usage, created, side = row
+    sequence, parent, role, content, tool_calls, tool_call_id, name, usage, created, side, meta = row
     return Message(
         sequence=sequence,
         parent_sequence=parent,
@@ -108,6 +115,7 @@ def message_from_row(row: Sequence[Any]) -> Message:
         usage=MessageUsage.model_validate_json(usage) if usage else None,
         created_at=created,
         side=bool(side),
+        meta=json.loads(meta) if meta else None,
     )
 
 
@@ -259,13 +267,14 @@ class SQLiteTraceStore:
             usage,
             created_at,
             int(side),
+            json.dumps(message.meta) if message.meta else None,
             trace_id,
         ]
         if not side:
             params.append(token)
         rows = await db.execute_fetchall(
             f"INSERT INTO messages (trace_id, {MESSAGE_COLUMNS}) "
-            "SELECT trace_id, last_sequence + 1, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM traces "
+            "SELECT trace_id, last_sequence + 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM traces "
             f"WHERE trace_id = ?{fence} RETURNING sequence",
             params,
         )
@@ -300,7 +309,10 @@ class SQLiteTraceStore:
                     trace.trace_id, trace.name, trace.uid, trace.model, trace.config.model_dump_json(),
                     trace.status.value, trace.stop_reason.value if trace.stop_reason else None,
                     trace.head_sequence, trace.created_at, trace.updated_at, trace.error,
-                    trace.usage.model_dump_json(), json.dumps(trace.lessons),
+                    trace.usage.model_dump_json(), json.dumps(trace.lessons), json.dumps(trace.tags),
+                    trace.started_at or trace.created_at, trace.question,
+                    json.dumps(trace.result) if trace.result is not None else None,
+                    trace.forked_from.model_dump_json() if trace.forked_from else None,
                     self.owner, token, time.time() + self._lease_seconds,
                 ),
             )  # fmt: skip
@@ -329,13 +341,15 @@ class SQLiteTraceStore:
             if holder is not None:  # its owner is dead on this host: take the claim over at once
                 condition += " OR owner = ?"
                 params.append(holder)
+            stamp = utc_now()
             rows = await db.execute_fetchall(
-                "UPDATE traces SET status = 'running', stop_reason = NULL, error = NULL, head_sequence = ?, "
-                "model = ?, config = ?, owner = ?, run_token = ?, lease_until = ?, stop_requested = 0, "
-                f"updated_at = ? WHERE trace_id = ? AND ({condition}) RETURNING trace_id",
+                "UPDATE traces SET status = 'running', stop_reason = NULL, error = NULL, question = NULL, "
+                "result = NULL, head_sequence = ?, model = ?, config = ?, owner = ?, run_token = ?, "
+                "lease_until = ?, stop_requested = 0, updated_at = ?, started_at = ? "
+                f"WHERE trace_id = ? AND ({condition}) RETURNING trace_id",
                 (
                     head, model, config.model_dump_json(), self.owner, token, now + self._lease_seconds,
-                    utc_now(), trace_id, *params,
+                    stamp, stamp, trace_id, *params,
                 ),
             )  # fmt: skip
             return bool(list(rows))
@@ -375,13 +389,19 @@ class SQLiteTraceStore:
         stop_reason: StopReason | None,
         error: str | None,
         release: bool = True,
+        question: str | None = None,
+        result: Any = None,
     ) -> Trace:
         clear = ", owner = NULL, run_token = NULL, lease_until = NULL" if release else ""
         rows = await self._write(
-            f"UPDATE traces SET status = ?, stop_reason = ?, error = ?, stop_requested = 0, updated_at = ?{clear} "
-            f"WHERE trace_id = ? AND run_token = ? RETURNING {TRACE_COLUMNS}",
-            (status.value, stop_reason.value if stop_reason else None, error, utc_now(), trace_id, token),
-        )
+            "UPDATE traces SET status = ?, stop_reason = ?, error = ?, question = ?, result = ?, "
+            f"stop_requested = 0, updated_at = ?{clear} WHERE trace_id = ? AND run_token = ? "
+            f"RETURNING {TRACE_COLUMNS}",
+            (
+                status.value, stop_reason.value if stop_reason else None, error, question,
+                json.dumps(result) if result is not None else None, utc_now(), trace_id, token,
+            ),
+        )  # fmt: skip
         if not rows:
             await self.get_trace(trace_id)  # TraceNotFound when it is gone altogether
             raise ClaimLost(trace_id)
@@ -497,7 +517,13 @@ class SQLiteTraceStore:
         return [message_from_row(r) for r in rows]
 
     async def list_traces(
-        self, *, status: str | None = None, uid: str | None = None, limit: int = 20, cursor: str | None = None
+        self,
+        *,
+        status: str | None = None,
+        uid: str | None = None,
+        tag: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
     ) -> TracePage:
         """Newest first; ``next_cursor`` continues where this page ended (stable under new inserts)."""
         where: list[str] = []
@@ -508,6 +534,9 @@ class SQLiteTraceStore:
         if uid is not None:
             where.append("uid = ?")
             params.append(uid)
+        if tag is not None:
+            where.append("EXISTS (SELECT 1 FROM json_each(traces.tags) WHERE value = ?)")
+            params.append(tag)
         if cursor:
             created_at, trace_id = decode_cursor(cursor)
             where.append("(created_at, trace_id) < (?, ?)")
@@ -520,6 +549,56 @@ class SQLiteTraceStore:
         traces = [trace_from_row(r) for r in rows[:limit]]
         next_cursor = encode_cursor(traces[-1]) if len(rows) > limit and traces else None
         return TracePage(traces=traces, next_cursor=next_cursor)
+
+    async def get_tail(self, trace_id: str, count: int) -> list[Message]:
+        """The last ``count`` messages of the active path, oldest first: a walk of ``count`` steps."""
+        head = (await self.get_trace(trace_id)).head_sequence
+        if head is None or count <= 0:
+            return []
+        rows = await self._reader.execute_fetchall(
+            "WITH RECURSIVE path(seq, depth) AS ("
+            "  SELECT ?, 1 UNION ALL"
+            "  SELECT m.parent_sequence, p.depth + 1 FROM messages m JOIN path p ON m.trace_id = ? AND m.sequence = p.seq"
+            "  WHERE m.parent_sequence IS NOT NULL AND p.depth < ?"
+            f") SELECT {_prefixed(MESSAGE_COLUMNS, 'm')} "
+            "FROM path p JOIN messages m ON m.trace_id = ? AND m.sequence = p.seq ORDER BY m.sequence",
+            (head, trace_id, count, trace_id),
+        )
+        return [message_from_row(r) for r in rows]
+
+    async def delete(self, trace_id: str) -> bool:
+        """Remove a trace that nobody holds, with its messages; False when it is claimed (running)."""
+
+        async def body(db: aiosqlite.Connection) -> bool:
+            rows = list(
+                await db.execute_fetchall("SELECT run_token FROM traces WHERE trace_id = ?", (trace_id,))
+            )
+            if not rows:
+                raise TraceNotFound(trace_id)
+            if rows[0][0] is not None:
+                return False
+            await db.execute("DELETE FROM messages WHERE trace_id = ?", (trace_id,))
+            await db.execute("DELETE FROM traces WHERE trace_id = ?", (trace_id,))
+            return True
+
+        return await self._transaction(body)
+
+    async def prune(self, finished_before: str) -> int:
+        """Delete finished traces (unclaimed, not running) last updated before ``finished_before``."""
+
+        async def body(db: aiosqlite.Connection) -> int:
+            rows = list(
+                await db.execute_fetchall(
+                    "SELECT trace_id FROM traces WHERE run_token IS NULL AND status != 'running' AND updated_at < ?",
+                    (finished_before,),
+                )
+            )
+            for (trace_id,) in rows:
+                await db.execute("DELETE FROM messages WHERE trace_id = ?", (trace_id,))
+                await db.execute("DELETE FROM traces WHERE trace_id = ?", (trace_id,))
+            return len(rows)
+
+        return await self._transaction(body)
 
     async def running_ids(self) -> list[str]:
         rows = await self._reader.execute_fetchall(

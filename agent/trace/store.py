@@ -15,7 +15,7 @@ import secrets
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel
 
@@ -101,8 +101,11 @@ class TraceStore(Protocol):
         stop_reason: StopReason | None,
         error: str | None,
         release: bool = True,
+        question: str | None = None,
+        result: Any = None,
     ) -> Trace:
-        """Record how the run ended; ``release=False`` keeps the claim (a reflection follows)."""
+        """Record how the run ended (with the question a paused run asks, or its typed result);
+        ``release=False`` keeps the claim (a reflection follows)."""
         ...
 
     async def release(self, trace_id: str, token: str) -> Trace | None:
@@ -126,14 +129,32 @@ class TraceStore(Protocol):
         """Log a change made outside the trace tables (e.g. the experiences file)."""
         ...
 
+    async def delete(self, trace_id: str) -> bool:
+        """Remove an unclaimed trace and its messages; False (nothing changed) when it is claimed."""
+        ...
+
+    async def prune(self, finished_before: str) -> int:
+        """Delete finished, unclaimed traces last updated before ``finished_before`` (ISO time); returns how many."""
+        ...
+
     # -- reads ----------------------------------------------------------------------------------------
     async def get_trace(self, trace_id: str) -> Trace: ...
     async def get_message(self, trace_id: str, sequence: int) -> Message | None: ...
     async def get_children(self, trace_id: str, sequence: int) -> list[Message]: ...
     async def get_path(self, trace_id: str, head: int | None = None) -> list[Message]: ...
     async def get_tree(self, trace_id: str) -> list[Message]: ...
+    async def get_tail(self, trace_id: str, count: int) -> list[Message]:
+        """The last ``count`` messages of the active path, oldest first, at the cost of ``count``."""
+        ...
+
     async def list_traces(
-        self, *, status: str | None = None, uid: str | None = None, limit: int = 20, cursor: str | None = None
+        self,
+        *,
+        status: str | None = None,
+        uid: str | None = None,
+        tag: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
     ) -> TracePage: ...
     async def running_ids(self) -> list[str]: ...
 

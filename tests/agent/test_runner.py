@@ -294,10 +294,13 @@ async def test_whitelist_by_tool_and_by_group_is_stored_and_applies_on_continue(
     model = ScriptedModel([reply("ok")])
     runner = make_runner(store, model, add_tool(group="calc", name="calc__add"), fail_tool())
     result = await runner.run_result([user("x")], RunConfig(tools=["calc"]))
-    assert [t["function"]["name"] for t in model.calls[0]["tools"]] == ["calc__add"]
+    assert [t["function"]["name"] for t in model.calls[0]["tools"]] == ["calc__add", "ask_host"]
     assert result.trace.config.tools == ["calc"]
     await runner.run_result([user("y")], RunConfig(trace_id=result.trace.trace_id))
-    assert [t["function"]["name"] for t in model.calls[1]["tools"]] == ["calc__add"]
+    assert [t["function"]["name"] for t in model.calls[1]["tools"]] == ["calc__add", "ask_host"]
+    no_questions = await runner.run_result([user("x")], RunConfig(tools=["calc"], ask_host=False))
+    assert [t["function"]["name"] for t in model.calls[2]["tools"]] == ["calc__add"]
+    assert no_questions.trace.config.ask_host is False
 
 
 async def test_side_branch_leaves_head_and_status_and_forbids_tools(store):
@@ -315,7 +318,7 @@ async def test_side_branch_leaves_head_and_status_and_forbids_tools(store):
     tree = await store.get_tree(tid)
     assert len(tree) == 5 and [m.side for m in tree[-2:]] == [True, True]
     # the trace's tools go along (providers refuse tool blocks without them), their use forbidden
-    assert [t["function"]["name"] for t in model.calls[1]["tools"]] == ["add"]
+    assert [t["function"]["name"] for t in model.calls[1]["tools"]] == ["add", "ask_host"]
     assert model.calls[1]["tool_choice"] == "none"
 
 

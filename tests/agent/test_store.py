@@ -3,10 +3,24 @@ and the change log. Every test runs on each backend in ``store_backends`` (see t
 
 from __future__ import annotations
 
+import re
+from datetime import datetime
+
+import anyio
 import pytest
 
 from agent.errors import TraceError, TraceNotFound, TraceRunning
-from agent.trace.models import MessageUsage, NewMessage, Status, StopReason, Trace, TraceConfig, TraceUsage
+from agent.trace.models import (
+    FunctionCall,
+    MessageUsage,
+    NewMessage,
+    Status,
+    StopReason,
+    ToolCall,
+    Trace,
+    TraceConfig,
+    TraceUsage,
+)
 from agent.trace.store import ClaimLost, new_token
 from tests.store_backends import open_test_store
 
@@ -234,3 +248,161 @@ async def test_every_change_is_logged_with_the_token_that_made_it(store):
     assert changes[1].message.content == "hi" and changes[3].trace.status is Status.COMPLETED
     assert await store.changes_after(changes[-1].id) == []
     assert await store.changes_after(start, limit=2) == changes[:2]
+
+
+# -- steering fields, tails, deletion and retention --------------------------------------------------------
+
+
+async def test_tags_fork_question_and_result_round_trip(store):
+    from agent.trace.models import ForkPoint
+
+    await new_trace(
+        store, "t1", user(), tags=["batch-7", "eval"], forked_from=ForkPoint(trace_id="t0", sequence=4)
+    )
+    _, token = await new_trace(store, "t2", user(), tags=["eval"])
+    paused = await store.finish(
+        "t2",
+        token,
+        status=Status.NEEDS_INPUT,
+        stop_reason=StopReason.NEEDS_INPUT,
+        error=None,
+        question="Which file?",
+    )
+    assert (paused.question, paused.outcome.value) == ("Which file?", "needs_input")
+    assert [t.trace_id for t in (await store.list_traces(tag="eval")).traces] == ["t2", "t1"]
+    assert [t.trace_id for t in (await store.list_traces(tag="batch-7")).traces] == ["t1"]
+    one = await store.get_trace("t1")
+    assert one.tags == ["batch-7", "eval"] and one.forked_from == ForkPoint(trace_id="t0", sequence=4)
+    claimed, _ = await store.claim("t2", new_token(), head=1, model="offline", config=TraceConfig())
+    assert claimed.question is None and claimed.started_at is not None
+    done = await store.finish(
+        "t2", (await store.renew())["t2"], status=Status.COMPLETED, stop_reason=StopReason.END_TURN,
+        error=None, result={"files": 3},
+    )  # fmt: skip
+    assert done.result == {"files": 3} and (await store.get_trace("t2")).result == {"files": 3}
+
+
+async def test_the_tail_of_the_path_costs_its_length(store):
+    await new_trace(store, "t1", *[user(str(i)) for i in range(10)])
+    await store.append("t1", user("side"), 3, token=None, side=True)
+    assert [m.content for m in await store.get_tail("t1", 3)] == ["7", "8", "9"]
+    assert len(await store.get_tail("t1", 50)) == 10
+    assert await store.get_tail("t1", 0) == []
+
+
+async def test_delete_refuses_a_claimed_trace_and_removes_an_idle_one(store):
+    await new_trace(store, "busy", user())
+    await idle_trace(store, "idle", user(), NewMessage(role="assistant", content="a"))
+    assert await store.delete("busy") is False
+    assert (await store.get_trace("busy")).status is Status.RUNNING
+    start = await store.last_change_id()
+    assert await store.delete("idle") is True
+    with pytest.raises(TraceNotFound):
+        await store.get_trace("idle")
+    assert await store.get_tree("idle") == []
+    assert [c.kind for c in await store.changes_after(start)] == ["deleted"]
+    with pytest.raises(TraceNotFound):
+        await store.delete("idle")
+
+
+async def test_prune_deletes_only_finished_traces_older_than_the_cut(store):
+    await idle_trace(store, "done", user())
+    await new_trace(store, "running", user())
+    assert await store.prune("2000-01-01T00:00:00") == 0  # nothing finished that long ago
+    assert await store.prune("2999-01-01T00:00:00") == 1
+    assert [t.trace_id for t in (await store.list_traces(limit=10)).traces] == ["running"]
+    assert await store.get_tree("done") == []
+
+
+async def test_another_stores_commit_wakes_wait_for_changes(store_url):
+    """The wake-up other processes' changes ride on: a commit elsewhere ends the wait long before its
+    timeout (a data_version poll on SQLite, a NOTIFY on PostgreSQL)."""
+    waiter = await open_test_store(store_url)
+    writer = await open_test_store(store_url)
+    try:
+        cursor = await waiter.last_change_id()
+        await waiter.wait_for_changes(0)  # sets its baseline (SQLite) or starts listening (PostgreSQL)
+        await writer.note_change("experiences")
+        with anyio.fail_after(20):
+            await waiter.wait_for_changes(120)
+        assert [c.kind for c in await waiter.changes_after(cursor)] == ["experiences"]
+    finally:
+        await writer.close()
+        await waiter.close()
+
+
+# -- what both backends must store exactly --------------------------------------------------------------
+
+
+async def test_a_nul_character_round_trips_in_content_and_tool_arguments(store):
+    """Tool output may hold U+0000 (PostgreSQL text cannot: content is stored as JSON there)."""
+    text = "before\x00after \\u0000 literal"
+    call = ToolCall(id="c1", function=FunctionCall(name="read_file", arguments='{"path": "a\\u0000b"}'))
+    _, token = await new_trace(store, "t1", user(text))
+    await store.append("t1", NewMessage(role="assistant", content=None, tool_calls=[call]), 1, token=token)
+    first, second = await store.get_path("t1")
+    assert first.content == text
+    assert second.content is None and second.tool_calls == [call]
+
+
+async def test_message_times_are_iso_utc_text_to_the_microsecond(store):
+    """Cursors and ordering compare these as text, so both backends write the same shape."""
+    trace, token = await new_trace(store, "t1", user())
+    message = await store.append("t1", NewMessage(role="assistant", content="a"), 1, token=token)
+    stored = await store.get_message("t1", 2)
+    shape = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00"
+    assert re.fullmatch(shape, stored.created_at) and stored.created_at == message.created_at
+    after = await store.get_trace("t1")
+    assert re.fullmatch(shape, after.updated_at) and after.updated_at >= trace.updated_at
+    assert datetime.fromisoformat(stored.created_at).tzinfo is not None
+
+
+async def test_concurrent_appends_to_one_trace_get_distinct_sequences(store):
+    """Side-branch writes (unfenced) racing the run's own: each takes the next sequence, none is lost."""
+    _, token = await new_trace(store, "t1", user())
+    results: list[int] = []
+
+    async def side(i: int) -> None:
+        results.append((await store.append("t1", user(f"s{i}"), 1, token=None, side=True)).sequence)
+
+    async def main(i: int) -> None:
+        results.append((await store.append("t1", user(f"m{i}"), 1, token=token)).sequence)
+
+    async with anyio.create_task_group() as group:
+        for i in range(10):
+            group.start_soon(side, i)
+            group.start_soon(main, i)
+    assert sorted(results) == list(range(2, 22))
+    tree = await store.get_tree("t1")
+    assert [m.sequence for m in tree] == list(range(1, 22))
+    head = (await store.get_trace("t1")).head_sequence
+    assert head is not None and not next(m for m in tree if m.sequence == head).side
+
+
+async def test_a_dead_owners_claim_is_taken_over_by_claim_itself(store_url):
+    """No sweep needed: a claim held by a process gone from this host is taken at once."""
+    first = await open_test_store(store_url)
+    await new_trace(first, "t1", user())
+    await first.close()  # its owner is gone; the lease has not lapsed
+    second = await open_test_store(store_url, lease_seconds=60.0)
+    try:
+        token = new_token()
+        trace, stored = await second.claim(
+            "t1", token, head=1, model="offline", config=TraceConfig(), messages=[user("again")]
+        )
+        assert trace.status is Status.RUNNING and [m.sequence for m in stored] == [2]
+        assert await second.renew() == {"t1": token}
+    finally:
+        await second.close()
+
+
+async def test_a_finished_run_keeps_its_history_and_reads_back_equal(store):
+    """What create, append and finish return is what the reads return, field for field."""
+    created, token = await new_trace(store, "t1", user("q"), name="n", uid="u", lessons=["be brief"])
+    usage = MessageUsage(prompt_tokens=5, completion_tokens=2)
+    answer = await store.append("t1", NewMessage(role="assistant", content="a", usage=usage), 1, token=token)
+    done = await store.finish("t1", token, status=Status.FAILED, stop_reason=StopReason.ERROR, error="boom")
+    assert done == await store.get_trace("t1")
+    assert (done.name, done.uid, done.lessons, done.error) == ("n", "u", ["be brief"], "boom")
+    assert answer == await store.get_message("t1", 2)
+    assert done.created_at == created.created_at

@@ -13,7 +13,8 @@ import jsonschema
 import pytest
 
 from agent.errors import ToolCallError
-from agent.tools.files import READ_CAP_BYTES, Workspace, workspace_tools
+from agent.tools import files
+from agent.tools.files import READ_CAP_BYTES, workspace_tools
 from agent.tools.registry import Tool, ToolRegistry
 
 pytestmark = pytest.mark.anyio
@@ -399,53 +400,219 @@ async def test_option_like_names_are_just_names(root: Path, tools: dict[str, Too
     assert (await call(tools, "search_files", pattern="dash", path="-rf")).splitlines()[1:] == ["-rf:1: dash"]
 
 
-# --- threading and cancellation -----------------------------------------------------------------------
+async def test_relative_links_may_climb_within_the_root_only(root: Path, tools: dict[str, Tool]) -> None:
+    (root / "src" / "up").symlink_to("../README.md")
+    assert await call(tools, "read_file", path="src/up") == "# Demo\nSay hello.\n"
+    (root / "src" / "pkg" / "out").symlink_to("../../../outside/secret.txt")
+    assert "'src/pkg/out' is outside the workspace" in await refused(tools, "read_file", path="src/pkg/out")
+    (root / "src" / "pkg" / "abs").symlink_to("/etc/passwd")
+    assert "outside the workspace" in await refused(tools, "read_file", path="src/pkg/abs")
+    assert "abs" not in await call(tools, "list_files", path="src/pkg")
 
 
-async def test_work_runs_in_a_worker_thread_and_stops_when_cancelled(
+async def test_absolute_links_through_the_configured_root_path_work(tmp_path: Path, root: Path) -> None:
+    (tmp_path / "root-link").symlink_to(root, target_is_directory=True)
+    (root / "abs").symlink_to(tmp_path / "root-link" / "README.md")
+    tools = {t.name: t for t in workspace_tools(tmp_path / "root-link")}
+    assert await call(tools, "read_file", path="abs") == "# Demo\nSay hello.\n"
+
+
+async def test_symlink_chains_resolve_up_to_a_hop_limit(root: Path, tools: dict[str, Tool]) -> None:
+    previous = "README.md"
+    for i in range(45):
+        (root / f"hop{i}").symlink_to(previous)
+        previous = f"hop{i}"
+    assert await call(tools, "read_file", path="hop29") == "# Demo\nSay hello.\n"  # 30 hops
+    assert "symlink loop" in await refused(tools, "read_file", path="hop44")  # 45 hops
+
+
+async def test_overlong_and_nul_paths_are_refused_with_the_path_elided(tools: dict[str, Tool]) -> None:
+    msg = await refused(tools, "read_file", path="a/" * 5000)
+    assert "too long" in msg and len(msg) < 400
+    msg = await refused(tools, "read_file", path="README.md\0" + "x" * 5000)
+    assert "'README.md\\x00" in msg and "NUL character" in msg and len(msg) < 400
+
+
+# --- hardening: non-regular files, depth, offsets, threads (issue 14) ----------------------------------
+
+
+def test_every_tool_says_it_is_read_only(root: Path) -> None:
+    assert all(tool.read_only is True for tool in workspace_tools(root))  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+async def test_walks_pass_a_fifo_by_and_searching_one_is_refused(root: Path, tools: dict[str, Tool]) -> None:
+    os.mkfifo(root / "pipe")
+    assert "pipe" in (await call(tools, "list_files")).splitlines()
+    assert "README.md:2: Say hello." in await call(tools, "search_files", pattern="hello")
+    assert "not a regular file" in await refused(tools, "search_files", pattern="x", path="pipe")
+    assert "not a directory" in await refused(tools, "list_files", path="pipe")
+
+
+async def test_directories_nested_too_deep_are_skipped_with_a_note(
+    root: Path, tools: dict[str, Tool]
+) -> None:
+    depth = files.MAX_DEPTH
+    limit_dir = root.joinpath(*["d"] * depth)
+    below = root.joinpath(*["d"] * (depth + 3))
+    below.mkdir(parents=True)
+    (limit_dir / "last.txt").write_text("hello at the limit\n")
+    (below / "below.txt").write_text("hello below the limit\n")
+    note = f"[Skipped 1 directory nested deeper than {depth} levels.]"
+    last = "d/" * depth + "last.txt"
+
+    out = await call(tools, "search_files", pattern="hello at")
+    assert out.splitlines()[1:] == [f"{last}:1: hello at the limit", note]
+    assert (
+        await call(tools, "search_files", pattern="below the")
+        == f"No matches for 'below the' under '.'.\n{note}"
+    )
+    listing = (await call(tools, "list_files", recursive=True, max_entries=1000)).splitlines()
+    assert last in listing and listing[-1] == note and not any("below" in line for line in listing)
+    assert await call(tools, "read_file", path=last) == "hello at the limit\n"
+    msg = await refused(tools, "read_file", path=str(below.relative_to(root) / "below.txt"))
+    assert f"nested deeper than {depth} directories" in msg
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts fds through /proc")
+async def test_walks_keep_few_fds_open_however_deep(
     root: Path, tools: dict[str, Tool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The walk runs off the event loop and checks for cancellation between entries (no timing involved)."""
-    started, gate = anyio.Event(), threading.Event()
-    seen: dict[str, Any] = {"consumed": 0}
+    root.joinpath(*["d"] * (files.MAX_DEPTH - 1)).mkdir(parents=True)
+    baseline = len(os.listdir("/proc/self/fd"))
+    peak = 0
+    real_scandir = os.scandir
 
-    def children(self: Workspace, directory: Path) -> Any:
-        seen["thread"] = threading.current_thread()
-        anyio.from_thread.run_sync(started.set)
+    def counting(*args: Any) -> Any:
+        nonlocal peak
+        peak = max(peak, len(os.listdir("/proc/self/fd")))
+        return real_scandir(*args)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    assert await call(tools, "search_files", pattern="nothing") == "No matches for 'nothing' under '.'."
+    assert 0 < peak <= baseline + 4  # the root, the directory being read, maybe a file: not one per level
+
+
+async def test_offset_far_past_the_end_of_a_big_file_is_refused_at_once(
+    root: Path, tools: dict[str, Tool]
+) -> None:
+    with open(root / "big.txt", "wb") as f:
+        f.write(b"line\n" * 10_000)  # more than the binary sniff reads
+        f.truncate(10 * 2**30)  # sparse: 10 GiB on disk in a few blocks
+    msg = await refused(tools, "read_file", path="big.txt", offset=10**12)
+    assert (
+        msg
+        == "'big.txt' has fewer than 1000000000000 lines (it is 10.0 GiB); offset 1000000000000 is past its end."
+    )
+
+
+async def test_offset_skipping_counts_lines_across_chunks(root: Path, tools: dict[str, Tool]) -> None:
+    (root / "many.txt").write_text("".join(f"{i:07d}\n" for i in range(1, 400_001)))  # 8 bytes a line
+    for offset in (131_072, 131_073, 262_145, 399_999, 400_000):
+        out = await call(tools, "read_file", path="many.txt", offset=offset, limit=1)
+        assert out.split("\n", 1)[0] == f"{offset:07d}"
+    assert "only 400000 line(s)" in await refused(tools, "read_file", path="many.txt", offset=400_001)
+    (root / "wide.txt").write_text("a" * (3 * 2**20) + "\nsecond\n")
+    assert await call(tools, "read_file", path="wide.txt", offset=2) == "second\n"
+
+
+async def test_stuck_file_calls_leave_the_default_thread_limiter_free(
+    root: Path, tools: dict[str, Tool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As many stuck calls as the default limiter has threads; the server's own to_thread work still runs."""
+    stuck_calls = int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+    gate, entered = threading.Event(), anyio.Event()
+    real_scandir = os.scandir
+
+    def stuck(*args: Any) -> Any:
+        anyio.from_thread.run_sync(entered.set)
         gate.wait()
+        return real_scandir(*args)
 
-        def entries() -> Any:
-            for i in range(1000):
-                seen["consumed"] += 1
-                yield f"f{i}", directory / f"f{i}", False, False
+    monkeypatch.setattr(os, "scandir", stuck)
+    answers: list[str] = []
 
-        return entries()
+    async def list_root() -> None:
+        answers.append(await call(tools, "list_files"))
 
-    monkeypatch.setattr(Workspace, "_children", children)
+    async with anyio.create_task_group() as tg:
+        for _ in range(stuck_calls):
+            tg.start_soon(list_root)
+        try:
+            await entered.wait()
+            with anyio.fail_after(10):  # a hang guard: on a shared limiter no thread would ever be free
+                assert await anyio.to_thread.run_sync(lambda: "free") == "free"
+        finally:
+            gate.set()
+    assert len(answers) == stuck_calls and all("README.md" in a for a in answers)
+
+
+@pytest.mark.parametrize(
+    ("name", "arguments"), [("list_files", {"recursive": True}), ("search_files", {"pattern": "hello"})]
+)
+async def test_a_cancelled_walk_returns_at_once_and_its_worker_stops(
+    root: Path, tools: dict[str, Tool], monkeypatch: pytest.MonkeyPatch, name: str, arguments: dict[str, Any]
+) -> None:
+    """Control comes back while the worker is still stuck; released, the worker reads no further directory."""
+    for i in range(20):
+        (root / f"dir{i}").mkdir()
+        (root / f"dir{i}" / "f.txt").write_text("hello\n")
+    started, gate, worker_done = anyio.Event(), threading.Event(), threading.Event()
+    scanned: list[threading.Thread] = []
+    real_scandir = os.scandir
+
+    def stuck_once(*args: Any) -> Any:
+        scanned.append(threading.current_thread())
+        if len(scanned) == 1:
+            anyio.from_thread.run_sync(started.set)
+            gate.wait()
+        return real_scandir(*args)
+
+    monkeypatch.setattr(os, "scandir", stuck_once)
+    tool = tools[name]
+    work = tool.run  # type: ignore[attr-defined]
+
+    def observed(*args: Any) -> str:
+        try:
+            return work(*args)
+        finally:
+            worker_done.set()
+
+    monkeypatch.setattr(tool, "run", observed)
+    hang_guard = threading.Timer(10, gate.set)  # an implementation that waits for its worker gets unstuck
+    hang_guard.start()
     finished = False
-    with anyio.CancelScope() as scope:
-        async with anyio.create_task_group() as tg:
+    try:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
 
-            async def cancel_once_started() -> None:
-                await started.wait()
-                scope.cancel()
-                gate.set()
+                async def cancel_once_started() -> None:
+                    await started.wait()
+                    scope.cancel()
 
-            tg.start_soon(cancel_once_started)
-            await tools["list_files"].call({"max_entries": 1000})
-            finished = True
-    assert scope.cancelled_caught and not finished
-    assert seen["thread"] is not threading.main_thread()
-    assert seen["consumed"] <= 1
+                tg.start_soon(cancel_once_started)
+                await tool.call(arguments)
+                finished = True
+        assert scope.cancelled_caught and not finished
+        assert not gate.is_set(), "the call waited for its stuck worker instead of returning"
+    finally:
+        hang_guard.cancel()
+        gate.set()
+    assert worker_done.wait(10)
+    assert len(scanned) == 1 and scanned[0] is not threading.main_thread()
 
 
 async def test_os_errors_become_sentences(
     root: Path, tools: dict[str, Tool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def denied(*args: Any, **kwargs: Any) -> Any:
-        raise PermissionError(13, "Permission denied", str(root / "README.md"))
+    real_open = os.open
 
-    monkeypatch.setattr("builtins.open", denied)
+    def denied(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        if path == "README.md":
+            raise PermissionError(13, "Permission denied", str(root / "README.md"))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", denied)
     msg = await refused(tools, "read_file", path="README.md")
     assert msg == "read_file could not read 'README.md': Permission denied."
     assert str(root) not in msg

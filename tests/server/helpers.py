@@ -12,6 +12,7 @@ async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
     """Call a tool that must succeed; return its structured result."""
     result = await client.call_tool(tool, arguments)
     assert not result.is_error, result.content[0].text if result.content else result
+    assert result.structured_content is not None
     return result.structured_content
 
 
@@ -23,8 +24,14 @@ async def call_error(client: Client, tool: str, **arguments: Any) -> str:
 
 
 async def wait_done(client: Client, trace_id: str) -> dict[str, Any]:
+    """The summary once the trace is no longer running."""
     with anyio.fail_after(30):
         while True:
             view = await call(client, "get_trace", trace_id=trace_id, wait_seconds=10)
-            if view["trace"]["status"] != "running":
+            if view["trace"]["outcome"] != "running":
                 return view
+
+
+async def full(client: Client, trace_id: str) -> dict[str, Any]:
+    """The trace and every active-path message, uncut."""
+    return await call(client, "get_trace", trace_id=trace_id, view="full")

@@ -14,7 +14,7 @@ from server.app import build_server
 from server.settings import Settings
 from tests.fakes import ScriptedModel, models_for, reply
 from tests.fakes import call as tool_call
-from tests.server.helpers import call, call_error, wait_done
+from tests.server.helpers import call, call_error, full, wait_done
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -40,7 +40,7 @@ def downstream_server(tmp_path, workspace, scripted):
         )
     )
     settings = Settings.for_data_dir(
-        tmp_path / "data", model="offline", workspace=workspace, mcp_config=config
+        tmp_path / "data", model="scripted", workspace=workspace, mcp_config=config
     )
     return build_server(settings, models=models_for(scripted=scripted))
 
@@ -51,9 +51,11 @@ async def client(downstream_server):
         yield c
 
 
-async def test_offline_agent_calls_a_downstream_tool(client):
+async def test_the_agent_calls_a_downstream_tool(client, scripted):
+    scripted.steps = [reply(None, tool_call("calc__add", a=2, b=3)), reply("It is 5.")]
     tid = (await call(client, "create_trace", prompt="Use calc__add to add 2 and 3."))["trace_id"]
-    view = await wait_done(client, tid)
+    await wait_done(client, tid)
+    view = await full(client, tid)
     calls = [m for m in view["messages"] if m.get("tool_calls")]
     assert calls[0]["tool_calls"][0]["function"]["name"] == "calc__add"
     assert json.loads(calls[0]["tool_calls"][0]["function"]["arguments"]) == {"a": 2, "b": 3}
@@ -63,7 +65,8 @@ async def test_offline_agent_calls_a_downstream_tool(client):
 async def test_a_failing_tool_reaches_the_model_and_the_run_goes_on(client, scripted):
     scripted.steps = [reply(None, tool_call("calc__fail")), reply("I saw the error")]
     tid = (await call(client, "create_trace", prompt="fail please", model="scripted"))["trace_id"]
-    view = await wait_done(client, tid)
+    await wait_done(client, tid)
+    view = await full(client, tid)
     tool_message = next(m for m in view["messages"] if m["role"] == "tool")
     assert tool_message["content"].startswith("Error:")
     assert scripted.calls[1]["messages"][-1]["content"] == tool_message["content"]
@@ -75,39 +78,51 @@ async def test_stop_cancels_a_slow_downstream_tool(client, scripted):
     tid = (await call(client, "create_trace", prompt="slow", model="scripted"))["trace_id"]
     with anyio.fail_after(20):
         while True:  # wait until the tool call is stored (so the tool is in flight)
-            view = await call(client, "get_trace", trace_id=tid)
+            view = await full(client, tid)
             if any(m.get("tool_calls") for m in view["messages"]):
                 break
             await anyio.sleep(0.02)
     await anyio.sleep(0.2)
     assert (await call(client, "stop_trace", trace_id=tid))["status"] == "stopping"
-    view = await wait_done(client, tid)
+    await wait_done(client, tid)
+    view = await full(client, tid)
     assert view["trace"]["status"] == "stopped"
     assert view["messages"][-1]["role"] == "tool" and view["messages"][-1]["content"].startswith("Cancelled")
     # the connection still works for the next trace
     scripted.calls.clear()
     scripted.steps = [reply(None, tool_call("calc__add", a=1, b=1)), reply("2")]
     tid = (await call(client, "create_trace", prompt="add", model="scripted"))["trace_id"]
-    view = await wait_done(client, tid)
+    await wait_done(client, tid)
+    view = await full(client, tid)
     assert [m["content"] for m in view["messages"] if m["role"] == "tool"] == ["2"]
 
 
 async def test_whitelists_by_server_and_by_tool(client, scripted):
     tid = (await call(client, "create_trace", prompt="x", model="scripted", tools=["calc"]))["trace_id"]
     await wait_done(client, tid)
-    offered = [t["function"]["name"] for t in scripted.calls[-1]["tools"]]
+    offered = [
+        t["function"]["name"] for t in scripted.calls[-1]["tools"] if t["function"]["name"] != "ask_host"
+    ]
     assert offered and all(name.startswith("calc__") for name in offered) and "calc__add" in offered
 
     tid = (
         await call(client, "create_trace", prompt="x", model="scripted", tools=["calc__add", "read_file"])
     )["trace_id"]
     await wait_done(client, tid)
-    assert sorted(t["function"]["name"] for t in scripted.calls[-1]["tools"]) == ["calc__add", "read_file"]
+    assert sorted(t["function"]["name"] for t in scripted.calls[-1]["tools"]) == [
+        "ask_host",
+        "calc__add",
+        "read_file",
+    ]
 
     # the whitelist is stored and applies when the trace is continued
     await call(client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "more"}])
     await wait_done(client, tid)
-    assert sorted(t["function"]["name"] for t in scripted.calls[-1]["tools"]) == ["calc__add", "read_file"]
+    assert sorted(t["function"]["name"] for t in scripted.calls[-1]["tools"]) == [
+        "ask_host",
+        "calc__add",
+        "read_file",
+    ]
 
     text = await call_error(client, "create_trace", prompt="x", tools=["calc__nope", "weather"])
     assert "'calc__nope', 'weather'" in text and "calc__add" in text and "calc (server)" in text
@@ -119,3 +134,13 @@ async def test_a_server_that_cannot_start_leaves_the_rest_working(client, script
     offered = {t["function"]["name"] for t in scripted.calls[-1]["tools"]}
     assert {"calc__add", "read_file", "list_files", "search_files", "load_skill"} <= offered
     assert not any(name.startswith("broken__") for name in offered)
+    # agent_info says which server is up and why the other is not; the agent may write through calc
+    info = await call(client, "agent_info")
+    states = {s["name"]: s for s in info["servers"]}
+    assert (
+        states["calc"]["state"] == "up"
+        and states["broken"]["state"] == "failed"
+        and states["broken"]["reason"]
+    )
+    tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert tools["create_trace"].annotations.destructive_hint is True

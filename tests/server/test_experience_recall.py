@@ -8,7 +8,8 @@ from mcp import Client
 
 from server.app import build_server
 from server.settings import Settings
-from tests.server.helpers import call, wait_done
+from tests.fakes import models_for
+from tests.server.helpers import call, full, wait_done
 
 pytestmark = pytest.mark.anyio
 
@@ -29,21 +30,22 @@ _source: trace 0123456789abcdef0123456789abcdef, sequences 1–6_
 
 @pytest.fixture
 def settings(tmp_path, workspace) -> Settings:
-    s = Settings.for_data_dir(tmp_path / "data", model="offline", workspace=workspace, experience_recall=2)
+    s = Settings.for_data_dir(tmp_path / "data", model="scripted", workspace=workspace, experience_recall=2)
     s.data_dir.mkdir(parents=True)
     s.experiences.write_text(EXPERIENCES, encoding="utf-8")
     return s
 
 
 @pytest.fixture
-async def client(settings):
-    async with Client(build_server(settings), mode="legacy") as c:
+async def client(settings, model):
+    async with Client(build_server(settings, models=models_for(scripted=model)), mode="legacy") as c:
         yield c
 
 
 async def test_a_new_trace_recalls_the_most_relevant_lessons_up_to_the_budget(client):
     tid = (await call(client, "create_trace", prompt="Summarise the README of this project."))["trace_id"]
-    view = await wait_done(client, tid)
+    await wait_done(client, tid)
+    view = await full(client, tid)
     system = view["messages"][0]["content"]
     assert "## Lessons from earlier traces" in system
     assert set(view["trace"]["lessons"]) == {  # the two README lessons, of four; --experience-recall 2
@@ -57,12 +59,14 @@ async def test_a_new_trace_recalls_the_most_relevant_lessons_up_to_the_budget(cl
 
 async def test_recall_argument_overrides_and_zero_turns_it_off(client):
     tid = (await call(client, "create_trace", prompt="Summarise the README.", recall=0))["trace_id"]
-    view = await wait_done(client, tid)
+    await wait_done(client, tid)
+    view = await full(client, tid)
     assert (
         view["trace"]["lessons"] == [] and "Lessons from earlier traces" not in view["messages"][0]["content"]
     )
     tid = (await call(client, "create_trace", prompt="Summarise the README.", recall=1))["trace_id"]
-    assert len((await wait_done(client, tid))["trace"]["lessons"]) == 1
+    await wait_done(client, tid)
+    assert len((await full(client, tid))["trace"]["lessons"]) == 1
 
 
 async def test_a_hand_edit_is_recalled_at_once(client, settings):
@@ -71,15 +75,17 @@ async def test_a_hand_edit_is_recalled_at_once(client, settings):
         text + "- Rocket altimeters must be zeroed before launch.\n", encoding="utf-8"
     )
     tid = (await call(client, "create_trace", prompt="How do I zero the rocket altimeter?"))["trace_id"]
-    view = await wait_done(client, tid)
+    await wait_done(client, tid)
+    view = await full(client, tid)
     assert view["trace"]["lessons"][0] == "Rocket altimeters must be zeroed before launch."
 
 
 async def test_get_experiences_with_a_query_ranks_lessons(client, settings):
     result = await call(client, "get_experiences", query="parachute logs")
-    assert result["content"] == settings.experiences.read_text(encoding="utf-8")
+    assert result["content"] is None  # with a query: the ranked lessons only, not the whole file
     assert result["lessons"][0]["text"] == "Parachute deployment logs live under flights/."
-    assert (await call(client, "get_experiences"))["lessons"] is None
+    whole = await call(client, "get_experiences")
+    assert whole["lessons"] is None and whole["content"] == settings.experiences.read_text(encoding="utf-8")
 
 
 async def test_reflect_on_finish_appends_a_section_without_a_second_call(client, settings):
@@ -96,7 +102,7 @@ async def test_reflect_on_finish_appends_a_section_without_a_second_call(client,
 
 
 async def test_skills_shape_the_system_prompt_and_load_skill_reads_one(tmp_path, workspace):
-    from tests.fakes import ScriptedModel, models_for, reply
+    from tests.fakes import ScriptedModel, reply
     from tests.fakes import call as tool_call
 
     skills = tmp_path / "skills"
@@ -108,11 +114,12 @@ async def test_skills_shape_the_system_prompt_and_load_skill_reads_one(tmp_path,
     (skills / "broken" / "SKILL.md").write_text("no front matter here\n")
     model = ScriptedModel([reply(None, tool_call("load_skill", name="rockets")), reply("ok")])
     settings = Settings.for_data_dir(
-        tmp_path / "data", model="offline", workspace=workspace, skills_dir=skills
+        tmp_path / "data", model="scripted", workspace=workspace, skills_dir=skills
     )
     async with Client(build_server(settings, models=models_for(scripted=model)), mode="legacy") as client:
         tid = (await call(client, "create_trace", prompt="prepare the launch", model="scripted"))["trace_id"]
-        view = await wait_done(client, tid)
+        await wait_done(client, tid)
+        view = await full(client, tid)
     system = view["messages"][0]["content"]
     assert "rockets" in system and "How to check a rocket before launch." in system and "load_skill" in system
     assert "broken" not in system
@@ -125,7 +132,7 @@ async def test_reflection_past_the_budget_consolidates_in_the_background(tmp_pat
     """Over --experience-budget, a pass merges and drops as the model says, keeping a dated backup."""
     import json
 
-    from tests.fakes import ScriptedModel, models_for, reply
+    from tests.fakes import ScriptedModel, reply
 
     plan = {
         "keep": [{"text": "Read the README with read_file before summarising it.", "from": ["1", "2"]}],

@@ -78,3 +78,40 @@ async def test_modern_listener_gets_resource_updates_and_list_changed(server):
                 event = await sub.__anext__()
             assert event.uri == f"trace://{tid}"
         await wait_done(client, tid)
+
+
+async def test_modern_resources_subscribe_is_refused_with_what_to_use(server):
+    from mcp import MCPError
+
+    async with Client(server) as client:
+        assert client.protocol_version == "2026-07-28"
+        with pytest.raises(MCPError) as info:
+            await client.session.subscribe_resource("trace://" + "0" * 32)
+        assert "subscriptions/listen" in info.value.error.message
+
+
+async def test_experiences_memory_subscribers_hear_of_a_reflection(server):
+    got: list[str] = []
+
+    async def handler(message):
+        if isinstance(message, types.ResourceUpdatedNotification):
+            got.append(str(message.params.uri))
+
+    async with Client(server, mode="legacy", message_handler=handler) as client:
+        tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
+        await wait_done(client, tid)
+        await client.session.subscribe_resource("experiences://memory")
+        await call(client, "reflect_trace", trace_id=tid)
+        with anyio.fail_after(5):
+            while "experiences://memory" not in got:
+                await anyio.sleep(0.02)
+    async with (
+        Client(server) as modern,
+        modern.listen(resource_subscriptions=["experiences://memory"]) as sub,
+    ):
+        tid = (await call(modern, "create_trace", prompt="What does the README say?"))["trace_id"]
+        await wait_done(modern, tid)
+        await call(modern, "reflect_trace", trace_id=tid)
+        with anyio.fail_after(5):
+            event = await sub.__anext__()
+        assert event.uri == "experiences://memory"

@@ -66,7 +66,25 @@ async def test_resource_list_has_experiences_then_traces_newest_first(client):
     assert uris[1:] == [f"trace://{i}" for i in reversed(ids)]
     assert listed.resources[1].mime_type == "application/json"
     templates = {t.uri_template for t in (await client.list_resource_templates()).resource_templates}
-    assert templates == {"trace://{trace_id}", "trace://{trace_id}/tree"}
+    assert templates == {
+        "trace://{trace_id}",
+        "trace://{trace_id}/tree",
+        "trace://{trace_id}/messages/{sequence}",
+    }
+
+
+async def test_one_message_resource_is_whole_and_unknown_ones_are_errors(client):
+    tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
+    await wait_done(client, tid)
+    message = body(await client.read_resource(f"trace://{tid}/messages/4"))
+    assert message["role"] == "tool" and "The answer is 42." in message["content"]
+    for bad in (
+        f"trace://{tid}/messages/99",
+        f"trace://{tid}/messages/abc",
+        "trace://" + "f" * 32 + "/messages/1",
+    ):
+        with pytest.raises(MCPError):
+            await client.read_resource(bad)
 
 
 async def test_resource_list_pages(server, monkeypatch):

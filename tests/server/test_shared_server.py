@@ -22,6 +22,7 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import stdio_client
 
+from server.app import VERSION
 from server.relay import CONTROL_KEY, ServerAddress, ask_once, process_alive
 from tests.fake_openai import completion
 from tests.processes import (
@@ -270,8 +271,11 @@ async def test_a_host_with_other_settings_is_served_and_told(tmp_path, workspace
                 view = await wait_done(second, tid)
         assert view["trace"]["model"] == "offline"  # the server's start-up model
         assert "--model differ" in errlog.read_text()
-        notes = status(tmp_path)["settings_notes"]
+        notes = status(tmp_path)["notes"]
         assert len(notes) == 1 and "--model" in notes[0]
+        async with Client(relay_params(tmp_path, workspace), mode="legacy") as third:
+            info = await call(third, "agent_info")
+        assert info["notes"] == notes  # what a host's model reads
 
 
 async def test_status_and_stop_server(tmp_path, workspace, fake_openai):
@@ -286,7 +290,14 @@ async def test_status_and_stop_server(tmp_path, workspace, fake_openai):
         shown = run_cli(tmp_path, "status")
         assert shown.returncode == 0
         pid = json.loads(run_cli(tmp_path, "status", "--json").stdout)["pid"]
-        for part in (f"pid {pid}", "version 0.1.0", "1 host session(s)", "Running traces: 1", tid, "looker"):
+        for part in (
+            f"pid {pid}",
+            f"version {VERSION}",
+            "1 host session(s)",
+            "Running traces: 1",
+            tid,
+            "looker",
+        ):
             assert part in shown.stdout
     stopped = run_cli(tmp_path, "stop-server", "--now")
     assert stopped.returncode == 0 and "has stopped" in stopped.stdout

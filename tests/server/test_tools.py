@@ -1,12 +1,17 @@
-"""Every tool through a real MCP client in-process, in both protocol eras."""
+"""Every tool through a real MCP client in-process, in both protocol eras, on the scripted model."""
 
 from __future__ import annotations
+
+import json
 
 import anyio
 import pytest
 from mcp import Client
 
-from tests.server.helpers import call, call_error, wait_done
+from agent import defaults
+from tests.fakes import call as tool_call
+from tests.fakes import reply, turn_script
+from tests.server.helpers import call, call_error, full, wait_done
 
 pytestmark = pytest.mark.anyio
 
@@ -19,170 +24,288 @@ async def client(request, server):
         yield c
 
 
-async def test_tools_are_listed_with_described_arguments_and_annotations(client):
+def text_of(result) -> str:
+    return result.content[0].text
+
+
+async def test_tools_are_listed_with_described_arguments_and_honest_annotations(client):
     tools = {t.name: t for t in (await client.list_tools()).tools}
     assert {
-        "create_trace", "run_trace", "stop_trace", "reflect_trace", "list_running", "get_trace", "list_traces",
-        "get_experiences",
+        "create_trace", "run_trace", "stop_trace", "reflect_trace", "list_running", "get_trace", "await_traces",
+        "list_traces", "get_experiences", "consolidate_experiences", "agent_info",
     } <= set(tools)  # fmt: skip
     for tool in tools.values():
         assert tool.description
         for name, prop in tool.input_schema.get("properties", {}).items():
             assert prop.get("description"), f"{tool.name}.{name} has no description"
-        assert tool.output_schema is not None
-    for reader in ("list_running", "get_trace", "list_traces", "get_experiences"):
+        assert tool.output_schema is not None, tool.name
+    for reader in (
+        "list_running",
+        "get_trace",
+        "await_traces",
+        "list_traces",
+        "get_experiences",
+        "agent_info",
+    ):
         assert tools[reader].annotations.read_only_hint is True
-    for tool in tools.values():
-        assert tool.annotations.destructive_hint is False
+    # every tool the agent has here only reads (workspace files, skills): running it changes nothing outside
+    assert tools["create_trace"].annotations.destructive_hint is False
+    assert tools["consolidate_experiences"].annotations.destructive_hint is True
 
 
-async def test_create_trace_runs_a_tool_and_answers(client):
-    started = await call(client, "create_trace", prompt="Use read_file to read README.md", model="offline")
+async def test_create_then_get_trace_summary_is_small_and_says_what_happened(client):
+    started = await call(client, "create_trace", prompt="What does the README say?")
     assert started["status"] == "started" and len(started["trace_id"]) == 32
-    assert started["trace_id"] in started["message"]
-    view = await wait_done(client, started["trace_id"])
-    trace, messages = view["trace"], view["messages"]
-    assert (trace["status"], trace["stop_reason"]) == ("completed", "end_turn")
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
-    assert messages[2]["tool_calls"][0]["function"]["name"] == "read_file"
-    assert "The answer is 42." in messages[3]["content"]
-    assert view["answer"] == messages[-1]["content"]
-    assert trace["usage"]["llm_calls"] == 2 and trace["usage"]["tool_calls"] == 1
-    assert trace["head_sequence"] == 5
-    # after_sequence trims the path
-    tail = await call(client, "get_trace", trace_id=trace["trace_id"], after_sequence=3)
-    assert [m["sequence"] for m in tail["messages"]] == [4, 5]
-
-
-async def test_create_trace_with_messages_and_settings(client):
-    started = await call(
-        client,
-        "create_trace",
-        messages=[{"role": "system", "content": "Be terse."}, {"role": "user", "content": "hello"}],
-        temperature=0.0,
-        max_iterations=3,
-        name="greeting",
-        uid="alice",
-        tools=["read_file"],
-    )
+    assert started["trace_id"] in started["message"] and "wait_seconds=30" in started["message"]
     view = await wait_done(client, started["trace_id"])
     trace = view["trace"]
-    assert trace["name"] == "greeting" and trace["uid"] == "alice"
-    assert trace["config"]["temperature"] == 0.0 and trace["config"]["max_iterations"] == 3
-    assert trace["config"]["tools"] == ["read_file"]
-    assert view["messages"][0]["content"] == "Be terse."
+    assert (trace["status"], trace["outcome"], trace["stop_reason"]) == ("completed", "answered", "end_turn")
+    assert "config" not in trace and "lessons" not in trace
+    assert view["answer"] == "The README says the answer is 42."
+    assert view["last_text"] is None  # the answer is the latest text; not repeated
+    assert view["recent"][-3].startswith("#3 assistant called read_file(")
+    assert view["recent"][-2].startswith("#4 read_file returned")
+    assert view["last_sequence"] == 5 and view["next"].startswith("Done.")
+    assert trace["steps"] == 2 and trace["usage"]["tool_calls"] == 1
+
+
+async def test_summary_stays_under_4_kb_however_long_the_trace(client, model, workspace):
+    (workspace / "big.txt").write_text("lorem ipsum " * 5000, encoding="utf-8")
+    reads = [reply(None, tool_call("read_file", f"c{i}", path="big.txt")) for i in range(30)]
+    model.steps = [turn_script(*reads, reply("Done reading. " + "long answer " * 2000))]
+    tid = (await call(client, "create_trace", prompt="read it a lot"))["trace_id"]
+    await wait_done(client, tid)
+    result = await client.call_tool("get_trace", {"trace_id": tid})
+    assert len(text_of(result).encode()) <= 4000
+    view = result.structured_content
+    assert view["answer"].startswith("Done reading.") and f"trace://{tid}/messages/" in view["answer"]
+    seq = int(view["answer"].split("/messages/")[1].split(" ")[0])
+    whole = json.loads((await client.read_resource(f"trace://{tid}/messages/{seq}")).contents[0].text)
+    assert whole["content"].endswith("long answer ") and len(whole["content"]) > 20_000
+
+
+async def test_view_messages_cuts_each_message_and_pages(client, model, workspace):
+    (workspace / "big.txt").write_text("x" * 9000, encoding="utf-8")
+    model.steps = [turn_script(reply(None, tool_call("read_file", "c1", path="big.txt")), reply("read"))]
+    tid = (await call(client, "create_trace", prompt="read big.txt"))["trace_id"]
+    await wait_done(client, tid)
+    view = await call(client, "get_trace", trace_id=tid, view="messages", max_chars=500)
+    tool_message = next(m for m in view["messages"] if m["role"] == "tool")
+    assert (
+        tool_message["content"].startswith("x" * 500)
+        and f"trace://{tid}/messages/4" in tool_message["content"]
+    )
+    assert "9,000 characters in all" in tool_message["content"]
+    after = await call(client, "get_trace", trace_id=tid, view="messages", after_sequence=3)
+    assert [m["sequence"] for m in after["messages"]] == [4, 5]
+    whole = await full(client, tid)
+    assert whole["messages"][3]["content"] == "x" * 9000  # full: uncut
+    assert whole["trace"]["config"]["max_iterations"] == defaults.MAX_ITERATIONS  # full: the whole trace
+
+
+async def test_max_iterations_is_hit_limit_with_no_answer(client, model):
+    model.steps = [turn_script(reply("thinking", tool_call("read_file", "c1", path="README.md")))]
+    tid = (await call(client, "create_trace", prompt="loop", max_iterations=2))["trace_id"]
+    view = await wait_done(client, tid)
+    assert (view["trace"]["status"], view["trace"]["outcome"]) == ("completed", "hit_limit")
+    assert view["answer"] is None and view["last_text"] == "thinking"
+    assert "limit" in view["next"]
 
 
 async def test_run_trace_continues_rewinds_and_regenerates(client):
-    tid = (await call(client, "create_trace", prompt="Use read_file to read README.md"))["trace_id"]
+    tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
     await wait_done(client, tid)
-    again = await call(client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "thanks"}])
+    again = await call(client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "again"}])
     assert again == {"trace_id": tid, "status": "started", "message": again["message"]}
-    view = await wait_done(client, tid)
-    assert [m["sequence"] for m in view["messages"]] == [1, 2, 3, 4, 5, 6, 7]
-
+    await wait_done(client, tid)
+    assert [m["sequence"] for m in (await full(client, tid))["messages"]] == list(range(1, 10))
     # rewind to the assistant message with the tool call: the cut moves past its tool result
     await call(
         client, "run_trace", trace_id=tid, insert_after=3, messages=[{"role": "user", "content": "and?"}]
     )
-    view = await wait_done(client, tid)
-    assert [m["sequence"] for m in view["messages"]] == [1, 2, 3, 4, 8, 9]
-
+    await wait_done(client, tid)
+    assert [m["sequence"] for m in (await full(client, tid))["messages"]][:5] == [1, 2, 3, 4, 10]
     # regenerate from the first user message
     await call(client, "run_trace", trace_id=tid, insert_after=2)
-    view = await wait_done(client, tid)
-    assert [m["sequence"] for m in view["messages"]][:2] == [1, 2] and view["messages"][2]["sequence"] == 10
+    await wait_done(client, tid)
+    assert [m["sequence"] for m in (await full(client, tid))["messages"]][:3] == [1, 2, 14]
 
 
-async def test_stop_trace_is_prompt_even_during_a_model_call(client):
-    tid = (await call(client, "create_trace", prompt="think slowly", model="slow"))["trace_id"]
-    assert tid in (await call(client, "list_running"))["running"]
-    assert await call(client, "stop_trace", trace_id=tid) == {"trace_id": tid, "status": "stopping"}
-    view = await wait_done(client, tid)
-    assert (view["trace"]["status"], view["trace"]["stop_reason"]) == ("stopped", "stopped")
-    assert await call(client, "stop_trace", trace_id=tid) == {"trace_id": tid, "status": "not_running"}
+async def test_stop_trace_one_many_and_by_tag(client):
+    a = (await call(client, "create_trace", prompt="think", model="slow", tags=["batch"]))["trace_id"]
+    b = (await call(client, "create_trace", prompt="think", model="slow", tags="batch"))[
+        "trace_id"
+    ]  # a lone tag
+    c = (await call(client, "create_trace", prompt="think", model="slow"))["trace_id"]
+    running = await call(client, "list_running")
+    assert set(running["running"]) == {a, b, c}
+    row = next(r for r in running["traces"] if r["trace_id"] == a)
+    assert row["started_at"] and row["last_action"].startswith("user: think") and row["outcome"] == "running"
+    assert await call(client, "stop_trace", trace_id=c) == {"trace_id": c, "status": "stopping"}
+    stopped = await call(client, "stop_trace", tag="batch")
+    assert sorted(stopped["stopping"]) == sorted([a, b]) and stopped["not_running"] == []
+    for tid in (a, b, c):
+        assert (await wait_done(client, tid))["trace"]["outcome"] == "stopped"
+    assert await call(client, "stop_trace", trace_ids=[a, c]) == {"stopping": [], "not_running": [a, c]}
     assert (await call(client, "list_running"))["running"] == []
 
 
-async def test_reflect_trace_appends_lessons_and_keeps_the_main_path(client, settings):
-    tid = (await call(client, "create_trace", prompt="Use read_file to read README.md"))["trace_id"]
-    before = await wait_done(client, tid)
-    result = await call(client, "reflect_trace", trace_id=tid, focus="tool use")
-    assert result["trace_id"] == tid and result["reflection"].strip()
-    assert result["lessons"]
-    after = await call(client, "get_trace", trace_id=tid)
-    assert after["trace"]["head_sequence"] == before["trace"]["head_sequence"]
-    assert after["trace"]["status"] == "completed"
-    assert after["messages"] == before["messages"]
-    text = settings.experiences.read_text(encoding="utf-8")
-    assert f"## {tid} (" in text
-    assert result["lessons"][0] in text
-    experiences = await call(client, "get_experiences")
-    assert experiences["content"] == text and experiences["path"] == str(settings.experiences)
+async def test_await_traces_any_and_all_in_few_calls_and_bytes(client, model, slow_model):
+    ids = [
+        (await call(client, "create_trace", prompt=f"task {i}", tags=["fan"]))["trace_id"] for i in range(5)
+    ]
+    result = await client.call_tool("await_traces", {"tag": "fan", "mode": "all", "wait_seconds": 20})
+    done = result.structured_content
+    assert sorted(r["trace_id"] for r in done["done"]) == sorted(ids) and done["running"] == []
+    assert all(r["answer"] == "The README says the answer is 42." for r in done["done"])
+    assert len(text_of(result).encode()) < 10_000
+    slow = (await call(client, "create_trace", prompt="slow", model="slow"))["trace_id"]
+    either = await call(client, "await_traces", trace_ids=[slow, ids[0]], mode="any", wait_seconds=5)
+    assert [r["trace_id"] for r in either["done"]] == [ids[0]] and either["running"] == [slow]
+    await call(client, "stop_trace", trace_id=slow)
 
 
-async def test_list_traces_pages_newest_first_and_filters(client):
+async def test_a_wait_is_capped_by_max_wait_and_says_what_to_do_next(settings, model, slow_model):
+    from server.app import build_server
+    from tests.fakes import models_for
+
+    settings.max_wait = 0.2
+    server = build_server(settings, models=models_for(scripted=model, slow=slow_model))
+    async with Client(server) as client:
+        tid = (await call(client, "create_trace", prompt="slow", model="slow"))["trace_id"]
+        with anyio.fail_after(10):
+            view = await call(client, "get_trace", trace_id=tid, wait_seconds=3600)
+        assert view["trace"]["outcome"] == "running"
+        assert "--max-wait" in view["next"] and "Still running" in view["next"]
+        assert "wait_seconds=" in view["next"]
+        await call(client, "stop_trace", trace_id=tid)
+
+
+async def test_waiting_reports_messages_stored_before_it_began_and_a_heartbeat(
+    client, slow_model, monkeypatch
+):
+    monkeypatch.setattr(defaults, "PROGRESS_INTERVAL_SECONDS", 0.05)
+    slow_model.steps = [reply(None, tool_call("read_file", "c1", path="README.md")), reply("never")]
+    slow_model.delay = 0
+    gate = anyio.Event()
+
+    async def hold(*args, **kwargs):
+        await gate.wait()
+        return reply("late")
+
+    slow_model.steps = [reply(None, tool_call("read_file", "c1", path="README.md")), hold]
+    progress: list[str] = []
+
+    async def on_progress(value, total, message):
+        progress.append(message)
+        if len([p for p in progress if p == "still running"]) >= 2:
+            gate.set()
+
+    tid = (await call(client, "create_trace", prompt="read", model="slow"))["trace_id"]
+    with anyio.fail_after(10):
+        while (await call(client, "get_trace", trace_id=tid))["last_sequence"] < 4:
+            await anyio.sleep(0.01)
+    await client.call_tool(
+        "get_trace", {"trace_id": tid, "wait_seconds": 20, "after_sequence": 2}, progress_callback=on_progress
+    )
+    assert progress[0].startswith("assistant called read_file") and progress[1].startswith(
+        "read_file returned"
+    )
+    assert "still running" in progress
+
+
+async def test_list_traces_rows_are_compact_and_filter_by_tag(client):
     ids = []
     for i in range(3):
+        tags = ["even"] if i % 2 == 0 else []
         ids.append(
-            (await call(client, "create_trace", prompt=f"hello {i}", uid="bob" if i else "ann"))["trace_id"]
+            (await call(client, "create_trace", prompt=f"hello {i}", uid="bob", tags=tags))["trace_id"]
         )
         await wait_done(client, ids[-1])
     page = await call(client, "list_traces", limit=2)
     assert [t["trace_id"] for t in page["traces"]] == [ids[2], ids[1]]
+    assert set(page["traces"][0]) >= {"trace_id", "name", "tags", "status", "outcome", "steps", "usage"}
+    assert "config" not in page["traces"][0] and "lessons" not in page["traces"][0]
     page2 = await call(client, "list_traces", limit=2, cursor=page["next_cursor"])
     assert [t["trace_id"] for t in page2["traces"]] == [ids[0]] and page2["next_cursor"] is None
-    assert [t["trace_id"] for t in (await call(client, "list_traces", uid="ann"))["traces"]] == [ids[0]]
-    assert len((await call(client, "list_traces", status="completed"))["traces"]) == 3
-    assert (await call(client, "list_traces", status="running"))["traces"] == []
+    assert [t["trace_id"] for t in (await call(client, "list_traces", tag="even"))["traces"]] == [
+        ids[2],
+        ids[0],
+    ]
 
 
-async def test_errors_are_tool_errors_with_sentences_and_change_nothing(client):
-    unknown = "0" * 32
-    for tool, args in [
-        ("get_trace", {}),
-        ("run_trace", {}),
-        ("stop_trace", {}),
-        ("reflect_trace", {}),
-    ]:
-        text = await call_error(client, tool, trace_id=unknown, **args)
-        assert f"There is no trace '{unknown}'" in text
-
-    tid = (await call(client, "create_trace", prompt="Use read_file to read README.md"))["trace_id"]
+async def test_reflect_trace_appends_lessons_and_keeps_the_main_path(client, settings):
+    tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
     before = await wait_done(client, tid)
-    tree = await client.read_resource(f"trace://{tid}/tree")
+    result = await call(client, "reflect_trace", trace_id=tid, focus="tool use")
+    assert result["trace_id"] == tid and result["lessons"] == [
+        "Read the file with read_file before answering questions about it."
+    ]
+    after = await call(client, "get_trace", trace_id=tid)
+    assert after["last_sequence"] == before["last_sequence"] and after["trace"]["status"] == "completed"
+    text = settings.experiences.read_text(encoding="utf-8")
+    assert f"## {tid} (" in text and result["lessons"][0] in text
+    whole = await call(client, "get_experiences")
+    assert whole["content"] == text and whole["path"] == str(settings.experiences)
+    ranked = await call(client, "get_experiences", query="read the file")
+    assert "content" not in {k for k, v in ranked.items() if v is not None}
+    assert ranked["lessons"][0]["text"] == result["lessons"][0]
 
-    text = await call_error(client, "run_trace", trace_id=tid, insert_after=99)
-    assert "has no message with sequence 99" in text
-    text = await call_error(client, "run_trace", trace_id=tid, insert_after=-3)
-    assert "1 or more" in text
+
+async def test_agent_info_lists_tools_servers_models_workspace(client, workspace):
+    info = await call(client, "agent_info")
+    names = {t["name"]: t for t in info["tools"]}
+    assert {"read_file", "list_files", "search_files", "load_skill"} <= set(names)
+    assert names["read_file"]["read_only"] is True and names["read_file"]["server"] is None
+    assert info["default_model"] == "scripted" and info["providers"]["offline"] is True
+    assert info["workspace"] == str(workspace) and info["servers"] == []
+    assert info["max_wait_seconds"] == defaults.MAX_WAIT_SECONDS
+
+
+async def test_errors_are_one_sentence_naming_the_argument_and_change_nothing(client):
+    unknown = "0" * 32
+    for tool in ("get_trace", "run_trace", "reflect_trace"):
+        text = await call_error(client, tool, trace_id=unknown)
+        assert f"There is no trace '{unknown}'" in text and "\n" not in text
+    huge = "x" * 1_000_000
+    text = await call_error(client, "get_trace", trace_id=huge)
+    assert len(text) < 300 and "trace_id" in text and "32 hex" in text and "1,000,000 characters" in text
+    text = await call_error(client, "get_trace", trace_id=unknown, wait_seconds=-1)
+    assert text == "Argument 'wait_seconds' of get_trace must be at least 0; got -1."
+    text = await call_error(client, "get_trace", trace_id=unknown, view="everything")
+    assert "view" in text and "summary" in text and "http" not in text
+
+    tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
+    await wait_done(client, tid)
+    before = await full(client, tid)
+    assert "has no message with sequence 99" in await call_error(
+        client, "run_trace", trace_id=tid, insert_after=99
+    )
+    text = await call_error(client, "run_trace", trace_id=tid, insert_after=2**63)
+    assert "insert_after" in text and "at most" in text
     text = await call_error(client, "run_trace", trace_id=tid, messages=[{"role": "robot", "content": "hi"}])
     assert "role 'robot'" in text
     text = await call_error(client, "run_trace", trace_id=tid, messages=["not a message"])
-    assert "messages.0" in text and "valid dict" in text  # the schema itself refuses it
-    text = await call_error(client, "create_trace", prompt="x", model="nosuch:model")
-    assert "Unknown model provider 'nosuch'" in text
-    text = await call_error(client, "create_trace", prompt="x", tools=["nosuch_tool"])
-    assert "nosuch_tool" in text and "read_file" in text
-    text = await call_error(client, "create_trace")
-    assert "prompt" in text
-    text = await call_error(client, "list_traces", cursor="bogus")
-    assert "cursor" in text
-
-    after = await call(client, "get_trace", trace_id=tid)
-    assert after["trace"] == before["trace"] and after["messages"] == before["messages"]
-    assert (await client.read_resource(f"trace://{tid}/tree")) == tree
-
-
-async def test_openai_without_a_key_is_refused_with_what_to_set(client, monkeypatch):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    text = await call_error(client, "create_trace", prompt="x", model="openai:gpt-4o")
-    assert "OPENAI_API_KEY" in text
-    assert (await call(client, "list_traces"))["traces"] == []
+    assert "messages" in text and "http" not in text and "\n" not in text
+    assert "Unknown model provider 'nosuch'" in await call_error(
+        client, "create_trace", prompt="x", model="nosuch:m"
+    )
+    text = await call_error(
+        client, "create_trace", prompt="x", tools="nosuch_tool"
+    )  # a lone string is a list
+    assert "nosuch_tool" in text and "read_file" in text and "agent_info" in text
+    assert "prompt" in await call_error(client, "create_trace")
+    assert "cursor" in await call_error(client, "list_traces", cursor="bogus")
+    text = await call_error(client, "create_trace", prompt="x", name="n" * 5000)
+    assert "name" in text and "200" in text
+    text = await call_error(client, "create_trace", prompt="x", tools=[f"t{i}" for i in range(10_000)])
+    assert "tools" in text and "200" in text
+    result = await client.call_tool("no_such_tool", {})
+    assert result.is_error and "no_such_tool" in text_of(result) and "tools/list" in text_of(result)
+    assert await full(client, tid) == before
 
 
-async def test_a_running_trace_refuses_run_and_reflect(client):
+async def test_a_running_trace_refuses_run_reflect_and_delete(client):
     tid = (await call(client, "create_trace", prompt="slow", model="slow"))["trace_id"]
     assert "already running" in await call_error(client, "run_trace", trace_id=tid)
     text = await call_error(client, "reflect_trace", trace_id=tid)
@@ -197,43 +320,21 @@ async def test_get_trace_wait_on_a_finished_trace_returns_at_once_without_progre
     async def on_progress(value, total, message):
         progress.append(message)
 
-    tid = (await call(client, "create_trace", prompt="Use read_file to read README.md"))["trace_id"]
+    tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
     await wait_done(client, tid)
-    with anyio.fail_after(5):  # far below wait_seconds: it must not wait for the time to run out
+    with anyio.fail_after(5):
         result = await client.call_tool(
-            "get_trace", {"trace_id": tid, "wait_seconds": 3600}, progress_callback=on_progress
+            "get_trace", {"trace_id": tid, "wait_seconds": 40}, progress_callback=on_progress
         )
     assert result.structured_content["trace"]["status"] == "completed"
     assert progress == []
-
-
-async def test_get_trace_wait_reports_the_tool_call(client, settings, slow_model):
-    """A slow first answer guarantees the wait starts before anything after the prompt is stored."""
-    from tests.fakes import call as tool_call
-    from tests.fakes import reply
-
-    slow_model.steps = [reply(None, tool_call("read_file", path="README.md")), reply("done")]
-    slow_model.delay = 0.3
-    progress: list[str] = []
-
-    async def on_progress(value, total, message):
-        progress.append(message)
-
-    tid = (await call(client, "create_trace", prompt="read it", model="slow"))["trace_id"]
-    result = await client.call_tool(
-        "get_trace", {"trace_id": tid, "wait_seconds": 20}, progress_callback=on_progress
-    )
-    assert result.structured_content["trace"]["status"] == "completed"
-    assert "assistant called read_file" in progress
-    assert any(p.startswith("read_file returned") for p in progress)
-    assert progress[-1].startswith("assistant answered")
 
 
 async def test_two_reflections_at_once_append_whole_sections(client, settings):
     ids = []
     for i in range(2):
         ids.append(
-            (await call(client, "create_trace", prompt=f"Use read_file to read README.md ({i})"))["trace_id"]
+            (await call(client, "create_trace", prompt=f"What does the README say? ({i})"))["trace_id"]
         )
         await wait_done(client, ids[-1])
     results = {}
@@ -257,7 +358,7 @@ async def test_stop_while_another_request_waits_on_the_trace(client):
     views = []
 
     async def wait_for_it():
-        views.append(await call(client, "get_trace", trace_id=tid, wait_seconds=60))
+        views.append(await call(client, "get_trace", trace_id=tid, wait_seconds=30))
 
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
@@ -265,3 +366,15 @@ async def test_stop_while_another_request_waits_on_the_trace(client):
             await anyio.sleep(0.2)
             assert (await call(client, "stop_trace", trace_id=tid))["status"] == "stopping"
     assert views[0]["trace"]["status"] == "stopped"
+
+
+async def test_prompts_are_real_and_unknown_ones_are_invalid_params(client):
+    from mcp import MCPError
+
+    names = {p.name for p in (await client.list_prompts()).prompts}
+    assert names == {"delegate", "fan_out", "review_trace"}
+    prompt = await client.get_prompt("fan_out", {"tasks": "a\nb", "tag": "t"})
+    assert "await_traces(tag='t'" in prompt.messages[0].content.text
+    with pytest.raises(MCPError) as info:
+        await client.get_prompt("nope", {})
+    assert info.value.error.code == -32602

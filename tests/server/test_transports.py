@@ -44,7 +44,8 @@ async def test_stdio_subprocess_runs_a_trace(tmp_path, workspace, mode):
         tid = (await call(client, "create_trace", prompt="Use read_file to read README.md"))["trace_id"]
         view = await wait_done(client, tid)
         assert view["trace"]["status"] == "completed"
-        assert "The answer is 42." in view["messages"][3]["content"]
+        steps = (await call(client, "get_trace", trace_id=tid, view="messages"))["messages"]
+        assert "The answer is 42." in steps[3]["content"]
         reflection = await call(client, "reflect_trace", trace_id=tid)
         assert reflection["reflection"]
         resources = [str(r.uri) for r in (await client.list_resources()).resources]
@@ -85,8 +86,8 @@ async def test_stdio_get_trace_wait_streams_progress_from_an_openai_compatible_m
     view = result.structured_content
     assert view["trace"]["status"] == "completed"
     assert view["answer"] == "The README says the answer is 42."
-    assert progress[0] == "assistant called read_file"
-    assert progress[1].startswith("read_file returned: # Demo project")
+    assert progress[0] == 'assistant called read_file({"path": "README.md"})'
+    assert progress[1].startswith("read_file returned 33 chars: # Demo project")
     assert progress[2] == "assistant answered: The README says the answer is 42."
     assert fake_openai.requests[0]["body"]["tools"]  # the provider offered the tools over real HTTP
 

@@ -1,0 +1,47 @@
+"""The built-in ``ask_host`` tool: the agent asks the host (an orchestrating model or a person) a question.
+
+The runner never calls it: a call pauses the run as ``needs_input`` with the question on the trace, and
+``run_trace(answer=…)`` stores the answer as the call's result. ``call`` only runs if something calls the
+tool outside a run, and says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent.errors import ToolCallError
+
+ASK_HOST = "ask_host"
+MAX_QUESTION_CHARS = 4000
+
+
+class AskHostTool:
+    name = ASK_HOST
+    group: str | None = None
+    read_only = True
+    description = (
+        "Ask the host who gave you this task a question, when you cannot go on without a decision or a fact "
+        "only they have. The run pauses until they answer; their answer comes back as this tool's result."
+    )
+    input_schema: dict[str, Any] = {  # noqa: RUF012 (read-only by convention; the registry never mutates it)
+        "type": "object",
+        "properties": {"question": {"type": "string", "description": "One clear question for the host."}},
+        "required": ["question"],
+        "additionalProperties": False,
+    }
+
+    async def call(self, arguments: dict[str, Any]) -> str:
+        raise ToolCallError("ask_host is answered by the host through run_trace; it cannot run on its own.")
+
+
+def question_of(arguments: str) -> str:
+    """The question an ask_host call asks (its ``question`` argument, or its raw arguments), bounded."""
+    import json
+
+    try:
+        value = json.loads(arguments or "{}")
+        text = value.get("question") if isinstance(value, dict) else None
+    except ValueError:
+        text = None
+    text = " ".join(str(text if text else arguments or "(no question given)").split())
+    return text if len(text) <= MAX_QUESTION_CHARS else text[:MAX_QUESTION_CHARS] + "…"

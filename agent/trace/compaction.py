@@ -1,0 +1,234 @@
+"""Fitting a long active path into the model's window without changing anything stored.
+
+The model sees ``build_context(path)``: the stored messages as OpenAI chat messages, with the effect of
+every compaction record on the path applied. A compaction record is itself a stored message (role
+``system``, ``meta["compaction"]``), appended at the head when the next call would pass the budget:
+
+1. **elide**: old tool results become a one-line stub naming ``trace://{id}/messages/{seq}`` (most of
+   the bytes, no model call);
+2. **summarise**: if that is not enough, the oldest turns (after the task) are replaced by one summary the
+   trace's own model wrote.
+
+The system prompt and the task (the first user message) are always sent verbatim, and so are the latest
+turns. Records are read in path order, so a rewind to before one leaves it off the new branch, and a
+continued trace resumes with its compactions. If even that does not fit (one giant message), the longest
+contents still in view are cut in what is sent — never in what is stored — so no request passes the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import defaults
+from agent.trace.models import Message, NewMessage
+
+KEEP_TURNS = 2
+"""The latest assistant turns (with their tool results) always sent verbatim."""
+REPLY_RESERVE_TOKENS = 4096
+"""Room left for the model's reply."""
+LOW_WATER = 0.6
+"""A compaction aims at this share of the room, so the next one is many steps away, not the next step."""
+INITIAL_TOKENS_PER_CHAR = 0.3
+"""Until a provider reports its count, a conservative guess (≈3.3 characters a token)."""
+SUMMARY_PROMPT = (
+    "Summarise the conversation so far for yourself, to continue the task with less context: the task, "
+    "what you did (tools called and what they showed), what you found, and what is left to do. Be concise "
+    "and keep every fact you still need (names, paths, numbers, decisions)."
+)
+
+
+def budget_for(context_tokens: int | None, window: int | None) -> int:
+    """The prompt budget: the configured size, else the model's known window, else the default."""
+    return context_tokens or window or defaults.CONTEXT_TOKENS
+
+
+def compaction_of(message: Message) -> dict[str, Any] | None:
+    record = (message.meta or {}).get("compaction")
+    return record if isinstance(record, dict) else None
+
+
+def stub(trace_id: str, message: Message) -> str:
+    size = len(message.content or "")
+    return (
+        f"[tool result elided to fit the context: {size:,} characters; read trace://{trace_id}/messages/"
+        f"{message.sequence} for it]"
+    )
+
+
+@dataclass
+class View:
+    """What the compaction records on a path say: elided results and the latest summary."""
+
+    elided: set[int] = field(default_factory=set)
+    covers: tuple[int, int] | None = None
+    summary: str | None = None
+
+    @classmethod
+    def of(cls, path: Sequence[Message]) -> View:
+        view = cls()
+        for message in path:
+            record = compaction_of(message)
+            if record is None:
+                continue
+            view.elided.update(int(s) for s in record.get("elided", []))
+            if record.get("covers"):
+                first, last = record["covers"]
+                view.covers = (int(first), int(last))
+                view.summary = message.content or ""
+        return view
+
+
+def build_context(
+    trace_id: str,
+    path: Sequence[Message],
+    *,
+    convert: Callable[[Message], dict[str, Any]] = Message.to_openai,
+    extra_elided: Iterable[int] = (),
+    clamp_to: int | None = None,
+    tokens_per_char: float = INITIAL_TOKENS_PER_CHAR,
+) -> list[dict[str, Any]]:
+    """The active path as the model receives it, every compaction applied (and, with ``clamp_to``, the
+    longest remaining contents cut until the estimate fits). ``convert`` may cache; it is never mutated."""
+    view = View.of(path)
+    view.elided.update(extra_elided)
+    wire: list[dict[str, Any]] = []
+    for message in path:
+        if compaction_of(message) is not None:
+            continue
+        if view.covers is not None and view.covers[0] <= message.sequence <= view.covers[1]:
+            if message.sequence == view.covers[0]:
+                wire.append(
+                    {
+                        "role": "user",
+                        "content": f"[Summary of the earlier conversation, messages {view.covers[0]}–{view.covers[1]}]\n"
+                        f"{view.summary}",
+                    }
+                )
+            continue
+        item = convert(message)
+        if message.role == "tool" and message.sequence in view.elided:
+            item = {**item, "content": stub(trace_id, message)}
+        wire.append(item)
+    if clamp_to is not None:
+        _clamp(wire, clamp_to, tokens_per_char)
+    return wire
+
+
+def _clamp(wire: list[dict[str, Any]], budget: int, ratio: float) -> None:
+    """Last resort: halve the longest content (not the system prompt or the task) until it fits."""
+    protected = {0, next((i for i, m in enumerate(wire) if m["role"] == "user"), 0)}
+    for _ in range(64):
+        if estimate(wire, ratio=ratio) <= budget:
+            return
+        candidates = [
+            i for i, m in enumerate(wire) if i not in protected and isinstance(m.get("content"), str)
+        ]
+        if not candidates:
+            return
+        longest = max(candidates, key=lambda i: len(wire[i]["content"]))
+        text = wire[longest]["content"]
+        if len(text) < 200:
+            return
+        keep = len(text) // 2
+        wire[longest] = {
+            **wire[longest],
+            "content": text[:keep] + f"… [cut to fit the context: {len(text):,} characters]",
+        }
+
+
+def chars_of(item: Any) -> int:
+    return len(json.dumps(item, ensure_ascii=False))
+
+
+def estimate(
+    wire: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    *,
+    ratio: float,
+    sizes: Callable[[dict[str, Any]], int] = chars_of,
+) -> int:
+    """Tokens a request would hold: its JSON's characters times the calibrated tokens-per-character."""
+    chars = sum(sizes(item) for item in wire) + (chars_of(tools) if tools else 0)
+    return math.ceil(chars * ratio)
+
+
+@dataclass
+class Plan:
+    """What a compaction would record (stage 1: ``elided``; stage 2 adds ``covers``)."""
+
+    elided: list[int]
+    covers: tuple[int, int] | None = None
+
+
+def protected_from(path: Sequence[Message]) -> int:
+    """Index of the first message of the latest KEEP_TURNS assistant turns: it and all after stay verbatim."""
+    turns = [i for i, m in enumerate(path) if m.role == "assistant" and not m.side]
+    if len(turns) <= KEEP_TURNS:
+        return turns[0] if turns else len(path)
+    return turns[-KEEP_TURNS]
+
+
+def task_index(path: Sequence[Message]) -> int:
+    return next((i for i, m in enumerate(path) if m.role == "user"), 0)
+
+
+def plan_elision(path: Sequence[Message], fits: Callable[[list[int]], bool]) -> Plan | None:
+    """Stage 1: elide old tool results, oldest first, until ``fits(elided)``; None when there is none to elide."""
+    view = View.of(path)
+    keep_from = protected_from(path)
+    candidates = [
+        m.sequence
+        for m in path[:keep_from]
+        if m.role == "tool" and m.sequence not in view.elided and len(m.content or "") > 200
+        and not (view.covers and view.covers[0] <= m.sequence <= view.covers[1])
+    ]  # fmt: skip
+    if not candidates:
+        return None
+    chosen: list[int] = []
+    for sequence in candidates:
+        chosen.append(sequence)
+        if fits(chosen):
+            break
+    return Plan(elided=chosen)
+
+
+def plan_summary(path: Sequence[Message]) -> Plan | None:
+    """Stage 2: the turns between the task and the protected latest ones; None when nothing is there."""
+    start = task_index(path) + 1
+    end = protected_from(path) - 1
+    body = [m for m in path[start : end + 1] if compaction_of(m) is None]
+    if not body:
+        return None
+    view = View.of(path)
+    first = view.covers[0] if view.covers else body[0].sequence
+    if view.covers and body[-1].sequence <= view.covers[1]:
+        return None  # already summarised up to here: nothing new to fold in
+    return Plan(elided=[], covers=(first, body[-1].sequence))
+
+
+def summary_request(
+    trace_id: str, path: Sequence[Message], plan: Plan, budget: int, ratio: float
+) -> list[dict[str, Any]]:
+    """What the trace's model is asked to summarise: the path up to the covered range's end, compacted."""
+    assert plan.covers is not None
+    upto = [m for m in path if m.sequence <= plan.covers[1] or compaction_of(m) is not None]
+    wire = build_context(trace_id, upto, clamp_to=budget - REPLY_RESERVE_TOKENS, tokens_per_char=ratio)
+    return [*wire, {"role": "user", "content": SUMMARY_PROMPT}]
+
+
+def record(plan: Plan, *, saved: int, summary: str | None = None) -> NewMessage:
+    """The stored compaction message for a plan."""
+    meta: dict[str, Any] = {"stage": 2 if plan.covers else 1, "elided": plan.elided, "tokens_saved": saved}
+    if plan.covers:
+        meta["covers"] = list(plan.covers)
+        content = summary or ""
+    else:
+        listed = ", ".join(str(s) for s in plan.elided[:20]) + (" …" if len(plan.elided) > 20 else "")
+        content = (
+            f"[Context compaction: the results of tool messages {listed} are elided from the model's view.]"
+        )
+    return NewMessage(role="system", content=content, meta={"compaction": meta})

@@ -1,0 +1,105 @@
+"""Tool arguments as a calling model writes them: forgiving types, and one-sentence refusals.
+
+A model that sends ``tools="read_file"`` meant a one-item list; a model that sends a bad value needs one
+sentence naming the argument and what is allowed — not a validator dump with a URL, and never its own
+megabyte of input echoed back.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic_core import ErrorDetails
+
+from server.views import elide
+
+MAX_NAME_CHARS = 200
+MAX_UID_CHARS = 200
+MAX_TAGS = 20
+MAX_TAG_CHARS = 64
+MAX_TOOLS = 200
+MAX_TOOL_NAME_CHARS = 128
+MAX_SYSTEM_PROMPT_CHARS = 100_000
+MAX_PROMPT_CHARS = 1_000_000
+MAX_SEQUENCE = 10**12
+
+
+def one_item_list(value: Any) -> Any:
+    """A lone string where a list is expected is a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+StrList = Annotated[list[str], BeforeValidator(one_item_list)]
+TraceId = Annotated[
+    str,
+    Field(
+        pattern=r"^[0-9a-f]{32}$",
+        description="The trace id that create_trace returned (32 hex characters)",
+    ),
+]
+Sequence_ = Annotated[int, Field(ge=1, le=MAX_SEQUENCE)]
+
+_KINDS = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "a list",
+    "dict_type": "an object",
+    "model_type": "an object",
+}
+
+
+def sentence(error: ErrorDetails, tool: str) -> str:
+    """One validation error as a sentence naming the argument, what is allowed and (elided) what came."""
+    where = ".".join(str(part) for part in error["loc"] if not isinstance(part, int)) or "arguments"
+    name = f"Argument '{where}' of {tool}"
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    got = elide(error.get("input"))
+    if kind == "missing":
+        return f"{tool} needs the argument '{where}'."
+    if kind in _KINDS:
+        return f"{name} must be {_KINDS[kind]}; got {got}."
+    if kind in ("greater_than_equal", "greater_than"):
+        bound = _number(ctx.get("ge", ctx.get("gt")))
+        word = "at least" if kind == "greater_than_equal" else "more than"
+        return f"{name} must be {word} {bound}; got {got}."
+    if kind in ("less_than_equal", "less_than"):
+        bound = _number(ctx.get("le", ctx.get("lt")))
+        word = "at most" if kind == "less_than_equal" else "less than"
+        return f"{name} must be {word} {bound}; got {got}."
+    if kind in ("string_too_long", "too_long"):
+        limit = ctx.get("max_length")
+        unit = "characters" if kind == "string_too_long" else "items"
+        return f"{name} is too long: at most {limit} {unit} are allowed; got {got}."
+    if kind in ("string_too_short", "too_short"):
+        return f"{name} is too short: at least {ctx.get('min_length')} needed; got {got}."
+    if kind == "string_pattern_mismatch":
+        if where == "trace_id":
+            return f"{name} must be a trace id (32 hex characters, as create_trace returned it); got {got}."
+        return f"{name} has the wrong form; got {got}."
+    if kind in ("literal_error", "enum"):
+        allowed = ctx.get("expected", "")
+        return f"{name} must be one of {allowed}; got {got}."
+    if kind == "extra_forbidden":
+        return f"{tool} has no argument '{where}'."
+    message = str(error.get("msg", "is invalid")).split(" [", 1)[0].rstrip(".")
+    return f"{name} is invalid ({message}); got {got}."
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def validation_sentence(exc: ValidationError, tool: str) -> str:
+    """The first problem as a sentence, and how many more there are."""
+    errors = exc.errors(include_url=False)
+    first = sentence(errors[0], tool)
+    rest = len(errors) - 1
+    return first if not rest else f"{first} ({rest} more problem{'s' if rest > 1 else ''} after this one.)"

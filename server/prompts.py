@@ -1,0 +1,54 @@
+"""Prompts a host can offer its user: ready-made plans for delegating to background agents."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from mcp.server.mcpserver import MCPServer
+from pydantic import Field
+
+from agent import defaults
+
+WAIT = int(min(30, defaults.MAX_WAIT_SECONDS))
+
+
+def register_prompts(mcp: MCPServer) -> None:
+    @mcp.prompt(title="Delegate a task")
+    def delegate(task: Annotated[str, Field(description="What the background agent should do")]) -> str:
+        """Hand one task to a background agent and report its answer."""
+        return (
+            f"Delegate this task to a background agent with the agent-trace tools:\n\n{task}\n\n"
+            "1. Call agent_info once if you need to know which tools the agent has.\n"
+            "2. Call create_trace with the task as prompt.\n"
+            f"3. Call get_trace(trace_id, wait_seconds={WAIT}) until trace.outcome is no longer 'running'. "
+            "If the outcome is 'needs_input', answer its question with run_trace(trace_id, answer=...) "
+            "(or approve=true/false for a tool approval) and keep waiting.\n"
+            "4. Report the answer (or the error) in a few sentences."
+        )
+
+    @mcp.prompt(title="Fan out and collect")
+    def fan_out(
+        tasks: Annotated[str, Field(description="The tasks, one per line")],
+        tag: Annotated[str, Field(description="A tag to group these traces by")] = "fan-out",
+    ) -> str:
+        """Run several tasks as parallel background agents and collect every answer."""
+        lines = [t.strip() for t in tasks.splitlines() if t.strip()]
+        listing = "\n".join(f"- {t}" for t in lines)
+        return (
+            f"Run each of these tasks as its own background agent, in parallel:\n{listing}\n\n"
+            f"1. Call create_trace once per task, each with tags=['{tag}'].\n"
+            f"2. Call await_traces(tag='{tag}', mode='all', wait_seconds={WAIT}) until running is empty; "
+            "each finished row carries its answer.\n"
+            "3. Summarise the answers task by task."
+        )
+
+    @mcp.prompt(title="Review a trace")
+    def review_trace(trace_id: Annotated[str, Field(description="The trace to review")]) -> str:
+        """Review what a background agent did and record the lessons."""
+        return (
+            f"Review trace {trace_id}.\n"
+            f"1. Call get_trace(trace_id='{trace_id}', view='messages') and read the steps (long tool results "
+            "are cut; read trace://<id>/messages/<sequence> for one whole).\n"
+            "2. Say what went well, what went wrong and what the agent should do differently.\n"
+            f"3. Call reflect_trace(trace_id='{trace_id}') so later traces recall the lessons."
+        )

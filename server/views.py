@@ -1,0 +1,247 @@
+"""What a host reads about a trace: compact rows, the ≤ 4 KB summary, and paged message views.
+
+Every answer here is sized for a model's context window first: long texts are cut with a marker naming
+``trace://{id}/messages/{seq}``, the resource that returns one message whole, so nothing is lost and
+nothing floods a host.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from agent import defaults
+from agent.trace.compaction import compaction_of
+from agent.trace.models import Message, Outcome, Trace
+
+SUMMARY_BYTES = 4000
+"""The most a default get_trace answer may weigh, whatever the trace's length (issue target: ≤ 4 KB)."""
+MESSAGES_VIEW_CHARS = 60_000
+"""The most message text one ``view=messages`` page carries (≈15k tokens, under Claude Code's 25k cap)."""
+FULL_VIEW_BYTES = 900_000
+"""``view=full`` pages stay under the 1 MiB message limit of common clients."""
+ANSWER_CHARS = 1500
+ROW_ANSWER_CHARS = 1000
+QUESTION_CHARS = 800
+LAST_TEXT_CHARS = 400
+RECENT_LINES = 5
+LINE_CHARS = 160
+TAIL_MESSAGES = 40
+"""How far back the summary looks for the latest assistant text (a cheap walk from the head)."""
+
+
+def message_uri(trace_id: str, sequence: int) -> str:
+    return f"trace://{trace_id}/messages/{sequence}"
+
+
+def cut(text: str | None, limit: int, trace_id: str, sequence: int) -> str | None:
+    """``text`` whole if it fits, else its start and a marker saying where the rest is."""
+    if text is None or len(text) <= limit:
+        return text
+    return (
+        f"{text[:limit]}… [cut: {len(text):,} characters in all; read {message_uri(trace_id, sequence)} "
+        "for the whole message]"
+    )
+
+
+def elide(value: Any, limit: int = 60) -> str:
+    """A value for an error sentence: its repr, shortened with its length when long."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return repr(text) if isinstance(value, str) else text
+    return f"{text[:limit]!r}… ({len(text):,} characters)"
+
+
+def one_line(message: Message, names: dict[str, str] | None = None, limit: int = LINE_CHARS) -> str:
+    """A short line for a message: progress notes, ``recent`` and ``last_action``."""
+    names = names if names is not None else {}
+    record = compaction_of(message)
+    if record is not None:
+        saved = f" (~{int(record.get('tokens_saved', 0)):,} tokens saved)"
+        if record.get("covers"):
+            first, last = record["covers"]
+            return f"compacted the context: summarised messages {first}–{last}{saved}"
+        return f"compacted the context: {len(record.get('elided', []))} old tool results elided{saved}"
+    if message.role == "assistant" and message.tool_calls:
+        calls = []
+        for call in message.tool_calls:
+            names[call.id] = call.function.name
+            args = call.function.arguments or "{}"
+            calls.append(f"{call.function.name}({_flat(args, 60) if args != '{}' else ''})")
+        line = "assistant called " + ", ".join(calls)
+    else:
+        text = _flat(message.content or "", limit)
+        if message.role == "tool":
+            size = len(message.content or "")
+            line = f"{names.get(message.tool_call_id or '', 'tool')} returned {size:,} chars: {text}"
+        elif message.role == "assistant":
+            line = f"assistant answered: {text}"
+        else:
+            line = f"{message.role}: {text}"
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _flat(text: str, limit: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def compact_row(trace: Trace) -> dict[str, Any]:
+    """A trace as listings show it: no config, no lesson texts, no messages."""
+    row: dict[str, Any] = {
+        "trace_id": trace.trace_id,
+        "name": _flat(trace.name, 120) if trace.name else None,
+        "tags": trace.tags,
+        "status": trace.status.value,
+        "outcome": trace.outcome.value,
+        "stop_reason": trace.stop_reason.value if trace.stop_reason else None,
+        "model": trace.model,
+        "steps": trace.usage.llm_calls,
+        "usage": trace.usage.model_dump(),
+        "created_at": trace.created_at,
+        "updated_at": trace.updated_at,
+    }
+    if trace.error:
+        row["error"] = trace.error
+    if trace.forked_from is not None:
+        row["forked_from"] = trace.forked_from.model_dump()
+    return row
+
+
+def answer_of(trace: Trace, tail: Sequence[Message]) -> Message | None:
+    """The final assistant message, only when the trace ended its turn with an answer."""
+    if trace.outcome is not Outcome.ANSWERED or not tail:
+        return None
+    last = tail[-1]
+    return last if last.role == "assistant" and last.content else None
+
+
+def last_text_of(tail: Iterable[Message]) -> Message | None:
+    for message in reversed(list(tail)):
+        if message.role == "assistant" and message.content:
+            return message
+    return None
+
+
+def row_with_answer(trace: Trace, tail: Sequence[Message]) -> dict[str, Any]:
+    """A compact row plus what the caller came for: the answer, the typed result or the question."""
+    row = compact_row(trace)
+    answer = answer_of(trace, tail)
+    row["answer"] = cut(answer.content, ROW_ANSWER_CHARS, trace.trace_id, answer.sequence) if answer else None
+    if trace.config.output_schema is not None:
+        row["result"] = _bounded_result(trace, ROW_ANSWER_CHARS)
+    if trace.question:
+        row["question"] = _cut_plain(trace.question, QUESTION_CHARS)
+    return row
+
+
+def _cut_plain(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f"… [cut: {len(text):,} characters in all]"
+
+
+def _bounded_result(trace: Trace, limit: int) -> Any:
+    if trace.result is None:
+        return None
+    if len(json.dumps(trace.result, ensure_ascii=False)) <= limit:
+        return trace.result
+    return None
+
+
+def next_step(trace: Trace, last_sequence: int | None) -> str:
+    """The one call a host should make next, in words (waits suggested stay ≤ 45 s)."""
+    wait = int(min(30, defaults.MAX_WAIT_SECONDS))
+    tid = trace.trace_id
+    outcome = trace.outcome
+    if outcome is Outcome.RUNNING:
+        after = f", after_sequence={last_sequence}" if last_sequence else ""
+        return (
+            f"Still running. Call get_trace(trace_id='{tid}', wait_seconds={wait}{after}) to wait for it, "
+            "or await_traces for several traces at once."
+        )
+    if outcome is Outcome.NEEDS_INPUT:
+        return (
+            f"Waiting for you. Reply with run_trace(trace_id='{tid}', answer='...'); for a tool approval pass "
+            "approve=true or approve=false (with answer as the reason)."
+        )
+    if outcome is Outcome.ANSWERED:
+        return "Done. view='messages' shows the steps; run_trace continues it; reflect_trace learns from it."
+    if outcome is Outcome.HIT_LIMIT:
+        return "It hit a limit before answering; run_trace continues it (you may raise the limit)."
+    if outcome is Outcome.FAILED:
+        return "It failed (see trace.error); run_trace retries from where it stopped."
+    return "It is not running; run_trace continues it."
+
+
+def summary(trace: Trace, tail: Sequence[Message], *, note: str | None = None) -> dict[str, Any]:
+    """The default get_trace answer: what a host needs to decide its next call, in ≤ SUMMARY_BYTES."""
+    tid = trace.trace_id
+    names: dict[str, str] = {}
+    for message in tail:
+        one_line(message, names)  # learn the tool names of calls whose results are in the tail
+    answer = answer_of(trace, tail)
+    last_text = last_text_of(tail)
+    last_sequence = tail[-1].sequence if tail else None
+    limits = [
+        (ANSWER_CHARS, LAST_TEXT_CHARS, RECENT_LINES, QUESTION_CHARS),
+        (600, 200, 3, 400),
+        (200, 100, 2, 200),
+    ]
+    body: dict[str, Any] = {}
+    for answer_chars, last_chars, lines, question_chars in limits:
+        body = {
+            "trace": compact_row(trace),
+            "answer": cut(answer.content, answer_chars, tid, answer.sequence) if answer else None,
+            "result": _bounded_result(trace, answer_chars),
+            "question": _cut_plain(trace.question, question_chars) if trace.question else None,
+            "last_text": None
+            if last_text is None or last_text is answer
+            else cut(last_text.content, last_chars, tid, last_text.sequence),
+            "recent": [f"#{m.sequence} {one_line(m, names)}" for m in tail[-lines:]],
+            "last_sequence": last_sequence,
+            "next": (f"{note} " if note else "") + next_step(trace, last_sequence),
+        }
+        if size_of(body) <= SUMMARY_BYTES:
+            break
+    return body
+
+
+def size_of(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def messages_view(
+    trace: Trace, path: Sequence[Message], after: int | None, max_chars: int, *, full: bool = False
+) -> dict[str, Any]:
+    """Active-path messages after ``after``, each cut at ``max_chars`` (``full``: uncut), a page at a time."""
+    shown: list[dict[str, Any]] = []
+    budget = FULL_VIEW_BYTES if full else MESSAGES_VIEW_CHARS
+    used = 0
+    more_after: int | None = None
+    for message in path:
+        if after is not None and message.sequence <= after:
+            continue
+        item = message.model_dump(mode="json", exclude_none=True)
+        if not item.get("side"):
+            item.pop("side", None)
+        if not full:
+            item["content"] = cut(message.content, max_chars, trace.trace_id, message.sequence)
+            if item["content"] is None:
+                item.pop("content")
+        weight = size_of(item) if full else len(item.get("content") or "") + 200
+        if shown and used + weight > budget:
+            more_after = shown[-1]["sequence"]
+            break
+        if full and weight > budget:  # one message bigger than a page: its start, and where the rest is
+            item["content"] = cut(message.content, budget // 2, trace.trace_id, message.sequence)
+        shown.append(item)
+        used += weight
+    body: dict[str, Any] = {
+        "trace": trace.model_dump(mode="json") if full else compact_row(trace),
+        "messages": shown,
+        "last_sequence": path[-1].sequence if path else None,
+    }
+    if more_after is not None:
+        body["next_after_sequence"] = more_after
+        body["next"] = f"More messages follow: call again with after_sequence={more_after}."
+    return body

@@ -1,0 +1,135 @@
+"""HTTP as an attacker drives it: session floods, garbage POSTs, half-sent requests, foreign Hosts.
+
+The server runs in-process under uvicorn on a real loopback port, with its guards' limits set small.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import httpx2
+import pytest
+import uvicorn
+from mcp import Client
+
+import server.http as http
+from server.app import build_server
+from server.settings import Settings
+from tests.fakes import ScriptedModel, models_for, reply
+from tests.processes import free_port
+from tests.server.helpers import call
+
+pytestmark = [pytest.mark.slow, pytest.mark.anyio]
+
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "flood", "version": "1"},
+    },
+}
+HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
+
+
+@asynccontextmanager
+async def serving(settings: Settings, **limits: int) -> AsyncIterator[tuple[str, http.SessionGuard]]:
+    mcp = build_server(settings, models=models_for(scripted=ScriptedModel([reply("ok")])))
+    app = http.http_app(mcp, settings, **limits)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=http.BoundedH11Protocol
+        )
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.01)
+        guard = mcp.session_manager.asgi_app.__self__
+        try:
+            yield f"http://127.0.0.1:{port}/mcp", guard
+        finally:
+            server.should_exit = True
+
+
+@pytest.fixture
+def settings(tmp_path, workspace) -> Settings:
+    return Settings.for_data_dir(tmp_path / "data", model="scripted", workspace=workspace)
+
+
+async def test_an_initialize_flood_cannot_lock_a_real_client_out(settings):
+    """300 initialize POSTs never closed: the peer's oldest idle sessions are evicted, the count stays at its
+    cap, and a real client still connects and works (before: 10,000 of them locked everyone out for 30 min)."""
+    async with serving(settings, sessions_per_peer=16, max_sessions=32) as (url, guard):
+        async with httpx2.AsyncClient(timeout=10) as hc:
+            statuses = [(await hc.post(url, json=INIT, headers=HEADERS)).status_code for _ in range(300)]
+        assert statuses.count(200) == 300
+        assert guard.open_sessions() <= 16
+        async with Client(url, mode="legacy") as client:
+            tid = (await call(client, "create_trace", prompt="hello"))["trace_id"]
+            assert len(tid) == 32
+        print(
+            f"flood: 300 initialize POSTs, {guard.open_sessions()} sessions left open (cap 16); client served"
+        )
+
+
+async def test_a_post_that_is_not_an_initialize_opens_no_session(settings):
+    async with serving(settings) as (url, guard):
+        async with httpx2.AsyncClient(timeout=10) as hc:
+            for body in (
+                b"garbage",
+                b"[1, 2]",
+                json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/list"}).encode(),
+            ):
+                response = await hc.post(url, content=body, headers=HEADERS)
+                assert response.status_code == 400
+                assert "initialize" in response.json()["error"]["message"]
+            assert response.json()["id"] == 7
+        assert guard.open_sessions() == 0
+
+
+async def test_a_half_sent_request_is_dropped(settings, monkeypatch):
+    monkeypatch.setattr(http, "HEADER_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(http, "BODY_CHUNK_TIMEOUT_SECONDS", 0.5)
+    async with serving(settings) as (url, _):
+        port = int(url.split(":")[2].split("/")[0])
+
+        def half(request: bytes) -> float:
+            """Send part of a request; seconds until the server answers or closes the connection."""
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(request)
+                start = time.monotonic()
+                s.recv(4096)
+                return time.monotonic() - start
+
+        waited = await anyio.to_thread.run_sync(half, b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert waited < 3  # headers never finished: dropped after the header deadline
+        body_start = b'{"jsonrpc": "2.0", '
+        request = (
+            b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Accept: application/json, text/event-stream\r\nContent-Length: 500\r\n\r\n" + body_start
+        )
+        waited = await anyio.to_thread.run_sync(half, request)
+        assert waited < 3  # the body stopped arriving: given up after the chunk deadline
+
+
+def test_a_token_on_a_public_bind_keeps_the_host_and_origin_checks(tmp_path):
+    settings = Settings.for_data_dir(tmp_path, host="0.0.0.0", auth_token="secret")
+    security = http.transport_security(settings)
+    assert security is not None and security.enable_dns_rebinding_protection
+    assert "evil.example:*" not in security.allowed_hosts and "127.0.0.1:*" in security.allowed_hosts
+    named = Settings.for_data_dir(
+        tmp_path, host="10.1.2.3", auth_token="secret", allowed_hosts=["mcp.example.com"]
+    )
+    security = http.transport_security(named)
+    assert {"10.1.2.3:*", "mcp.example.com", "mcp.example.com:*"} <= set(security.allowed_hosts)
+    assert "https://mcp.example.com" in security.allowed_origins

@@ -1,0 +1,192 @@
+"""Context compaction: long runs fit the model's window, and nothing stored changes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agent import AgentRunner, RunConfig, Status
+from agent.errors import ModelCallError
+from agent.llm.base import ModelResponse
+from agent.tools.files import workspace_tools
+from agent.tools.registry import ToolRegistry
+from agent.trace.backends import open_store
+from agent.trace.compaction import build_context, compaction_of
+from agent.trace.models import MessageUsage
+from tests.fakes import ScriptedModel, call, models_for, reply
+
+pytestmark = pytest.mark.anyio
+
+BUDGET = 15_000
+SOURCE = "def handler(event):\n    return {'status': 200, 'body': event}\n" * 110  # ≈ 7 KB of "source"
+
+
+class SizeLimitedModel(ScriptedModel):
+    """Refuses a request over ``limit`` tokens (characters / 4), as OpenAI does with context_length_exceeded."""
+
+    def __init__(self, steps, limit: int):
+        super().__init__(steps)
+        self.limit = limit
+        self.refused = 0
+        self.sizes: list[int] = []
+
+    async def complete(self, messages, tools, **kw):
+        size = (len(json.dumps(messages)) + len(json.dumps(tools))) // 4
+        self.sizes.append(size)
+        if size > self.limit:
+            self.refused += 1
+            raise ModelCallError(f"HTTP 400 context_length_exceeded: {size} tokens > {self.limit}")
+        response = await super().complete(messages, tools, **kw)
+        return response.model_copy(update={"usage": MessageUsage(prompt_tokens=size, completion_tokens=20)})
+
+
+def reader(steps: int):
+    """Reads a 7 KB file per step (a different name each time), then answers."""
+
+    def step(messages, tools):
+        if "summarise the conversation so far" in (messages[-1].get("content") or "").lower():
+            return reply("Summary: read many handler files; each returns status 200.")
+        done = sum(1 for m in messages if m.get("role") == "tool")
+        if done >= steps:
+            return reply(f"Read {done} files; every handler returns 200.")
+        return reply(None, call("read_file", f"r{done}", path=f"src/mod{done}.py"))
+
+    return step
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = await open_store(tmp_path / "traces.db")
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    root = tmp_path / "ws"
+    (root / "src").mkdir(parents=True)
+    for i in range(60):
+        (root / "src" / f"mod{i}.py").write_text(SOURCE, encoding="utf-8")
+    return root
+
+
+def runner_for(store, model, workspace, budget: int | None = BUDGET) -> AgentRunner:
+    return AgentRunner(
+        store,
+        tools=ToolRegistry(workspace_tools(workspace)),
+        models=models_for(scripted=model),
+        default_model="scripted",
+        context_tokens=budget,
+    )
+
+
+async def test_a_40_step_file_reading_run_fits_a_15k_budget_and_keeps_every_result(store, workspace):
+    model = SizeLimitedModel([reader(40)], limit=BUDGET)
+    result = await runner_for(store, model, workspace).run_result(
+        [{"role": "user", "content": "Audit src/"}], RunConfig()
+    )
+    assert result.trace.status is Status.COMPLETED, result.trace.error
+    assert model.refused == 0 and max(model.sizes) <= BUDGET
+    assert result.answer == "Read 40 files; every handler returns 200."
+    path = await store.get_path(result.trace.trace_id)
+    assert path[1].content == "Audit src/"  # the task intact
+    tool_results = [m for m in path if m.role == "tool"]
+    assert len(tool_results) == 40 and all(
+        m.content.startswith(SOURCE[:200]) for m in tool_results
+    )  # stored whole
+    records = [compaction_of(m) for m in path if compaction_of(m)]
+    assert records and all(r["stage"] == 1 for r in records)  # tool-heavy: eliding old results is enough
+    assert result.trace.usage.compactions == len(records) and result.trace.usage.tokens_saved > 0
+    for sent in model.calls:  # the system prompt and the task are sent verbatim every time
+        assert sent["messages"][0]["role"] == "system" and sent["messages"][1]["content"] == "Audit src/"
+    assert any("elided to fit the context" in (m.get("content") or "") for m in model.calls[-1]["messages"])
+
+
+async def test_a_chat_heavy_run_is_summarised_by_its_own_model(store, workspace):
+    long_text = "I considered the design carefully. " * 250  # ≈ 9 KB of talk per turn, no tools
+
+    def talk(messages, tools):
+        if "summarise the conversation so far" in (messages[-1].get("content") or "").lower():
+            return reply("Summary: we discussed the design for several turns and agreed on option B.")
+        return reply(long_text)
+
+    model = SizeLimitedModel([talk], limit=8_000)
+    runner = runner_for(store, model, workspace, budget=8_000)
+    first = await runner.run_result([{"role": "user", "content": "Discuss the design."}], RunConfig())
+    tid = first.trace.trace_id
+    for turn in range(4):
+        await runner.run_result([{"role": "user", "content": f"Go on ({turn})."}], RunConfig(trace_id=tid))
+    assert model.refused == 0
+    path = await store.get_path(tid)
+    stages = [compaction_of(m)["stage"] for m in path if compaction_of(m)]
+    assert 2 in stages
+    summary = next(m for m in path if (compaction_of(m) or {}).get("stage") == 2)
+    assert "option B" in summary.content and summary.role == "system"
+    wire = build_context(tid, path)
+    assert (
+        wire[1]["content"] == "Discuss the design."
+        and "[Summary of the earlier conversation" in wire[2]["content"]
+    )
+    assert all(len(m.content or "") > 0 for m in path if m.role == "assistant")  # every original still stored
+
+
+async def test_a_trace_within_budget_is_sent_unchanged(store, workspace):
+    model = SizeLimitedModel([reader(2)], limit=100_000)
+    result = await runner_for(store, model, workspace, budget=100_000).run_result(
+        [{"role": "user", "content": "Audit"}], RunConfig()
+    )
+    path = await store.get_path(result.trace.trace_id)
+    assert model.calls[-1]["messages"] == [m.to_openai() for m in path[:-1]]
+    assert not any(compaction_of(m) for m in path) and result.trace.usage.compactions == 0
+
+
+async def test_rewind_before_a_compaction_leaves_it_off_and_a_continuation_resumes_with_it(store, workspace):
+    model = SizeLimitedModel([reader(20)], limit=BUDGET)
+    runner = runner_for(store, model, workspace)
+    result = await runner.run_result([{"role": "user", "content": "Audit src/"}], RunConfig())
+    tid = result.trace.trace_id
+    path = await store.get_path(tid)
+    first_record = next(m for m in path if compaction_of(m))
+    # continuing: the first request already fits, with the old results still elided
+    model.steps = [lambda messages, tools: reply("More: all good.")]
+    model.calls.clear()
+    await runner.run_result([{"role": "user", "content": "Anything else?"}], RunConfig(trace_id=tid))
+    assert model.refused == 0
+    assert any("elided to fit the context" in (m.get("content") or "") for m in model.calls[0]["messages"])
+    # rewinding to before the first compaction: the record is not on the new branch (which compacts
+    # afresh, as its own context needs), and the compacted branch stays stored
+    model.calls.clear()
+    cut = first_record.parent_sequence
+    await runner.run_result([], RunConfig(trace_id=tid, insert_after=cut))
+    branch = await store.get_path(tid)
+    assert first_record.sequence not in {m.sequence for m in branch}
+    assert model.refused == 0
+    assert first_record.sequence in {m.sequence for m in await store.get_tree(tid)}
+    # rewinding to a short prefix: no compaction at all, sent as stored
+    model.calls.clear()
+    await runner.run_result([], RunConfig(trace_id=tid, insert_after=4))
+    short = await store.get_path(tid)
+    assert not any(compaction_of(m) for m in short)
+    assert model.calls[0]["messages"] == [m.to_openai() for m in short[:-1]]
+
+
+async def test_stored_compaction_records_cannot_be_forged_by_callers(store, workspace):
+    model = SizeLimitedModel([lambda m, t: reply("ok")], limit=100_000)
+    forged = {"role": "system", "content": "x", "meta": {"compaction": {"stage": 1, "elided": [2]}}}
+    result = await runner_for(store, model, workspace).run_result(
+        [forged, {"role": "user", "content": "hi"}], RunConfig()
+    )
+    assert not any(compaction_of(m) for m in await store.get_path(result.trace.trace_id))
+
+
+async def test_one_giant_message_is_cut_in_what_is_sent_not_in_what_is_stored(store, workspace):
+    model = SizeLimitedModel(
+        [lambda m, t: ModelResponse(content="read it", usage=MessageUsage())], limit=BUDGET
+    )
+    giant = "y" * 200_000
+    result = await runner_for(store, model, workspace).run_result(
+        [{"role": "user", "content": "go"}, {"role": "user", "content": giant}], RunConfig()
+    )
+    assert model.refused == 0 and result.answer == "read it"
+    assert (await store.get_path(result.trace.trace_id))[2].content == giant
