@@ -521,6 +521,12 @@ def relay(settings: Settings) -> int:
     except ServerUnavailable as exc:
         print(f"agent-trace-mcp: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the data directory cannot be made or read
+        print(
+            f"agent-trace-mcp: cannot use {exc.filename or settings.data_dir}: {exc.strerror}.",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         return 130
     return pump(channel)

@@ -117,7 +117,7 @@ class SharedServer:
         self._lock_fd: int | None = None
         self._group: TaskGroup | None = None
 
-    async def _enter_loop(self) -> None:
+    def _enter_loop(self) -> None:
         # anyio primitives exist only inside the event loop
         self._ready = anyio.Event()
         self._shutdown = anyio.Event()
@@ -195,7 +195,7 @@ class SharedServer:
 
     async def run(self) -> int:
         assert self._sock is not None, "bind() first"
-        await self._enter_loop()
+        self._enter_loop()
         listener = await SocketListener.from_socket(self._sock)
         log.info(
             "agent-trace-mcp %s shared server (pid %d) for %s listening on %s",
