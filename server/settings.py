@@ -32,6 +32,8 @@ class Settings(EngineSettings):
     port: int = 8765
     allowed_hosts: list[str] = field(default_factory=list)
     auth_token: str | None = None
+    idle_exit: float = defaults.IDLE_EXIT_SECONDS
+    in_process: bool = False
 
     @classmethod
     def for_data_dir(cls, data_dir: Path | str, **overrides) -> Settings:
@@ -86,7 +88,17 @@ OPTIONS: list[tuple[str, str, type, str]] = [
         f"seconds a tool call may take (default {defaults.TOOL_TIMEOUT_SECONDS:g})",
     ),
     ("--auth-token", "AGENT_TRACE_TOKEN", str, "HTTP requires 'Authorization: Bearer <token>'"),
+    (
+        "--idle-exit",
+        "AGENT_TRACE_IDLE_EXIT",
+        float,
+        f"seconds the shared server waits with no run and no host before it exits "
+        f"(default {defaults.IDLE_EXIT_SECONDS:g}; 0 never)",
+    ),
 ]
+
+IN_PROCESS_VARIABLE = "AGENT_TRACE_IN_PROCESS"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allowed-host", action="append", default=[], dest="allowed_hosts",
         help="a Host name the HTTP server answers to (repeatable); needed behind a real hostname",
+    )  # fmt: skip
+    parser.add_argument(
+        "--in-process", action="store_true", default=None,
+        help="serve stdio in this process instead of relaying to the shared server; runs then end when "
+        f"the host closes it [env {IN_PROCESS_VARIABLE}=1]",
     )  # fmt: skip
 
 
@@ -128,6 +145,15 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
     def path_or(flag: str, default: Path) -> Path:
         return Path(values[flag]).expanduser() if values[flag] else default
 
+    in_process = getattr(args, "in_process", None)
+    if in_process is None:
+        flag = env.get(IN_PROCESS_VARIABLE, "").strip().lower()
+        if flag not in _TRUE + _FALSE:
+            raise SystemExit(
+                f"agent-trace-mcp: {IN_PROCESS_VARIABLE}={env[IN_PROCESS_VARIABLE]!r} is not 1 or 0."
+            )
+        in_process = flag in _TRUE
+
     return Settings(
         data_dir=data_dir,
         db=path_or("--db", data_dir / "traces.db"),
@@ -144,4 +170,6 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
         port=args.port,
         allowed_hosts=list(args.allowed_hosts),
         auth_token=values["--auth-token"] or None,
+        idle_exit=_or(values["--idle-exit"], defaults.IDLE_EXIT_SECONDS),
+        in_process=in_process,
     )
