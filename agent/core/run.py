@@ -489,7 +489,9 @@ class Run:
             if self._estimate(messages) > self._room():
                 messages = self.model_messages(clamp=True)
         schemas = self._schemas()
-        self._sent_chars = sum(self._size(m) for m in messages) + (self._tool_schemas[2] if self._tool_schemas else 0)
+        self._sent_chars = sum(self._size(m) for m in messages) + (
+            self._tool_schemas[2] if self._tool_schemas else 0
+        )
         with self._guard():
             return await segment.model.complete(
                 messages,
