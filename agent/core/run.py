@@ -140,6 +140,7 @@ class Run:
     _sizes: dict[int, int] = field(default_factory=dict)
     _sent_chars: int = 0
     _ready: list[dict[str, Any]] | None = None
+    _built: tuple[int, list[dict[str, Any]]] | None = None
     _tool_schemas: tuple[Segment, list[dict[str, Any]], int] | None = None
 
     @property
@@ -187,6 +188,7 @@ class Run:
             self.finished = anyio.Event()
             self._wire.clear()
             self._sizes.clear()
+            self._built = None
         if self.holding and not self.lost:
             with anyio.CancelScope(shield=True):
                 released = await self.store.release(self.trace_id, self.token)
@@ -381,15 +383,31 @@ class Run:
     def model_messages(
         self, extra_elided: Iterable[int] = (), *, clamp: bool = False
     ) -> list[dict[str, Any]]:
-        """The active path as the model receives it: compactions applied (``clamp``: cut to fit, as sent)."""
-        return compaction.build_context(
+        """The active path as the model receives it: compactions applied (``clamp``: cut to fit, as sent).
+
+        The plain case grows with the path: messages appended since the last build (none of them a
+        compaction record) extend it, so a step costs what it adds, not the path's length.
+        """
+        context = self.segment.context
+        extra = list(extra_elided)
+        if not extra and not clamp and self._built is not None:
+            count, built = self._built
+            added = context[count:]
+            if count <= len(context) and all(compaction.compaction_of(m) is None for m in added):
+                wire = [*built, *(self._convert(m) for m in added)]
+                self._built = (len(context), wire)
+                return wire
+        wire = compaction.build_context(
             self.trace_id,
-            self.segment.context,
+            context,
             convert=self._convert,
-            extra_elided=extra_elided,
+            extra_elided=extra,
             clamp_to=self._room() if clamp else None,
             tokens_per_char=self.tokens_per_char,
         )
+        if not extra and not clamp:
+            self._built = (len(context), wire)
+        return wire
 
     def _schemas(self) -> list[dict[str, Any]]:
         """The segment's tools as the provider receives them (built once per segment)."""
