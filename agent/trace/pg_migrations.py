@@ -134,11 +134,36 @@ async def m002_change_feed(db: Db) -> None:
     )
 
 
+async def m003_steering(db: Db) -> None:
+    """Tags to group traces (indexed for the tag filter), when the latest run started, the question a
+    paused trace asks, the typed result, and where a fork came from (SQLite's migration 6)."""
+    await db.execute(
+        """
+        ALTER TABLE traces
+            ADD COLUMN tags jsonb NOT NULL DEFAULT '[]',
+            ADD COLUMN started_at text COLLATE "C",
+            ADD COLUMN question text,
+            ADD COLUMN result json,
+            ADD COLUMN forked_from json;
+        CREATE INDEX traces_by_tag ON traces USING gin (tags jsonb_path_ops);
+        CREATE INDEX traces_finished ON traces (updated_at) WHERE run_token IS NULL AND status <> 'running';
+        """
+    )
+
+
+async def m004_compaction_records(db: Db) -> None:
+    """Messages carry engine records (a context compaction), as ``json`` so any text fits (SQLite's
+    migration 7); the append counts compactions and tokens saved in the trace's totals."""
+    await db.execute("ALTER TABLE messages ADD COLUMN meta json")
+
+
 Migration = Callable[[Db], Awaitable[None]]
 
 MIGRATIONS: list[Migration] = [
     m001_traces_and_messages,
     m002_change_feed,
+    m003_steering,
+    m004_compaction_records,
 ]
 
 
