@@ -23,6 +23,7 @@ from agent import defaults
 from agent.core.runner import AgentRunner, RunConfig, SystemPrompt, SystemPromptBuilder
 from agent.errors import TraceError
 from agent.experiences import ConsolidationResult, Experiences, Lesson, format_lessons_block
+from agent.experiences.backends import open_experiences
 from agent.llm.base import Model, resolve_model
 from agent.reflection import Reflection, reflect_on_trace
 from agent.skills import LoadSkillTool, read_skills, skills_system_prompt
@@ -57,6 +58,10 @@ class EngineSettings:
     """The prompt budget; None: the model's known window, else ``defaults.CONTEXT_TOKENS``."""
     retain_days: float | None = None
     """Finished traces older than this are deleted (None: kept forever)."""
+    lease_seconds: float = defaults.LEASE_SECONDS
+    """How long a run's claim outlives its owner's last renewal (then another replica may take it)."""
+    db_pool_size: int | None = None
+    """Most connections to PostgreSQL (None: the backend's default); SQLite ignores it."""
 
 
 OnMessage = Callable[[Message], Awaitable[None]]
@@ -378,9 +383,11 @@ async def open_engine(
     """Open everything; on exit, running traces are cancelled (and marked interrupted) before closing."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
-        store = await open_store(settings.db)
+        store = await open_store(
+            settings.db, lease_seconds=settings.lease_seconds, pool_size=settings.db_pool_size
+        )
         stack.push_async_callback(store.close)
-        experiences = Experiences(settings.experiences)
+        experiences = open_experiences(settings.db, settings.experiences, store)
         stack.callback(experiences.close)
         tools = ToolRegistry([*workspace_tools(settings.workspace), LoadSkillTool(settings.skills_dir)])
         downstream = None

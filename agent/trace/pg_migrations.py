@@ -157,6 +157,49 @@ async def m004_compaction_records(db: Db) -> None:
     await db.execute("ALTER TABLE messages ADD COLUMN meta json")
 
 
+async def m005_experiences(db: Db) -> None:
+    """Experiences in the database: a section per reflection (its source trace and sequences), a row per
+    lesson with a ``tsvector`` for recall, and numbered versions; a consolidation or an import retires
+    lessons in a new version instead of deleting them, so every prior version can still be read."""
+    await db.execute(
+        """
+        CREATE TABLE experience_versions (
+            version     integer PRIMARY KEY,
+            kind        text NOT NULL,
+            preamble    text,
+            summary     json NOT NULL DEFAULT '{}',
+            created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+        );
+        CREATE TABLE experience_sections (
+            id              bigserial PRIMARY KEY,
+            heading         text NOT NULL,
+            trace_id        text COLLATE "C",
+            first_sequence  integer,
+            last_sequence   integer,
+            written         text,
+            source          text,
+            notes           json NOT NULL DEFAULT '{}',
+            created_in      integer NOT NULL DEFAULT 0,
+            created_at      timestamptz NOT NULL DEFAULT clock_timestamp()
+        );
+        CREATE INDEX experience_sections_by_trace ON experience_sections (trace_id);
+        CREATE TABLE experience_lessons (
+            id          bigserial PRIMARY KEY,
+            section_id  bigint NOT NULL REFERENCES experience_sections (id) ON DELETE CASCADE,
+            position    integer NOT NULL,
+            text        text NOT NULL,
+            search      tsvector GENERATED ALWAYS AS (to_tsvector('english'::regconfig, text)) STORED,
+            retired_in  integer REFERENCES experience_versions (version)
+        );
+        CREATE INDEX experience_lessons_search ON experience_lessons USING gin (search)
+            WHERE retired_in IS NULL;
+        CREATE INDEX experience_lessons_current ON experience_lessons (section_id, position)
+            WHERE retired_in IS NULL;
+        CREATE INDEX experience_lessons_by_section ON experience_lessons (section_id, position);
+        """
+    )
+
+
 Migration = Callable[[Db], Awaitable[None]]
 
 MIGRATIONS: list[Migration] = [
@@ -164,6 +207,7 @@ MIGRATIONS: list[Migration] = [
     m002_change_feed,
     m003_steering,
     m004_compaction_records,
+    m005_experiences,
 ]
 
 

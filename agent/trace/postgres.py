@@ -78,10 +78,10 @@ class DatabaseUnreachable(TraceError):
 class WriteOutcomeUnknown(TraceError):
     """The connection dropped while a write was being committed: it may or may not have been stored."""
 
-    def __init__(self, trace_id: str):
+    def __init__(self, trace_id: str, *, what: str | None = None):
         super().__init__(
-            f"The connection to the trace database dropped while a write to trace '{trace_id}' was being "
-            "committed; it may or may not have been stored."
+            f"The connection to the trace database dropped while a write to {what or f'trace {trace_id!r}'} "
+            "was being committed; it may or may not have been stored."
         )
 
 
@@ -355,7 +355,13 @@ class PostgresTraceStore:
     # -- connections --------------------------------------------------------------------------------
 
     async def _retrying(
-        self, body: Callable[[Db], Awaitable[T]], *, transaction: bool, idempotent: bool, trace_id: str = ""
+        self,
+        body: Callable[[Db], Awaitable[T]],
+        *,
+        transaction: bool,
+        idempotent: bool,
+        trace_id: str = "",
+        what: str | None = None,
     ) -> T:
         """Run ``body`` on a pooled connection (in a transaction when asked), again on a new one while the
         database cannot be reached; a non-idempotent write whose COMMIT was cut off is not repeated."""
@@ -369,7 +375,7 @@ class PostgresTraceStore:
                 if not _retryable(exc):
                     raise
                 if stage[0] == "committing" and not idempotent:
-                    raise WriteOutcomeUnknown(trace_id) from exc
+                    raise WriteOutcomeUnknown(trace_id, what=what) from exc
                 if time.monotonic() + delay > deadline:
                     raise DatabaseUnreachable(self._url, exc) from exc
                 log.warning("the trace database connection failed (%s); retrying", _reason(exc))
@@ -402,6 +408,18 @@ class PostgresTraceStore:
             result = await self._retrying(
                 body, transaction=not idempotent, idempotent=idempotent, trace_id=trace_id
             )
+        return result
+
+    async def read_with(self, body: Callable[[Db], Awaitable[T]]) -> T:
+        """Run ``body`` on a pooled connection, again on a new one while the database cannot be reached:
+        for the tables kept beside the traces (the experiences)."""
+        return await self._read(body)
+
+    async def write_with(self, body: Callable[[Db], Awaitable[T]], *, what: str) -> T:
+        """Run ``body`` as one transaction, shielded and retried like the store's writes; a COMMIT cut
+        off is one sentence naming ``what`` was being written."""
+        with anyio.CancelScope(shield=True):
+            result = await self._retrying(body, transaction=True, idempotent=False, what=what)
         return result
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
