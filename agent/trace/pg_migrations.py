@@ -200,6 +200,41 @@ async def m005_experiences(db: Db) -> None:
     )
 
 
+async def m006_changes_logged_at_commit(db: Db) -> None:
+    """Changes are logged (and numbered, under the log's lock) when their transaction commits, not when
+    the statement runs: deferred constraint triggers on messages and traces insert the change rows, so
+    the lock is held only through the commit itself (which notifying transactions serialise anyway),
+    and writers no longer queue behind one another for the whole of their statements."""
+    await db.execute(
+        """
+        DROP TRIGGER trace_created ON traces;
+        DROP TRIGGER trace_changed ON traces;
+        DROP TRIGGER trace_deleted ON traces;
+        CREATE CONSTRAINT TRIGGER trace_created AFTER INSERT ON traces
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION log_trace_change();
+        CREATE CONSTRAINT TRIGGER trace_changed AFTER UPDATE ON traces
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+            WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.run_token IS DISTINCT FROM NEW.run_token
+                  OR OLD.stop_requested IS DISTINCT FROM NEW.stop_requested
+                  OR OLD.name IS DISTINCT FROM NEW.name
+                  OR (OLD.head_sequence IS DISTINCT FROM NEW.head_sequence
+                      AND OLD.last_sequence = NEW.last_sequence))
+            EXECUTE FUNCTION log_trace_change();
+        CREATE CONSTRAINT TRIGGER trace_deleted AFTER DELETE ON traces
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION log_trace_change();
+
+        CREATE FUNCTION log_message_change() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO changes (trace_id, kind, sequence, token)
+            SELECT NEW.trace_id, 'message', NEW.sequence, run_token FROM traces WHERE trace_id = NEW.trace_id;
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER message_appended AFTER INSERT ON messages
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION log_message_change();
+        """
+    )
+
+
 Migration = Callable[[Db], Awaitable[None]]
 
 MIGRATIONS: list[Migration] = [
@@ -208,6 +243,7 @@ MIGRATIONS: list[Migration] = [
     m003_steering,
     m004_compaction_records,
     m005_experiences,
+    m006_changes_logged_at_commit,
 ]
 
 

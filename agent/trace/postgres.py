@@ -1,10 +1,10 @@
 """The PostgreSQL TraceStore (``pip install 'agent-trace-mcp[postgres]'``): any number of replicas, one database.
 
 Same tables and semantics as the SQLite store. An append is one statement (a data-modifying CTE): the
-trace row is locked and its sequence counter, head and usage totals move, the message row and its change
-row are inserted. Claims are compare-and-set updates with leases on the database's clock. Changes are
-numbered in commit order and each NOTIFYs its id; a dedicated listening connection wakes the change feed,
-which reads the rows. The schema defaults to ``agent_trace`` (set another with ``?search_path=NAME``).
+trace row is locked and its sequence counter, head and usage totals move, the message row is inserted.
+Claims are compare-and-set updates with leases on the database's clock. Changes are logged by deferred
+triggers as each transaction commits, numbered in commit order, and each NOTIFYs its id; a dedicated
+listening connection wakes the change feed, which reads the rows. The schema defaults to ``agent_trace`` (set another with ``?search_path=NAME``).
 
 A dropped connection is replaced by the pool; a write is retried unless the drop hit its COMMIT (then it
 may have landed, and the caller hears so), a read always is. Durability is the server's: every commit is
@@ -62,6 +62,9 @@ IDLE_IN_TRANSACTION_SECONDS = 60.0
 RETRY_SECONDS = 30.0
 """How long a read or write keeps retrying while the database cannot be reached (a restart, a failover)."""
 CHANGE_RETENTION_SECONDS = 600.0
+FEED_COALESCE_SECONDS = 0.01
+"""After a NOTIFY the feed waits this long for the rest of a burst, so a busy cluster costs a read per
+burst, not per commit (events of other replicas arrive this much later; a run's own events do not wait)."""
 _PRUNE_BATCH = 10_000
 
 _PRUNE_TRACES_BATCH = 500
@@ -190,9 +193,6 @@ WITH t AS (
     INSERT INTO messages (trace_id, {MESSAGE_COLUMNS})
     SELECT trace_id, last_sequence, $6, $7, $8, $9, $10, $11, $12, updated_at, $3, $13 FROM t
     RETURNING sequence, created_at
-), c AS (
-    INSERT INTO changes (trace_id, kind, sequence, token)
-    SELECT trace_id, 'message', last_sequence, run_token FROM t
 )
 SELECT sequence, created_at FROM m
 """
@@ -798,6 +798,7 @@ class PostgresTraceStore:
             return
         with anyio.move_on_after(timeout):
             await self._wakeup.wait()
+            await anyio.sleep(FEED_COALESCE_SECONDS)  # commits come in bursts: one read for the burst
         self._wakeup = anyio.Event()
 
     async def _listen(self) -> None:
