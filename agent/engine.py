@@ -11,9 +11,8 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,6 +25,7 @@ from agent.experiences import ConsolidationResult, Experiences, Lesson, format_l
 from agent.experiences.backends import open_experiences
 from agent.llm.base import Model, resolve_model
 from agent.reflection import Reflection, reflect_on_trace
+from agent.settings import EngineSettings
 from agent.skills import LoadSkillTool, read_skills, skills_system_prompt
 from agent.tools.ask import AskHostTool
 from agent.tools.files import workspace_tools
@@ -37,31 +37,6 @@ from agent.trace.models import Message, Status, Trace
 from agent.trace.store import TracePage, TraceStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineSettings:
-    """What the engine needs to know; the server's Settings extends it with transport options."""
-
-    data_dir: Path
-    db: Path | str
-    experiences: Path
-    model: str = defaults.MODEL
-    mcp_config: Path | None = None
-    skills_dir: Path = field(default_factory=Path)
-    workspace: Path = field(default_factory=Path)
-    experience_recall: int = defaults.EXPERIENCE_RECALL
-    experience_budget: int = defaults.EXPERIENCE_BUDGET
-    tool_timeout: float = defaults.TOOL_TIMEOUT_SECONDS
-    max_wait: float = defaults.MAX_WAIT_SECONDS
-    context_tokens: int | None = None
-    """The prompt budget; None: the model's known window, else ``defaults.CONTEXT_TOKENS``."""
-    retain_days: float | None = None
-    """Finished traces older than this are deleted (None: kept forever)."""
-    lease_seconds: float = defaults.LEASE_SECONDS
-    """How long a run's claim outlives its owner's last renewal (then another replica may take it)."""
-    db_pool_size: int | None = None
-    """Most connections to PostgreSQL (None: the backend's default); SQLite ignores it."""
 
 
 OnMessage = Callable[[Message], Awaitable[None]]

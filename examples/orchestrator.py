@@ -48,40 +48,60 @@ async def main(model: str, workspace: str) -> None:
     data_dir = tempfile.mkdtemp(prefix="orchestrator-")
     server = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "server.cli", "--in-process", "--model", model, "--data-dir", data_dir, "--workspace", workspace],
+        args=[
+            "-m",
+            "server.cli",
+            "--in-process",
+            "--model",
+            model,
+            "--data-dir",
+            data_dir,
+            "--workspace",
+            workspace,
+        ],
         env=dict(os.environ),
     )
     async with Client(server) as client:
         print("1. A task that needs a decision")
-        tid = (await call(client, "create_trace", prompt="Use ask_host to ask which file I want summarised."))["trace_id"]
+        tid = (
+            await call(client, "create_trace", prompt="Use ask_host to ask which file I want summarised.")
+        )["trace_id"]
         paused = await settle(client, tid)
         print(f"   {paused['trace']['outcome']}: the agent asks {paused['question']!r}")
         await call(client, "run_trace", trace_id=tid, answer="README.md, please")
         print(f"   answered → {short((await settle(client, tid))['answer'])}")
 
         print("2. A risky tool call, approved")
-        tid = (await call(client, "create_trace", prompt="Use read_file to read README.md.", confirm_tools=["read_file"]))[
-            "trace_id"
-        ]
+        tid = (
+            await call(
+                client, "create_trace", prompt="Use read_file to read README.md.", confirm_tools=["read_file"]
+            )
+        )["trace_id"]
         paused = await settle(client, tid)
         print(f"   {paused['trace']['outcome']}: {short(paused['question'])}")
         await call(client, "run_trace", trace_id=tid, approve=True)
         print(f"   approved → {short((await settle(client, tid))['answer'])}")
 
         print("3. Cost and time capped")
-        tid = (await call(client, "create_trace", prompt="Use list_files to look around.", max_tokens=50))["trace_id"]
+        tid = (await call(client, "create_trace", prompt="Use list_files to look around.", max_tokens=50))[
+            "trace_id"
+        ]
         capped = await settle(client, tid)
         print(f"   max_tokens=50 → {capped['trace']['outcome']} ({capped['trace']['stop_reason']})")
         slow = "offline:slow" if model.startswith("offline") else model
-        tid = (await call(client, "create_trace", prompt="Say hello.", model=slow, timeout_seconds=0.5))["trace_id"]
+        tid = (await call(client, "create_trace", prompt="Say hello.", model=slow, timeout_seconds=0.5))[
+            "trace_id"
+        ]
         timed = await settle(client, tid)
         print(f"   timeout_seconds=0.5 → {timed['trace']['outcome']} ({timed['trace']['stop_reason']})")
 
         print("4. Typed JSON back")
         schema = {"type": "object", "properties": {"entries": {"type": "integer"}}, "required": ["entries"]}
-        tid = (await call(client, "create_trace", prompt="Use list_files to count what is here.", output_schema=schema))[
-            "trace_id"
-        ]
+        tid = (
+            await call(
+                client, "create_trace", prompt="Use list_files to count what is here.", output_schema=schema
+            )
+        )["trace_id"]
         typed = await settle(client, tid)
         print(f"   result = {json.dumps(typed['result'])}")
 
@@ -89,8 +109,13 @@ async def main(model: str, workspace: str) -> None:
         base = (await call(client, "create_trace", prompt="Use list_files to see the project."))["trace_id"]
         await settle(client, base)
         forks = [
-            (await call(client, "create_trace", from_trace=base, prompt=prompt, tags=["alternatives"]))["trace_id"]
-            for prompt in ('Now use search_files to search for "def".', "Now use read_file to read README.md.")
+            (await call(client, "create_trace", from_trace=base, prompt=prompt, tags=["alternatives"]))[
+                "trace_id"
+            ]
+            for prompt in (
+                'Now use search_files to search for "def".',
+                "Now use read_file to read README.md.",
+            )
         ]
         both = await call(client, "await_traces", tag="alternatives", mode="all", wait_seconds=30)
         for row in both["done"]:

@@ -1,14 +1,29 @@
-"""The ``agent-trace-mcp`` console script: serve (stdio or HTTP), ``demo``, ``consolidate``."""
+"""The ``agent-trace-mcp`` console script.
+
+With no command it is what hosts launch: a stdio relay to the data directory's shared server (started when
+none runs), or with ``--in-process`` a stdio server in this process. ``--transport http`` serves HTTP.
+``server`` runs the shared server in the foreground; ``status``, ``stop-server``, ``demo``, ``consolidate``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from typing import TYPE_CHECKING
 
 import anyio
 
-from server.settings import add_arguments, resolve
+from server.settings import Settings, add_arguments, resolve
+
+if TYPE_CHECKING:  # the relay must not pay for importing the MCP server
+    from mcp.server.mcpserver import MCPServer
+
+log = logging.getLogger("agent-trace-mcp")
+
+COMMANDS = ["serve", "server", "status", "stop-server", "demo", "consolidate"]
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -17,23 +32,72 @@ def parser() -> argparse.ArgumentParser:
         description="An MCP server that starts, watches, steers and learns from background LLM agent runs.",
     )
     p.add_argument(
-        "command", nargs="?", default="serve", choices=["serve", "demo", "consolidate"],
-        help="serve (default): the MCP server; demo: a complete trace on the offline model; "
-        "consolidate: merge and prune the experiences file now",
+        "command", nargs="?", default="serve", choices=COMMANDS,
+        help="serve (default): stdio for a host, relayed to the shared server (or HTTP with --transport "
+        "http); server: run the shared server in the foreground; status: show the shared server; "
+        "stop-server: drain and stop it; demo: a complete trace on the offline model; consolidate: merge "
+        "and prune the experiences file now",
     )  # fmt: skip
     add_arguments(p)
+    p.add_argument(
+        "--now", action="store_true",
+        help="stop-server: stop the running traces (they end 'stopped') instead of letting them finish",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="status: print it as JSON")
+    p.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)  # started by a relay
     return p
+
+
+def _configure_logging(args: argparse.Namespace, settings: Settings) -> None:
+    quiet = args.command not in ("serve", "server")  # these print for people, not logs
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.WARNING if quiet else logging.INFO, format=LOG_FORMAT
+    )
+    if args.command == "server" and not args.spawned:  # a spawned server's stderr is the log already
+        from server.relay import ServerAddress, open_log
+
+        address = ServerAddress.of(settings.data_dir)
+        address.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stream = open(open_log(address), "a", encoding="utf-8")  # noqa: SIM115 - open while we log
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(handler)
+
+
+def _check_mcp_config(settings: Settings) -> bool:
+    """A bad --mcp-config is a sentence at start-up, not a traceback later."""
+    if settings.mcp_config is None:
+        return True
+    from agent.tools.mcp import load_mcp_config
+
+    try:
+        load_mcp_config(settings.mcp_config)
+    except ValueError as exc:
+        print(f"agent-trace-mcp: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+async def serve_in_process(mcp: MCPServer) -> None:
+    """stdio in this process until the host closes stdin; SIGTERM ends it cleanly (runs: interrupted)."""
+    from server.stream_transport import serve_stdio
+
+    async with anyio.create_task_group() as group:
+
+        async def on_sigterm() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    group.cancel_scope.cancel()
+
+        group.start_soon(on_sigterm)
+        await serve_stdio(mcp)
+        group.cancel_scope.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    quiet = args.command != "serve"  # the demo's and consolidate's output is for people, not logs
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     settings = resolve(args)
+    _configure_logging(args, settings)
     if args.command == "demo":
         from server.demo import run_demo
 
@@ -42,29 +106,45 @@ def main(argv: list[str] | None = None) -> int:
         from server.maintenance import consolidate_now
 
         return anyio.run(consolidate_now, settings)
+    if args.command == "status":
+        from server.relay import show_status
 
-    from server.app import build_server
-    from server.http import UnsafeBind, serve_http
+        return show_status(settings, as_json=args.json)
+    if args.command == "stop-server":
+        from server.relay import stop_server
 
-    if settings.mcp_config is not None:  # a bad file is a sentence now, not a traceback at start-up
-        from agent.tools.mcp import load_mcp_config
+        return stop_server(settings, now=args.now)
 
-        try:
-            load_mcp_config(settings.mcp_config)
-        except ValueError as exc:
-            print(f"agent-trace-mcp: {exc}", file=sys.stderr)
-            return 2
-    mcp = build_server(settings)
+    if not _check_mcp_config(settings):
+        return 2
+    if args.command == "server":
+        from server.shared import serve_shared
+
+        return serve_shared(settings)
     if settings.transport == "http":
+        from server.app import build_server
+        from server.http import UnsafeBind, serve_http
+
         try:
-            anyio.run(serve_http, mcp, settings)
+            anyio.run(serve_http, build_server(settings), settings)
         except UnsafeBind as exc:
             print(f"agent-trace-mcp: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             pass
         return 0
-    anyio.run(mcp.run_stdio_async)
+    if not settings.in_process:
+        from server.relay import relay, unix_sockets_available
+
+        if unix_sockets_available():
+            return relay(settings)
+        log.warning(
+            "Unix sockets are not available here: serving in this process (as --in-process), so runs end "
+            "when the host closes it"
+        )
+    from server.app import build_server
+
+    anyio.run(serve_in_process, build_server(settings))
     return 0
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent import defaults
-from agent.engine import EngineSettings
+from agent.settings import EngineSettings
+from agent.trace.backends import is_postgres_url
 
 T = TypeVar("T")
 
@@ -32,6 +33,8 @@ class Settings(EngineSettings):
     port: int = 8765
     allowed_hosts: list[str] = field(default_factory=list)
     auth_token: str | None = None
+    idle_exit: float = defaults.IDLE_EXIT_SECONDS
+    in_process: bool = False
 
     @classmethod
     def for_data_dir(cls, data_dir: Path | str, **overrides) -> Settings:
@@ -51,7 +54,7 @@ class Settings(EngineSettings):
 # (flag, variable, type, help); defaults are resolved in ``resolve`` because some depend on others.
 OPTIONS: list[tuple[str, str, type, str]] = [
     ("--data-dir", "AGENT_TRACE_HOME", str, "data directory (default $XDG_DATA_HOME/agent-trace-mcp)"),
-    ("--db", "AGENT_TRACE_DB", str, "SQLite database (default <data-dir>/traces.db)"),
+    ("--db", "AGENT_TRACE_DB", str, "SQLite file or postgresql:// URL (default <data-dir>/traces.db)"),
     (
         "--experiences",
         "AGENT_TRACE_EXPERIENCES",
@@ -86,7 +89,35 @@ OPTIONS: list[tuple[str, str, type, str]] = [
         f"seconds a tool call may take (default {defaults.TOOL_TIMEOUT_SECONDS:g})",
     ),
     ("--auth-token", "AGENT_TRACE_TOKEN", str, "HTTP requires 'Authorization: Bearer <token>'"),
+    (
+        "--idle-exit",
+        "AGENT_TRACE_IDLE_EXIT",
+        float,
+        f"seconds the shared server waits with no run and no host before it exits "
+        f"(default {defaults.IDLE_EXIT_SECONDS:g}; 0 never)",
+    ),
+    (
+        "--max-wait",
+        "AGENT_TRACE_MAX_WAIT",
+        float,
+        f"the longest a call blocks, in seconds (default {defaults.MAX_WAIT_SECONDS:g})",
+    ),
+    (
+        "--context-tokens",
+        "AGENT_TRACE_CONTEXT_TOKENS",
+        int,
+        f"the model's prompt budget in tokens (default: its known window, else {defaults.CONTEXT_TOKENS:,})",
+    ),
+    (
+        "--retain-days",
+        "AGENT_TRACE_RETAIN_DAYS",
+        float,
+        "delete finished traces this many days after they ended (default: keep them)",
+    ),
 ]
+
+IN_PROCESS_VARIABLE = "AGENT_TRACE_IN_PROCESS"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allowed-host", action="append", default=[], dest="allowed_hosts",
         help="a Host name the HTTP server answers to (repeatable); needed behind a real hostname",
+    )  # fmt: skip
+    parser.add_argument(
+        "--in-process", action="store_true", default=None,
+        help="serve stdio in this process instead of relaying to the shared server; runs then end when "
+        f"the host closes it [env {IN_PROCESS_VARIABLE}=1]",
     )  # fmt: skip
 
 
@@ -128,9 +164,25 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
     def path_or(flag: str, default: Path) -> Path:
         return Path(values[flag]).expanduser() if values[flag] else default
 
+    db: Path | str = (
+        values["--db"] if is_postgres_url(values["--db"] or "") else path_or("--db", data_dir / "traces.db")
+    )
+    for flag, low in (("--max-wait", 0.001), ("--context-tokens", 1000), ("--retain-days", 0.0001)):
+        if values[flag] is not None and values[flag] < low:
+            raise SystemExit(f"agent-trace-mcp: {flag} must be at least {low:g}; got {values[flag]:g}.")
+
+    in_process = getattr(args, "in_process", None)
+    if in_process is None:
+        flag = env.get(IN_PROCESS_VARIABLE, "").strip().lower()
+        if flag not in _TRUE + _FALSE:
+            raise SystemExit(
+                f"agent-trace-mcp: {IN_PROCESS_VARIABLE}={env[IN_PROCESS_VARIABLE]!r} is not 1 or 0."
+            )
+        in_process = flag in _TRUE
+
     return Settings(
         data_dir=data_dir,
-        db=path_or("--db", data_dir / "traces.db"),
+        db=db,
         experiences=path_or("--experiences", data_dir / "experiences.md"),
         model=values["--model"] or defaults.MODEL,
         mcp_config=Path(values["--mcp-config"]).expanduser() if values["--mcp-config"] else None,
@@ -144,4 +196,9 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
         port=args.port,
         allowed_hosts=list(args.allowed_hosts),
         auth_token=values["--auth-token"] or None,
+        idle_exit=_or(values["--idle-exit"], defaults.IDLE_EXIT_SECONDS),
+        in_process=in_process,
+        max_wait=_or(values["--max-wait"], defaults.MAX_WAIT_SECONDS),
+        context_tokens=values["--context-tokens"],
+        retain_days=values["--retain-days"],
     )

@@ -1,9 +1,13 @@
-"""Our console script as hosts run it: stdio subprocesses and HTTP servers on 127.0.0.1, for slow tests."""
+"""Our console script as hosts run it: stdio subprocesses (in-process, or relays to a shared server) and
+HTTP servers on 127.0.0.1, for slow tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -65,6 +69,51 @@ class HttpServer:
 
 
 def stdio_params(tmp_path: Path, workspace: Path, *extra: str, **env: str) -> StdioServerParameters:
+    """A stdio server serving in the launched process (``--in-process``): its runs end with it."""
+    return relay_params(tmp_path, workspace, "--in-process", *extra, **env)
+
+
+def relay_params(tmp_path: Path, workspace: Path, *extra: str, **env: str) -> StdioServerParameters:
+    """What hosts launch: a relay to the data directory's shared server, started when none runs."""
     command, *prefix = console_script()
     args = [*prefix, *server_args(tmp_path, workspace), *extra]
     return StdioServerParameters(command=command, args=args, env={**os.environ, **env})
+
+
+def run_cli(tmp_path: Path, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    """One console-script command (status, stop-server, …) on the test's data directory."""
+    return subprocess.run(
+        [*console_script(), *args, "--data-dir", str(tmp_path / "data")],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def server_pids(data_dir: Path) -> set[int]:
+    """Every shared server ever started on ``data_dir``, from the start lines of its log."""
+    try:
+        text = (data_dir / "server.log").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    return {int(pid) for pid in re.findall(r"shared server \(pid (\d+)\) for ", text)}
+
+
+def stop_shared_servers(tmp_path: Path, timeout: float = 20) -> None:
+    """Teardown: ``stop-server --now``, then SIGKILL any shared server of this data directory still alive."""
+    from server.relay import process_alive
+
+    data_dir = tmp_path / "data"
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        run_cli(tmp_path, "stop-server", "--now", timeout=timeout)
+    for pid in server_pids(data_dir):
+        deadline = time.monotonic() + 5
+        while process_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if process_alive(pid) and _is_our_server(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _is_our_server(pid: int) -> bool:
+    try:
+        return b"server.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: trust the log

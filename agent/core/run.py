@@ -139,6 +139,8 @@ class Run:
     _wire: dict[int, dict[str, Any]] = field(default_factory=dict)
     _sizes: dict[int, int] = field(default_factory=dict)
     _sent_chars: int = 0
+    _ready: list[dict[str, Any]] | None = None
+    _tool_schemas: tuple[Segment, list[dict[str, Any]], int] | None = None
 
     @property
     def trace_id(self) -> str:
@@ -390,11 +392,17 @@ class Run:
         )
 
     def _schemas(self) -> list[dict[str, Any]]:
-        return [openai_tool_schema(t) for t in self.segment.tools]
+        """The segment's tools as the provider receives them (built once per segment)."""
+        if self._tool_schemas is None or self._tool_schemas[0] is not self.segment:
+            schemas = [openai_tool_schema(t) for t in self.segment.tools]
+            self._tool_schemas = (self.segment, schemas, compaction.chars_of(schemas))
+        return self._tool_schemas[1]
 
     def _room(self) -> int:
         """Tokens the messages may take: the budget less the reply's room and the tool schemas."""
-        tools = compaction.estimate([], self._schemas(), ratio=self.tokens_per_char)
+        self._schemas()
+        assert self._tool_schemas is not None
+        tools = math.ceil(self._tool_schemas[2] * self.tokens_per_char)
         return self.segment.context_tokens - compaction.REPLY_RESERVE_TOKENS - tools
 
     def _estimate(self, wire: list[dict[str, Any]]) -> int:
@@ -403,8 +411,10 @@ class Run:
     async def _fit_context(self) -> list[MessageStored]:
         """Before a model call that would pass the budget: elide old tool results, then summarise old turns."""
         room = self._room()
-        before = self._estimate(self.model_messages())
+        wire = self.model_messages()
+        before = self._estimate(wire)
         if before <= room:
+            self._ready = wire  # the common case: sent as it is, built once per step
             return []
         events: list[MessageStored] = []
         target = room * compaction.LOW_WATER
@@ -473,9 +483,15 @@ class Run:
         """One model call that ``stop`` cancels; a stopped call keeps its streamed text (None if there was none)."""
         partial: list[str] = []
         segment = self.segment
-        messages = self.model_messages(clamp=True)
+        messages, self._ready = self._ready, None
+        if messages is None:
+            messages = self.model_messages()
+            if self._estimate(messages) > self._room():
+                messages = self.model_messages(clamp=True)
         schemas = self._schemas()
-        self._sent_chars = sum(self._size(m) for m in messages) + compaction.chars_of(schemas)
+        self._sent_chars = sum(self._size(m) for m in messages) + (
+            self._tool_schemas[2] if self._tool_schemas else 0
+        )
         with self._guard():
             return await segment.model.complete(
                 messages,

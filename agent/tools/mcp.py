@@ -5,40 +5,53 @@ per call would be slow and would lose server state. Each server gets a superviso
 registers the tools as ``<server>__<tool>``, follows tool-list changes and reconnects with backoff, so
 one broken server only takes its own tools away. Tools look the live connection up at call time, so a
 trace that picked its tools before a reconnect still reaches the new connection.
+
+Only a lost transport (the process exited, its stdout ended, the HTTP connection failed; the transports
+report it) restarts a server. An error reply of any code, -32000 included, is a tool error the model
+reads: restarting for it would lose the server's state and cut every other trace's calls.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any, Literal, Protocol, Self, TextIO, cast
+from typing import Any, Literal, Protocol, Self
 
 import anyio
 import httpx2
-from mcp import Client, MCPError, StdioServerParameters, types
-from mcp.client.stdio import get_default_environment, stdio_client
+from mcp import Client, MCPError, types
+from mcp.client.stdio import get_default_environment
 from mcp.client.streamable_http import streamable_http_client
 from mcp.client.subscriptions import ListenNotSupportedError, SubscriptionLost
-from mcp_types.jsonrpc import CONNECTION_CLOSED
+from pydantic import BaseModel, ConfigDict
 
+from agent.defaults import TOOL_TIMEOUT_SECONDS
 from agent.errors import ToolCallError
 from agent.tools.mcp_config import HttpServerSpec, ServerSpec, StdioServerSpec, load_mcp_config
 from agent.tools.mcp_format import normalize_input_schema, result_to_text, tool_name
-from agent.tools.mcp_transport import describe_error, watch_eof
+from agent.tools.mcp_stdio import REPLY_PROBLEM, StderrTail, stdio_transport
+from agent.tools.mcp_transport import LossWatchingTransport, describe_error
 from agent.tools.registry import ToolRegistry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HttpServerSpec", "McpServers", "McpTool", "ServerSpec", "StdioServerSpec", "load_mcp_config"]
+__all__ = [
+    "HttpServerSpec",
+    "McpServers",
+    "McpTool",
+    "ServerSpec",
+    "ServerState",
+    "StdioServerSpec",
+    "load_mcp_config",
+]
 
-DEFAULT_CALL_TIMEOUT = 60.0
+DEFAULT_CALL_TIMEOUT = TOOL_TIMEOUT_SECONDS
 _MAX_PAGES = 100  # a paginator that never ends must not hang a refresh
 _STDERR_TAIL = 4000  # characters of a child's stderr quoted in a log line
-_STDERR_CAP = 1 << 20  # a chatty child's captured stderr is dropped past this size
+_MAX_ERROR_TEXT = 500  # characters of a server's error message a model reads
 
 
 class ToolCaller(Protocol):
@@ -67,6 +80,8 @@ class McpTool:
         self.description = tool.description or f"Tool {tool.name} of MCP server {server.name}"
         self.input_schema = normalize_input_schema(tool.input_schema)
         self.timeout = timeout
+        # The server's own claim (MCP annotations are hints): absent means it may change things.
+        self.read_only = bool(tool.annotations and tool.annotations.read_only_hint)
 
     async def call(self, arguments: dict[str, Any]) -> str:
         """Call the tool over the shared connection; tool errors and timeouts become ToolCallError."""
@@ -106,6 +121,22 @@ class _StartFailure(Exception):
     """A connection attempt that never got to serving tools; the text is a sentence for status()."""
 
 
+class ServerState(BaseModel):
+    """One configured server as ``agent_info`` shows it: is it up, and if not, why."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    state: Literal["up", "connecting", "failed"]
+    reason: str | None = None  # a sentence without its period, when failed
+    stderr_last_line: str | None = None  # of its process's stderr, this session's or the failed one's
+    tools: list[str] = []  # the names registered for it now
+
+
+def _elide(text: str, limit: int = _MAX_ERROR_TEXT) -> str:
+    text = text.strip().rstrip(".")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class _Server:
     """Supervises one configured server: connect, register tools, follow changes, reconnect."""
 
@@ -116,29 +147,53 @@ class _Server:
         self._opts = options
         self._conn: _Connection | None = None  # set only while connected and serving
         self._tools_seen: list[dict[str, Any]] | None = None
-        self._stderr_tail = ""
+        self._tools: list[str] = []  # the names registered now
+        self._stderr: StderrTail | None = None  # the current (or last) session's process
+        self._failed_stderr: StderrTail | None = None  # the one of the session that failed last
         self._served, self._lost_reason = False, ""
-        self.status = "connecting"
+        self.state: Literal["up", "connecting", "failed"] = "connecting"
+        self.reason: str | None = None
         self.first_attempt_done = anyio.Event()
 
+    @property
+    def status(self) -> str:
+        """ "connected" | "connecting" | "failed: <sentence>" (the older form of ``describe``)."""
+        return {"up": "connected", "connecting": "connecting"}.get(self.state, f"failed: {self.reason}")
+
+    def describe(self) -> ServerState:
+        stderr = self._failed_stderr if self.state == "failed" else self._stderr  # retries start afresh
+        last_line = stderr.last_line() if stderr is not None else None
+        return ServerState(
+            name=self.name,
+            state=self.state,
+            reason=self.reason,
+            stderr_last_line=last_line,
+            tools=self._tools,
+        )
+
     async def call_tool(self, tool: str, arguments: dict[str, Any]) -> types.CallToolResult:
-        """Send tools/call on the live connection; protocol and transport failures become ToolCallError."""
+        """Send tools/call on the live connection; error replies and lost connections become ToolCallError."""
         conn = self._conn
         if conn is None or conn.client is None:
             raise ToolCallError(f"MCP server {self.name!r} is unavailable ({self.status}); try again later.")
         try:
             return await conn.client.call_tool(tool, arguments)
-        except MCPError as exc:
-            if exc.code != CONNECTION_CLOSED:
-                raise ToolCallError(
-                    f"MCP server {self.name!r} refused the call to {tool!r}: {exc.message}"
-                ) from None
-            conn.fail("it lost its connection during a tool call")
-            raise ToolCallError(
-                f"MCP server {self.name!r} is unavailable: it lost its connection during the call to "
-                f"{tool!r}; it is being restarted, try again later."
-            ) from None
         except Exception as exc:
+            if conn.lost.is_set():  # the transport said so before the session failed the call
+                raise ToolCallError(
+                    f"MCP server {self.name!r} is unavailable: it lost its connection during the call to "
+                    f"{tool!r} ({conn.reason}); it is being restarted, try again later."
+                ) from None
+            if isinstance(exc, MCPError) and exc.data == REPLY_PROBLEM:
+                raise ToolCallError(
+                    f"MCP server {self.name!r} sent a reply to {tool!r} {exc.message}; the call may or may "
+                    "not have taken effect."
+                ) from None
+            if isinstance(exc, MCPError):
+                raise ToolCallError(
+                    f"MCP server {self.name!r} answered the call to {tool!r} with an error: "
+                    f"{_elide(exc.message) or f'code {exc.code}'}."
+                ) from None
             raise ToolCallError(
                 f"Calling {tool!r} on MCP server {self.name!r} failed: {describe_error(exc)}."
             ) from None
@@ -164,7 +219,7 @@ class _Server:
                     if anyio.current_time() - started >= self._opts.backoff_max:
                         delay = self._opts.backoff_initial
                 failures += 1
-                self.status = f"failed: {reason}"
+                self.state, self.reason, self._failed_stderr = "failed", reason, self._stderr
                 self._log_failure(reason, failures)
                 self.first_attempt_done.set()
                 await anyio.sleep(delay)
@@ -176,7 +231,7 @@ class _Server:
         return describe_error(exc, self.spec.command if isinstance(self.spec, StdioServerSpec) else None)
 
     def _log_failure(self, reason: str, failures: int) -> None:
-        tail = self._stderr_tail
+        tail = self._stderr.text(_STDERR_TAIL) if self._stderr is not None else ""
         detail = f"\n--- stderr of MCP server {self.name} ---\n{tail}" if tail else ""
         if self._served:
             logger.warning("MCP server %r disconnected: %s; reconnecting.%s", self.name, reason, detail)
@@ -190,59 +245,87 @@ class _Server:
     async def _session(self) -> str:
         """One session: connect within the startup timeout, register tools, serve until lost.
 
-        Returns why a served session ended; raises when it never got that far.
+        Returns why a served session ended; raises when it never got that far. A start that runs out
+        of time is reported failed at once, not after the bounded shutdown of its process.
         """
-        with tempfile.TemporaryFile("a+b") as stderr:  # append mode, so _poll may truncate it
+        deadline = anyio.current_time() + self._opts.startup_timeout
+        outcome: str | Exception = ""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._flag_late_start, deadline)
             try:
-                with anyio.CancelScope(deadline=anyio.current_time() + self._opts.startup_timeout) as attempt:
-                    conn = _Connection()
-                    async with self._client(conn, stderr) as client:
-                        conn.client = client
-                        await self._refresh(conn)
-                        attempt.deadline = math.inf
-                        self._conn, self._served, self.status = conn, True, "connected"
-                        self.first_attempt_done.set()
-                        logger.info(
-                            "MCP server %r connected (protocol %s).", self.name, client.protocol_version
-                        )
-                        async with anyio.create_task_group() as tg:
-                            tg.start_soon(self._follow_changes, conn)
-                            tg.start_soon(self._poll, conn, stderr)
-                            await conn.lost.wait()
-                            self._lost_reason = conn.reason
-                            self._forget()  # before the (possibly slow) close: no new calls to a dead server
-                            tg.cancel_scope.cancel()
-                        return conn.reason
-                raise _StartFailure(f"it did not answer within {self._opts.startup_timeout:g} s")
-            finally:
-                self._stderr_tail = _read_tail(stderr)
+                outcome = await self._attempt(deadline)
+            except Exception as exc:  # kept out of the task group, which would wrap it in a group
+                outcome = exc
+            tg.cancel_scope.cancel()
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _late_start(self) -> str:
+        return f"it did not answer within {self._opts.startup_timeout:g} s"
+
+    async def _flag_late_start(self, deadline: float) -> None:
+        await anyio.sleep_until(deadline)
+        if not self._served:
+            self.state, self.reason, self._failed_stderr = "failed", self._late_start(), self._stderr
+            self.first_attempt_done.set()
+
+    async def _attempt(self, deadline: float) -> str:
+        with anyio.CancelScope(deadline=deadline) as attempt:
+            conn = _Connection()
+            async with self._client(conn) as client:
+                conn.client = client
+                await self._refresh(conn)
+                attempt.deadline = math.inf
+                self._conn, self._served = conn, True
+                self.state, self.reason = "up", None
+                self.first_attempt_done.set()
+                logger.info("MCP server %r connected (protocol %s).", self.name, client.protocol_version)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._follow_changes, conn)
+                    tg.start_soon(self._poll, conn)
+                    await conn.lost.wait()
+                    self._lost_reason = conn.reason
+                    self._forget()  # before the (possibly slow) close: no new calls to a dead server
+                    tg.cancel_scope.cancel()
+                return conn.reason
+        raise _StartFailure(self._late_start())
 
     @asynccontextmanager
-    async def _client(self, conn: _Connection, stderr: IO[bytes]) -> AsyncIterator[Client]:
-        """A connected Client for the spec: stdio (stderr captured, EOF watched) or streamable HTTP."""
+    async def _client(self, conn: _Connection) -> AsyncIterator[Client]:
+        """A connected Client for the spec, over a transport that reports its own loss to ``conn``."""
         options: dict[str, Any] = {
             "mode": self._opts.protocol_mode,
             "cache": None,
             "message_handler": conn.on_message,
         }
         spec = self.spec
+        self._stderr = None
         if isinstance(spec, StdioServerSpec):
-            params = StdioServerParameters(
-                command=spec.command, args=spec.args, env=get_default_environment() | spec.env, cwd=spec.cwd
+            self._stderr = StderrTail()
+            transport = stdio_transport(
+                spec.command,
+                spec.args,
+                env=get_default_environment() | spec.env,
+                cwd=spec.cwd,
+                stderr=self._stderr,
+                lost=conn.fail,
             )
-            transport = watch_eof(stdio_client(params, errlog=cast(TextIO, stderr)), conn.lost)
             async with Client(transport, **options) as client:
                 yield client
         else:
             timeout = httpx2.Timeout(30.0, read=300.0)  # the SDK's defaults: long reads for SSE streams
             async with (
-                httpx2.AsyncClient(headers=spec.headers, timeout=timeout) as http,
+                httpx2.AsyncClient(
+                    headers=spec.headers, timeout=timeout, transport=LossWatchingTransport(conn.fail)
+                ) as http,
                 Client(streamable_http_client(spec.url, http_client=http), **options) as client,
             ):
                 yield client
 
     async def _follow_changes(self, conn: _Connection) -> None:
-        """Re-read the tool list whenever asked; a failed re-read means the connection is gone."""
+        """Re-read the tool list whenever asked; an error reply keeps the tools we have, silence ends it."""
+        refused = False
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._listen, conn)
             while True:
@@ -251,7 +334,19 @@ class _Server:
                 try:
                     with anyio.fail_after(self._opts.call_timeout):
                         await self._refresh(conn)
-                except Exception as exc:
+                    refused = False
+                except MCPError as exc:
+                    if conn.lost.is_set():
+                        continue  # the supervisor is already closing this session
+                    level = logging.DEBUG if refused else logging.WARNING  # once until it works again
+                    logger.log(
+                        level,
+                        "MCP server %r: re-reading its tools failed: %s; keeping the ones it had.",
+                        self.name,
+                        self._describe(exc),
+                    )
+                    refused = True
+                except Exception as exc:  # no answer within the call timeout: a wedged server
                     conn.fail(f"re-reading its tools failed: {self._describe(exc)}")
 
     async def _listen(self, conn: _Connection) -> None:
@@ -267,10 +362,8 @@ class _Server:
                         conn.changed.set()
             except ListenNotSupportedError:
                 return  # handshake era: notifications arrive through on_message
-            except MCPError as exc:
-                if exc.code == CONNECTION_CLOSED:
-                    conn.fail("its connection closed")
-                else:
+            except MCPError as exc:  # a lost transport is reported by the transport itself
+                if not conn.lost.is_set():
                     logger.debug("MCP server %r refused subscriptions/listen: %s", self.name, exc.message)
                 return
             except (SubscriptionLost, TimeoutError):
@@ -278,13 +371,11 @@ class _Server:
             conn.changed.set()  # the stream ended: re-read, which also checks the server is still there
             await anyio.sleep(self._opts.backoff_initial)
 
-    async def _poll(self, conn: _Connection, stderr: IO[bytes]) -> None:
-        """Re-read the tools now and then: catches missed changes and notices a silently dead server."""
+    async def _poll(self, conn: _Connection) -> None:
+        """Re-read the tools now and then: catches missed changes and notices a silently wedged server."""
         while True:
             await anyio.sleep(self._opts.refresh_interval)
             conn.changed.set()
-            if stderr.seek(0, 2) > _STDERR_CAP:
-                stderr.truncate(0)  # a chatty child must not fill the disk; only failures need its stderr
 
     async def _refresh(self, conn: _Connection) -> None:
         """List every page of tools and swap them into the registry in one step (no await in between)."""
@@ -316,22 +407,14 @@ class _Server:
         self._registry.remove_group(self.name)
         for tool in tools.values():
             self._registry.add(tool)
-        self._tools_seen = seen
+        self._tools_seen, self._tools = seen, list(tools)
         logger.info("MCP server %r offers %d tools.", self.name, len(tools))
 
     def _forget(self) -> None:
         """Take the server's tools away: calls in the meantime get a clear 'unavailable'."""
         self._conn = None
-        self._tools_seen = None
+        self._tools_seen, self._tools = None, []
         self._registry.remove_group(self.name)
-
-
-def _read_tail(stream: IO[bytes]) -> str:
-    """The end of a child's captured stderr, for the log line that explains a failure."""
-    stream.flush()
-    size = stream.seek(0, 2)
-    stream.seek(max(0, size - _STDERR_TAIL))
-    return stream.read().decode("utf-8", errors="replace").strip()
 
 
 @dataclass(frozen=True)
@@ -374,6 +457,10 @@ class McpServers:
     def status(self) -> dict[str, str]:
         """Server name → "connected" | "connecting" | "failed: <sentence>"."""
         return {name: server.status for name, server in self._servers.items()}
+
+    def describe(self) -> list[ServerState]:
+        """Every configured server in config order: up, connecting, or failed with why (for ``agent_info``)."""
+        return [server.describe() for server in self._servers.values()]
 
     async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:

@@ -1,13 +1,17 @@
 """The MCP config file (Claude Desktop's format): which downstream servers to connect, and how.
 
 Errors are ValueErrors whose text names the file and the server, because the person reading them is
-editing that file.
+editing that file. Relative paths inside resolve against the file's folder, not wherever we happen to
+be started (a host may start us in ``/``): a relative ``cwd``, the default ``cwd`` of a stdio server,
+and a ``command`` written as a path (``./srv.py``, ``bin/tool``). A bare command name is still looked
+up on PATH, and arguments are left alone: they are the server's to read, from its ``cwd``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,7 @@ def load_mcp_config(path: str | Path) -> dict[str, ServerSpec]:
     after that are refused.
     """
     path = Path(path)
+    folder = Path(os.path.abspath(path)).parent  # the folder as named, symlinks not followed
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -74,8 +79,19 @@ def load_mcp_config(path: str | Path) -> dict[str, ServerSpec]:
             logger.info("MCP server %r in %s is disabled; skipping it.", raw_name, path)
             continue
         name = _server_name(path, raw_name, specs)
-        specs[name] = _server_spec(path, raw_name, entry)
+        specs[name] = _anchored(_server_spec(path, raw_name, entry), folder)
     return specs
+
+
+def _anchored(spec: ServerSpec, folder: Path) -> ServerSpec:
+    """The spec with its relative paths made absolute against the config file's folder."""
+    if not isinstance(spec, StdioServerSpec):
+        return spec
+    cwd = str(folder / spec.cwd) if spec.cwd else str(folder)  # an absolute cwd stays as it is
+    command = spec.command
+    if not os.path.isabs(command) and (os.sep in command or (os.altsep is not None and os.altsep in command)):
+        command = os.path.normpath(folder / command)  # a path, not a name to look up on PATH
+    return spec.model_copy(update={"cwd": os.path.normpath(cwd), "command": command})
 
 
 def _server_name(path: Path, raw: str, taken: Mapping[str, object]) -> str:

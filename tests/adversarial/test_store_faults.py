@@ -86,7 +86,9 @@ def test_kill_9_during_a_reflection_never_leaves_the_head_on_it(tmp_path):
 
         anyio.run(main)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+    )
     assert proc.stdout is not None
     trace_id = proc.stdout.readline().strip()
     assert proc.stdout.readline().strip() == "reflecting"

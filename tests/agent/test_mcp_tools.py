@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -75,6 +76,36 @@ def test_config_errors_are_sentences_naming_file_and_server(
         load_mcp_config(path)
     assert expected in str(info.value)
     assert str(path) in str(info.value)
+
+
+def test_config_relative_paths_resolve_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    path = write_config(
+        folder,
+        {
+            "mcpServers": {
+                "no_cwd": {"command": "python", "args": ["s.py"]},
+                "rel_cwd": {"command": "python", "cwd": "servers/a"},
+                "abs_cwd": {"command": "python", "cwd": "/srv"},
+                "rel_cmd": {"command": "./bin/srv.py", "cwd": "servers"},
+                "sub_cmd": {"command": "bin/tool"},
+                "abs_cmd": {"command": "/usr/bin/tool"},
+            }
+        },
+    )
+    monkeypatch.chdir(tmp_path)  # a relative config path is taken from where we were started
+    stdio = {n: s for n, s in load_mcp_config("conf/mcp.json").items() if isinstance(s, StdioServerSpec)}
+    assert stdio["no_cwd"].cwd == str(folder) and stdio["no_cwd"].command == "python"  # PATH lookup kept
+    assert stdio["no_cwd"].args == ["s.py"]  # arguments are the server's business (found from its cwd)
+    assert stdio["rel_cwd"].cwd == str(folder / "servers" / "a")
+    assert stdio["abs_cwd"].cwd == "/srv"
+    assert stdio["rel_cmd"].command == str(folder / "bin" / "srv.py")  # the folder, not the cwd
+    assert stdio["sub_cmd"].command == str(folder / "bin" / "tool")
+    assert stdio["abs_cmd"].command == "/usr/bin/tool"
+    assert path.parent == folder and len(stdio) == 6
 
 
 def test_config_missing_file(tmp_path: Path) -> None:
@@ -151,7 +182,8 @@ class FakeServer:
     name = "fake"
 
     def __init__(self, result: types.CallToolResult, delay: float = 0.0):
-        self.result, self.delay, self.calls = result, delay, []
+        self.result, self.delay = result, delay
+        self.calls: list[tuple[str, dict[str, Any]]] = []
 
     async def call_tool(self, tool: str, arguments: dict[str, Any]) -> types.CallToolResult:
         self.calls.append((tool, arguments))
@@ -174,6 +206,12 @@ async def test_mcp_tool_sends_the_original_name_and_reports_errors() -> None:
     failing = FakeServer(types.CallToolResult(content=[types.TextContent(text="bad input")], is_error=True))
     with pytest.raises(ToolCallError, match="bad input"):
         await McpTool(failing, types.Tool(name="t", input_schema={})).call({})
+
+    assert tool.read_only is False  # no annotations: assume it may write
+    annotated = types.Tool(
+        name="look", input_schema={}, annotations=types.ToolAnnotations(read_only_hint=True)
+    )
+    assert McpTool(ok, annotated).read_only is True
 
     slow = FakeServer(types.CallToolResult(content=[]), delay=30)
     with anyio.fail_after(10), pytest.raises(ToolCallError, match=r"fake__t timed out after 0.05 s"):
@@ -220,11 +258,17 @@ def process_gone(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_stdio_server_tools_are_registered_and_called() -> None:
     async with servers({"calc": CALC}) as (mcp_servers, registry):
         assert mcp_servers.status() == {"calc": "connected"}
+        (state,) = mcp_servers.describe()
+        assert (state.name, state.state, state.reason) == ("calc", "up", None)
+        assert set(state.tools) == set(registry.names())
         assert {"calc__add", "calc__slow", "calc__fail", "calc__picture"} <= set(registry.names())
+        assert registry.get("calc__add").read_only is True  # type: ignore[union-attr]
+        assert registry.get("calc__count").read_only is False  # type: ignore[union-attr]
         add = registry.get("calc__add")
         assert add is not None and add.group == "calc"
         assert add.input_schema["type"] == "object" and set(add.input_schema["properties"]) == {"a", "b"}
@@ -245,6 +289,7 @@ async def test_stdio_server_tools_are_registered_and_called() -> None:
             await anyio.sleep(0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_slow_call_is_cancelled_promptly_and_times_out() -> None:
     async with servers({"calc": CALC}) as (_, registry):
@@ -262,6 +307,7 @@ async def test_slow_call_is_cancelled_promptly_and_times_out() -> None:
         assert await call(registry, "calc__add", a=2, b=2) == "4"
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
 async def test_changed_tool_list_is_reread(mode: str) -> None:
@@ -272,6 +318,7 @@ async def test_changed_tool_list_is_reread(mode: str) -> None:
         assert await call(registry, "calc__extra") == "extra!"
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_crashed_server_is_restarted() -> None:
     async with servers({"calc": CALC}, backoff_initial=0.05) as (mcp_servers, registry):
@@ -282,6 +329,7 @@ async def test_crashed_server_is_restarted() -> None:
         assert mcp_servers.status() == {"calc": "connected"}
 
 
+@pytest.mark.slow
 @pytest.mark.anyio
 async def test_servers_that_cannot_start_leave_the_others_working(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR, logger="agent.tools.mcp")
@@ -298,6 +346,12 @@ async def test_servers_that_cannot_start_leave_the_others_working(caplog: pytest
         assert status["dies"].startswith("failed: ")
         assert registry.groups() == ["calc"]
         assert await call(registry, "calc__add", a=2, b=3) == "5"
+        described = {state.name: state for state in mcp_servers.describe()}
+        assert [described[n].state for n in ("calc", "missing", "dies")] == ["up", "failed", "failed"]
+        assert described["dies"].stderr_last_line == "fatal: no database configured"
+        assert described["dies"].tools == [] and described["dies"].reason
+        assert "/nonexistent/mcp-server" in (described["missing"].reason or "")
+        assert described["missing"].stderr_last_line is None
     assert "fatal: no database configured" in caplog.text  # the failure is logged with the child's stderr
     assert "'missing' failed to start" in caplog.text
 
@@ -308,9 +362,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.anyio
-async def test_http_server_tools() -> None:
-    port = free_port()
+@asynccontextmanager
+async def http_test_server(port: int | None = None) -> AsyncIterator[tuple[HttpServerSpec, Any]]:
+    """The test server over streamable HTTP in its own process, ready to connect; killed on exit."""
+    port = port or free_port()
     command = [sys.executable, SERVER_SCRIPT, "--http", str(port)]
     process = await anyio.open_process(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -322,14 +377,49 @@ async def test_http_server_tools() -> None:
                 except OSError:
                     assert process.returncode is None, "the HTTP test server exited"
                     await anyio.sleep(0.1)
-        spec = HttpServerSpec(url=f"http://127.0.0.1:{port}/mcp", headers={"X-Test": "1"})
-        async with servers({"web": spec}) as (mcp_servers, registry):
-            assert mcp_servers.status() == {"web": "connected"}
-            assert await call(registry, "web__add", a=2, b=3) == "5"
-            with pytest.raises(ToolCallError, match="out of paper"):
-                await call(registry, "web__fail")
+        yield HttpServerSpec(url=f"http://127.0.0.1:{port}/mcp", headers={"X-Test": "1"}), process
     finally:
-        process.kill()
-        with anyio.fail_after(10):
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        with anyio.fail_after(10), anyio.CancelScope(shield=True):
             await process.wait()
         await process.aclose()
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_http_server_tools() -> None:
+    async with http_test_server() as (spec, _), servers({"web": spec}) as (mcp_servers, registry):
+        assert mcp_servers.status() == {"web": "connected"}
+        assert await call(registry, "web__add", a=2, b=3) == "5"
+        with pytest.raises(ToolCallError, match="out of paper"):
+            await call(registry, "web__fail")
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_config_servers_start_in_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "conf"
+    (folder / "bin").mkdir(parents=True)
+    (folder / "data").mkdir()
+    script = folder / "bin" / "srv.py"
+    script.write_text(
+        f"#!{sys.executable}\nimport runpy\nrunpy.run_path({SERVER_SCRIPT!r}, run_name='__main__')\n"
+    )
+    script.chmod(0o755)
+    config = {
+        "mcpServers": {
+            "here": {"command": "./bin/srv.py"},
+            "there": {"command": sys.executable, "args": ["../bin/srv.py"], "cwd": "data"},
+        }
+    }
+    path = write_config(folder, config)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    async with servers(load_mcp_config(path)) as (mcp_servers, registry):
+        assert mcp_servers.status() == {"here": "connected", "there": "connected"}
+        assert await call(registry, "here__cwd") == os.path.realpath(folder)
+        assert await call(registry, "there__cwd") == os.path.realpath(folder / "data")

@@ -1,0 +1,652 @@
+"""The stdio relay hosts launch, and the client side of the shared server: where it listens, how it is
+started exactly once, and its control requests (hello, status, drain, stop).
+
+Synchronous and standard library only: the relay copies bytes between the host's pipes and the socket with
+one blocking thread per direction, so nothing is buffered and nothing waits behind an event loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from server.settings import IN_PROCESS_VARIABLE, OPTIONS, Settings
+
+log = logging.getLogger("agent-trace-mcp")
+
+SOCKET_NAME = "server.sock"
+MAX_SOCKET_PATH = 103
+"""Bytes in an AF_UNIX path, NUL excluded: 104 on macOS and 108 on Linux with it."""
+CONTROL_KEY = "agent_trace"
+"""A connection's first line holding this key is a control request; anything else starts MCP at once."""
+TEST_VERSION_VARIABLE = "AGENT_TRACE_TEST_VERSION"
+"""Read only to let tests play a relay or server of another version."""
+HELLO_SECONDS = 10.0
+START_SECONDS = 30.0
+EOF_GRACE_SECONDS = 2.0
+"""After the host closes stdin, how long the relay waits for the server to end the session."""
+LOG_ROTATE_BYTES = 8 * 1024 * 1024
+CHUNK = 64 * 1024
+
+# Settings that say how one process serves, not what the server does: never a mismatch.
+_NOT_SERVER_SETTINGS = {
+    "data_dir", "transport", "host", "port", "allowed_hosts", "auth_token", "idle_exit", "in_process",
+}  # fmt: skip
+_PROVIDER_VARIABLES = ("OPENAI_", "ANTHROPIC_", "AGENT_TRACE_LLM_", "AGENT_TRACE_MAX_TOKENS")
+
+
+class ServerUnavailable(Exception):
+    """The shared server could not be reached or started; the message is a sentence for the user."""
+
+
+def unix_sockets_available() -> bool:
+    return hasattr(socket, "AF_UNIX") and sys.platform != "win32"
+
+
+def running_version() -> str:
+    from server.app import VERSION
+
+    return os.environ.get(TEST_VERSION_VARIABLE) or VERSION
+
+
+# -- where it lives ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    """The shared server of one data directory: its socket, its locks, its record and its log."""
+
+    data_dir: Path
+    socket: Path
+
+    @classmethod
+    def of(cls, data_dir: Path) -> ServerAddress:
+        data_dir = data_dir.expanduser().resolve()
+        path = data_dir / SOCKET_NAME
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            path = _short_socket_folder() / f"{hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:24]}.sock"
+        return cls(data_dir, path)
+
+    @property
+    def lock(self) -> Path:
+        """Held by the server listening on the socket (so two never bind it); released when it drains."""
+        return self.data_dir / "server.lock"
+
+    @property
+    def start_lock(self) -> Path:
+        """Held by a relay while it starts a server, so hosts launched at once start one."""
+        return self.data_dir / "start.lock"
+
+    @property
+    def record(self) -> Path:
+        """Pid, version and socket of the server listening now (the socket may live in the temp folder)."""
+        return self.data_dir / "server.json"
+
+    @property
+    def log(self) -> Path:
+        return self.data_dir / "server.log"
+
+    def draining_record(self, pid: int) -> Path:
+        """A server that stopped listening to drain keeps this record until it exits (``stop-server`` finds it)."""
+        return self.data_dir / f"draining-{pid}.json"
+
+    def draining(self) -> list[dict[str, Any]]:
+        """The records of servers still draining; records of dead ones are removed on the way."""
+        found = []
+        for path in sorted(self.data_dir.glob("draining-*.json")):
+            record = _read_json(path)
+            pid = record.get("pid")
+            if isinstance(pid, int) and process_alive(pid):
+                found.append(record)
+            else:
+                path.unlink(missing_ok=True)
+        return found
+
+    def prepare(self) -> None:
+        """Create the data directory (0700 when new) and check the socket's folder is this user's alone."""
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.socket.parent != self.data_dir:
+            _private_folder(self.socket.parent)
+
+
+def _short_socket_folder() -> Path:
+    base = Path(tempfile.gettempdir())
+    if len(os.fsencode(base)) > 40:
+        base = Path("/tmp")
+    return base / f"agent-trace-mcp-{os.getuid()}"
+
+
+def _private_folder(folder: Path) -> None:
+    """Another user must not be able to put a socket where our relays connect."""
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if folder.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ServerUnavailable(
+            f"{folder} is not a private folder of this user (it must be a 0700 directory you own); "
+            "remove it, or use a shorter --data-dir so the socket fits inside it."
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_record(address: ServerAddress) -> dict[str, Any]:
+    return _read_json(address.record)
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Written whole or not at all (0600)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        json.dump(data, out)
+    os.replace(temporary, path)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with suppress(OSError, IndexError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def try_lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive lock on ``path``, or None when another process holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextmanager
+def _locked(path: Path, seconds: float) -> Iterator[None]:
+    deadline = time.monotonic() + seconds
+    while (fd := try_lock(path)) is None:
+        if time.monotonic() > deadline:
+            raise ServerUnavailable(
+                f"Another agent-trace-mcp has been starting the shared server for {seconds:g} s "
+                f"(it holds {path}); see {path.parent / 'server.log'}."
+            )
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+# -- settings the server started with --------------------------------------------------------------------
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def settings_digests(settings: Settings, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A digest of each start-up setting that changes what the server does, named as the user sets it
+    (a flag, or a provider's variable); digests, so no secret travels or lands in a log."""
+    env = os.environ if env is None else env
+    digests: dict[str, str] = {}
+    for item in dataclasses.fields(settings):
+        if item.name in _NOT_SERVER_SETTINGS:
+            continue
+        value = getattr(settings, item.name)
+        text = str(value.absolute() if isinstance(value, Path) else value)
+        if item.name == "mcp_config" and isinstance(value, Path):
+            with suppress(OSError):  # an edited file is another setting, though its path is the same
+                text += ":" + hashlib.sha256(value.read_bytes()).hexdigest()
+        digests["--" + item.name.replace("_", "-")] = _digest(text)
+    for name, value in env.items():
+        if name.startswith(_PROVIDER_VARIABLES):
+            digests[name] = _digest(value)
+    return digests
+
+
+def differing(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+    return sorted(name for name in ours.keys() | theirs.keys() if ours.get(name) != theirs.get(name))
+
+
+def server_environment(settings: Settings) -> dict[str, str]:
+    """The relay's environment with every setting spelled as its variable: the server starts with exactly
+    the relay's settings, and nothing secret (a PostgreSQL URL) shows in its command line."""
+    env = dict(os.environ)
+    env.pop(IN_PROCESS_VARIABLE, None)
+    for flag, variable, _kind, _help in OPTIONS:
+        name = flag.lstrip("-").replace("-", "_")
+        if name == "auth_token" or not hasattr(settings, name):
+            continue  # HTTP only, or not a setting of its own: left as the relay's environment has it
+        value = getattr(settings, name)
+        if value is None:
+            env.pop(variable, None)
+        else:
+            env[variable] = str(value.absolute() if isinstance(value, Path) else value)
+    return env
+
+
+# -- control requests -----------------------------------------------------------------------------------
+
+
+class Channel:
+    """One connection to the shared server: control requests, one JSON line each way, then maybe MCP."""
+
+    def __init__(self, sock: socket.socket, data_dir: Path):
+        self.sock = sock
+        self.data_dir = data_dir
+        self.pending = b""  # bytes after the last reply: the start of the MCP stream, if any
+        self.server: subprocess.Popen[bytes] | None = None  # the server, when this relay started it
+
+    def ask(self, request: Mapping[str, Any], seconds: float = HELLO_SECONDS) -> dict[str, Any]:
+        self.sock.settimeout(seconds)
+        self.sock.sendall(json.dumps(request).encode() + b"\n")
+        while b"\n" not in self.pending:
+            chunk = self.sock.recv(CHUNK)
+            if not chunk:
+                raise ConnectionError("the shared server closed the connection")
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        reply = json.loads(line)
+        if not isinstance(reply, dict):
+            raise ConnectionError("the shared server answered something else than a control reply")
+        self.sock.settimeout(None)
+        return reply
+
+    def wait_closed(self) -> None:
+        """Until the server closes this connection (a stop request's connection stays open until it exits)."""
+        self.sock.settimeout(None)
+        with suppress(OSError):
+            while self.sock.recv(CHUNK):
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def open_channel(address: ServerAddress) -> Channel | None:
+    """A connection to the server at ``address``; None when none listens (no socket, or a stale one)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(os.fsencode(address.socket))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None
+    except OSError as exc:
+        sock.close()
+        raise ServerUnavailable(
+            f"Cannot connect to the shared server at {address.socket}: {exc.strerror}."
+        ) from exc
+    return Channel(sock, address.data_dir)
+
+
+def ask_once(address: ServerAddress, request: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One control request on its own connection; None when no server answers."""
+    channel = open_channel(address)
+    if channel is None:
+        return None
+    try:
+        return channel.ask(request)
+    except (OSError, ValueError):
+        return None
+    finally:
+        channel.close()
+
+
+# -- the relay ----------------------------------------------------------------------------------------
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
+def _greet(address: ServerAddress, version: str, digests: dict[str, str]) -> Channel | None:
+    """A connection already turned into an MCP session, or None when no server will take one (none
+    listens, it is on its way out, or it was older than this relay and has been asked to drain)."""
+    channel = open_channel(address)
+    if channel is None:
+        return None
+    hello = {CONTROL_KEY: "hello", "version": version, "settings": digests, "session": True}
+    try:
+        reply = channel.ask(hello)
+        theirs = str(reply.get("version"))
+        if not reply.get("session") and reply.get("state") == "serving" and theirs != version:
+            if _version_key(theirs) > _version_key(version):
+                log.warning(
+                    "the shared server (pid %s) runs version %s, newer than this relay's %s: using it",
+                    reply.get("pid"), theirs, version,
+                )  # fmt: skip
+                reply = channel.ask({**hello, "any_version": True})
+            else:
+                log.warning(
+                    "the shared server (pid %s) runs version %s and this relay %s: asking it to drain "
+                    "(finish its runs, then exit) and starting a new one",
+                    reply.get("pid"), theirs, version,
+                )  # fmt: skip
+                channel.ask({CONTROL_KEY: "drain"})
+                channel.close()
+                return None
+        if not reply.get("session"):
+            channel.close()
+            return None
+    except (OSError, ValueError):  # it went away while we spoke (an idle exit, a crash)
+        channel.close()
+        return None
+    if reply.get("differ"):
+        log.warning(
+            "the shared server (pid %s) started with other settings (%s differ from this host's): it serves "
+            "this host with its own. To apply this host's, run `agent-trace-mcp stop-server` and reconnect.",
+            reply.get("pid"), ", ".join(reply["differ"]),
+        )  # fmt: skip
+    log.info(
+        "relaying to the shared server (pid %s, version %s) at %s; its log: %s",
+        reply.get("pid"), reply.get("version"), address.socket, address.log,
+    )  # fmt: skip
+    return channel
+
+
+def open_log(address: ServerAddress) -> int:
+    """The server log for appending (0600), the old one set aside as ``server.log.1`` once it is large."""
+    with suppress(OSError):
+        if address.log.stat().st_size > LOG_ROTATE_BYTES:
+            os.replace(address.log, address.log.with_name("server.log.1"))
+    return os.open(address.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+def spawn_server(address: ServerAddress, settings: Settings) -> subprocess.Popen[bytes]:
+    """``agent-trace-mcp server``, detached: its own session, no terminal, output to the log.
+
+    ``-P``: the host's working directory (which may hold a ``server`` package) is not on its import path.
+    """
+    log_fd = open_log(address)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-P", "-m", "server.cli", "server", "--spawned"],
+            stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=server_environment(settings),
+            start_new_session=True, close_fds=True,
+        )  # fmt: skip
+    finally:
+        os.close(log_fd)
+
+
+def _log_tail(address: ServerAddress, lines: int = 12) -> str:
+    try:
+        text = address.log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def connect(settings: Settings) -> Channel:
+    """A session on the data directory's shared server, started first when none answers."""
+    address = ServerAddress.of(settings.data_dir)
+    address.prepare()
+    version, digests = running_version(), settings_digests(settings)
+    if (channel := _greet(address, version, digests)) is not None:
+        return channel
+    with _locked(address.start_lock, START_SECONDS):
+        if (channel := _greet(address, version, digests)) is not None:
+            return channel  # another relay started it while we waited for the lock
+        child = spawn_server(address, settings)
+        deadline = time.monotonic() + START_SECONDS
+        while (channel := _greet(address, version, digests)) is None:
+            if child.poll() is not None:
+                raise ServerUnavailable(
+                    f"The shared server exited at start-up (status {child.returncode}); the end of "
+                    f"{address.log}:\n{_log_tail(address)}"
+                )
+            if time.monotonic() > deadline:
+                raise ServerUnavailable(
+                    f"The shared server (pid {child.pid}) did not answer within {START_SECONDS:g} s; "
+                    f"see {address.log}."
+                )
+            time.sleep(0.02)
+    threading.Thread(target=child.wait, daemon=True).start()  # reap it should it exit while we relay
+    channel.server = child
+    return channel
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise _Terminated
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def pump(channel: Channel, stdin: int = 0, stdout: int = 1) -> int:
+    """Copy bytes host → server and server → host as they come, until either side closes."""
+    sock = channel.sock
+    finished = threading.Event()
+    server_closed = threading.Event()
+    host_closed = threading.Event()
+    answered = threading.Event()
+
+    def upstream() -> None:
+        try:
+            while data := os.read(stdin, CHUNK):
+                sock.sendall(data)
+            host_closed.set()
+            sock.shutdown(socket.SHUT_WR)  # the server ends the session; it may still answer meanwhile
+            server_closed.wait(EOF_GRACE_SECONDS)
+        except OSError:
+            pass
+        finally:
+            finished.set()
+
+    def downstream() -> None:
+        try:
+            if channel.pending:
+                _write_all(stdout, channel.pending)
+            while data := sock.recv(CHUNK):
+                answered.set()
+                _write_all(stdout, data)
+        except OSError:
+            pass
+        finally:
+            server_closed.set()
+            finished.set()
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    threading.Thread(target=upstream, name="relay host→server", daemon=True).start()
+    threading.Thread(target=downstream, name="relay server→host", daemon=True).start()
+    try:
+        finished.wait()
+    except _Terminated:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+    if host_closed.is_set():
+        return 0
+    if channel.server is not None:  # it died: reap it, or its pid looks alive to the next server's sweep
+        with suppress(subprocess.TimeoutExpired):
+            channel.server.wait(0.5)
+    if not answered.is_set():  # it never got going: say why
+        address = ServerAddress.of(channel.data_dir)
+        log.error(
+            "the shared server closed this session at once; the end of %s:\n%s",
+            address.log,
+            _log_tail(address),
+        )
+        return 1
+    log.warning(
+        "the shared server ended this session (it was stopped, upgraded or crashed; see its log); "
+        "the host should restart this MCP server"
+    )
+    return 1
+
+
+def relay(settings: Settings) -> int:
+    """What hosts launch: relay stdio to the shared server. Exit status 1 with a sentence when it fails."""
+    try:
+        channel = connect(settings)
+    except ServerUnavailable as exc:
+        print(f"agent-trace-mcp: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the data directory cannot be made or read
+        print(
+            f"agent-trace-mcp: cannot use {exc.filename or settings.data_dir}: {exc.strerror}.",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return pump(channel)
+
+
+# -- status and stop-server -------------------------------------------------------------------------------
+
+
+def _no_server(address: ServerAddress) -> str:
+    sentence = f"No shared server is running for {address.data_dir}."
+    pid = read_record(address).get("pid")
+    if isinstance(pid, int) and process_alive(pid):
+        sentence += f" (pid {pid}, named in {address.record}, runs but does not answer.)"
+    return sentence
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def format_status(reply: Mapping[str, Any]) -> str:
+    running = reply.get("running") or []
+    lines = [
+        f"Shared server for {reply.get('data_dir')}: pid {reply.get('pid')}, version {reply.get('version')}, "
+        f"up {_duration(float(reply.get('uptime_seconds') or 0))}, {reply.get('state')}, "
+        f"{reply.get('sessions', 0)} host session(s).",
+        f"Socket: {reply.get('socket')}",
+        f"Log: {reply.get('log')}",
+        f"Running traces: {len(running)}",
+    ]
+    lines += [f"  {run.get('trace_id')}  {run.get('name') or ''}".rstrip() for run in running]
+    lines += [f"Note: {note}" for note in reply.get("notes") or []]
+    return "\n".join(lines)
+
+
+NO_UNIX_SOCKETS = (
+    "There is no shared server on this platform (it needs Unix sockets): hosts serve in-process."
+)
+
+
+def show_status(settings: Settings, as_json: bool = False) -> int:
+    if not unix_sockets_available():
+        print(NO_UNIX_SOCKETS)
+        return 1
+    address = ServerAddress.of(settings.data_dir)
+    reply = ask_once(address, {CONTROL_KEY: "status"}) if address.socket.exists() else None
+    draining = address.draining()
+    if reply is None:
+        print(_no_server(address))
+    elif as_json:
+        print(json.dumps({**reply, "draining_servers": draining}, indent=2))
+    else:
+        print(format_status(reply))
+    if not as_json or reply is None:
+        for record in draining:
+            print(f"Draining: the server of version {record.get('version')} (pid {record.get('pid')}) "
+                  "takes no hosts and exits when its runs finish.")  # fmt: skip
+    return 1 if reply is None else 0
+
+
+def stop_server(settings: Settings, now: bool = False) -> int:
+    """Drain (or with ``now``, stop the runs of) the shared server, and any server still draining, and wait
+    until their processes have exited."""
+    if not unix_sockets_available():
+        print(NO_UNIX_SOCKETS)
+        return 0
+    address = ServerAddress.of(settings.data_dir)
+    draining = [record["pid"] for record in address.draining()]
+    channel = open_channel(address) if address.socket.exists() else None
+    code = 0 if channel is None else _stop_listening_server(address, channel, now)
+    if channel is None and not draining:
+        print(_no_server(address))
+    for pid in draining:
+        if now:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)  # a server's SIGTERM stops its runs: they end stopped
+            print(f"Stopping the draining server (pid {pid})…", flush=True)
+        else:
+            print(f"Waiting for the draining server (pid {pid}) to finish its runs…", flush=True)
+        try:
+            while process_alive(pid):
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            print("\nIt goes on draining.")
+            return 130
+        print(f"The draining server (pid {pid}) has stopped.")
+    return code
+
+
+def _stop_listening_server(address: ServerAddress, channel: Channel, now: bool) -> int:
+    pid: Any = None
+    try:
+        reply = channel.ask({CONTROL_KEY: "stop", "now": now, "wait": True})
+        pid, running = reply.get("pid"), len(reply.get("running") or [])
+        if now:
+            print(f"Stopping the shared server (pid {pid}) and its {running} running trace(s)…", flush=True)
+        elif running:
+            print(
+                f"Draining the shared server (pid {pid}): it exits when its {running} running trace(s) "
+                "finish. Ctrl-C leaves it draining; `agent-trace-mcp stop-server --now` stops them.",
+                flush=True,
+            )
+        channel.wait_closed()
+    except (OSError, ValueError):
+        print(_no_server(address))
+        return 1
+    except KeyboardInterrupt:
+        print("\nThe shared server goes on draining.")
+        return 130
+    finally:
+        channel.close()
+    deadline = time.monotonic() + 10
+    while isinstance(pid, int) and process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    print(f"The shared server (pid {pid}) has stopped.")
+    return 0
