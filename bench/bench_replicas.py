@@ -28,10 +28,11 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_engine import PROMPT, BenchModel, OkTool  # beside this script
+
 from agent import AgentRunner, RunConfig
 from agent.tools.registry import ToolRegistry
 from agent.trace.backends import open_store
-from bench.bench_engine import PROMPT, BenchModel, OkTool
 
 TRACES, STEPS, WARMUP_TRACES = 100, 20, 5
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
