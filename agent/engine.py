@@ -22,6 +22,7 @@ from agent import defaults
 from agent.core.runner import AgentRunner, RunConfig, SystemPrompt, SystemPromptBuilder
 from agent.errors import TraceError
 from agent.experiences import ConsolidationResult, Experiences, Lesson, format_lessons_block
+from agent.experiences.backends import open_experiences
 from agent.llm.base import Model, resolve_model
 from agent.reflection import Reflection, reflect_on_trace
 from agent.settings import EngineSettings
@@ -357,9 +358,11 @@ async def open_engine(
     """Open everything; on exit, running traces are cancelled (and marked interrupted) before closing."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
-        store = await open_store(settings.db)
+        store = await open_store(
+            settings.db, lease_seconds=settings.lease_seconds, pool_size=settings.db_pool_size
+        )
         stack.push_async_callback(store.close)
-        experiences = Experiences(settings.experiences)
+        experiences = open_experiences(settings.db, settings.experiences, store)
         stack.callback(experiences.close)
         tools = ToolRegistry([*workspace_tools(settings.workspace), LoadSkillTool(settings.skills_dir)])
         downstream = None

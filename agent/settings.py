@@ -27,3 +27,7 @@ class EngineSettings:
     """The prompt budget; None: the model's known window, else ``defaults.CONTEXT_TOKENS``."""
     retain_days: float | None = None
     """Finished traces older than this are deleted (None: kept forever)."""
+    lease_seconds: float = defaults.LEASE_SECONDS
+    """How long a run's claim outlives its owner's last renewal (then another replica may take it)."""
+    db_pool_size: int | None = None
+    """Most connections to PostgreSQL (None: the backend's default); SQLite ignores it."""

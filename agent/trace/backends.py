@@ -12,13 +12,21 @@ def is_postgres_url(db: str | Path) -> bool:
     return str(db).startswith(("postgresql://", "postgres://"))
 
 
-async def open_store(db: str | Path, *, lease_seconds: float = defaults.LEASE_SECONDS) -> TraceStore:
-    """Open (creating and migrating) the store; claims left by dead processes are swept on the way."""
+async def open_store(
+    db: str | Path, *, lease_seconds: float = defaults.LEASE_SECONDS, pool_size: int | None = None
+) -> TraceStore:
+    """Open (creating and migrating) the store; claims left by dead processes are swept on the way.
+
+    ``pool_size``: most connections to PostgreSQL (None: ``agent.trace.postgres.POOL_SIZE``); SQLite has two.
+    """
     if is_postgres_url(db):
         from importlib import import_module
 
         postgres = import_module("agent.trace.postgres")
-        store: TraceStore = await postgres.PostgresTraceStore.open(str(db), lease_seconds=lease_seconds)
+        size = postgres.POOL_SIZE if pool_size is None else pool_size
+        store: TraceStore = await postgres.PostgresTraceStore.open(
+            str(db), lease_seconds=lease_seconds, pool_size=size
+        )
         return store
     from agent.trace.sqlite import SQLiteTraceStore
 

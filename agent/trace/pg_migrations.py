@@ -134,11 +134,116 @@ async def m002_change_feed(db: Db) -> None:
     )
 
 
+async def m003_steering(db: Db) -> None:
+    """Tags to group traces (indexed for the tag filter), when the latest run started, the question a
+    paused trace asks, the typed result, and where a fork came from (SQLite's migration 6)."""
+    await db.execute(
+        """
+        ALTER TABLE traces
+            ADD COLUMN tags jsonb NOT NULL DEFAULT '[]',
+            ADD COLUMN started_at text COLLATE "C",
+            ADD COLUMN question text,
+            ADD COLUMN result json,
+            ADD COLUMN forked_from json;
+        CREATE INDEX traces_by_tag ON traces USING gin (tags jsonb_path_ops);
+        CREATE INDEX traces_finished ON traces (updated_at) WHERE run_token IS NULL AND status <> 'running';
+        """
+    )
+
+
+async def m004_compaction_records(db: Db) -> None:
+    """Messages carry engine records (a context compaction), as ``json`` so any text fits (SQLite's
+    migration 7); the append counts compactions and tokens saved in the trace's totals."""
+    await db.execute("ALTER TABLE messages ADD COLUMN meta json")
+
+
+async def m005_experiences(db: Db) -> None:
+    """Experiences in the database: a section per reflection (its source trace and sequences), a row per
+    lesson with a ``tsvector`` for recall, and numbered versions; a consolidation or an import retires
+    lessons in a new version instead of deleting them, so every prior version can still be read."""
+    await db.execute(
+        """
+        CREATE TABLE experience_versions (
+            version     integer PRIMARY KEY,
+            kind        text NOT NULL,
+            preamble    text,
+            summary     json NOT NULL DEFAULT '{}',
+            created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+        );
+        CREATE TABLE experience_sections (
+            id              bigserial PRIMARY KEY,
+            heading         text NOT NULL,
+            trace_id        text COLLATE "C",
+            first_sequence  integer,
+            last_sequence   integer,
+            written         text,
+            source          text,
+            notes           json NOT NULL DEFAULT '{}',
+            created_in      integer NOT NULL DEFAULT 0,
+            created_at      timestamptz NOT NULL DEFAULT clock_timestamp()
+        );
+        CREATE INDEX experience_sections_by_trace ON experience_sections (trace_id);
+        CREATE TABLE experience_lessons (
+            id          bigserial PRIMARY KEY,
+            section_id  bigint NOT NULL REFERENCES experience_sections (id) ON DELETE CASCADE,
+            position    integer NOT NULL,
+            text        text NOT NULL,
+            search      tsvector GENERATED ALWAYS AS (to_tsvector('english'::regconfig, text)) STORED,
+            retired_in  integer REFERENCES experience_versions (version)
+        );
+        CREATE INDEX experience_lessons_search ON experience_lessons USING gin (search)
+            WHERE retired_in IS NULL;
+        CREATE INDEX experience_lessons_current ON experience_lessons (section_id, position)
+            WHERE retired_in IS NULL;
+        CREATE INDEX experience_lessons_by_section ON experience_lessons (section_id, position);
+        """
+    )
+
+
+async def m006_changes_logged_at_commit(db: Db) -> None:
+    """Changes are logged (and numbered, under the log's lock) when their transaction commits, not when
+    the statement runs: deferred constraint triggers on messages and traces insert the change rows, so
+    the lock is held only through the commit itself (which notifying transactions serialise anyway),
+    and writers no longer queue behind one another for the whole of their statements."""
+    await db.execute(
+        """
+        DROP TRIGGER trace_created ON traces;
+        DROP TRIGGER trace_changed ON traces;
+        DROP TRIGGER trace_deleted ON traces;
+        CREATE CONSTRAINT TRIGGER trace_created AFTER INSERT ON traces
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION log_trace_change();
+        CREATE CONSTRAINT TRIGGER trace_changed AFTER UPDATE ON traces
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+            WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.run_token IS DISTINCT FROM NEW.run_token
+                  OR OLD.stop_requested IS DISTINCT FROM NEW.stop_requested
+                  OR OLD.name IS DISTINCT FROM NEW.name
+                  OR (OLD.head_sequence IS DISTINCT FROM NEW.head_sequence
+                      AND OLD.last_sequence = NEW.last_sequence))
+            EXECUTE FUNCTION log_trace_change();
+        CREATE CONSTRAINT TRIGGER trace_deleted AFTER DELETE ON traces
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION log_trace_change();
+
+        CREATE FUNCTION log_message_change() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO changes (trace_id, kind, sequence, token)
+            SELECT NEW.trace_id, 'message', NEW.sequence, run_token FROM traces WHERE trace_id = NEW.trace_id;
+            RETURN NULL;
+        END $$;
+        CREATE CONSTRAINT TRIGGER message_appended AFTER INSERT ON messages
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION log_message_change();
+        """
+    )
+
+
 Migration = Callable[[Db], Awaitable[None]]
 
 MIGRATIONS: list[Migration] = [
     m001_traces_and_messages,
     m002_change_feed,
+    m003_steering,
+    m004_compaction_records,
+    m005_experiences,
+    m006_changes_logged_at_commit,
 ]
 
 

@@ -1,10 +1,10 @@
 """The PostgreSQL TraceStore (``pip install 'agent-trace-mcp[postgres]'``): any number of replicas, one database.
 
 Same tables and semantics as the SQLite store. An append is one statement (a data-modifying CTE): the
-trace row is locked and its sequence counter, head and usage totals move, the message row and its change
-row are inserted. Claims are compare-and-set updates with leases on the database's clock. Changes are
-numbered in commit order and each NOTIFYs its id; a dedicated listening connection wakes the change feed,
-which reads the rows. The schema defaults to ``agent_trace`` (set another with ``?search_path=NAME``).
+trace row is locked and its sequence counter, head and usage totals move, the message row is inserted.
+Claims are compare-and-set updates with leases on the database's clock. Changes are logged by deferred
+triggers as each transaction commits, numbered in commit order, and each NOTIFYs its id; a dedicated
+listening connection wakes the change feed, which reads the rows. The schema defaults to ``agent_trace`` (set another with ``?search_path=NAME``).
 
 A dropped connection is replaced by the pool; a write is retried unless the drop hit its COMMIT (then it
 may have landed, and the caller hears so), a read always is. Durability is the server's: every commit is
@@ -29,7 +29,15 @@ from agent import defaults
 from agent.errors import TraceError, TraceNotFound, TraceRunning
 from agent.trace.models import Message, NewMessage, Status, StopReason, Trace, TraceConfig
 from agent.trace.pg_migrations import Db, migrate
-from agent.trace.sqlite import MESSAGE_COLUMNS, TRACE_COLUMNS, message_from_row, trace_from_row
+from agent.trace.rows import (
+    MESSAGE_COLUMNS,
+    N_MESSAGE,
+    N_TRACE,
+    TRACE_COLUMNS,
+    message_from_row,
+    prefixed,
+    trace_from_row,
+)
 from agent.trace.store import (
     OPEN_OWNERS,
     Change,
@@ -54,10 +62,12 @@ IDLE_IN_TRANSACTION_SECONDS = 60.0
 RETRY_SECONDS = 30.0
 """How long a read or write keeps retrying while the database cannot be reached (a restart, a failover)."""
 CHANGE_RETENTION_SECONDS = 600.0
+FEED_COALESCE_SECONDS = 0.01
+"""After a NOTIFY the feed waits this long for the rest of a burst, so a busy cluster costs a read per
+burst, not per commit (events of other replicas arrive this much later; a run's own events do not wait)."""
 _PRUNE_BATCH = 10_000
 
-_N_TRACE = len(TRACE_COLUMNS.split(","))
-_N_MESSAGE = len(MESSAGE_COLUMNS.split(","))
+_PRUNE_TRACES_BATCH = 500
 _CONTENT = [c.strip() for c in MESSAGE_COLUMNS.split(",")].index("content")
 
 
@@ -71,10 +81,10 @@ class DatabaseUnreachable(TraceError):
 class WriteOutcomeUnknown(TraceError):
     """The connection dropped while a write was being committed: it may or may not have been stored."""
 
-    def __init__(self, trace_id: str):
+    def __init__(self, trace_id: str, *, what: str | None = None):
         super().__init__(
-            f"The connection to the trace database dropped while a write to trace '{trace_id}' was being "
-            "committed; it may or may not have been stored."
+            f"The connection to the trace database dropped while a write to {what or f'trace {trace_id!r}'} "
+            "was being committed; it may or may not have been stored."
         )
 
 
@@ -164,10 +174,6 @@ async def _keep_session(conn: object) -> None:
     rolls back an open transaction)."""
 
 
-def _prefixed(columns: str, alias: str) -> str:
-    return ", ".join(f"{alias}.{c.strip()}" for c in columns.split(","))
-
-
 _APPEND = f"""
 WITH t AS (
     UPDATE traces SET
@@ -178,24 +184,24 @@ WITH t AS (
             'prompt_tokens', coalesce((usage ->> 'prompt_tokens')::bigint, 0) + $4,
             'completion_tokens', coalesce((usage ->> 'completion_tokens')::bigint, 0) + $5,
             'llm_calls', coalesce((usage ->> 'llm_calls')::bigint, 0) + (CASE WHEN $7 = 'assistant' THEN 1 ELSE 0 END),
-            'tool_calls', coalesce((usage ->> 'tool_calls')::bigint, 0) + (CASE WHEN $7 = 'tool' THEN 1 ELSE 0 END))
+            'tool_calls', coalesce((usage ->> 'tool_calls')::bigint, 0) + (CASE WHEN $7 = 'tool' THEN 1 ELSE 0 END),
+            'compactions', coalesce((usage ->> 'compactions')::bigint, 0) + $14,
+            'tokens_saved', coalesce((usage ->> 'tokens_saved')::bigint, 0) + $15)
     WHERE trace_id = $1 AND ($3 OR run_token IS NOT DISTINCT FROM $2)
     RETURNING trace_id, last_sequence, run_token, updated_at
 ), m AS (
     INSERT INTO messages (trace_id, {MESSAGE_COLUMNS})
-    SELECT trace_id, last_sequence, $6, $7, $8, $9, $10, $11, $12, updated_at, $3 FROM t
+    SELECT trace_id, last_sequence, $6, $7, $8, $9, $10, $11, $12, updated_at, $3, $13 FROM t
     RETURNING sequence, created_at
-), c AS (
-    INSERT INTO changes (trace_id, kind, sequence, token)
-    SELECT trace_id, 'message', last_sequence, run_token FROM t
 )
 SELECT sequence, created_at FROM m
 """
 
 _CLAIM = f"""
-UPDATE traces SET status = 'running', stop_reason = NULL, error = NULL, head_sequence = $1, model = $2,
-    config = $3, owner = $4, run_token = $5, lease_until = clock_timestamp() + make_interval(secs => $6),
-    stop_requested = false, updated_at = iso_utc(clock_timestamp())
+UPDATE traces SET status = 'running', stop_reason = NULL, error = NULL, question = NULL, result = NULL,
+    head_sequence = $1, model = $2, config = $3, owner = $4, run_token = $5,
+    lease_until = clock_timestamp() + make_interval(secs => $6), stop_requested = false,
+    updated_at = iso_utc(clock_timestamp()), started_at = iso_utc(clock_timestamp())
 WHERE trace_id = $7 AND (run_token IS NULL OR run_token = $5 OR lease_until < clock_timestamp() OR owner = $8)
 RETURNING {TRACE_COLUMNS}
 """
@@ -221,19 +227,56 @@ _PATH = f"""
 WITH RECURSIVE path AS (
     SELECT {MESSAGE_COLUMNS} FROM messages WHERE trace_id = $1 AND sequence = $2
     UNION ALL
-    SELECT {_prefixed(MESSAGE_COLUMNS, "m")} FROM path p
+    SELECT {prefixed(MESSAGE_COLUMNS, "m")} FROM path p
     JOIN messages m ON m.trace_id = $1 AND m.sequence = p.parent_sequence AND m.sequence < p.sequence
 ) SELECT {MESSAGE_COLUMNS} FROM path ORDER BY sequence
 """
 
 _CHANGES = f"""
 SELECT c.id, c.trace_id, c.kind, c.sequence, c.token,
-       {_prefixed(MESSAGE_COLUMNS, "m")}, {_prefixed(TRACE_COLUMNS, "t")}
+       {prefixed(MESSAGE_COLUMNS, "m")}, {prefixed(TRACE_COLUMNS, "t")}
 FROM changes c
 LEFT JOIN messages m ON c.kind = 'message' AND m.trace_id = c.trace_id AND m.sequence = c.sequence
 LEFT JOIN traces t ON c.kind IN ('created', 'trace') AND t.trace_id = c.trace_id
 WHERE c.id > $1 ORDER BY c.id LIMIT $2
 """
+
+_TAIL = f"""
+WITH RECURSIVE path AS (
+    SELECT {MESSAGE_COLUMNS}, 1 AS depth FROM messages WHERE trace_id = $1 AND sequence = $2
+    UNION ALL
+    SELECT {prefixed(MESSAGE_COLUMNS, "m")}, p.depth + 1 FROM path p
+    JOIN messages m ON m.trace_id = $1 AND m.sequence = p.parent_sequence AND m.sequence < p.sequence
+    WHERE p.depth < $3
+) SELECT {MESSAGE_COLUMNS} FROM path ORDER BY sequence
+"""
+
+_PRUNE = f"""
+DELETE FROM traces WHERE trace_id IN (
+    SELECT trace_id FROM traces
+    WHERE run_token IS NULL AND status <> 'running' AND updated_at < $1
+    LIMIT {_PRUNE_TRACES_BATCH} FOR UPDATE SKIP LOCKED
+) RETURNING trace_id
+"""
+
+
+def _compaction(meta: dict[str, Any] | None) -> tuple[int, int]:
+    """(1, tokens saved) for a message recording a context compaction, else (0, 0): what SQLite's
+    append trigger reads from ``meta.compaction``."""
+    record = meta.get("compaction") if meta else None
+    if record is None:
+        return 0, 0
+    saved = record.get("tokens_saved") if isinstance(record, dict) else None
+    return 1, int(saved) if isinstance(saved, int | float) and not isinstance(saved, bool) else 0
+
+
+def _json_or_none(value: Any) -> str | None:
+    return json.dumps(value) if value is not None else None
+
+
+def _tags(tags: Sequence[str]) -> str:
+    """jsonb cannot hold U+0000 even escaped: a tag's becomes U+FFFD, as in plain text values."""
+    return json.dumps([tag.replace("\x00", "\ufffd") for tag in tags])
 
 
 class PostgresTraceStore:
@@ -312,7 +355,13 @@ class PostgresTraceStore:
     # -- connections --------------------------------------------------------------------------------
 
     async def _retrying(
-        self, body: Callable[[Db], Awaitable[T]], *, transaction: bool, idempotent: bool, trace_id: str = ""
+        self,
+        body: Callable[[Db], Awaitable[T]],
+        *,
+        transaction: bool,
+        idempotent: bool,
+        trace_id: str = "",
+        what: str | None = None,
     ) -> T:
         """Run ``body`` on a pooled connection (in a transaction when asked), again on a new one while the
         database cannot be reached; a non-idempotent write whose COMMIT was cut off is not repeated."""
@@ -326,7 +375,7 @@ class PostgresTraceStore:
                 if not _retryable(exc):
                     raise
                 if stage[0] == "committing" and not idempotent:
-                    raise WriteOutcomeUnknown(trace_id) from exc
+                    raise WriteOutcomeUnknown(trace_id, what=what) from exc
                 if time.monotonic() + delay > deadline:
                     raise DatabaseUnreachable(self._url, exc) from exc
                 log.warning("the trace database connection failed (%s); retrying", _reason(exc))
@@ -361,6 +410,18 @@ class PostgresTraceStore:
             )
         return result
 
+    async def read_with(self, body: Callable[[Db], Awaitable[T]]) -> T:
+        """Run ``body`` on a pooled connection, again on a new one while the database cannot be reached:
+        for the tables kept beside the traces (the experiences)."""
+        return await self._read(body)
+
+    async def write_with(self, body: Callable[[Db], Awaitable[T]], *, what: str) -> T:
+        """Run ``body`` as one transaction, shielded and retried like the store's writes; a COMMIT cut
+        off is one sentence naming ``what`` was being written."""
+        with anyio.CancelScope(shield=True):
+            result = await self._retrying(body, transaction=True, idempotent=False, what=what)
+        return result
+
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         async def body(db: Db) -> list[asyncpg.Record]:
             return await db.fetch(sql, *_clean(args))
@@ -373,6 +434,7 @@ class PostgresTraceStore:
         self, db: Db, trace_id: str, message: NewMessage, parent: int | None, token: str | None, side: bool
     ) -> Message:
         usage = message.usage
+        compactions, saved = _compaction(message.meta)
         row = await db.fetchrow(
             _APPEND,
             *_clean([
@@ -381,6 +443,7 @@ class PostgresTraceStore:
                 json.dumps(message.content, ensure_ascii=False) if message.content is not None else None,
                 json.dumps([c.model_dump() for c in message.tool_calls]) if message.tool_calls else None,
                 message.tool_call_id, message.name, usage.model_dump_json() if usage else None,
+                json.dumps(message.meta) if message.meta else None, compactions, saved,
             ]),
         )  # fmt: skip
         if row is None:
@@ -409,13 +472,15 @@ class PostgresTraceStore:
         async def body(db: Db) -> tuple[Trace, list[Message]]:
             await db.execute(
                 f"INSERT INTO traces ({TRACE_COLUMNS}, owner, run_token, lease_until) VALUES "
-                f"({', '.join(f'${i}' for i in range(1, _N_TRACE + 3))}, "
-                f"clock_timestamp() + make_interval(secs => ${_N_TRACE + 3}))",
+                f"({', '.join(f'${i}' for i in range(1, N_TRACE + 3))}, "
+                f"clock_timestamp() + make_interval(secs => ${N_TRACE + 3}))",
                 *_clean([
                     trace.trace_id, trace.name, trace.uid, trace.model, trace.config.model_dump_json(),
                     trace.status.value, trace.stop_reason.value if trace.stop_reason else None,
                     trace.head_sequence, trace.created_at, trace.updated_at, trace.error,
-                    trace.usage.model_dump_json(), json.dumps(trace.lessons),
+                    trace.usage.model_dump_json(), json.dumps(trace.lessons), _tags(trace.tags),
+                    trace.started_at or trace.created_at, trace.question, _json_or_none(trace.result),
+                    trace.forked_from.model_dump_json() if trace.forked_from else None,
                     self.owner, token, self._lease_seconds,
                 ]),
             )  # fmt: skip
@@ -481,16 +546,21 @@ class PostgresTraceStore:
         stop_reason: StopReason | None,
         error: str | None,
         release: bool = True,
+        question: str | None = None,
+        result: Any = None,
     ) -> Trace:
         clear = ", owner = NULL, run_token = NULL, lease_until = NULL" if release else ""
 
         async def body(db: Db) -> asyncpg.Record | None:
             return await db.fetchrow(
-                "UPDATE traces SET status = $1, stop_reason = $2, error = $3, stop_requested = false, "
-                f"updated_at = iso_utc(clock_timestamp()){clear} WHERE trace_id = $4 AND run_token = $5 "
-                f"RETURNING {TRACE_COLUMNS}",
-                *_clean([status.value, stop_reason.value if stop_reason else None, error, trace_id, token]),
-            )
+                "UPDATE traces SET status = $1, stop_reason = $2, error = $3, question = $4, result = $5, "
+                f"stop_requested = false, updated_at = iso_utc(clock_timestamp()){clear} "
+                f"WHERE trace_id = $6 AND run_token = $7 RETURNING {TRACE_COLUMNS}",
+                *_clean([
+                    status.value, stop_reason.value if stop_reason else None, error, question,
+                    _json_or_none(result), trace_id, token,
+                ]),
+            )  # fmt: skip
 
         row = await self._write(body, trace_id=trace_id)
         if row is None:
@@ -566,6 +636,35 @@ class PostgresTraceStore:
 
         await self._write(body, idempotent=True)
 
+    async def delete(self, trace_id: str) -> bool:
+        """Remove a trace nobody holds; its messages go with it (ON DELETE CASCADE)."""
+
+        async def body(db: Db) -> bool:
+            if await db.fetchval(
+                "DELETE FROM traces WHERE trace_id = $1 AND run_token IS NULL RETURNING true",
+                *_clean([trace_id]),
+            ):
+                return True
+            if await db.fetchval("SELECT true FROM traces WHERE trace_id = $1", *_clean([trace_id])) is None:
+                raise TraceNotFound(trace_id)
+            return False
+
+        return await self._write(body, trace_id=trace_id)
+
+    async def prune(self, finished_before: str) -> int:
+        """Delete finished, unclaimed traces last updated before ``finished_before``, a batch per
+        transaction; replicas pruning at once each take rows the other has not locked."""
+
+        async def body(db: Db) -> int:
+            return len(await db.fetch(_PRUNE, finished_before))
+
+        removed = 0
+        while True:
+            batch = await self._write(body, idempotent=True)
+            removed += batch
+            if batch < _PRUNE_TRACES_BATCH:
+                return removed
+
     # -- reading ----------------------------------------------------------------------------------
 
     async def get_trace(self, trace_id: str) -> Trace:
@@ -608,8 +707,21 @@ class PostgresTraceStore:
         )
         return [_message(r) for r in rows]
 
+    async def get_tail(self, trace_id: str, count: int) -> list[Message]:
+        """The last ``count`` messages of the active path, oldest first: a walk of ``count`` steps."""
+        head = (await self.get_trace(trace_id)).head_sequence
+        if head is None or count <= 0:
+            return []
+        return [_message(r) for r in await self._fetch(_TAIL, trace_id, head, count)]
+
     async def list_traces(
-        self, *, status: str | None = None, uid: str | None = None, limit: int = 20, cursor: str | None = None
+        self,
+        *,
+        status: str | None = None,
+        uid: str | None = None,
+        tag: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
     ) -> TracePage:
         """Newest first; ``next_cursor`` continues where this page ended (the same cursors as SQLite)."""
         where: list[str] = []
@@ -623,6 +735,8 @@ class PostgresTraceStore:
             where.append(f"status = {param(status)}")
         if uid is not None:
             where.append(f"uid = {param(uid)}")
+        if tag is not None:
+            where.append(f"tags @> {param(_tags([tag]))}::jsonb")
         if cursor:
             created_at, trace_id = decode_cursor(cursor)
             where.append(f"(created_at, trace_id) < ({param(created_at)}, {param(trace_id)})")
@@ -648,8 +762,8 @@ class PostgresTraceStore:
     async def changes_after(self, change_id: int, limit: int = 500) -> list[Change]:
         changes = []
         for row in await self._fetch(_CHANGES, change_id, limit):
-            message_row = tuple(row[5 + i] for i in range(_N_MESSAGE))
-            trace_row = tuple(row[5 + _N_MESSAGE + i] for i in range(_N_TRACE))
+            message_row = tuple(row[5 + i] for i in range(N_MESSAGE))
+            trace_row = tuple(row[5 + N_MESSAGE + i] for i in range(N_TRACE))
             changes.append(
                 Change(
                     id=row[0],
@@ -684,6 +798,7 @@ class PostgresTraceStore:
             return
         with anyio.move_on_after(timeout):
             await self._wakeup.wait()
+            await anyio.sleep(FEED_COALESCE_SECONDS)  # commits come in bursts: one read for the burst
         self._wakeup = anyio.Event()
 
     async def _listen(self) -> None:

@@ -26,19 +26,16 @@ import anyio
 from agent import defaults
 from agent.errors import TraceNotFound, TraceRunning
 from agent.trace.migrations import migrate
-from agent.trace.models import (
-    ForkPoint,
-    Message,
-    MessageUsage,
-    NewMessage,
-    Status,
-    StopReason,
-    ToolCall,
-    Trace,
-    TraceConfig,
-    TraceUsage,
-    utc_now,
+from agent.trace.models import Message, NewMessage, Status, StopReason, Trace, TraceConfig, utc_now
+from agent.trace.rows import (
+    MESSAGE_COLUMNS,
+    N_MESSAGE,
+    N_TRACE,
+    TRACE_COLUMNS,
+    message_from_row,
+    trace_from_row,
 )
+from agent.trace.rows import prefixed as _prefixed
 from agent.trace.store import (
     OPEN_OWNERS,
     Change,
@@ -59,64 +56,6 @@ WRITE_RETRY_SECONDS = 30.0
 """How long a write keeps retrying while another process holds the database's write lock."""
 CHANGE_RETENTION_SECONDS = 600.0
 _PRUNE_BATCH = 10_000
-
-TRACE_COLUMNS = (
-    "trace_id, name, uid, model, config, status, stop_reason, head_sequence, created_at, updated_at, "
-    "error, usage, lessons, tags, started_at, question, result, forked_from"
-)
-MESSAGE_COLUMNS = (
-    "sequence, parent_sequence, role, content, tool_calls, tool_call_id, name, usage, created_at, side, meta"
-)
-_N_TRACE = len(TRACE_COLUMNS.split(","))
-_N_MESSAGE = len(MESSAGE_COLUMNS.split(","))
-
-
-def _prefixed(columns: str, alias: str) -> str:
-    return ", ".join(f"{alias}.{c.strip()}" for c in columns.split(","))
-
-
-def trace_from_row(row: Sequence[Any]) -> Trace:
-    (
-        trace_id, name, uid, model, config, status, stop_reason, head, created, updated, error, usage, lessons,
-        tags, started_at, question, result, forked_from,
-    ) = row  # fmt: skip
-    return Trace(
-        trace_id=trace_id,
-        name=name,
-        uid=uid,
-        model=model,
-        config=TraceConfig.model_validate_json(config),
-        status=Status(status),
-        stop_reason=StopReason(stop_reason) if stop_reason else None,
-        head_sequence=head,
-        created_at=created,
-        updated_at=updated,
-        error=error,
-        usage=TraceUsage.model_validate_json(usage),
-        lessons=json.loads(lessons),
-        tags=json.loads(tags),
-        started_at=started_at,
-        question=question,
-        result=json.loads(result) if result is not None else None,
-        forked_from=ForkPoint.model_validate_json(forked_from) if forked_from else None,
-    )
-
-
-def message_from_row(row: Sequence[Any]) -> Message:
-    sequence, parent, role, content, tool_calls, tool_call_id, name, usage, created, side, meta = row
-    return Message(
-        sequence=sequence,
-        parent_sequence=parent,
-        role=role,
-        content=content,
-        tool_calls=[ToolCall.model_validate(c) for c in json.loads(tool_calls)] if tool_calls else None,
-        tool_call_id=tool_call_id,
-        name=name,
-        usage=MessageUsage.model_validate_json(usage) if usage else None,
-        created_at=created,
-        side=bool(side),
-        meta=json.loads(meta) if meta else None,
-    )
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -304,7 +243,7 @@ class SQLiteTraceStore:
         async def body(db: aiosqlite.Connection) -> tuple[Trace, list[Message]]:
             await db.execute(
                 f"INSERT INTO traces ({TRACE_COLUMNS}, owner, run_token, lease_until) "
-                f"VALUES ({', '.join('?' * (_N_TRACE + 3))})",
+                f"VALUES ({', '.join('?' * (N_TRACE + 3))})",
                 (
                     trace.trace_id, trace.name, trace.uid, trace.model, trace.config.model_dump_json(),
                     trace.status.value, trace.stop_reason.value if trace.stop_reason else None,
@@ -623,8 +562,8 @@ class SQLiteTraceStore:
         )
         changes = []
         for row in rows:
-            message_row = row[5 : 5 + _N_MESSAGE]
-            trace_row = row[5 + _N_MESSAGE : 5 + _N_MESSAGE + _N_TRACE]
+            message_row = row[5 : 5 + N_MESSAGE]
+            trace_row = row[5 + N_MESSAGE : 5 + N_MESSAGE + N_TRACE]
             changes.append(
                 Change(
                     id=row[0],

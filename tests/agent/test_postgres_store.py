@@ -231,6 +231,38 @@ async def test_changes_are_numbered_in_commit_order(pg_url):
         await store.close()
 
 
+async def test_an_open_transaction_that_appended_holds_no_writer_back(pg_url):
+    """Changes are logged as their transaction commits: one that appended and stays open delays no other
+    writer, and its change, numbered at its commit, comes after the changes committed meanwhile."""
+    store = await PostgresTraceStore.open(pg_url)
+    import asyncpg
+
+    slow = await asyncpg.connect(pg_url)
+    try:
+        for trace_id in ("slow", "fast"):
+            await store.create(Trace(trace_id=trace_id, model="offline"), [], "tok-" + trace_id)
+        start = await store.last_change_id()
+        tx = slow.transaction()
+        await tx.start()
+        await slow.execute(
+            "INSERT INTO messages (trace_id, sequence, role, content, created_at) "
+            "VALUES ('slow', 1, 'user', '\"late\"', '2026-01-01T00:00:00')"
+        )
+        with anyio.fail_after(10):  # not waiting on the open transaction
+            await store.append("fast", user("first"), None, token="tok-fast")
+            await store.note_change("experiences")
+        assert [c.kind for c in await store.changes_after(start)] == ["message", "experiences"]
+        await tx.commit()
+        changes = await store.changes_after(start)
+        assert [(c.trace_id, c.kind) for c in changes] == [
+            ("fast", "message"), ("", "experiences"), ("slow", "message"),
+        ]  # fmt: skip
+        assert changes[-1].token == "tok-slow" and changes[-1].message.content == "late"
+    finally:
+        await slow.close()
+        await store.close()
+
+
 # -- connections ----------------------------------------------------------------------------------------
 
 

@@ -282,6 +282,34 @@ async def test_tags_fork_question_and_result_round_trip(store):
     assert done.result == {"files": 3} and (await store.get_trace("t2")).result == {"files": 3}
 
 
+async def test_compaction_records_round_trip_and_add_to_the_totals(store):
+    _, token = await new_trace(store, "t1", user())
+    record = {"compaction": {"kind": "summary", "tokens_saved": 1200, "covers": [2, 9]}}
+    stored = await store.append("t1", NewMessage(role="user", content="summary", meta=record), 1, token=token)
+    await store.append(
+        "t1", NewMessage(role="user", content="no saving", meta={"compaction": {}}), 2, token=token
+    )
+    await store.append("t1", NewMessage(role="user", content="other", meta={"note": 1}), 3, token=token)
+    assert stored.meta == record and (await store.get_message("t1", 2)).meta == record
+    assert (await store.get_message("t1", 1)).meta is None
+    usage = (await store.get_trace("t1")).usage
+    assert (usage.compactions, usage.tokens_saved) == (2, 1200)
+
+
+async def test_tags_filter_pages_with_the_cursor(store):
+    for n in range(5):
+        await idle_trace(store, f"t{n}", user(), tags=["even" if n % 2 == 0 else "odd", "all"])
+    first = await store.list_traces(tag="even", limit=2)
+    assert [t.trace_id for t in first.traces] == ["t4", "t2"] and first.next_cursor
+    rest = await store.list_traces(tag="even", limit=2, cursor=first.next_cursor)
+    assert [t.trace_id for t in rest.traces] == ["t0"] and rest.next_cursor is None
+    assert (await store.list_traces(tag="missing")).traces == []
+    assert [t.trace_id for t in (await store.list_traces(tag="odd", status="completed")).traces] == [
+        "t3",
+        "t1",
+    ]
+
+
 async def test_the_tail_of_the_path_costs_its_length(store):
     await new_trace(store, "t1", *[user(str(i)) for i in range(10)])
     await store.append("t1", user("side"), 3, token=None, side=True)
