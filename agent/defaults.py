@@ -34,6 +34,8 @@ IDLE_EXIT_SECONDS = 600.0
 LEASE_SECONDS = 20.0
 """A run's claim lapses this long after its owner last renewed it: then the owner counts as dead."""
 LEASE_RENEW_SECONDS = 5.0
+PG_POOL_SIZE = 10
+"""PostgreSQL connections each process keeps."""
 FEED_POLL_SECONDS = 0.1
 """How often a process looks for changes other processes stored (a cheap ``PRAGMA data_version`` on SQLite)."""
 

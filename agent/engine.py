@@ -183,7 +183,7 @@ class Engine:
         *,
         after_sequence: int | None = None,
         on_idle: OnIdle | None = None,
-        idle_every: float = defaults.PROGRESS_INTERVAL_SECONDS,
+        idle_every: float | None = None,
     ) -> Trace:
         """Return when the trace is not running, or after ``seconds``.
 
@@ -196,22 +196,25 @@ class Engine:
             return trace
         async with self._events.subscribe() as events:
             trace = await self._store.get_trace(trace_id)  # after subscribing: no wake-up can be missed
-            heard: set[int] = set()
+            # messages stored before the wait began are not news (the feed may still deliver some late)
+            floor = trace.head_sequence or 0
             if on_message is not None and after_sequence is not None:
+                floor = after_sequence
                 for message in await self._store.get_path(trace_id):
                     if message.sequence > after_sequence:
-                        heard.add(message.sequence)
+                        floor = max(floor, message.sequence)
                         await on_message(message)
             if trace.status is Status.RUNNING:
+                every = defaults.PROGRESS_INTERVAL_SECONDS if idle_every is None else idle_every
                 with anyio.move_on_after(seconds):
-                    await self._follow(trace_id, events, heard, on_message, on_idle, idle_every)
+                    await self._follow(trace_id, events, floor, on_message, on_idle, every)
         return await self._store.get_trace(trace_id)
 
     async def _follow(
         self,
         trace_id: str,
         events: AsyncIterator[TraceEvent],
-        heard: set[int],
+        floor: int,
         on_message: OnMessage | None,
         on_idle: OnIdle | None,
         idle_every: float,
@@ -227,8 +230,8 @@ class Engine:
             if event.trace_id != trace_id:
                 continue
             if isinstance(event, MessageStored) and not event.message.side:
-                if on_message is not None and event.message.sequence not in heard:
-                    heard.add(event.message.sequence)
+                if on_message is not None and event.message.sequence > floor:
+                    floor = event.message.sequence  # main-path sequences only grow
                     await on_message(event.message)
             elif isinstance(event, TraceChanged) and event.trace.status is not Status.RUNNING:
                 return

@@ -87,14 +87,20 @@ async def annotations_middleware(ctx: ServerRequestContext[Any, Any], call_next:
 def build_server(settings: Settings, models: Callable[[str], Model] = resolve_model) -> MCPServer:
     """``models`` resolves 'provider:name' strings; tests pass one serving a scripted model."""
     bus = InMemorySubscriptionBus()  # ours, so background runs can publish to 2026-07-28 listeners
+    opened: list[ServerState] = []  # the lifespan's state, for the one resource that gets no context
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[ServerState]:
         async with open_engine(settings, models) as engine, anyio.create_task_group() as group:
             notifier = Notifier(bus)
             await group.start(notifier.pump, engine)
-            yield ServerState(settings, engine, notifier)
-            group.cancel_scope.cancel()
+            state = ServerState(settings, engine, notifier)
+            opened.append(state)
+            try:
+                yield state
+            finally:
+                opened.remove(state)
+                group.cancel_scope.cancel()
 
     mcp = TraceServer(
         "agent-trace-mcp",
@@ -106,6 +112,6 @@ def build_server(settings: Settings, models: Callable[[str], Model] = resolve_mo
         middleware=[subscriptions_middleware, resource_list_middleware, annotations_middleware],
     )
     register_tools(mcp)
-    register_resources(mcp, settings)
+    register_resources(mcp, settings, lambda: opened[-1] if opened else None)
     register_prompts(mcp)
     return mcp

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the relay must not pay for importing the MCP server
 
 log = logging.getLogger("agent-trace-mcp")
 
-COMMANDS = ["serve", "server", "status", "stop-server", "demo", "consolidate"]
+COMMANDS = ["serve", "server", "status", "stop-server", "demo", "consolidate", "experiences"]
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -36,8 +36,11 @@ def parser() -> argparse.ArgumentParser:
         help="serve (default): stdio for a host, relayed to the shared server (or HTTP with --transport "
         "http); server: run the shared server in the foreground; status: show the shared server; "
         "stop-server: drain and stop it; demo: a complete trace on the offline model; consolidate: merge "
-        "and prune the experiences file now",
+        "and prune the experiences now; experiences export|import FILE: write the lessons as markdown, "
+        "or load an experiences.md",
     )  # fmt: skip
+    p.add_argument("action", nargs="?", choices=["export", "import"], help="experiences: export or import")
+    p.add_argument("file", nargs="?", help="experiences: the markdown file to write or read")
     add_arguments(p)
     p.add_argument(
         "--now", action="store_true",
@@ -106,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         from server.maintenance import consolidate_now
 
         return anyio.run(consolidate_now, settings)
+    if args.command == "experiences":
+        if args.action is None or args.file is None:
+            print(
+                "agent-trace-mcp: use 'experiences export FILE' or 'experiences import FILE'.",
+                file=sys.stderr,
+            )
+            return 2
+        from server.maintenance import transfer
+
+        return anyio.run(transfer, settings, args.action, args.file)
     if args.command == "status":
         from server.relay import show_status
 

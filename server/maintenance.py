@@ -1,24 +1,53 @@
-"""``agent-trace-mcp consolidate``: one curation pass over the experiences file, from the command line."""
+"""``agent-trace-mcp consolidate`` and ``experiences export|import``: experiences from the command line."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from agent.errors import TraceError
-from agent.experiences import Experiences
+from agent.experiences.backends import export_experiences, import_experiences, open_experiences
 from agent.llm.base import resolve_model
+from agent.trace.backends import open_store
 from server.settings import Settings
 
 
 async def consolidate_now(settings: Settings) -> int:
-    experiences = Experiences(settings.experiences)
+    """One curation pass with the configured model; every server on the store hears of the change."""
+    try:
+        store = await open_store(settings.db)
+    except TraceError as exc:
+        print(f"agent-trace-mcp: {exc}", file=sys.stderr)
+        return 2
+    experiences = open_experiences(settings.db, settings.experiences, store)
     try:
         model = resolve_model(settings.model)
         result = await experiences.consolidate(model, settings.experience_budget, force=True)
+        if result.changed:
+            await store.note_change("experiences")
     except TraceError as exc:
         print(f"agent-trace-mcp: {exc}", file=sys.stderr)
         return 2
     finally:
         experiences.close()
+        await store.close()
     print(result.model_dump_json(indent=2))
     return 0 if not result.skipped_reason else 1
+
+
+async def transfer(settings: Settings, action: str, file: str) -> int:
+    """``experiences export FILE`` writes the markdown; ``experiences import FILE`` loads one (the prior
+    experiences kept as a version or a dated backup)."""
+    try:
+        if action == "export":
+            moved = await export_experiences(settings.db, settings.experiences, Path(file))
+        else:
+            moved = await import_experiences(settings.db, settings.experiences, Path(file))
+    except (TraceError, OSError, ValueError) as exc:
+        print(f"agent-trace-mcp: experiences {action} failed: {exc}", file=sys.stderr)
+        return 2
+    verb = "wrote" if action == "export" else "loaded"
+    print(
+        f"{verb} {moved.sections} section(s), {moved.lessons} lesson(s) {'to' if action == 'export' else 'from'} {file}"
+    )
+    return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from mcp import MCPError
@@ -16,7 +17,7 @@ from agent.engine import Engine
 from agent.experiences import ExperienceFile
 from agent.trace.models import Message, Trace
 from server.settings import Settings
-from server.state import state_of
+from server.state import ServerState, state_of
 from server.views import cut, elide
 
 PAGE_SIZE = 50
@@ -57,7 +58,9 @@ async def _trace_json(ctx: Context, trace_id: str, whole_tree: bool) -> str:
     return trace_body(trace, messages)
 
 
-def register_resources(mcp: MCPServer, settings: Settings) -> None:
+def register_resources(mcp: MCPServer, settings: Settings, current: Callable[[], ServerState | None]) -> None:
+    """``current`` gives the lifespan's state: the static experiences resource gets no request context."""
+
     @mcp.resource(
         "trace://{trace_id}/messages/{sequence}",
         name="trace-message",
@@ -106,7 +109,11 @@ def register_resources(mcp: MCPServer, settings: Settings) -> None:
         description="Lessons from reflections on earlier traces, one section per reflection (newest kept if cut)",
     )
     async def experiences() -> str:
-        text, _ = await ExperienceFile(settings.experiences).read_bounded()
+        state = current()
+        if state is None:  # served before the engine opened: the file is what there is
+            text, _ = await ExperienceFile(settings.experiences).read_bounded()
+            return text
+        text, _ = await state.engine.experiences_text()
         return text
 
 

@@ -109,6 +109,19 @@ OPTIONS: list[tuple[str, str, type, str]] = [
         f"the model's prompt budget in tokens (default: its known window, else {defaults.CONTEXT_TOKENS:,})",
     ),
     (
+        "--lease-seconds",
+        "AGENT_TRACE_LEASE_SECONDS",
+        float,
+        f"a run's claim lapses this long after its owner last renewed it (default {defaults.LEASE_SECONDS:g}; "
+        f"at least {3 * defaults.LEASE_RENEW_SECONDS:g})",
+    ),
+    (
+        "--db-pool-size",
+        "AGENT_TRACE_DB_POOL_SIZE",
+        int,
+        f"PostgreSQL connections per process (default {defaults.PG_POOL_SIZE})",
+    ),
+    (
         "--retain-days",
         "AGENT_TRACE_RETAIN_DAYS",
         float,
@@ -167,7 +180,14 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
     db: Path | str = (
         values["--db"] if is_postgres_url(values["--db"] or "") else path_or("--db", data_dir / "traces.db")
     )
-    for flag, low in (("--max-wait", 0.001), ("--context-tokens", 1000), ("--retain-days", 0.0001)):
+    limits = (
+        ("--max-wait", 0.001),
+        ("--context-tokens", 1000),
+        ("--retain-days", 0.0001),
+        ("--lease-seconds", 3 * defaults.LEASE_RENEW_SECONDS),
+        ("--db-pool-size", 1),
+    )
+    for flag, low in limits:
         if values[flag] is not None and values[flag] < low:
             raise SystemExit(f"agent-trace-mcp: {flag} must be at least {low:g}; got {values[flag]:g}.")
 
@@ -201,4 +221,6 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
         max_wait=_or(values["--max-wait"], defaults.MAX_WAIT_SECONDS),
         context_tokens=values["--context-tokens"],
         retain_days=values["--retain-days"],
+        lease_seconds=_or(values["--lease-seconds"], defaults.LEASE_SECONDS),
+        db_pool_size=values["--db-pool-size"],
     )

@@ -134,7 +134,8 @@ class Consolidated(BaseModel):
     after: int
     merged: int = 0
     dropped: list[dict[str, Any]] = Field(default_factory=list)
-    backup_path: str | None = None
+    backup_path: str | None = Field(None, description="the dated copy of the file before this pass")
+    prior_version: int | None = Field(None, description="PostgreSQL: the version this pass replaced")
     skipped_reason: str | None = None
 
 
@@ -618,6 +619,7 @@ def register_tools(mcp: MCPServer) -> None:
             merged=result.merged,
             dropped=[d.model_dump() for d in result.dropped[:50]],
             backup_path=str(result.backup_path) if result.backup_path else None,
+            prior_version=getattr(result, "prior_version", None),
             skipped_reason=result.skipped_reason,
         )
 

@@ -202,6 +202,8 @@ class AgentRunner:
                 before = dict(self._active)
                 held = await self.store.renew()
                 for trace_id, run in before.items():
+                    if run.state not in ("claimed", "running", "reflecting"):
+                        continue  # finishing or done: its claim may already be released, rightly
                     if held.get(trace_id) != run.token and self._active.get(trace_id) is run:
                         log.warning("trace %s: another process took over its claim; stopping here", trace_id)
                         run.lose_claim()

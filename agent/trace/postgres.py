@@ -53,7 +53,7 @@ from agent.trace.store import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-POOL_SIZE = 10
+POOL_SIZE = defaults.PG_POOL_SIZE
 DEFAULT_SCHEMA = "agent_trace"
 CONNECT_TIMEOUT_SECONDS = 10.0
 STATEMENT_TIMEOUT_SECONDS = 30.0

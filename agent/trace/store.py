@@ -173,8 +173,18 @@ def new_token() -> str:
     return secrets.token_hex(12)
 
 
+def _machine() -> str:
+    """This host, and its pid namespace where there is one: processes with the same hostname but another
+    pid namespace (containers sharing the host's network) cannot check each other's pids."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()}#{namespace}"
+
+
 def process_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    return f"{_machine()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 OPEN_OWNERS: set[str] = set()
@@ -190,7 +200,7 @@ def owner_alive(owner: str | None) -> bool:
         return False
     host, _, rest = owner.partition(":")
     pid_text, _, _ = rest.partition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
+    if host != _machine() or not pid_text.isdigit():
         return True
     pid = int(pid_text)
     if pid == os.getpid():

@@ -182,9 +182,6 @@ async def test_a_lesson_reflected_on_a_is_recalled_on_b(replicas, fake_openai):
     assert lesson in system  # B recalled A's lesson into its new trace's prompt
 
 
-@pytest.mark.xfail(
-    strict=True, reason="server/resources.py reads the experiences file, not engine.experiences_text()"
-)
 async def test_the_experiences_resource_on_b_renders_a_lesson_reflected_on_a(replicas, fake_openai):
     a, b = replicas
     fake_openai.script = [("json", completion("Done.")), ("json", completion("- Keep answers short"))]
