@@ -171,14 +171,19 @@ def status_entry(trace: Trace) -> Entry:
 
 
 async def downstream_warnings(engine: Engine) -> list[Entry]:
-    """One warning per downstream MCP server that failed (agent_info's list, else the servers' status)."""
+    """One warning per downstream MCP server that failed (as agent_info lists them, else by their status)."""
     failed: dict[str, str] = {}
+    if engine.downstream is None:
+        return []
     try:
-        for server in (await engine.agent_info()).servers:
-            if server.get("state") == "failed":
-                failed[str(server.get("name"))] = str(server.get("reason") or "no reason given")
+        # agent_info's own source (it is not called: it also probes providers, which imports their SDKs)
+        describe: Callable[[], list[Any]] | None = getattr(engine.downstream, "describe", None)
+        for server in describe() if describe is not None else []:
+            entry = server.model_dump() if hasattr(server, "model_dump") else dict(server)
+            if entry.get("state") == "failed":
+                failed[str(entry.get("name"))] = str(entry.get("reason") or "no reason given")
         status: Callable[[], dict[str, str]] | None = getattr(engine.downstream, "status", None)
-        if not failed and status is not None:
+        if describe is None and status is not None:
             for name, state in status().items():
                 if state.startswith("failed"):
                     failed[name] = state.removeprefix("failed: ") or "no reason given"
