@@ -131,8 +131,8 @@ class _Listener:
     send: MemoryObjectSendStream[ServerEvent | dict[str, Any]]
     last: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def offer(self, task: dict[str, Any]) -> None:
-        if self.last.get(task["taskId"]) == task:
+    def offer(self, task: dict[str, Any], *, initial: bool = False) -> None:
+        if self.last.get(task["taskId"]) == task or (initial and task["taskId"] in self.last):
             return
         self.last[task["taskId"]] = task
         try:
@@ -246,16 +246,12 @@ class _Runtime:
 
             async def question_stored() -> None:
                 async for event in events:
-                    message = getattr(event, "message", None)
-                    if (
-                        isinstance(event, MessageStored)
-                        and event.trace_id == trace_id
-                        and message is not None
-                        and message.side
-                        and message.role == "user"
-                        and message.content == prompt
-                    ):
+                    if not isinstance(event, MessageStored) or event.trace_id != trace_id:
+                        continue
+                    message = event.message
+                    if message.side and message.role == "user" and message.content == prompt:
                         record.sequence = message.sequence
+                        self._remember(record)  # before anything can announce it
                         waiting.cancel_scope.cancel()
 
             async def ended() -> None:
@@ -270,7 +266,6 @@ class _Runtime:
             if record.error is not None:
                 raise MCPError(code=record.error["code"], message=record.error["message"])
             return types.CallToolResult.model_validate(record.result)
-        self._remember(record)
         return task_handle(self._reflection_wire(record))
 
     async def _run_reflection(
@@ -511,25 +506,20 @@ class TasksExtension(Extension):
         if subscription_id is None:
             raise MCPError(code=types.INVALID_REQUEST, message="subscriptions/listen requires a request id")
         meta = {SUBSCRIPTION_ID_META_KEY: subscription_id}
-        snapshots: dict[str, dict[str, Any]] = {}
-        for task_id in requested:  # honoured: the ids that are tasks
-            with contextlib.suppress(MCPError):
-                snapshots[task_id] = await runtime.detailed(task_id)
-        honored = types.SubscriptionFilter(
+        standard = types.SubscriptionFilter(
             tools_list_changed=True if wanted.tools_list_changed else None,
             prompts_list_changed=True if wanted.prompts_list_changed else None,
             resources_list_changed=True if wanted.resources_list_changed else None,
             resource_subscriptions=list(wanted.resource_subscriptions)
             if wanted.resource_subscriptions
             else None,
-            taskIds=list(snapshots),
         )
-        uris = frozenset(honored.resource_subscriptions or ())
+        uris = frozenset(standard.resource_subscriptions or ())
         send, receive = anyio.create_memory_object_stream[ServerEvent | dict[str, Any]](STREAM_BUFFER)
-        listener = _Listener(frozenset(snapshots), send)
+        listener = _Listener(frozenset(requested), send)
 
         def deliver(event: ServerEvent) -> None:
-            if event_matches(honored, uris, event):
+            if event_matches(standard, uris, event):
                 try:
                     send.send_nowait(event)
                 except anyio.WouldBlock:
@@ -537,9 +527,15 @@ class TasksExtension(Extension):
                 except anyio.ClosedResourceError:
                     pass
 
+        # listening before the snapshots are read, so no change between the two is missed
         unsubscribe = self._bus.subscribe(deliver)
         runtime.listeners.add(listener)
         try:
+            snapshots: dict[str, dict[str, Any]] = {}
+            for task_id in requested:  # honoured: the ids that are tasks
+                with contextlib.suppress(MCPError):
+                    snapshots[task_id] = await runtime.detailed(task_id)
+            honored = standard.model_copy(update={"taskIds": list(snapshots)})
             await ctx.session.send_notification(
                 types.SubscriptionsAcknowledgedNotification(
                     params=types.SubscriptionsAcknowledgedNotificationParams(
@@ -548,8 +544,8 @@ class TasksExtension(Extension):
                 ),
                 related_request_id=subscription_id,
             )
-            for task in snapshots.values():  # where each task stands now, then every change
-                listener.offer(task)
+            for task in snapshots.values():  # where each task stands now (unless a change already said)
+                listener.offer(task, initial=True)
             async for item in receive:
                 if isinstance(item, dict):
                     # the session only serialises what it sends, so an extension's notification type is fine
