@@ -22,7 +22,7 @@ from server.task_views import detailed_task
 from tests.fake_openai import completion
 from tests.fakes import call as tool_call
 from tests.fakes import models_for, reply, turn_script
-from tests.processes import HttpServer
+from tests.processes import HttpServer, relay_params, run_cli, server_pids, stop_shared_servers
 from tests.server.helpers import call
 
 pytestmark = pytest.mark.anyio
@@ -441,6 +441,42 @@ async def test_over_http_a_paused_task_survives_a_server_restart(tmp_path, works
         second.close()
     assert done["result"]["structuredContent"]["answer"] == "I read notes.txt as you said."
     assert fake_openai.requests[-1]["body"]["messages"][-1]["content"] == "notes.txt"
+
+
+@pytest.mark.slow
+async def test_through_the_relay_a_paused_task_survives_a_restart_of_the_shared_server(
+    tmp_path, workspace, fake_openai
+):
+    fake_openai.script = [
+        ("json", completion(None, [{"id": "q1", "type": "function",
+                                     "function": {"name": "ask_host", "arguments": '{"question": "Which file?"}'}}])),
+        ("json", completion("I read notes.txt as you said.")),
+    ]  # fmt: skip
+    env = {
+        "OPENAI_BASE_URL": fake_openai.base_url,
+        "OPENAI_API_KEY": "sk-test",
+        "AGENT_TRACE_LLM_STREAM": "0",
+    }
+    host = relay_params(tmp_path, workspace, "--model", "openai:gpt-test", **env)
+    try:
+        async with Client(host, extensions=[Tasks()]) as client:
+            assert client.protocol_version == "2026-07-28"
+            handle = await start_task(client, "create_trace", prompt="Summarise a file")
+            waiting = await poll_until(client, handle.task_id, "input_required")
+        stopped = run_cli(tmp_path, "stop-server")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        async with Client(host, extensions=[Tasks()]) as client:  # a new shared server on the same data dir
+            assert (await get_task(client.session, handle.task_id))["inputRequests"] == waiting[
+                "inputRequests"
+            ]
+            (key,) = waiting["inputRequests"]
+            answer = {"action": "accept", "content": {"answer": "notes.txt"}}
+            await update_task(client.session, handle.task_id, {key: answer})
+            done = await poll_until(client, handle.task_id, "completed")
+        assert done["result"]["structuredContent"]["answer"] == "I read notes.txt as you said."
+        assert len(server_pids(tmp_path / "data")) == 2  # it really was another server
+    finally:
+        stop_shared_servers(tmp_path)
 
 
 async def assert_mcp_name_is_required(url: str, task_id: str) -> None:
