@@ -19,11 +19,14 @@ from agent import defaults
 from agent.engine import open_engine
 from agent.llm.base import Model, resolve_model
 from server.arguments import validation_sentence
+from server.completions import completion_middleware
 from server.notify import Notifier, subscriptions_middleware
 from server.prompts import register_prompts
+from server.protocol_logging import ProtocolLog
 from server.resources import register_resources, resource_list_middleware
 from server.settings import Settings
 from server.state import ServerState, state_of
+from server.tasks import TasksExtension
 from server.tools import patch_annotations, register_tools
 from server.views import elide
 
@@ -88,12 +91,16 @@ def build_server(settings: Settings, models: Callable[[str], Model] = resolve_mo
     """``models`` resolves 'provider:name' strings; tests pass one serving a scripted model."""
     bus = InMemorySubscriptionBus()  # ours, so background runs can publish to 2026-07-28 listeners
     opened: list[ServerState] = []  # the lifespan's state, for the one resource that gets no context
+    tasks = TasksExtension(bus)
+    protocol_log = ProtocolLog()
 
     @asynccontextmanager
     async def lifespan(_: MCPServer) -> AsyncIterator[ServerState]:
         async with open_engine(settings, models) as engine, anyio.create_task_group() as group:
             notifier = Notifier(bus)
             await group.start(notifier.pump, engine)
+            await group.start(protocol_log.pump, engine)
+            await group.start(tasks.serve, engine)
             state = ServerState(settings, engine, notifier)
             opened.append(state)
             try:
@@ -109,7 +116,15 @@ def build_server(settings: Settings, models: Callable[[str], Model] = resolve_mo
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
         subscriptions=bus,
-        middleware=[subscriptions_middleware, resource_list_middleware, annotations_middleware],
+        extensions=[tasks],
+        middleware=[
+            subscriptions_middleware,
+            resource_list_middleware,
+            annotations_middleware,
+            protocol_log.middleware,
+            completion_middleware,
+            tasks.listen_middleware,
+        ],
     )
     register_tools(mcp)
     register_resources(mcp, settings, lambda: opened[-1] if opened else None)

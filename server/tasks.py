@@ -1,0 +1,592 @@
+"""The Tasks extension (``io.modelcontextprotocol/tasks``, SEP-2663) for 2026-07-28 clients that declare it.
+
+``create_trace`` / ``run_trace`` answer with a task handle whose id is the trace id, so a task is as durable
+as the trace and survives a restart; ``tasks/get`` reads the trace (``working``, ``input_required`` with an
+elicitation for the agent's question or tool approval, ``completed`` with the compact summary,
+``cancelled`` once stopped); ``tasks/update`` answers or approves and the run goes on; ``tasks/cancel``
+stops it as ``stop_trace`` does. ``reflect_trace`` runs in the background as task ``<trace_id>.reflection.<n>``
+(``n``: the sequence of its stored question), read back from the store after a restart.
+``subscriptions/listen`` streams that name ``taskIds`` get ``notifications/tasks``: the SDK's listen handler
+cannot carry them (its bus knows four event kinds and its ack drops ``taskIds``), so such streams are
+served here, standard events included. Everyone else gets today's behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
+
+import anyio
+import mcp.types as types
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+from mcp import MCPError
+from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
+from mcp.server.mcpserver import Extension, MethodBinding, require_client_extension
+from mcp.server.subscriptions import SUBSCRIPTION_ID_META_KEY, ServerEvent, SubscriptionBus
+from mcp.shared.inbound import MCP_NAME_HEADER, decode_header_value
+from mcp.shared.subscriptions import event_matches, event_to_notification
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import ConfigDict, Field, model_serializer
+
+from agent import RunConfig, TraceError, defaults
+from agent.engine import Engine
+from agent.errors import TraceRunning
+from agent.experiences import lessons_from_reflection
+from agent.reflection.prompt import reflection_prompt
+from agent.trace.events import MessageStored, TraceChanged
+from agent.trace.models import utc_now
+from server.state import state_of
+from server.task_views import (
+    TERMINAL,
+    Reply,
+    detailed_task,
+    pending_requests,
+    reply_to,
+    task_fields,
+    task_handle,
+)
+from server.tools import Reflected, compact
+from server.views import TAIL_MESSAGES, elide
+
+log = logging.getLogger(__name__)
+
+TASKS = "io.modelcontextprotocol/tasks"
+TASK_TOOLS = frozenset({"create_trace", "run_trace", "reflect_trace"})
+MODERN = frozenset(MODERN_PROTOCOL_VERSIONS)
+REFLECTION = ".reflection."
+MAX_TASK_ID_CHARS = 120
+MAX_LISTENED_TASKS = 100
+MAX_TASK_STREAMS = 256
+STREAM_BUFFER = 256
+KEPT_REFLECTIONS = 500
+"""Finished background reflections remembered in memory; older ones are read back from the store."""
+REFLECTION_TEXT_CHARS = 4000
+REFLECTION_GRACE_SECONDS = defaults.LLM_TIMEOUT_SECONDS * (defaults.LLM_RETRIES + 1) + 60
+"""A stored reflection question with no answer younger than this may still be answered by another process."""
+
+
+class TaskIdParams(types.RequestParams):
+    task_id: str
+
+
+class UpdateTaskParams(TaskIdParams):
+    input_responses: dict[str, Any] = Field(default_factory=dict)
+
+
+class _WireParams(types.NotificationParams):
+    """Notification params sent exactly as given: a Task's ``ttlMs`` is required even when null."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_serializer(mode="plain")
+    def _as_given(self) -> dict[str, Any]:
+        wire = dict(self.__pydantic_extra__ or {})
+        if self.meta is not None:
+            wire["_meta"] = self.meta
+        return wire
+
+
+class TaskStatusNotification(types.Notification[_WireParams, Literal["notifications/tasks"]]):
+    method: Literal["notifications/tasks"] = "notifications/tasks"
+    params: _WireParams
+
+
+def not_found(task_id: str) -> MCPError:
+    return MCPError(
+        code=types.INVALID_PARAMS,
+        message=f"Failed to retrieve task: there is no task {elide(task_id, 40)} on this server.",
+    )
+
+
+@dataclass(eq=False)
+class _Reflection:
+    """A reflection running (or run) in this process as a task."""
+
+    trace_id: str
+    created_at: str = field(default_factory=utc_now)
+    updated_at: str = field(default_factory=utc_now)
+    sequence: int | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    cancelled: bool = False
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def task_id(self) -> str:
+        return f"{self.trace_id}{REFLECTION}{self.sequence}"
+
+
+@dataclass(eq=False)
+class _Listener:
+    """One listen stream's task ids and where their notifications go (deduplicated, never blocking)."""
+
+    task_ids: frozenset[str]
+    send: MemoryObjectSendStream[ServerEvent | dict[str, Any]]
+    last: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def offer(self, task: dict[str, Any], *, initial: bool = False) -> None:
+        if self.last.get(task["taskId"]) == task or (initial and task["taskId"] in self.last):
+            return
+        self.last[task["taskId"]] = task
+        try:
+            self.send.send_nowait(task)
+        except anyio.WouldBlock:
+            log.warning("a task listen stream is %d notifications behind; ending it", STREAM_BUFFER)
+            self.send.close()
+        except anyio.ClosedResourceError:
+            pass
+
+
+class _Runtime:
+    """The extension's state for one engine: background reflections, listen streams, the event pump."""
+
+    def __init__(self, engine: Engine, group: TaskGroup):
+        self.engine = engine
+        self.group = group
+        days = engine.settings.retain_days
+        self.ttl_ms = None if days is None else int(days * 86_400_000)
+        self.reflections: dict[str, _Reflection] = {}
+        self.listeners: set[_Listener] = set()
+
+    # -- reading tasks -----------------------------------------------------------------------------
+
+    async def detailed(self, task_id: str) -> dict[str, Any]:
+        """The task as ``tasks/get`` answers it; MCPError -32602 when there is no such task."""
+        if len(task_id) > MAX_TASK_ID_CHARS:
+            raise not_found(task_id)
+        trace_id, _, sequence = task_id.partition(REFLECTION)
+        if sequence:
+            return await self._reflection_task(task_id, trace_id, sequence)
+        try:
+            trace = await self.engine.get(trace_id)
+        except TraceError:
+            raise not_found(task_id) from None
+        return detailed_task(trace, await self.engine.tail(trace_id, TAIL_MESSAGES), self.ttl_ms)
+
+    async def _reflection_task(self, task_id: str, trace_id: str, sequence: str) -> dict[str, Any]:
+        record = self.reflections.get(task_id)
+        if record is not None:
+            return self._reflection_wire(record)
+        if not sequence.isdigit():
+            raise not_found(task_id)
+        try:
+            question = await self.engine.message(trace_id, int(sequence))
+        except TraceError:
+            raise not_found(task_id) from None
+        if question is None or not question.side or question.role != "user":
+            raise not_found(task_id)
+        answer = next(
+            (
+                m
+                for m in await self.engine.tree(trace_id)
+                if m.parent_sequence == question.sequence and m.side and m.role == "assistant"
+            ),
+            None,
+        )
+        if answer is None and _age_seconds(question.created_at) < REFLECTION_GRACE_SECONDS:
+            task = task_fields(task_id, "working", question.created_at, question.created_at, self.ttl_ms)
+            return task | {"statusMessage": "reflecting", "pollIntervalMs": 2000}
+        updated = answer.created_at if answer is not None else question.created_at
+        task = task_fields(task_id, "completed", question.created_at, updated, self.ttl_ms)
+        if answer is None:
+            text = "The reflection did not finish (its process ended or the model failed); call reflect_trace again."
+            result = _tool_error(text)
+        else:
+            reflection = answer.content or ""
+            lessons = lessons_from_reflection(reflection)
+            result = _wire_result(
+                compact(Reflected(trace_id=trace_id, reflection=_clip(reflection), lessons=lessons))
+            )
+        return task | {"statusMessage": "Reflected.", "result": result}
+
+    def _reflection_wire(self, record: _Reflection) -> dict[str, Any]:
+        if not record.done.is_set():
+            task = task_fields(record.task_id, "working", record.created_at, record.updated_at, self.ttl_ms)
+            return task | {"statusMessage": "reflecting", "pollIntervalMs": 2000}
+        if record.cancelled:
+            task = task_fields(record.task_id, "cancelled", record.created_at, record.updated_at, self.ttl_ms)
+            return task | {"statusMessage": "Cancelled; the lessons were not recorded."}
+        if record.error is not None:
+            task = task_fields(record.task_id, "failed", record.created_at, record.updated_at, self.ttl_ms)
+            return task | {"statusMessage": record.error["message"], "error": record.error}
+        task = task_fields(record.task_id, "completed", record.created_at, record.updated_at, self.ttl_ms)
+        return task | {"statusMessage": "Reflected.", "result": record.result}
+
+    # -- tools/call as a task ----------------------------------------------------------------------
+
+    async def trace_handle(self, result: HandlerResult) -> HandlerResult:
+        """create_trace / run_trace have stored and started the trace: answer with its task handle."""
+        if not isinstance(result, types.CallToolResult) or result.is_error:
+            return result  # a refusal stays the plain tool error it always was
+        trace_id = (result.structured_content or {}).get("trace_id")
+        if not isinstance(trace_id, str):
+            return result
+        return task_handle(await self.detailed(trace_id))
+
+    async def reflect(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, arguments: Mapping[str, Any]
+    ) -> HandlerResult:
+        """Run reflect_trace in the background; answer with its task handle once its question is stored.
+
+        A reflection refused (or finished) before it stored anything answers as the plain tool would."""
+        trace_id = arguments.get("trace_id")
+        focus = arguments.get("focus")
+        if not isinstance(trace_id, str) or not (focus is None or isinstance(focus, str)):
+            return await call_next(ctx)  # the tool says what is wrong with the arguments
+        prompt = reflection_prompt(focus)
+        record = _Reflection(trace_id)
+        async with self.engine.subscribe() as events, anyio.create_task_group() as waiting:
+
+            async def question_stored() -> None:
+                async for event in events:
+                    if not isinstance(event, MessageStored) or event.trace_id != trace_id:
+                        continue
+                    message = event.message
+                    if message.side and message.role == "user" and message.content == prompt:
+                        record.sequence = message.sequence
+                        self._remember(record)  # before anything can announce it
+                        waiting.cancel_scope.cancel()
+
+            async def ended() -> None:
+                await record.done.wait()
+                waiting.cancel_scope.cancel()
+
+            waiting.start_soon(question_stored)
+            waiting.start_soon(ended)
+            self.group.start_soon(self._run_reflection, record, ctx, call_next)
+        if record.sequence is None:
+            await record.done.wait()
+            if record.error is not None:
+                raise MCPError(code=record.error["code"], message=record.error["message"])
+            return types.CallToolResult.model_validate(record.result)
+        return task_handle(self._reflection_wire(record))
+
+    async def _run_reflection(
+        self, record: _Reflection, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> None:
+        with record.scope:
+            try:
+                record.result = _wire_result(await call_next(ctx))
+            except MCPError as exc:
+                record.error = exc.error.model_dump(by_alias=True, mode="json", exclude_none=True)
+            except Exception:
+                log.exception("a background reflection on trace %s failed", record.trace_id)
+                record.error = {
+                    "code": types.INTERNAL_ERROR,
+                    "message": "The reflection failed with an internal error; the server log has the details.",
+                }
+        record.cancelled = record.scope.cancelled_caught
+        record.updated_at = utc_now()
+        record.done.set()
+        if record.sequence is not None:
+            await self.announce(record.task_id)
+
+    def _remember(self, record: _Reflection) -> None:
+        self.reflections[record.task_id] = record
+        finished = [k for k, r in self.reflections.items() if r.done.is_set()]
+        for key in finished[: max(0, len(finished) - KEPT_REFLECTIONS)]:
+            del self.reflections[key]
+
+    # -- tasks/update and tasks/cancel -------------------------------------------------------------
+
+    async def update(self, task_id: str, responses: Mapping[str, Any]) -> None:
+        """Apply the answers to outstanding requests; others are ignored, as SEP-2663 asks."""
+        task = await self.detailed(task_id)  # -32602 for an unknown task
+        if REFLECTION in task_id or task["status"] != "input_required":
+            return
+        trace = await self.engine.get(task_id)
+        outstanding = {
+            r.key: r for r in pending_requests(trace, await self.engine.tail(task_id, TAIL_MESSAGES))
+        }
+        replies: dict[str, tuple[str, Reply]] = {}
+        for key, response in responses.items():
+            request = outstanding.get(key)
+            reply = reply_to(request, response) if request is not None else None
+            if request is not None and reply is not None:
+                replies[request.kind] = (key, reply)
+        approval, question = replies.get("approval"), replies.get("question")
+        first = approval or question
+        if first is None:
+            return
+        await self._resume(task_id, first[1])
+        if approval is not None and question is not None:  # the run pauses again for the question
+            self.group.start_soon(self._answer_when_paused, task_id, *question)
+
+    async def _resume(self, trace_id: str, reply: Reply) -> bool:
+        try:
+            await self.engine.continue_(trace_id, [], RunConfig(answer=reply.answer, approve=reply.approve))
+        except TraceRunning:
+            return False  # someone else answered first: this response is no longer outstanding
+        except TraceError as exc:
+            raise MCPError(code=types.INVALID_PARAMS, message=str(exc)) from None
+        return True
+
+    async def _answer_when_paused(self, trace_id: str, key: str, reply: Reply) -> None:
+        try:
+            trace = await self.engine.wait(trace_id, math.inf)
+            tail = await self.engine.tail(trace_id, TAIL_MESSAGES)
+            if any(r.key == key for r in pending_requests(trace, tail)):
+                await self._resume(trace_id, reply)
+        except Exception:
+            log.exception("could not deliver a deferred answer to trace %s", trace_id)
+
+    async def cancel(self, task_id: str) -> None:
+        task = await self.detailed(task_id)
+        if task["status"] in TERMINAL:
+            return
+        record = self.reflections.get(task_id)
+        if record is not None:
+            record.scope.cancel()
+        elif REFLECTION not in task_id:
+            await self.engine.stop(task_id)
+
+    # -- notifications/tasks -----------------------------------------------------------------------
+
+    async def pump(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Engine events -> ``notifications/tasks`` for the listen streams naming that trace's tasks."""
+        async with self.engine.subscribe() as events:
+            task_status.started()
+            async for event in events:
+                if not self.listeners:
+                    continue
+                if isinstance(event, TraceChanged) or (
+                    isinstance(event, MessageStored) and not event.message.side
+                ):
+                    await self.announce(*self._listened(event.trace_id))
+
+    def _listened(self, trace_id: str) -> set[str]:
+        return {
+            task_id
+            for listener in self.listeners
+            for task_id in listener.task_ids
+            if task_id.partition(REFLECTION)[0] == trace_id and REFLECTION not in task_id
+        }
+
+    async def announce(self, *task_ids: str) -> None:
+        for task_id in task_ids:
+            try:
+                task = await self.detailed(task_id)
+            except MCPError:
+                continue  # deleted meanwhile
+            except Exception:
+                log.exception("could not read task %s for its listeners", task_id)
+                continue
+            for listener in list(self.listeners):
+                if task_id in listener.task_ids:
+                    listener.offer(task)
+
+
+class TasksExtension(Extension):
+    """SEP-2663 over the trace engine; ``serve(engine)`` runs beside each engine in the lifespan."""
+
+    identifier = TASKS
+
+    def __init__(self, bus: SubscriptionBus):
+        self._bus = bus
+        self._runtimes: dict[Engine, _Runtime] = {}
+
+    def methods(self) -> list[MethodBinding]:
+        versions = frozenset(MODERN)
+        return [
+            MethodBinding("tasks/get", TaskIdParams, self._get, protocol_versions=versions),
+            MethodBinding("tasks/update", UpdateTaskParams, self._update, protocol_versions=versions),
+            MethodBinding("tasks/cancel", TaskIdParams, self._cancel, protocol_versions=versions),
+        ]
+
+    async def serve(self, engine: Engine, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Hold the runtime for ``engine`` until cancelled (the lifespan's task group cancels it)."""
+        async with anyio.create_task_group() as group:
+            runtime = _Runtime(engine, group)
+            self._runtimes[engine] = runtime
+            try:
+                await group.start(runtime.pump)
+                task_status.started()
+                await anyio.sleep_forever()
+            finally:
+                self._runtimes.pop(engine, None)
+
+    def _runtime(self, ctx: ServerRequestContext[Any, Any]) -> _Runtime:
+        state = state_of(ctx.lifespan_context)
+        runtime = self._runtimes.get(state.engine) if state is not None else None
+        if runtime is None:
+            raise MCPError(code=types.INTERNAL_ERROR, message="Tasks are not available yet; try again.")
+        return runtime
+
+    @staticmethod
+    def offered(ctx: ServerRequestContext[Any, Any]) -> bool:
+        """A task may answer only a 2026-07-28 request whose own capabilities declare the extension."""
+        if ctx.protocol_version not in MODERN:
+            return False  # the Inspector declares it on legacy connections too
+        capabilities = ctx.session.client_capabilities
+        return bool(capabilities and capabilities.extensions and TASKS in capabilities.extensions)
+
+    async def intercept_tool_call(
+        self, params: types.CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        if params.name not in TASK_TOOLS or not self.offered(ctx):
+            return await call_next(ctx)
+        runtime = self._runtime(ctx)
+        if params.name == "reflect_trace":
+            return await runtime.reflect(ctx, call_next, params.arguments or {})
+        return await runtime.trace_handle(await call_next(ctx))
+
+    # -- tasks/* -----------------------------------------------------------------------------------
+
+    def _check(self, ctx: ServerRequestContext[Any, Any], task_id: str) -> _Runtime:
+        require_client_extension(ctx, TASKS)
+        headers = getattr(ctx.request, "headers", None)
+        if headers is not None and decode_header_value(headers.get(MCP_NAME_HEADER)) != task_id:
+            raise MCPError(
+                code=types.HEADER_MISMATCH, message="The Mcp-Name header must be the request's taskId."
+            )
+        return self._runtime(ctx)
+
+    async def _get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
+        return await self._check(ctx, params.task_id).detailed(params.task_id)
+
+    async def _update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:
+        await self._check(ctx, params.task_id).update(params.task_id, params.input_responses)
+        return {}
+
+    async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
+        await self._check(ctx, params.task_id).cancel(params.task_id)
+        return {}
+
+    # -- subscriptions/listen with taskIds ---------------------------------------------------------
+
+    async def listen_middleware(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext
+    ) -> HandlerResult:
+        """Serve ``subscriptions/listen`` streams that name ``taskIds``; the SDK serves all the others."""
+        notifications = (ctx.params or {}).get("notifications")
+        if (
+            ctx.method != "subscriptions/listen"
+            or ctx.protocol_version not in MODERN
+            or not isinstance(notifications, Mapping)
+            or "taskIds" not in notifications
+        ):
+            return await call_next(ctx)
+        require_client_extension(ctx, TASKS)
+        requested = notifications["taskIds"]
+        if not isinstance(requested, list) or not all(isinstance(t, str) for t in requested):
+            raise MCPError(
+                code=types.INVALID_PARAMS, message="notifications.taskIds must be a list of task ids."
+            )
+        if len(requested) > MAX_LISTENED_TASKS:
+            raise MCPError(
+                code=types.INVALID_PARAMS,
+                message=f"One stream may follow at most {MAX_LISTENED_TASKS} tasks.",
+            )
+        try:
+            wanted = types.SubscriptionFilter.model_validate(notifications)
+        except ValueError:
+            raise MCPError(
+                code=types.INVALID_PARAMS, message="notifications is not a subscription filter."
+            ) from None
+        runtime = self._runtime(ctx)
+        if len(runtime.listeners) >= MAX_TASK_STREAMS:
+            raise MCPError(code=types.INTERNAL_ERROR, message="Subscription limit reached")
+        return await self._stream(ctx, runtime, wanted, list(dict.fromkeys(requested)))
+
+    async def _stream(
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        runtime: _Runtime,
+        wanted: types.SubscriptionFilter,
+        requested: list[str],
+    ) -> dict[str, Any]:
+        subscription_id = ctx.request_id
+        if subscription_id is None:
+            raise MCPError(code=types.INVALID_REQUEST, message="subscriptions/listen requires a request id")
+        meta = {SUBSCRIPTION_ID_META_KEY: subscription_id}
+        standard = types.SubscriptionFilter(
+            tools_list_changed=True if wanted.tools_list_changed else None,
+            prompts_list_changed=True if wanted.prompts_list_changed else None,
+            resources_list_changed=True if wanted.resources_list_changed else None,
+            resource_subscriptions=list(wanted.resource_subscriptions)
+            if wanted.resource_subscriptions
+            else None,
+        )
+        uris = frozenset(standard.resource_subscriptions or ())
+        send, receive = anyio.create_memory_object_stream[ServerEvent | dict[str, Any]](STREAM_BUFFER)
+        listener = _Listener(frozenset(requested), send)
+
+        def deliver(event: ServerEvent) -> None:
+            if event_matches(standard, uris, event):
+                try:
+                    send.send_nowait(event)
+                except anyio.WouldBlock:
+                    send.close()  # a client that stopped reading: end its stream, it re-listens
+                except anyio.ClosedResourceError:
+                    pass
+
+        # listening before the snapshots are read, so no change between the two is missed
+        unsubscribe = self._bus.subscribe(deliver)
+        runtime.listeners.add(listener)
+        try:
+            snapshots: dict[str, dict[str, Any]] = {}
+            for task_id in requested:  # honoured: the ids that are tasks
+                with contextlib.suppress(MCPError):
+                    snapshots[task_id] = await runtime.detailed(task_id)
+            honored = standard.model_copy(update={"taskIds": list(snapshots)})
+            await ctx.session.send_notification(
+                types.SubscriptionsAcknowledgedNotification(
+                    params=types.SubscriptionsAcknowledgedNotificationParams(
+                        notifications=honored, _meta=meta
+                    )
+                ),
+                related_request_id=subscription_id,
+            )
+            for task in snapshots.values():  # where each task stands now (unless a change already said)
+                listener.offer(task, initial=True)
+            async for item in receive:
+                if isinstance(item, dict):
+                    # the session only serialises what it sends, so an extension's notification type is fine
+                    note = cast(
+                        types.ServerNotification,
+                        TaskStatusNotification(params=_WireParams(**item, _meta=meta)),
+                    )
+                else:
+                    note = event_to_notification(item, meta)
+                await ctx.session.send_notification(note, related_request_id=subscription_id)
+        finally:
+            unsubscribe()
+            runtime.listeners.discard(listener)
+            send.close()
+            receive.close()
+        return {"_meta": meta}
+
+
+def _wire_result(result: HandlerResult) -> dict[str, Any]:
+    if isinstance(result, dict):
+        return result
+    if result is None:
+        return {"content": []}
+    wire = result.model_dump(by_alias=True, mode="json", exclude_none=True)
+    wire.pop("resultType", None)
+    return wire
+
+
+def _tool_error(text: str) -> dict[str, Any]:
+    return {"content": [{"type": "text", "text": text}], "isError": True}
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= REFLECTION_TEXT_CHARS else text[:REFLECTION_TEXT_CHARS] + "… [cut]"
+
+
+def _age_seconds(timestamp: str) -> float:
+    try:
+        return (datetime.now(UTC) - datetime.fromisoformat(timestamp)).total_seconds()
+    except ValueError:
+        return math.inf
+
+
+__all__ = ["TASKS", "TaskStatusNotification", "TasksExtension"]

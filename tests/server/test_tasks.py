@@ -1,0 +1,498 @@
+"""The Tasks extension (SEP-2663) through real clients: a Python ``Client`` with a small tasks
+``ClientExtension`` (in-process and over HTTP), the Inspector CLI in the modern era, legacy and undeclared
+clients that must see no change, and task ids polled after the server restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Literal
+
+import anyio
+import httpx2
+import mcp.types as types
+import pytest
+from mcp import Client, MCPError
+from mcp.client.extension import ClaimContext, ClientExtension, NotificationBinding, ResultClaim
+from pydantic import ConfigDict
+
+from server.app import build_server
+from server.task_views import detailed_task
+from tests.fake_openai import completion
+from tests.fakes import call as tool_call
+from tests.fakes import models_for, reply, turn_script
+from tests.processes import HttpServer, relay_params, run_cli, server_pids, stop_shared_servers
+from tests.server.helpers import call
+
+pytestmark = pytest.mark.anyio
+
+TASKS = "io.modelcontextprotocol/tasks"
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+# -- a small tasks client: the claim that polls, and the three methods ----------------------------------
+
+
+class TaskHandle(types.Result):
+    result_type: Literal["task"] = "task"
+    task_id: str
+    status: str
+    status_message: str | None = None
+    created_at: str
+    last_updated_at: str
+    ttl_ms: int | None
+    poll_interval_ms: int | None = None
+
+
+class TaskIdParams(types.RequestParams):
+    task_id: str
+
+
+class UpdateParams(TaskIdParams):
+    input_responses: dict[str, Any]
+
+
+class GetTask(types.Request[TaskIdParams, Literal["tasks/get"]]):
+    method: Literal["tasks/get"] = "tasks/get"
+    params: TaskIdParams
+    name_param = "taskId"
+
+
+class UpdateTask(types.Request[UpdateParams, Literal["tasks/update"]]):
+    method: Literal["tasks/update"] = "tasks/update"
+    params: UpdateParams
+    name_param = "taskId"
+
+
+class CancelTask(types.Request[TaskIdParams, Literal["tasks/cancel"]]):
+    method: Literal["tasks/cancel"] = "tasks/cancel"
+    params: TaskIdParams
+    name_param = "taskId"
+
+
+class Wire(types.Result):
+    """Any result, kept as its wire fields."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class TaskNote(types.NotificationParams):
+    model_config = ConfigDict(extra="allow")
+
+
+class Tasks(ClientExtension):
+    """Declares the extension, resolves task handles by polling, and collects ``notifications/tasks``."""
+
+    identifier = TASKS
+
+    def __init__(self) -> None:
+        self.notes: list[dict[str, Any]] = []
+        self.heard = anyio.Event()
+
+    def claims(self) -> list[ResultClaim[Any]]:
+        return [ResultClaim(result_type="task", model=TaskHandle, resolve=self.resolve)]
+
+    def notifications(self) -> list[NotificationBinding[Any]]:
+        return [NotificationBinding(method="notifications/tasks", params_type=TaskNote, handler=self.hear)]
+
+    async def resolve(self, handle: TaskHandle, ctx: ClaimContext) -> types.CallToolResult:
+        with anyio.fail_after(30):
+            while True:
+                task = await get_task(ctx.session, handle.task_id)
+                if task["status"] == "completed":
+                    return types.CallToolResult.model_validate(task["result"])
+                assert task["status"] in ("working", "input_required"), task
+                await anyio.sleep(task.get("pollIntervalMs", 1000) / 1000 / 20)  # tests poll faster
+
+    async def hear(self, params: TaskNote) -> None:
+        self.notes.append(params.model_dump(by_alias=True))
+        self.heard.set()
+
+
+async def get_task(session: Any, task_id: str) -> dict[str, Any]:
+    got = await session.send_request(GetTask(params=TaskIdParams(task_id=task_id)), Wire)
+    return got.model_dump(by_alias=True)
+
+
+async def update_task(session: Any, task_id: str, responses: dict[str, Any]) -> dict[str, Any]:
+    params = UpdateParams(task_id=task_id, input_responses=responses)
+    return (await session.send_request(UpdateTask(params=params), Wire)).model_dump(by_alias=True)
+
+
+async def cancel_task(session: Any, task_id: str) -> dict[str, Any]:
+    got = await session.send_request(CancelTask(params=TaskIdParams(task_id=task_id)), Wire)
+    return got.model_dump(by_alias=True)
+
+
+async def start_task(client: Client, tool: str, **arguments: Any) -> TaskHandle:
+    handle = await client.session.call_tool(tool, arguments, allow_claimed=True)
+    assert isinstance(handle, TaskHandle), handle
+    return handle
+
+
+async def poll_until(client: Client, task_id: str, *statuses: str) -> dict[str, Any]:
+    with anyio.fail_after(30):
+        while (task := await get_task(client.session, task_id))["status"] not in statuses:
+            assert task["status"] not in TERMINAL, task
+            await anyio.sleep(0.02)
+    return task
+
+
+ASKS = turn_script(
+    reply(None, tool_call("ask_host", "q1", question="Which file should I read?")),
+    reply("I read notes.txt, as you said."),
+)
+
+
+# -- in-process, 2026-07-28 --------------------------------------------------------------------------
+
+
+async def test_a_declaring_modern_client_gets_a_task_and_the_final_summary(server, model):
+    async with Client(server, extensions=[Tasks()]) as client:
+        handle = await start_task(client, "create_trace", prompt="What does the README say?")
+        assert len(handle.task_id) == 32 and handle.status == "working" and handle.poll_interval_ms
+        final = await client.call_tool("create_trace", {"prompt": "What does the README say?"})
+        assert not final.is_error
+        body = final.structured_content
+        assert body["answer"] == "The README says the answer is 42."
+        assert body["trace"]["outcome"] == "answered" and body["trace_id"] == body["trace"]["trace_id"]
+        text = final.content[0]
+        assert isinstance(text, types.TextContent) and json.loads(text.text) == body
+        done = await poll_until(client, handle.task_id, "completed")
+        assert done["resultType"] == "complete" and done["ttlMs"] is None
+        assert done["result"]["structuredContent"]["answer"] == "The README says the answer is 42."
+
+
+async def test_legacy_and_undeclared_clients_see_todays_answers(server):
+    async with Client(server, mode="legacy", extensions=[Tasks()]) as legacy:
+        started = await call(legacy, "create_trace", prompt="hello")
+        assert started["status"] == "started"
+        with pytest.raises(MCPError) as refused:
+            await get_task(legacy.session, started["trace_id"])
+        assert refused.value.error.code == types.METHOD_NOT_FOUND
+    async with Client(server) as plain:
+        assert plain.protocol_version == "2026-07-28"
+        started = await call(plain, "create_trace", prompt="hello")
+        assert started["status"] == "started" and "get_trace" in started["message"]
+        with pytest.raises(MCPError) as refused:
+            await get_task(plain.session, started["trace_id"])
+        assert refused.value.error.code == types.MISSING_REQUIRED_CLIENT_CAPABILITY
+        assert TASKS in (plain.server_capabilities.extensions or {})
+
+
+async def test_a_question_is_an_elicitation_answered_with_tasks_update(server, model):
+    model.steps = [ASKS]
+    async with Client(server, extensions=[Tasks()]) as client:
+        handle = await start_task(client, "create_trace", prompt="Summarise a file")
+        waiting = await poll_until(client, handle.task_id, "input_required")
+        ((key, request),) = waiting["inputRequests"].items()
+        assert request["method"] == "elicitation/create"
+        assert request["params"]["message"] == "Which file should I read?"
+        assert request["params"]["requestedSchema"]["required"] == ["answer"]
+        assert "Which file" in waiting["statusMessage"]
+        again = await get_task(client.session, handle.task_id)
+        assert list(again["inputRequests"]) == [key]  # the same request under the same key until answered
+
+        ignored = await update_task(client.session, handle.task_id, {"no-such-key": {"action": "accept"}})
+        assert ignored["resultType"] == "complete"
+        assert (await get_task(client.session, handle.task_id))["status"] == "input_required"
+
+        answer = {"action": "accept", "content": {"answer": "notes.txt"}}
+        await update_task(client.session, handle.task_id, {key: answer})
+        done = await poll_until(client, handle.task_id, "completed")
+        assert done["result"]["structuredContent"]["answer"] == "I read notes.txt, as you said."
+        assert model.calls[-1]["messages"][-1] == {
+            "role": "tool",
+            "content": "notes.txt",
+            "tool_call_id": "q1",
+        }
+
+
+async def test_a_tool_approval_approved_then_declined(server, model):
+    model.steps = [
+        turn_script(reply(None, tool_call("read_file", "r1", path="README.md")), reply("Done reading."))
+    ]
+    async with Client(server, extensions=[Tasks()]) as client:
+        handle = await start_task(client, "create_trace", prompt="read it", confirm_tools=["read_file"])
+        waiting = await poll_until(client, handle.task_id, "input_required")
+        ((key, request),) = waiting["inputRequests"].items()
+        assert key.startswith("approval-") and "read_file" in request["params"]["message"]
+        await update_task(
+            client.session, handle.task_id, {key: {"action": "accept", "content": {"approve": True}}}
+        )
+        done = await poll_until(client, handle.task_id, "completed")
+        assert done["result"]["structuredContent"]["answer"] == "Done reading."
+        assert "The answer is 42." in model.calls[-1]["messages"][-1]["content"]
+
+        again = await start_task(
+            client, "run_trace", trace_id=handle.task_id, messages=[{"role": "user", "content": "once more"}]
+        )
+        assert again.task_id == handle.task_id  # a task is its trace
+        waiting = await poll_until(client, handle.task_id, "input_required")
+        (key2,) = waiting["inputRequests"]
+        assert key2 != key  # keys are never reused over a task's life
+        await update_task(client.session, handle.task_id, {key2: {"action": "decline"}})
+        await poll_until(client, handle.task_id, "completed")
+        assert model.calls[-1]["messages"][-1]["content"] == "declined: declined by the host"
+
+
+async def test_tasks_cancel_stops_the_trace(server):
+    async with Client(server, extensions=[Tasks()]) as client:
+        handle = await start_task(client, "create_trace", prompt="take your time", model="slow")
+        assert (await cancel_task(client.session, handle.task_id))["resultType"] == "complete"
+        cancelled = await poll_until(client, handle.task_id, "cancelled")
+        assert "result" not in cancelled and "inputRequests" not in cancelled
+        trace = await call(client, "get_trace", trace_id=handle.task_id)
+        assert trace["trace"]["status"] == "stopped"
+        await cancel_task(client.session, handle.task_id)  # cancelling a finished task is acknowledged
+        with pytest.raises(MCPError) as unknown:
+            await cancel_task(client.session, "0" * 32)
+        assert unknown.value.error.code == types.INVALID_PARAMS
+
+
+async def test_unknown_tasks_and_refused_calls(server):
+    async with Client(server, extensions=[Tasks()]) as client:
+        for task_id in ("0" * 32, "x" * 5000, f"{'0' * 32}.reflection.7"):
+            with pytest.raises(MCPError) as unknown:
+                await get_task(client.session, task_id)
+            assert unknown.value.error.code == types.INVALID_PARAMS
+            assert (
+                "Failed to retrieve task" in unknown.value.error.message
+                and "x" * 100 not in unknown.value.error.message
+            )
+        refused = await client.session.call_tool("create_trace", {}, allow_claimed=True)
+        assert isinstance(refused, types.CallToolResult) and refused.is_error  # no task for a refusal
+
+
+async def test_a_reflection_runs_as_a_task_and_reads_back_after_a_restart(settings, model, slow_model):
+    models = models_for(scripted=model, slow=slow_model)
+    async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
+        tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
+        await poll_until(client, tid, "completed")
+        handle = await start_task(client, "reflect_trace", trace_id=tid)
+        assert handle.task_id.startswith(f"{tid}.reflection.")
+        done = await poll_until(client, handle.task_id, "completed")
+        lessons = done["result"]["structuredContent"]["lessons"]
+        assert lessons and "read_file" in lessons[0]
+        refused = await client.session.call_tool("reflect_trace", {"trace_id": "f" * 32}, allow_claimed=True)
+        assert isinstance(refused, types.CallToolResult) and refused.is_error
+    async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
+        again = await get_task(client.session, handle.task_id)
+        assert again["status"] == "completed" and again["result"]["structuredContent"]["lessons"] == lessons
+
+
+async def test_a_task_outlives_its_server(settings, model, slow_model):
+    """The task id is the trace id: a new server on the same data dir reads the same task, paused question
+    included, and takes its answer; a run cut by the restart reads as an interrupted (error) result."""
+    model.steps = [ASKS]
+    models = models_for(scripted=model, slow=slow_model)
+    async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
+        asking = await start_task(client, "create_trace", prompt="Summarise a file")
+        before = await poll_until(client, asking.task_id, "input_required")
+        slow = await start_task(client, "create_trace", prompt="slowly", model="slow")
+    async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
+        after = await get_task(client.session, asking.task_id)
+        assert after["inputRequests"] == before["inputRequests"] and after["createdAt"] == before["createdAt"]
+        (key,) = after["inputRequests"]
+        await update_task(
+            client.session, asking.task_id, {key: {"action": "accept", "content": {"answer": "a"}}}
+        )
+        assert (await poll_until(client, asking.task_id, "completed"))["result"]["isError"] is False
+        cut = await get_task(client.session, slow.task_id)
+        assert cut["status"] == "completed" and cut["result"]["isError"] is True
+        assert cut["result"]["structuredContent"]["trace"]["outcome"] == "interrupted"
+
+
+async def test_listen_streams_naming_task_ids_get_notifications_tasks(server, model):
+    tasks = Tasks()
+    acks: list[types.SubscriptionsAcknowledgedNotification] = []
+
+    async def handler(message: Any) -> None:
+        if isinstance(message, types.SubscriptionsAcknowledgedNotification):
+            acks.append(message)
+
+    async with Client(server, extensions=[tasks], message_handler=handler) as client:
+        model.steps = [ASKS]
+        handle = await start_task(client, "create_trace", prompt="Summarise a file")
+        listen = types.SubscriptionsListenRequest(
+            params=types.SubscriptionsListenRequestParams(
+                notifications=types.SubscriptionFilter(taskIds=[handle.task_id, "0" * 32])
+            )
+        )
+        async with anyio.create_task_group() as group:
+            group.start_soon(client.session.send_request, listen, types.SubscriptionsListenResult)
+            with anyio.fail_after(10):
+                while not any(n["status"] == "input_required" for n in tasks.notes):
+                    await tasks.heard.wait()
+                    tasks.heard = anyio.Event()
+            assert acks and acks[0].params.notifications.model_dump(by_alias=True)["taskIds"] == [
+                handle.task_id
+            ]
+            key = next(n for n in tasks.notes if n["status"] == "input_required")["inputRequests"]
+            await update_task(
+                client.session,
+                handle.task_id,
+                {k: {"action": "accept", "content": {"answer": "x"}} for k in key},
+            )
+            with anyio.fail_after(10):
+                while not any(n["status"] == "completed" for n in tasks.notes):
+                    await tasks.heard.wait()
+                    tasks.heard = anyio.Event()
+            group.cancel_scope.cancel()
+        final = next(n for n in tasks.notes if n["status"] == "completed")
+        assert final["taskId"] == handle.task_id and final["ttlMs"] is None
+        assert final["result"]["structuredContent"]["answer"] == "I read notes.txt, as you said."
+    async with Client(server) as undeclared:
+        with pytest.raises(MCPError) as refused:
+            await undeclared.session.send_request(listen, types.SubscriptionsListenResult)
+        assert refused.value.error.code == types.MISSING_REQUIRED_CLIENT_CAPABILITY
+
+
+def test_the_wire_shapes_follow_sep_2663(settings):
+    from agent.trace.models import Status, Trace
+
+    running = Trace(trace_id="a" * 32, model="m")
+    task = detailed_task(running, [], None)
+    assert task == {
+        "taskId": "a" * 32,
+        "status": "working",
+        "createdAt": running.created_at,
+        "lastUpdatedAt": running.updated_at,
+        "ttlMs": None,
+        "statusMessage": "started",
+        "pollIntervalMs": 1000,
+    }
+    failed = running.model_copy(update={"status": Status.FAILED, "error": "The provider said no."})
+    result = detailed_task(failed, [], 86_400_000)
+    assert (
+        result["status"] == "completed" and result["result"]["isError"] is True
+    )  # failed is for JSON-RPC errors
+    assert result["ttlMs"] == 86_400_000 and "The provider said no." in result["statusMessage"]
+
+
+# -- real transports ---------------------------------------------------------------------------------
+
+
+def inspector() -> str | None:
+    """The MCP Inspector CLI: $AGENT_TRACE_INSPECTOR, else ``mcp-inspector`` on PATH."""
+    return os.environ.get("AGENT_TRACE_INSPECTOR") or shutil.which("mcp-inspector")
+
+
+@pytest.mark.slow
+async def test_the_inspector_cli_creates_a_trace_as_a_task_and_prints_its_answer(tmp_path, workspace):
+    cli = inspector()
+    if cli is None or not os.path.exists(cli):
+        pytest.skip("no MCP Inspector CLI: set AGENT_TRACE_INSPECTOR to its mcp-inspector binary")
+    server = HttpServer(tmp_path, workspace)
+    env = {
+        **os.environ,
+        "MCP_CATALOG_PATH": str(tmp_path / "inspector.json"),
+        "MCP_CLIENT_CONFIG_PATH": str(tmp_path / "inspector-client.json"),
+    }
+    try:
+        outputs = {}
+        for era in ("modern", "legacy"):
+            argv = [cli, "--cli", "--server-url", server.url, "--transport", "http", "--protocol-era", era]
+            argv += ["--method", "tools/call", "--tool-name", "create_trace", "--format", "json", "-q"]
+            argv += ["--tool-arg", "prompt=Use read_file to read README.md and tell me what it says"]
+            done = await anyio.run_process(argv, env=env, check=False)
+            assert done.returncode == 0, done.stderr.decode()[-2000:]
+            outputs[era] = json.loads(done.stdout)["result"]["structuredContent"]
+    finally:
+        server.close()
+    assert outputs["modern"]["trace"]["outcome"] == "answered"
+    assert "The answer is 42." in outputs["modern"]["answer"]
+    assert outputs["legacy"]["status"] == "started"  # the legacy era never sees a task
+
+
+@pytest.mark.slow
+async def test_over_http_a_paused_task_survives_a_server_restart(tmp_path, workspace, fake_openai):
+    fake_openai.script = [
+        ("json", completion(None, [{"id": "q1", "type": "function",
+                                     "function": {"name": "ask_host", "arguments": '{"question": "Which file?"}'}}])),
+        ("json", completion("I read notes.txt as you said.")),
+    ]  # fmt: skip
+    env = {
+        "OPENAI_BASE_URL": fake_openai.base_url,
+        "OPENAI_API_KEY": "sk-test",
+        "AGENT_TRACE_LLM_STREAM": "0",
+    }
+    args = ("--model", "openai:gpt-test")
+    first = HttpServer(tmp_path, workspace, *args, env=env)
+    try:
+        async with Client(first.url, extensions=[Tasks()]) as client:
+            handle = await start_task(client, "create_trace", prompt="Summarise a file")
+            waiting = await poll_until(client, handle.task_id, "input_required")
+            await assert_mcp_name_is_required(first.url, handle.task_id)
+    finally:
+        first.close()
+    second = HttpServer(tmp_path, workspace, *args, env=env)
+    try:
+        async with Client(second.url, extensions=[Tasks()]) as client:
+            assert (await get_task(client.session, handle.task_id))["inputRequests"] == waiting[
+                "inputRequests"
+            ]
+            (key,) = waiting["inputRequests"]
+            answer = {"action": "accept", "content": {"answer": "notes.txt"}}
+            await update_task(client.session, handle.task_id, {key: answer})
+            done = await poll_until(client, handle.task_id, "completed")
+    finally:
+        second.close()
+    assert done["result"]["structuredContent"]["answer"] == "I read notes.txt as you said."
+    assert fake_openai.requests[-1]["body"]["messages"][-1]["content"] == "notes.txt"
+
+
+@pytest.mark.slow
+async def test_through_the_relay_a_paused_task_survives_a_restart_of_the_shared_server(
+    tmp_path, workspace, fake_openai
+):
+    fake_openai.script = [
+        ("json", completion(None, [{"id": "q1", "type": "function",
+                                     "function": {"name": "ask_host", "arguments": '{"question": "Which file?"}'}}])),
+        ("json", completion("I read notes.txt as you said.")),
+    ]  # fmt: skip
+    env = {
+        "OPENAI_BASE_URL": fake_openai.base_url,
+        "OPENAI_API_KEY": "sk-test",
+        "AGENT_TRACE_LLM_STREAM": "0",
+    }
+    host = relay_params(tmp_path, workspace, "--model", "openai:gpt-test", **env)
+    try:
+        async with Client(host, extensions=[Tasks()]) as client:
+            assert client.protocol_version == "2026-07-28"
+            handle = await start_task(client, "create_trace", prompt="Summarise a file")
+            waiting = await poll_until(client, handle.task_id, "input_required")
+        stopped = run_cli(tmp_path, "stop-server")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        async with Client(host, extensions=[Tasks()]) as client:  # a new shared server on the same data dir
+            assert (await get_task(client.session, handle.task_id))["inputRequests"] == waiting[
+                "inputRequests"
+            ]
+            (key,) = waiting["inputRequests"]
+            answer = {"action": "accept", "content": {"answer": "notes.txt"}}
+            await update_task(client.session, handle.task_id, {key: answer})
+            done = await poll_until(client, handle.task_id, "completed")
+        assert done["result"]["structuredContent"]["answer"] == "I read notes.txt as you said."
+        assert len(server_pids(tmp_path / "data")) == 2  # it really was another server
+    finally:
+        stop_shared_servers(tmp_path)
+
+
+async def assert_mcp_name_is_required(url: str, task_id: str) -> None:
+    """A tasks/* POST whose Mcp-Name is not its taskId is refused (SEP-2663 routing header)."""
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {"extensions": {TASKS: {}}},
+    }
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tasks/get", "params": {"taskId": task_id, "_meta": meta}}
+    headers = {
+        "MCP-Protocol-Version": "2026-07-28",
+        "Mcp-Method": "tasks/get",
+        "Accept": "application/json, text/event-stream",
+    }
+    async with httpx2.AsyncClient() as http:
+        wrong = await http.post(url, json=body, headers={**headers, "Mcp-Name": "f" * 32})
+        right = await http.post(url, json=body, headers={**headers, "Mcp-Name": task_id})
+    assert wrong.status_code == 400 and wrong.json()["error"]["code"] == types.HEADER_MISMATCH
+    assert right.status_code == 200 and right.json()["result"]["taskId"] == task_id
