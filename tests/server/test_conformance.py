@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.npm_tools import node22
 from tests.processes import HttpServer
 
 pytestmark = pytest.mark.slow
@@ -42,23 +43,6 @@ APPLICABLE = (
 INAPPLICABLE_LIST = Path(__file__).with_name("conformance_inapplicable.md")
 INSTALL_SECONDS = 600
 RUN_SECONDS = 600
-
-
-def node_major(node: str) -> int | None:
-    try:
-        version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    found = re.match(r"v(\d+)\.", version.strip())
-    return int(found.group(1)) if found else None
-
-
-def find_node() -> str | None:
-    """A node binary of version 22 or later."""
-    for node in (os.environ.get("AGENT_TRACE_CONFORMANCE_NODE"), shutil.which("node")):
-        if node and (node_major(node) or 0) >= 22:
-            return node
-    return None
 
 
 def install_suite(cache: Path, node: str) -> Path:
@@ -96,7 +80,7 @@ def cache_folder() -> Path:
 
 @pytest.fixture
 def suite() -> tuple[str, Path]:
-    node = find_node()
+    node = node22()
     if node is None:
         pytest.skip("conformance needs Node >= 22: put it on PATH or set AGENT_TRACE_CONFORMANCE_NODE")
     return node, install_suite(cache_folder(), node)

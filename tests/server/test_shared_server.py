@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -25,6 +24,7 @@ from mcp.client.stdio import stdio_client
 from server.app import VERSION
 from server.relay import CONTROL_KEY, ServerAddress, ask_once, process_alive
 from tests.fake_openai import completion
+from tests.npm_tools import inspector
 from tests.processes import (
     console_script,
     relay_params,
@@ -41,8 +41,6 @@ pytestmark = [
     pytest.mark.anyio,
     pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed"),
 ]
-
-INSPECTOR = Path("/work/clients/inspector/node_modules/.bin/mcp-inspector")
 
 
 @pytest.fixture(autouse=True)
@@ -439,15 +437,17 @@ async def test_the_relay_exits_cleanly_on_eof_and_on_sigterm(tmp_path, workspace
 # -- the Inspector CLI -----------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not INSPECTOR.exists() or not shutil.which("node"), reason="no Inspector CLI installed")
 async def test_the_inspector_cli_leaves_a_trace_that_completes_after_it_exits(
     tmp_path, workspace, fake_openai
 ):
+    binary = inspector()
+    if binary is None:
+        pytest.skip("no MCP Inspector CLI and no npm to install it: set AGENT_TRACE_INSPECTOR to its binary")
     fake_openai.script = [("hang", None)]
     command, *args = console_script()
     server = [command, *args, *server_args(tmp_path, workspace), "--model", "openai:gpt-test"]
     env_args = [arg for name, value in openai_env(fake_openai).items() for arg in ("-e", f"{name}={value}")]
-    cli = [str(INSPECTOR), "--cli", "--format", "json", "-q", *env_args, "--method", "tools/call",
+    cli = [binary, "--cli", "--format", "json", "-q", *env_args, "--method", "tools/call",
            "--tool-name", "create_trace", "--tool-arg", "prompt=Use list_files to look around", "--", *server]  # fmt: skip
     state = tmp_path / "inspector"
     state.mkdir()

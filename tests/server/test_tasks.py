@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any, Literal
 
 import anyio
@@ -22,6 +21,7 @@ from server.task_views import detailed_task
 from tests.fake_openai import completion
 from tests.fakes import call as tool_call
 from tests.fakes import models_for, reply, turn_script
+from tests.npm_tools import inspector
 from tests.processes import HttpServer, relay_params, run_cli, server_pids, stop_shared_servers
 from tests.server.helpers import call
 
@@ -374,16 +374,11 @@ def test_the_wire_shapes_follow_sep_2663(settings):
 # -- real transports ---------------------------------------------------------------------------------
 
 
-def inspector() -> str | None:
-    """The MCP Inspector CLI: $AGENT_TRACE_INSPECTOR, else ``mcp-inspector`` on PATH."""
-    return os.environ.get("AGENT_TRACE_INSPECTOR") or shutil.which("mcp-inspector")
-
-
 @pytest.mark.slow
 async def test_the_inspector_cli_creates_a_trace_as_a_task_and_prints_its_answer(tmp_path, workspace):
     cli = inspector()
-    if cli is None or not os.path.exists(cli):
-        pytest.skip("no MCP Inspector CLI: set AGENT_TRACE_INSPECTOR to its mcp-inspector binary")
+    if cli is None:
+        pytest.skip("no MCP Inspector CLI and no npm to install it: set AGENT_TRACE_INSPECTOR to its binary")
     server = HttpServer(tmp_path, workspace)
     env = {
         **os.environ,
