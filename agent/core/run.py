@@ -141,6 +141,7 @@ class Run:
     _sent_chars: int = 0
     _ready: list[dict[str, Any]] | None = None
     _built: tuple[int, list[dict[str, Any]]] | None = None
+    _built_chars: tuple[list[dict[str, Any]] | None, int] = (None, 0)
     _tool_schemas: tuple[Segment, list[dict[str, Any]], int] | None = None
 
     @property
@@ -394,8 +395,10 @@ class Run:
             count, built = self._built
             added = context[count:]
             if count <= len(context) and all(compaction.compaction_of(m) is None for m in added):
-                wire = [*built, *(self._convert(m) for m in added)]
+                extra_items = [self._convert(m) for m in added]
+                wire = [*built, *extra_items]
                 self._built = (len(context), wire)
+                self._built_chars = (wire, self._built_chars[1] + sum(self._size(m) for m in extra_items))
                 return wire
         wire = compaction.build_context(
             self.trace_id,
@@ -407,6 +410,7 @@ class Run:
         )
         if not extra and not clamp:
             self._built = (len(context), wire)
+            self._built_chars = (wire, sum(self._size(m) for m in wire))
         return wire
 
     def _schemas(self) -> list[dict[str, Any]]:
@@ -423,8 +427,13 @@ class Run:
         tools = math.ceil(self._tool_schemas[2] * self.tokens_per_char)
         return self.segment.context_tokens - compaction.REPLY_RESERVE_TOKENS - tools
 
+    def _chars(self, wire: list[dict[str, Any]]) -> int:
+        if wire is self._built_chars[0]:
+            return self._built_chars[1]
+        return sum(self._size(m) for m in wire)
+
     def _estimate(self, wire: list[dict[str, Any]]) -> int:
-        return compaction.estimate(wire, ratio=self.tokens_per_char, sizes=self._size)
+        return math.ceil(self._chars(wire) * self.tokens_per_char)
 
     async def _fit_context(self) -> list[MessageStored]:
         """Before a model call that would pass the budget: elide old tool results, then summarise old turns."""
@@ -507,9 +516,7 @@ class Run:
             if self._estimate(messages) > self._room():
                 messages = self.model_messages(clamp=True)
         schemas = self._schemas()
-        self._sent_chars = sum(self._size(m) for m in messages) + (
-            self._tool_schemas[2] if self._tool_schemas else 0
-        )
+        self._sent_chars = self._chars(messages) + (self._tool_schemas[2] if self._tool_schemas else 0)
         with self._guard():
             return await segment.model.complete(
                 messages,

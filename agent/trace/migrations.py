@@ -117,7 +117,7 @@ def m005_claims_and_changes(db: sqlite3.Connection) -> None:
         ALTER TABLE messages ADD COLUMN side INTEGER NOT NULL DEFAULT 0;
 
         CREATE TABLE changes (
-            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            id          INTEGER PRIMARY KEY,
             trace_id    TEXT NOT NULL,
             kind        TEXT NOT NULL,
             sequence    INTEGER,

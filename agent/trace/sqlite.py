@@ -273,7 +273,7 @@ class SQLiteTraceStore:
         config: TraceConfig,
         messages: Sequence[NewMessage] = (),
     ) -> tuple[Trace, list[Message]]:
-        async def take(db: aiosqlite.Connection, holder: str | None) -> bool:
+        async def take(db: aiosqlite.Connection, holder: str | None) -> Trace | None:
             now = time.time()
             condition = "run_token IS NULL OR run_token = ? OR lease_until < ?"
             params: list[Any] = [token, now]
@@ -285,23 +285,29 @@ class SQLiteTraceStore:
                 "UPDATE traces SET status = 'running', stop_reason = NULL, error = NULL, question = NULL, "
                 "result = NULL, head_sequence = ?, model = ?, config = ?, owner = ?, run_token = ?, "
                 "lease_until = ?, stop_requested = 0, updated_at = ?, started_at = ? "
-                f"WHERE trace_id = ? AND ({condition}) RETURNING trace_id",
+                f"WHERE trace_id = ? AND ({condition}) RETURNING {TRACE_COLUMNS}",
                 (
                     head, model, config.model_dump_json(), self.owner, token, now + self._lease_seconds,
                     stamp, stamp, trace_id, *params,
                 ),
             )  # fmt: skip
-            return bool(list(rows))
+            taken = list(rows)
+            return trace_from_row(taken[0]) if taken else None
+
+        if not messages:  # the common claim is one statement: no transaction needed
+            taken = await self._retrying(lambda: take(self._writer, None))
+            if taken is not None:
+                return taken, []
 
         async def body(db: aiosqlite.Connection) -> tuple[Trace, list[Message]]:
-            if not await take(db, None):
+            if await take(db, None) is None:
                 rows = list(
                     await db.execute_fetchall("SELECT owner FROM traces WHERE trace_id = ?", (trace_id,))
                 )
                 if not rows:
                     raise TraceNotFound(trace_id)
                 holder = rows[0][0]
-                if owner_alive(holder) or not await take(db, holder):
+                if owner_alive(holder) or await take(db, holder) is None:
                     raise TraceRunning(trace_id)
             stored: list[Message] = []
             for message in messages:
@@ -398,8 +404,9 @@ class SQLiteTraceStore:
 
     async def _prune_changes(self) -> None:
         await self._write(
+            # the newest row always stays: ids are max + 1, so they never go back and readers never miss one
             f"DELETE FROM changes WHERE id IN (SELECT id FROM changes ORDER BY id LIMIT {_PRUNE_BATCH}) "
-            "AND created_at < ?",
+            "AND created_at < ? AND id < (SELECT max(id) FROM changes)",
             (time.time() - CHANGE_RETENTION_SECONDS,),
         )
 

@@ -170,3 +170,24 @@ def test_a_killed_process_loses_no_committed_message(tmp_path):
             await store.close()
 
     anyio.run(check)
+
+
+async def test_pruning_the_change_log_never_lets_an_id_come_back(tmp_path):
+    """Old change rows are pruned, but the newest stays, so the next id is higher than any a reader saw."""
+    path = tmp_path / "traces.db"
+    store = await SQLiteTraceStore.open(path)
+    try:
+        for _ in range(3):
+            await store.note_change("experiences")
+        last = await store.last_change_id()
+        db = sqlite3.connect(path)
+        db.execute("UPDATE changes SET created_at = 0")
+        db.commit()
+        db.close()
+        await store.sweep()
+        await store._prune_changes()
+        assert await store.last_change_id() == last  # everything but the newest row is gone
+        await store.note_change("experiences")
+        assert [c.id for c in await store.changes_after(last)] == [last + 1]
+    finally:
+        await store.close()
