@@ -27,6 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from agent.pids import pid_alive
 from server.settings import IN_PROCESS_VARIABLE, OPTIONS, Settings
 
 log = logging.getLogger("agent-trace-mcp")
@@ -113,7 +114,7 @@ class ServerAddress:
         for path in sorted(self.data_dir.glob("draining-*.json")):
             record = _read_json(path)
             pid = record.get("pid")
-            if isinstance(pid, int) and process_alive(pid):
+            if isinstance(pid, int) and pid_alive(pid):
                 found.append(record)
             else:
                 path.unlink(missing_ok=True)
@@ -163,19 +164,6 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         json.dump(data, out)
     os.replace(temporary, path)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def try_lock(path: Path) -> int | None:
@@ -538,7 +526,7 @@ def relay(settings: Settings) -> int:
 def _no_server(address: ServerAddress) -> str:
     sentence = f"No shared server is running for {address.data_dir}."
     pid = read_record(address).get("pid")
-    if isinstance(pid, int) and process_alive(pid):
+    if isinstance(pid, int) and pid_alive(pid):
         sentence += f" (pid {pid}, named in {address.record}, runs but does not answer.)"
     return sentence
 
@@ -614,7 +602,7 @@ def stop_server(settings: Settings, now: bool = False) -> int:
         else:
             print(f"Waiting for the draining server (pid {pid}) to finish its runs…", flush=True)
         try:
-            while process_alive(pid):
+            while pid_alive(pid):
                 time.sleep(0.05)
         except KeyboardInterrupt:
             print("\nIt goes on draining.")
@@ -646,7 +634,7 @@ def _stop_listening_server(address: ServerAddress, channel: Channel, now: bool) 
     finally:
         channel.close()
     deadline = time.monotonic() + 10
-    while isinstance(pid, int) and process_alive(pid) and time.monotonic() < deadline:
+    while isinstance(pid, int) and pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     print(f"The shared server (pid {pid}) has stopped.")
     return 0

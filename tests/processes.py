@@ -99,16 +99,16 @@ def server_pids(data_dir: Path) -> set[int]:
 
 def stop_shared_servers(tmp_path: Path, timeout: float = 20) -> None:
     """Teardown: ``stop-server --now``, then SIGKILL any shared server of this data directory still alive."""
-    from server.relay import process_alive
+    from agent.pids import pid_alive
 
     data_dir = tmp_path / "data"
     with contextlib.suppress(subprocess.TimeoutExpired):
         run_cli(tmp_path, "stop-server", "--now", timeout=timeout)
     for pid in server_pids(data_dir):
         deadline = time.monotonic() + 5
-        while process_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        if process_alive(pid) and _is_our_server(pid):
+        if pid_alive(pid) and _is_our_server(pid):
             os.kill(pid, signal.SIGKILL)
 
 

@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 
+from agent.pids import pid_alive
 from agent.trace.backends import open_store
 from agent.trace.store import TraceStore
 
@@ -49,16 +50,6 @@ def _run(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
     return result[0]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 async def _drop_schemas(url: str, only_pid: int | None) -> None:
     """Drop the test schemas of this process (``only_pid``) or of test processes no longer alive."""
     import asyncpg
@@ -73,7 +64,7 @@ async def _drop_schemas(url: str, only_pid: int | None) -> None:
             if not pid_text.isdigit():
                 continue
             pid = int(pid_text)
-            if pid == only_pid or (only_pid is None and pid != os.getpid() and not _pid_alive(pid)):
+            if pid == only_pid or (only_pid is None and pid != os.getpid() and not pid_alive(pid)):
                 await db.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
     finally:
         await db.close()

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel
 
 from agent.errors import TraceError
+from agent.pids import pid_alive
 from agent.trace.models import Message, NewMessage, Status, StopReason, Trace, TraceConfig
 
 ChangeKind = Literal["created", "message", "trace", "stop", "deleted", "experiences"]
@@ -205,22 +206,7 @@ def owner_alive(owner: str | None) -> bool:
     pid = int(pid_text)
     if pid == os.getpid():
         return owner in OPEN_OWNERS
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    """A process that has exited but not been reaped (Linux): dead, though its pid still answers."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            return stat.read().rpartition(")")[2].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    return pid_alive(pid)
 
 
 def encode_cursor(trace: Trace) -> str:

@@ -21,8 +21,9 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import stdio_client
 
+from agent.pids import pid_alive
 from server.app import VERSION
-from server.relay import CONTROL_KEY, ServerAddress, ask_once, process_alive
+from server.relay import CONTROL_KEY, ServerAddress, ask_once
 from tests.fake_openai import completion
 from tests.npm_tools import inspector
 from tests.processes import (
@@ -47,7 +48,7 @@ pytestmark = [
 def no_server_left(tmp_path):
     yield
     stop_shared_servers(tmp_path)
-    alive = [pid for pid in server_pids(tmp_path / "data") if process_alive(pid)]
+    alive = [pid for pid in server_pids(tmp_path / "data") if pid_alive(pid)]
     assert not alive, f"shared server(s) {alive} outlived the test"
 
 
@@ -82,7 +83,7 @@ async def wait_until(predicate, seconds: float = 30) -> None:
 
 
 async def wait_gone(pid: int, seconds: float = 30) -> None:
-    await wait_until(lambda: not process_alive(pid), seconds)
+    await wait_until(lambda: not pid_alive(pid), seconds)
 
 
 # -- runs outlive hosts -------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ async def test_a_relay_of_another_version_drains_the_old_server(tmp_path, worksp
         async with Client(host_b_params, mode="legacy") as host_b:
             new = status(tmp_path)
             assert new["pid"] != old["pid"] and new["version"] != "0.0.1"
-            assert process_alive(old["pid"])  # draining: its run goes on
+            assert pid_alive(old["pid"])  # draining: its run goes on
             shown = run_cli(tmp_path, "status").stdout
             assert f"Draining: the server of version 0.0.1 (pid {old['pid']})" in shown
             assert tid in (await call(host_b, "list_running"))["running"]
@@ -299,7 +300,7 @@ async def test_status_and_stop_server(tmp_path, workspace, fake_openai):
             assert part in shown.stdout
     stopped = run_cli(tmp_path, "stop-server", "--now")
     assert stopped.returncode == 0 and "has stopped" in stopped.stdout
-    assert not process_alive(pid)
+    assert not pid_alive(pid)
     async with Client(stdio_params(tmp_path, workspace), mode="legacy") as reader:
         assert (await call(reader, "get_trace", trace_id=tid))["trace"]["status"] == "stopped"
 
@@ -317,14 +318,14 @@ async def test_stop_server_drains_by_default(tmp_path, workspace, fake_openai):
     try:
         first_line = await anyio.to_thread.run_sync(stopping.stdout.readline)
         assert "Draining the shared server" in first_line and "1 running trace" in first_line
-        assert process_alive(pid) and stopping.poll() is None  # it waits for the run
+        assert pid_alive(pid) and stopping.poll() is None  # it waits for the run
         fake_openai.release.set()
         rest = await anyio.to_thread.run_sync(stopping.communicate, None, 60)
     finally:
         with suppress(ProcessLookupError):
             stopping.kill()
     assert stopping.returncode == 0 and "has stopped" in rest[0]
-    assert not process_alive(pid)
+    assert not pid_alive(pid)
     async with Client(stdio_params(tmp_path, workspace), mode="legacy") as reader:
         assert (await call(reader, "get_trace", trace_id=tid))["trace"]["status"] == "completed"
 
