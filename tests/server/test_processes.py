@@ -58,7 +58,9 @@ async def test_two_stdio_servers_on_one_data_dir_share_every_run(tmp_path, works
 
             async def wait_on_b() -> None:
                 result = await host_b.call_tool(
-                    "get_trace", {"trace_id": tid, "wait_seconds": 30}, progress_callback=on_progress
+                    "get_trace",
+                    {"trace_id": tid, "wait_seconds": 30, "after_sequence": 2},
+                    progress_callback=on_progress,
                 )
                 waited.update(result.structured_content)
 

@@ -116,7 +116,9 @@ async def test_a_wait_on_b_follows_a_run_on_a_with_progress(replicas, fake_opena
 
         async def wait_on_b() -> None:
             result = await on_b.call_tool(
-                "get_trace", {"trace_id": tid, "wait_seconds": 30}, progress_callback=on_progress
+                "get_trace",
+                {"trace_id": tid, "wait_seconds": 30, "after_sequence": 2},
+                progress_callback=on_progress,
             )
             waited.update(result.structured_content or {})
 

@@ -111,8 +111,11 @@ async def test_a_run_outlives_its_host_and_a_later_host_sees_it_complete(tmp_pat
             waited: dict = {}
 
             async def wait_on_b() -> None:
+                # after_sequence: messages stored before the wait began are reported too (no race)
                 result = await host_b.call_tool(
-                    "get_trace", {"trace_id": tid, "wait_seconds": 30}, progress_callback=on_progress
+                    "get_trace",
+                    {"trace_id": tid, "wait_seconds": 30, "after_sequence": 2},
+                    progress_callback=on_progress,
                 )
                 waited.update(result.structured_content)
 

@@ -81,7 +81,9 @@ async def test_stdio_get_trace_wait_streams_progress_from_an_openai_compatible_m
     async with Client(params, mode=mode) as client:
         tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
         result = await client.call_tool(
-            "get_trace", {"trace_id": tid, "wait_seconds": 30}, progress_callback=on_progress
+            "get_trace",
+            {"trace_id": tid, "wait_seconds": 30, "after_sequence": 2},
+            progress_callback=on_progress,
         )
     view = result.structured_content
     assert view["trace"]["status"] == "completed"
