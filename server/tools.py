@@ -362,9 +362,10 @@ def register_tools(mcp: MCPServer) -> None:
         engine = engine_of(ctx)
         trace = await engine.create(all_messages, config)
         verb = "started" if from_trace is None else f"forked from {from_trace} and started"
-        return Started(
+        started = Started(
             trace_id=trace.trace_id, message=started_message(trace, verb, engine.settings.max_wait)
         )
+        return compact(started)  # type: ignore[return-value]
 
     @mcp.tool(title="Run trace", annotations=RUNS_AGENT)
     @tool_errors
@@ -422,10 +423,11 @@ def register_tools(mcp: MCPServer) -> None:
             timeout_seconds=timeout_seconds,
         )
         trace = await engine.continue_(trace_id, messages or [], config)
-        return Started(
+        again = Started(
             trace_id=trace.trace_id,
             message=started_message(trace, "is running again", engine.settings.max_wait),
         )
+        return compact(again)  # type: ignore[return-value]
 
     @mcp.tool(title="Stop traces", annotations=STOPS)
     @tool_errors
@@ -466,7 +468,7 @@ def register_tools(mcp: MCPServer) -> None:
         the experiences file, where later traces recall them."""
         reflection = await engine_of(ctx).reflect(trace_id, focus)
         text = reflection.text if len(reflection.text) <= 4000 else reflection.text[:4000] + "… [cut]"
-        return Reflected(trace_id=trace_id, reflection=text, lessons=reflection.lessons)
+        return compact(Reflected(trace_id=trace_id, reflection=text, lessons=reflection.lessons))  # type: ignore[return-value]
 
     @mcp.tool(title="List running traces", annotations=READ_ONLY)
     @tool_errors
@@ -481,7 +483,7 @@ def register_tools(mcp: MCPServer) -> None:
             row["started_at"] = trace.started_at
             row["last_action"] = one_line(tail[-1], {}) if tail else None
             rows.append(row)
-        return Running(running=ids, traces=rows)
+        return compact(Running(running=ids, traces=rows))  # type: ignore[return-value]
 
     @mcp.tool(title="Get trace", annotations=READ_ONLY, structured_output=True)
     @tool_errors
@@ -613,14 +615,16 @@ def register_tools(mcp: MCPServer) -> None:
     ) -> Consolidated:
         """Merge duplicate lessons and drop contradicted ones now (a dated backup of the file is kept)."""
         result = await engine_of(ctx).consolidate(model)
-        return Consolidated(
-            before=result.before,
-            after=result.after,
-            merged=result.merged,
-            dropped=[d.model_dump() for d in result.dropped[:50]],
-            backup_path=str(result.backup_path) if result.backup_path else None,
-            prior_version=getattr(result, "prior_version", None),
-            skipped_reason=result.skipped_reason,
+        return compact(
+            Consolidated(  # type: ignore[return-value]
+                before=result.before,
+                after=result.after,
+                merged=result.merged,
+                dropped=[d.model_dump() for d in result.dropped[:50]],
+                backup_path=str(result.backup_path) if result.backup_path else None,
+                prior_version=getattr(result, "prior_version", None),
+                skipped_reason=result.skipped_reason,
+            )
         )
 
     @mcp.tool(title="Delete trace", annotations=DELETES)
@@ -630,7 +634,7 @@ def register_tools(mcp: MCPServer) -> None:
         engine = engine_of(ctx)
         if not await engine.delete(trace_id):
             raise ToolError(f"Trace '{trace_id}' is running; stop it (stop_trace) before you delete it.")
-        return Deleted(trace_id=trace_id, deleted=True)
+        return compact(Deleted(trace_id=trace_id, deleted=True))  # type: ignore[return-value]
 
     @mcp.tool(title="What the agent can use", annotations=READ_ONLY)
     @tool_errors
