@@ -317,7 +317,9 @@ class Engine:
         return result
 
     async def _prune_finished(self, days: float) -> None:
-        """``--retain-days``: delete finished traces not updated for that long, now and every hour."""
+        """``--retain-days``: delete finished traces not updated for that long, now and every so often
+        (a tenth of the retention, at most an hour)."""
+        every = min(3600.0, days * 86400 / 10)
         while True:
             cut = (datetime.now(UTC) - timedelta(days=days)).isoformat(timespec="microseconds")
             try:
@@ -326,7 +328,7 @@ class Engine:
                     log.info("deleted %d finished trace(s) older than %g days", removed, days)
             except Exception:
                 log.exception("pruning old traces failed")
-            await anyio.sleep(3600)
+            await anyio.sleep(every)
 
     async def _consolidate_if_over_budget(self) -> None:
         budget = self.settings.experience_budget

@@ -378,3 +378,23 @@ async def test_prompts_are_real_and_unknown_ones_are_invalid_params(client):
     with pytest.raises(MCPError) as info:
         await client.get_prompt("nope", {})
     assert info.value.error.code == -32602
+
+
+async def test_retain_days_deletes_finished_traces_and_keeps_running_ones(settings, model, slow_model):
+    from server.app import build_server
+    from tests.fakes import models_for
+
+    settings.retain_days = 1 / 86400  # one second
+    server = build_server(settings, models=models_for(scripted=model, slow=slow_model))
+    async with Client(server) as client:
+        done = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
+        await wait_done(client, done)
+        running = (await call(client, "create_trace", prompt="slow", model="slow"))["trace_id"]
+        with anyio.fail_after(10):
+            while (
+                "There is no trace"
+                not in (await client.call_tool("get_trace", {"trace_id": done})).content[0].text
+            ):
+                await anyio.sleep(0.1)
+        assert (await call(client, "get_trace", trace_id=running))["trace"]["outcome"] == "running"
+        await call(client, "stop_trace", trace_id=running)
