@@ -10,7 +10,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from agent.core.runner import AgentRunner, RunConfig, RunResult, SystemPrompt
+    from agent.core.requests import RunConfig, SystemPrompt
+    from agent.core.runner import AgentRunner, RunResult
     from agent.engine import Engine, open_engine
     from agent.errors import TraceError
     from agent.settings import EngineSettings
@@ -22,9 +23,9 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "AgentRunner": "agent.core.runner",
-    "RunConfig": "agent.core.runner",
+    "RunConfig": "agent.core.requests",
     "RunResult": "agent.core.runner",
-    "SystemPrompt": "agent.core.runner",
+    "SystemPrompt": "agent.core.requests",
     "Engine": "agent.engine",
     "open_engine": "agent.engine",
     "EngineSettings": "agent.settings",

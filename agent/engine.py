@@ -19,7 +19,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from agent import defaults
-from agent.core.runner import AgentRunner, RunConfig, SystemPrompt, SystemPromptBuilder
+from agent.core.requests import RunConfig, SystemPrompt, SystemPromptBuilder
+from agent.core.runner import AgentRunner
 from agent.errors import TraceError
 from agent.experiences import ConsolidationResult, Experiences, Lesson, format_lessons_block
 from agent.experiences.backends import open_experiences

@@ -1,9 +1,9 @@
-"""AgentRunner: validates run requests, claims traces in the store, and runs them under a supervisor.
+"""AgentRunner: claims traces in the store and runs them under a supervisor.
 
-A request is checked completely before anything is written (a refused run changes nothing); then one
+A request is checked completely before anything is written (``agent.core.requests``); then one
 shielded step claims the trace and stores its new messages in a single transaction and hands the run to
 the supervisor, so a cancelled request never leaves a trace marked running with nothing running it.
-``start`` (background), ``run`` (in the caller's task), ``run_result`` and ``run_side_branch`` are thin
+``start`` (background), ``run`` (in the caller's task), ``run_result`` and ```run_side_branch`` are thin
 adapters over one drain of ``Run.steps`` (``agent.core.run``), which publishes every event it yields.
 No run's failure ever reaches the task group it shares: the supervisor logs it and ends the trace
 ``failed``. The in-memory table of runs is only the local stop handle; who runs a trace is the store's
@@ -13,10 +13,8 @@ business (``claim``), so any number of processes may share one database.
 from __future__ import annotations
 
 import logging
-import secrets
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
@@ -25,76 +23,35 @@ from anyio.abc import TaskGroup
 from pydantic import BaseModel, Field
 
 from agent import defaults
-from agent.core.messages import check_placement, open_tool_calls, parse_messages
-from agent.core.rewind import cut_point
+from agent.core.messages import open_tool_calls
+from agent.core.requests import (
+    Request,
+    Requests,
+    RunConfig,
+    SystemPromptBuilder,
+    default_system_prompt,
+)
 from agent.core.run import (
     CANCELLED_TOOL_RESULT,
-    UNFINISHED_TOOL_RESULT,
     WAITING_TOOL_RESULT,
     Reflector,
     Run,
     Segment,
-    pending_calls,
 )
-from agent.core.typed import check_schema
-from agent.errors import InvalidMessages, ModelCallError, SequenceError, TraceRunning
+from agent.errors import ModelCallError, TraceRunning
 from agent.llm.base import Model, resolve_model
 from agent.llm.windows import context_window
-from agent.tools.ask import ASK_HOST, AskHostTool
 from agent.tools.registry import ToolRegistry, openai_tool_schema
 from agent.trace import compaction
 from agent.trace.events import EventBus, MessageStored, TraceChanged, TraceEvent
 from agent.trace.feed import ChangeFeed, Recent
-from agent.trace.models import ForkPoint, Message, NewMessage, Status, StopReason, Trace, TraceConfig
+from agent.trace.models import Message, NewMessage, Status, StopReason, Trace
 from agent.trace.store import ClaimLost, TraceStore, new_token
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SYSTEM_PROMPT = "You are a capable agent. Use the tools offered when they help, and answer concisely."
 HANDOVER_WAIT_SECONDS = defaults.MAX_WAIT_SECONDS
 """How long a request waits for another process to release a trace it is reflecting on."""
-
-
-class RunConfig(BaseModel):
-    """How to run. For a new trace, None means the product default; for an existing one, keep the trace's."""
-
-    model: str | None = Field(
-        None, description="'provider:name', e.g. 'openai:gpt-4o', 'anthropic:…', 'offline'"
-    )
-    temperature: float | None = Field(None, ge=0, le=2)
-    max_iterations: int | None = Field(None, ge=1, le=defaults.MAX_ITERATIONS_LIMIT)
-    system_prompt: str | None = None
-    tools: list[str] | None = None
-    name: str | None = None
-    uid: str | None = None
-    tags: list[str] | None = None
-    trace_id: str | None = None
-    insert_after: int | None = None
-    recall: int | None = Field(None, ge=0)
-    reflect: bool | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    timeout_seconds: float | None = Field(None, gt=0)
-    output_schema: dict[str, Any] | None = None
-    ask_host: bool | None = None
-    confirm_tools: list[str] | None = None
-    from_trace: str | None = None
-    from_sequence: int | None = None
-    answer: str | None = None
-    approve: bool | None = None
-
-
-@dataclass
-class SystemPrompt:
-    text: str
-    lessons: list[str] = field(default_factory=list)
-
-
-SystemPromptBuilder = Callable[[str, RunConfig], Awaitable[SystemPrompt]]
-"""Builds a new trace's system prompt from its task text when the caller gave none."""
-
-
-async def default_system_prompt(task: str, config: RunConfig) -> SystemPrompt:
-    return SystemPrompt(DEFAULT_SYSTEM_PROMPT)
 
 
 class RunResult(BaseModel):
@@ -113,17 +70,6 @@ def last_answer(messages: Sequence[Message]) -> str | None:
         if message.role == "assistant" and message.content:
             return message.content
     return None
-
-
-@dataclass
-class _Request:
-    """A validated run request: everything ``_commit`` writes, nothing written yet."""
-
-    segment: Segment
-    new: Trace | None = None  # a new trace, created with ``messages``
-    head: int | None = None  # an existing trace: where the new messages go
-    messages: list[NewMessage] = field(default_factory=list)
-    behind: Run | None = None  # a local run reflecting on the trace: queue behind it
 
 
 class AgentRunner:
@@ -147,11 +93,18 @@ class AgentRunner:
         self.reflector = reflector
         self._models = models
         self._model_cache: dict[str, Model] = {}
-        self._system_prompt = system_prompt
         self._tool_timeout = tool_timeout
         self._context_tokens = context_tokens
+        self._requests = Requests(
+            store,
+            self.tools,
+            self.model,
+            default_model=default_model,
+            system_prompt=system_prompt,
+            context_tokens=context_tokens,
+            queue_behind=self._local_run_to_queue_behind,
+        )
         self._active: dict[str, Run] = {}
-        self._ask_host = AskHostTool()
         self._own_tokens = Recent()
         self._own_messages = Recent()
         self._group: TaskGroup | None = None
@@ -315,7 +268,7 @@ class AgentRunner:
         group = task_group or self._group
         if group is None:
             raise RuntimeError("AgentRunner.start needs a task group: pass one, or use 'async with runner'.")
-        request = await self._prepare(messages, config)
+        request = await self._requests.prepare(messages, config)
         with anyio.CancelScope(shield=True):  # once written, the run must be handed over, cancelled or not
             run = await self._commit(request)
             if run is not None:
@@ -324,7 +277,7 @@ class AgentRunner:
 
     async def run(self, messages: Sequence[Any], config: RunConfig) -> AsyncGenerator[TraceEvent, None]:
         """Run in the caller's task: yields the claimed trace, then every event of the run as stored."""
-        request = await self._prepare(messages, config)
+        request = await self._requests.prepare(messages, config)
         with anyio.CancelScope(shield=True):
             committed = await self._commit(request)
         if committed is None:  # queued behind a reflection: follow that run instead
@@ -385,7 +338,7 @@ class AgentRunner:
             head = trace.head_sequence
         path = await self.store.get_path(trace_id, head) if head is not None else []
         model = self.model(trace.model)
-        tools = self._segment(trace, model, path).tools  # as the run offers them, ask_host included
+        tools = self._requests.segment(trace, model, path).tools  # as the run offers them, ask_host included
         branch: list[Message] = []
         parent = head
         for call_id in open_tool_calls(path):  # a paused trace: its pending calls get a side-branch answer
@@ -479,183 +432,6 @@ class AgentRunner:
 
     # -- preparing and committing a run -----------------------------------------------------------------
 
-    async def _prepare(self, raw_messages: Sequence[Any], config: RunConfig, action: str = "run") -> _Request:
-        """Check everything; write nothing (a refused run changes nothing)."""
-        messages = parse_messages(raw_messages)
-        if config.trace_id is None:
-            return await self._prepare_new(messages, config)
-        return await self._prepare_existing(messages, config, action)
-
-    def _segment(
-        self, trace: Trace, model: Model, context: list[Message], approved: frozenset[str] = frozenset()
-    ) -> Segment:
-        """What a run of ``trace`` works with, from its stored config."""
-        config = trace.config
-        tools = [t for t in self.tools.select(config.tools) if t.name != ASK_HOST]
-        if config.ask_host:
-            tools.append(self._ask_host)
-        return Segment(
-            trace,
-            model,
-            tools,
-            context,
-            config.max_iterations,
-            config.reflect,
-            confirm=frozenset(config.confirm_tools or ()),
-            approved=approved,
-            max_tokens=config.max_tokens,
-            timeout_seconds=config.timeout_seconds,
-            output_schema=config.output_schema,
-            context_tokens=compaction.budget_for(self._context_tokens, context_window(model.name)),
-        )
-
-    async def _prepare_new(self, messages: list[NewMessage], config: RunConfig) -> _Request:
-        if config.insert_after is not None:
-            raise SequenceError(
-                "insert_after applies to an existing trace; give trace_id too, or leave it out."
-            )
-        if config.answer is not None or config.approve is not None:
-            raise InvalidMessages("answer and approve reply to a paused trace: use them with run_trace.")
-        source: Trace | None = None
-        copied: list[NewMessage] = []
-        fork_head: int | None = None
-        if config.from_trace is not None:
-            source, copied, fork_head = await self._fork_prefix(config)
-        elif config.from_sequence is not None:
-            raise SequenceError("from_sequence needs from_trace: the trace to fork.")
-        if not messages and not copied:
-            raise InvalidMessages("A new trace needs at least one message (or a prompt).")
-        spec = config.model or (source.model if source else self.default_model)
-        model = self.model(spec)
-        self.tools.check_whitelist(config.tools)
-        self.tools.check_whitelist(config.confirm_tools, argument="confirm_tools")
-        if config.output_schema is not None:
-            check_schema(config.output_schema)
-        check_placement(copied, messages)
-        base = source.config if source is not None else TraceConfig()
-        given = {
-            "temperature": config.temperature,
-            "max_iterations": config.max_iterations,
-            "system_prompt": config.system_prompt,
-            "tools": config.tools,
-            "recall": config.recall,
-            "reflect": config.reflect,
-            "max_tokens": config.max_tokens,
-            "timeout_seconds": config.timeout_seconds,
-            "output_schema": config.output_schema,
-            "ask_host": config.ask_host,
-            "confirm_tools": config.confirm_tools,
-        }
-        trace_config = base.model_copy(update={k: v for k, v in given.items() if v is not None})
-        lessons: list[str] = list(source.lessons) if source is not None else []
-        if not copied and messages[0].role != "system":
-            if config.system_prompt is not None:
-                prompt = SystemPrompt(config.system_prompt)
-            else:
-                task = "\n".join(m.content or "" for m in messages if m.role == "user")
-                prompt = await self._system_prompt(task, config)
-            lessons = prompt.lessons
-            messages.insert(0, NewMessage(role="system", content=prompt.text))
-        trace = Trace(
-            trace_id=secrets.token_hex(16),
-            name=config.name,
-            uid=config.uid,
-            tags=list(dict.fromkeys(config.tags or [])),
-            model=model.name if config.model else spec,
-            config=trace_config,
-            lessons=lessons,
-            forked_from=ForkPoint(trace_id=source.trace_id, sequence=fork_head or 0)
-            if source is not None
-            else None,
-        )
-        return _Request(self._segment(trace, model, []), new=trace, messages=[*copied, *messages])
-
-    async def _fork_prefix(self, config: RunConfig) -> tuple[Trace, list[NewMessage], int | None]:
-        """The source trace, copies of its path up to ``from_sequence`` (past its tool results), and
-        the source sequence the copies end at. The source is only read."""
-        assert config.from_trace is not None
-        source = await self.store.get_trace(config.from_trace)
-        if config.from_sequence is None:
-            head = source.head_sequence
-        else:
-            head = await cut_point(self.store, source, config.from_sequence)
-        path = await self.store.get_path(source.trace_id, head) if head is not None else []
-        fields = {"role", "content", "tool_calls", "tool_call_id", "name"}
-        return source, [NewMessage.model_validate(m.model_dump(include=fields)) for m in path], head
-
-    async def _prepare_existing(self, messages: list[NewMessage], config: RunConfig, action: str) -> _Request:
-        trace_id = config.trace_id
-        assert trace_id is not None
-        if config.from_trace is not None or config.from_sequence is not None:
-            raise InvalidMessages("from_trace forks into a new trace: use it with create_trace.")
-        trace = await self.store.get_trace(trace_id)
-        behind = await self._local_run_to_queue_behind(trace_id, action)
-        head = trace.head_sequence
-        if config.insert_after is not None:
-            head = await cut_point(self.store, trace, config.insert_after)
-        context = await self.store.get_path(trace_id, head) if head is not None else []
-        model = self.model(config.model or trace.model)
-        if config.tools is not None:
-            self.tools.check_whitelist(config.tools)
-        changes = {
-            "temperature": config.temperature,
-            "max_iterations": config.max_iterations,
-            "tools": config.tools,
-            "max_tokens": config.max_tokens,
-            "timeout_seconds": config.timeout_seconds,
-        }
-        trace_config = trace.config.model_copy(update={k: v for k, v in changes.items() if v is not None})
-        trace = trace.model_copy(
-            update={"config": trace_config, "model": model.name if config.model else trace.model}
-        )
-        replies, approved = self._replies(trace, context, config)
-        check_placement(context, [*replies, *messages])
-        messages = [*replies, *messages]
-        if messages and open_tool_calls(context) and messages[0].role != "tool":
-            closing = [
-                NewMessage(role="tool", tool_call_id=call_id, content=UNFINISHED_TOOL_RESULT)
-                for call_id in open_tool_calls(context)
-            ]
-            messages = closing + messages
-        return _Request(
-            self._segment(trace, model, context, approved), head=head, messages=messages, behind=behind
-        )
-
-    def _replies(
-        self, trace: Trace, context: list[Message], config: RunConfig
-    ) -> tuple[list[NewMessage], frozenset[str]]:
-        """The host's answer or approval for a paused trace: tool results to store, calls to run."""
-        if config.answer is None and config.approve is None:
-            return [], frozenset()
-        tid = trace.trace_id
-        if trace.status is not Status.NEEDS_INPUT or config.insert_after is not None:
-            raise InvalidMessages(
-                f"Trace '{tid}' is not waiting for input (it is {trace.status.value}); answer and approve reply to "
-                "a trace whose outcome is needs_input."
-            )
-        segment = self._segment(trace, self.model(trace.model), context)
-        waiting = pending_calls(context)
-        asks = [c for c in waiting if c.function.name == ASK_HOST]
-        approvals = [c for c in waiting if c.function.name != ASK_HOST and segment.needs_approval(c)]
-        if config.approve is not None:
-            if not approvals:
-                raise InvalidMessages(
-                    f"Trace '{tid}' has no tool call waiting for approval; answer its question instead."
-                )
-            if config.approve:
-                return [], frozenset(c.id for c in approvals)
-            reason = (config.answer or "").strip() or "no reason given"
-            declined = [
-                NewMessage(role="tool", tool_call_id=c.id, content=f"declined: {reason}") for c in approvals
-            ]
-            return declined, frozenset()
-        if not asks:
-            raise InvalidMessages(
-                f"Trace '{tid}' asks no question; it waits for a tool approval: pass approve=true or approve=false."
-            )
-        answer = config.answer or ""
-        return [NewMessage(role="tool", tool_call_id=c.id, content=answer) for c in asks], frozenset()
-
     async def _local_run_to_queue_behind(self, trace_id: str, action: str) -> Run | None:
         """A local run that has answered and is reflecting: a continuation waits behind it, not refused."""
         run = self._active.get(trace_id)
@@ -669,7 +445,7 @@ class AgentRunner:
         await run.done.wait()
         return None
 
-    async def _commit(self, request: _Request) -> Run | None:
+    async def _commit(self, request: Request) -> Run | None:
         """Write the request (one transaction) and register its run; None when queued behind a reflection."""
         segment = request.segment
         if request.new is not None:
@@ -699,7 +475,7 @@ class AgentRunner:
         self._active[trace.trace_id] = run
         return run
 
-    async def _claim(self, segment: Segment, token: str, request: _Request) -> tuple[Trace, list[Message]]:
+    async def _claim(self, segment: Segment, token: str, request: Request) -> tuple[Trace, list[Message]]:
         """Claim in the store; a trace another process is reflecting on is waited for, briefly."""
         trace = segment.trace
         with anyio.move_on_after(HANDOVER_WAIT_SECONDS):
