@@ -600,7 +600,7 @@ def register_tools(mcp: MCPServer) -> None:
         if query:
             found = await engine.recall(query, limit)
             lessons = [LessonView(text=l.text, heading=l.heading, trace_id=l.trace_id) for l in found]
-            return compact(ExperiencesView(path=path, lessons=lessons))  # type: ignore[return-value]
+            return compact(ExperiencesView(path=path, lessons=lessons), drop_none=True)  # type: ignore[return-value]
         content, truncated = await engine.experiences_text()
         return compact(ExperiencesView(path=path, content=content, truncated=truncated))  # type: ignore[return-value]
 

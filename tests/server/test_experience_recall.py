@@ -82,7 +82,7 @@ async def test_a_hand_edit_is_recalled_at_once(client, settings):
 
 async def test_get_experiences_with_a_query_ranks_lessons(client, settings):
     result = await call(client, "get_experiences", query="parachute logs")
-    assert result["content"] is None  # with a query: the ranked lessons only, not the whole file
+    assert set(result) == {"lessons", "path"}  # with a query: the ranked lessons only, not the whole file
     assert result["lessons"][0]["text"] == "Parachute deployment logs live under flights/."
     whole = await call(client, "get_experiences")
     assert whole["lessons"] is None and whole["content"] == settings.experiences.read_text(encoding="utf-8")
