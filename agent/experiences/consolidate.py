@@ -14,6 +14,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -102,17 +103,29 @@ async def consolidate(
             before=count, after=count, skipped_reason=f"{count} lessons is within the budget of {budget}."
         )
     listed = lessons[:MAX_CONSOLIDATION_LESSONS]  # the oldest: what they merge into goes last
+    plan = await ask_plan(model, listed, before=count)
+    if isinstance(plan, ConsolidationResult):
+        return plan
+    return await _apply(file, listed, plan, before=count)
+
+
+async def ask_plan(
+    model: Model, lessons: list[Lesson], *, before: int
+) -> ConsolidationPlan | ConsolidationResult:
+    """The model's plan for ``lessons``, or the skipped result saying why there is none."""
     try:
-        response = await model.complete(_messages(listed), [], temperature=0)
+        response = await model.complete(plan_messages(lessons), [], temperature=0)
     except TraceError as exc:
-        return ConsolidationResult(before=count, after=count, skipped_reason=f"The model call failed: {exc}")
+        return ConsolidationResult(
+            before=before, after=before, skipped_reason=f"The model call failed: {exc}"
+        )
     except Exception:
         log.exception("consolidation model call failed")
-        return ConsolidationResult(before=count, after=count, skipped_reason="The model call failed.")
+        return ConsolidationResult(before=before, after=before, skipped_reason="The model call failed.")
     plan, problem = parse_plan(response.content or "")
     if plan is None:
-        return ConsolidationResult(before=count, after=count, skipped_reason=problem)
-    return await _apply(file, listed, plan, before=count)
+        return ConsolidationResult(before=before, after=before, skipped_reason=problem)
+    return plan
 
 
 def parse_plan(content: str) -> tuple[ConsolidationPlan | None, str]:
@@ -132,7 +145,7 @@ def parse_plan(content: str) -> tuple[ConsolidationPlan | None, str]:
         return None, f"The model's answer was not a valid consolidation plan ({first}); nothing was changed."
 
 
-def _messages(lessons: list[Lesson]) -> list[dict[str, Any]]:
+def plan_messages(lessons: list[Lesson]) -> list[dict[str, Any]]:
     listing = "\n".join(
         f"{number}. [{lesson.id}] ({lesson.when or 'undated'}, {cut(lesson.heading, MAX_LABEL_CHARS)}) "
         f"{cut(lesson.text, MAX_LESSON_CHARS)}"
@@ -144,7 +157,7 @@ def _messages(lessons: list[Lesson]) -> list[dict[str, Any]]:
     ]
 
 
-def _resolver(lessons: list[Lesson]) -> Callable[[str], str | None]:
+def resolver(lessons: list[Lesson]) -> Callable[[str], str | None]:
     """Map what the model wrote to a lesson id: the id itself, "[id]", or the lesson's list number."""
     by_id = {lesson.id: lesson for lesson in lessons}
 
@@ -159,14 +172,34 @@ def _resolver(lessons: list[Lesson]) -> Callable[[str], str | None]:
     return resolve
 
 
-async def _apply(
-    file: ExperienceFile, lessons: list[Lesson], plan: ConsolidationPlan, *, before: int
-) -> ConsolidationResult:
-    """Apply the plan for the ``lessons`` the model saw; ``before`` counts every lesson in the file."""
+@dataclass(frozen=True)
+class Decision:
+    """What a plan does to the lessons the model saw; both backends apply it to what is current."""
+
+    by_id: dict[str, Lesson]
+    removed: set[str]  # merged into the consolidated section, or dropped
+    merged: list[tuple[str, list[str]]]  # (new text, ids it replaces)
+    dropped: list[DroppedReport]
+    unaccounted: list[str]  # neither kept, merged nor dropped: left as they were
+
+    def nothing(self, before: int) -> ConsolidationResult | None:
+        """The result when the plan changes nothing, else None."""
+        if self.merged or self.dropped:
+            return None
+        return ConsolidationResult(
+            before=before,
+            after=before,
+            kept_unaccounted=self.unaccounted,
+            skipped_reason="The model found nothing to merge or drop.",
+        )
+
+
+def decide(lessons: list[Lesson], plan: ConsolidationPlan) -> Decision:
+    """Resolve the model's plan against the ``lessons`` it was shown, ignoring what it invented."""
     by_id = {lesson.id: lesson for lesson in lessons}
-    resolve = _resolver(lessons)
+    resolve = resolver(lessons)
     unchanged: set[str] = set()  # kept as they were: stay in their own section
-    removed: set[str] = set()  # merged into the consolidated section, or dropped
+    removed: set[str] = set()
     merged: list[tuple[str, list[str]]] = []
     for keep in plan.keep:
         refs = (resolve(ref) for ref in keep.from_ids)
@@ -189,23 +222,29 @@ async def _apply(
         text = cut(by_id[ident].text, MAX_LESSON_CHARS)
         dropped.append(DroppedReport(id=ident, text=text, reason=reason))
     unaccounted = [lesson.id for lesson in lessons if lesson.id not in removed | unchanged]
-    if not merged and not dropped:
-        return ConsolidationResult(
-            before=before,
-            after=before,
-            kept_unaccounted=unaccounted,
-            skipped_reason="The model found nothing to merge or drop.",
-        )
+    return Decision(by_id, removed, merged, dropped, unaccounted)
+
+
+async def _apply(
+    file: ExperienceFile, lessons: list[Lesson], plan: ConsolidationPlan, *, before: int
+) -> ConsolidationResult:
+    """Apply the plan for the ``lessons`` the model saw; ``before`` counts every lesson in the file."""
+    decision = decide(lessons, plan)
+    nothing = decision.nothing(before)
+    if nothing is not None:
+        return nothing
     when = datetime.now(UTC)
     rewrite = await file.rewrite(
-        lambda current: _render(parse(current), removed, merged, dropped, by_id, when)
+        lambda current: _render(
+            parse(current), decision.removed, decision.merged, decision.dropped, decision.by_id, when
+        )
     )
     return ConsolidationResult(
         before=before,
         after=len(await anyio.to_thread.run_sync(_lessons_of, rewrite.new_text)),
-        dropped=dropped,
-        merged=len(merged),
-        kept_unaccounted=unaccounted,
+        dropped=decision.dropped,
+        merged=len(decision.merged),
+        kept_unaccounted=decision.unaccounted,
         backup_path=rewrite.backup_path,
         changed=rewrite.changed,
     )
@@ -235,7 +274,7 @@ def _render(
                 render_section(heading, [l.text for l in remaining], section.when, section.source).strip()
             )
     if merged:
-        origins = list(dict.fromkeys(_origin(by_id[i]) for _, ids in merged for i in ids))
+        origins = list(dict.fromkeys(origin_label(by_id[i]) for _, ids in merged for i in ids))
         listing = "; ".join(f"{d.text} ({d.reason})" for d in dropped)
         notes = {"dropped": cut(listing, MAX_DROPPED_NOTE_CHARS)} if dropped else None
         parts.append(
@@ -254,6 +293,6 @@ def _lessons_of(text: str) -> list[Lesson]:
     return parse(text).lessons()
 
 
-def _origin(lesson: Lesson) -> str:
+def origin_label(lesson: Lesson) -> str:
     label = f"trace {lesson.trace_id}" if lesson.trace_id else lesson.heading
     return f"{label} ({lesson.when})" if lesson.when else label

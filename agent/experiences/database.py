@@ -33,13 +33,10 @@ from agent.experiences.consolidate import (
     ConsolidationPlan,
     ConsolidationResult,
     DroppedReport,
-    parse_plan,
+    ask_plan,
+    decide,
+    origin_label,
 )
-
-# the file backend's prompt, id resolution and origin labels: both backends ask the model the same thing
-from agent.experiences.consolidate import _messages as consolidation_messages
-from agent.experiences.consolidate import _origin as origin_label
-from agent.experiences.consolidate import _resolver as plan_resolver
 from agent.experiences.file import ExperienceFile
 from agent.experiences.limits import (
     MAX_CONSOLIDATION_LESSONS,
@@ -236,59 +233,20 @@ class DatabaseExperiences(Experiences):
                     skipped_reason=f"{count} lessons is within the budget of {budget}.",
                 )
             listed = await self._oldest_lessons(MAX_CONSOLIDATION_LESSONS)
-            try:
-                response = await model.complete(consolidation_messages(listed), [], temperature=0)
-            except TraceError as exc:
-                return ConsolidationResult(
-                    before=count, after=count, skipped_reason=f"The model call failed: {exc}"
-                )
-            except Exception:
-                log.exception("consolidation model call failed")
-                return ConsolidationResult(before=count, after=count, skipped_reason="The model call failed.")
-            plan, problem = parse_plan(response.content or "")
-            if plan is None:
-                return ConsolidationResult(before=count, after=count, skipped_reason=problem)
+            plan = await ask_plan(model, listed, before=count)
+            if isinstance(plan, ConsolidationResult):
+                return plan
             return await self._apply(listed, plan, before=count)
 
     async def _apply(
         self, lessons: list[Lesson], plan: ConsolidationPlan, *, before: int
     ) -> ConsolidationResult:
         """As the file backend decides (kept, merged, dropped), applied to the lessons still current."""
-        by_id = {lesson.id: lesson for lesson in lessons}
-        resolve = plan_resolver(lessons)
-        unchanged: set[str] = set()
-        removed: set[str] = set()
-        merged: list[tuple[str, list[str]]] = []
-        for keep in plan.keep:
-            refs = (resolve(ref) for ref in keep.from_ids)
-            ids = list(dict.fromkeys(i for i in refs if i is not None and i not in removed | unchanged))
-            text = cut(normalize(keep.text), MAX_LESSON_CHARS)
-            if not ids or not text:
-                continue
-            if len(ids) == 1 and by_id[ids[0]].text == text:
-                unchanged.add(ids[0])
-            else:
-                merged.append((text, ids))
-                removed.update(ids)
-        dropped: list[DroppedReport] = []
-        for drop in plan.drop:
-            ident = resolve(drop.id)
-            if ident is None or ident in removed | unchanged:
-                continue
-            removed.add(ident)
-            reason = cut(normalize(drop.reason), MAX_LABEL_CHARS) or "no reason given"
-            dropped.append(
-                DroppedReport(id=ident, text=cut(by_id[ident].text, MAX_LESSON_CHARS), reason=reason)
-            )
-        unaccounted = [lesson.id for lesson in lessons if lesson.id not in removed | unchanged]
-        nothing = ConsolidationResult(
-            before=before,
-            after=before,
-            kept_unaccounted=unaccounted,
-            skipped_reason="The model found nothing to merge or drop.",
-        )
-        if not merged and not dropped:
+        decision = decide(lessons, plan)
+        nothing = decision.nothing(before)
+        if nothing is not None:
             return nothing
+        by_id, removed, merged, dropped = decision.by_id, decision.removed, decision.merged, decision.dropped
         when = format_when(datetime.now(UTC))
 
         async def body(db: Db) -> tuple[int, int, list[tuple[str, list[str]]], list[DroppedReport]] | None:
@@ -326,8 +284,11 @@ class DatabaseExperiences(Experiences):
 
         applied = await self._store.write_with(body, what="the experiences")
         if applied is None:
-            return nothing.model_copy(
-                update={"skipped_reason": "Another pass already changed those lessons."}
+            return ConsolidationResult(
+                before=before,
+                after=before,
+                kept_unaccounted=decision.unaccounted,
+                skipped_reason="Another pass already changed those lessons.",
             )
         version, after, live_merged, live_dropped = applied
         return DatabaseConsolidationResult(
@@ -335,7 +296,7 @@ class DatabaseExperiences(Experiences):
             after=after,
             dropped=live_dropped,
             merged=len(live_merged),
-            kept_unaccounted=unaccounted,
+            kept_unaccounted=decision.unaccounted,
             changed=True,
             prior_version=version - 1,
         )
