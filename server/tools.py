@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
@@ -165,9 +166,10 @@ def engine_of(ctx: Context) -> Engine:
 
 
 def compact(model: BaseModel, *, drop_none: bool = False) -> CallToolResult:
-    """Compact JSON text for the reading model (no indentation, no nulls), the full object for programs."""
+    """The answer as compact JSON text (no indentation) for the reading model and as the structured
+    object for programs: the same keys in both, so a documented field is there whichever one is read."""
     data = model.model_dump(mode="json", exclude_none=drop_none)
-    text = model.model_dump_json(exclude_none=True)
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
 
 

@@ -194,9 +194,7 @@ def summary(trace: Trace, tail: Sequence[Message], *, note: str | None = None) -
             "answer": cut(answer.content, answer_chars, tid, answer.sequence) if answer else None,
             "result": _bounded_result(trace, answer_chars),
             "question": _cut_plain(trace.question, question_chars) if trace.question else None,
-            "last_text": None
-            if last_text is None or last_text is answer
-            else cut(last_text.content, last_chars, tid, last_text.sequence),
+            "last_text": cut(last_text.content, last_chars, tid, last_text.sequence) if last_text else None,
             "recent": [f"#{m.sequence} {one_line(m, names)}" for m in tail[-lines:]],
             "last_sequence": last_sequence,
             "next": (f"{note} " if note else "") + next_step(trace, last_sequence),

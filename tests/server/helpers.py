@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import anyio
@@ -9,10 +10,12 @@ from mcp import Client
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
-    """Call a tool that must succeed; return its structured result."""
+    """Call a tool that must succeed; return its structured result (the model reads the same, as text)."""
     result = await client.call_tool(tool, arguments)
     assert not result.is_error, result.content[0].text if result.content else result
     assert result.structured_content is not None
+    text = result.content[0].text
+    assert "\n" not in text.strip() and json.loads(text) == result.structured_content
     return result.structured_content
 
 
