@@ -30,7 +30,7 @@ import anyio
 from agent import defaults
 from agent.core.messages import open_tool_calls
 from agent.core.typed import MAX_REASKS, parse_result, reask
-from agent.errors import ModelCallError, ToolCallError
+from agent.errors import ModelCallError, ToolCallError, TraceNotFound
 from agent.llm.base import Model, ModelResponse
 from agent.tools.ask import ASK_HOST, question_of
 from agent.tools.registry import Tool, ToolRegistry, openai_tool_schema
@@ -196,6 +196,15 @@ class Run:
             self.holding = False
             if released is not None:
                 yield TraceChanged(released)
+        if self.lost:
+            # whoever took the trace (a sweep, a takeover) wrote a change under our token, which this
+            # process's feed takes for its own and skips: announce the trace as it stands now
+            with anyio.CancelScope(shield=True):
+                try:
+                    current = await self.store.get_trace(self.trace_id)
+                except TraceNotFound:
+                    return
+            yield TraceChanged(current)
 
     def _ending(self, tokens: int) -> Outcome | None:
         """A limit reached between steps: stopped, timed out, or over the token budget."""

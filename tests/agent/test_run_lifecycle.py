@@ -234,3 +234,29 @@ async def test_a_run_whose_lease_was_taken_stops_writing(tmp_path):
     finally:
         await store_a.close()
         await store_b.close()
+
+
+async def test_a_run_that_lost_its_claim_tells_its_own_process_how_the_trace_stands(tmp_path):
+    """The sweep that interrupts a lapsed run writes under that run's token, which the owner's feed skips
+    as its own: the lost run itself announces the trace, so waits in its process do not hang on."""
+    path = tmp_path / "traces.db"
+    started = anyio.Event()
+    store_a = await open_store(path, lease_seconds=0.0)
+    store_b = await open_store(path)
+    bus_a = EventBus()
+    try:
+        model = ScriptedModel([reply(None, call("slow", "s1"))])
+        async with make_runner(store_a, model, slow_tool(started, seconds=0.5), events=bus_a) as a:
+            async with bus_a.subscribe() as heard:
+                trace = await a.start([user("go")], RunConfig())
+                with anyio.fail_after(5):
+                    await started.wait()
+                assert trace.trace_id in await store_b.sweep()
+                with anyio.fail_after(5):
+                    async for event in heard:
+                        if isinstance(event, TraceChanged) and event.trace.status is not Status.RUNNING:
+                            break
+                assert (event.trace.trace_id, event.trace.status) == (trace.trace_id, Status.INTERRUPTED)
+    finally:
+        await store_a.close()
+        await store_b.close()
