@@ -187,7 +187,7 @@ WITH t AS (
             'tool_calls', coalesce((usage ->> 'tool_calls')::bigint, 0) + (CASE WHEN $7 = 'tool' THEN 1 ELSE 0 END),
             'compactions', coalesce((usage ->> 'compactions')::bigint, 0) + $14,
             'tokens_saved', coalesce((usage ->> 'tokens_saved')::bigint, 0) + $15)
-    WHERE trace_id = $1 AND ($3 OR run_token IS NOT DISTINCT FROM $2)
+    WHERE trace_id = $1 AND ($3 OR run_token = $2)
     RETURNING trace_id, last_sequence, run_token, updated_at
 ), m AS (
     INSERT INTO messages (trace_id, {MESSAGE_COLUMNS})

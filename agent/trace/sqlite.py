@@ -195,7 +195,7 @@ class SQLiteTraceStore:
         created_at = utc_now()
         usage = message.usage.model_dump_json() if message.usage else None
         tool_calls = json.dumps([c.model_dump() for c in message.tool_calls]) if message.tool_calls else None
-        fence = "" if side else " AND run_token IS ?"
+        fence = "" if side else " AND run_token = ?"  # NULL matches nothing: an unclaimed trace takes no main-path message
         params: list[Any] = [
             parent,
             message.role,

@@ -157,6 +157,14 @@ async def test_writes_need_the_claims_token(store):
     assert len(await store.get_tree("t1")) == 1
 
 
+async def test_an_unclaimed_trace_takes_no_main_path_message(store):
+    before = await idle_trace(store, "t1", user())
+    with pytest.raises(ClaimLost):  # no token is no claim: NULL matches no run
+        await store.append("t1", NewMessage(role="assistant", content="x"), 1, token=None)
+    assert (await store.get_trace("t1")).head_sequence == before.head_sequence
+    assert len(await store.get_tree("t1")) == 1
+
+
 async def test_side_branch_messages_never_move_the_head(store):
     trace = await idle_trace(store, "t1", user("q"), NewMessage(role="assistant", content="a"))
     question = await store.append("t1", user("reflect"), 2, token=None, side=True)
