@@ -38,6 +38,12 @@ PG_POOL_SIZE = 10
 """PostgreSQL connections each process keeps."""
 FEED_POLL_SECONDS = 0.1
 """How often a process looks for changes other processes stored (a cheap ``PRAGMA data_version`` on SQLite)."""
+CHANGE_RETENTION_SECONDS = 600.0
+"""How long the change log keeps a row: a process whose feed falls further behind than this misses it."""
+PRUNE_CHANGES_BATCH = 10_000
+PRUNE_TRACES_BATCH = 500
+"""Old traces are deleted this many per transaction, so a first prune of a large store never holds the
+write lock for long."""
 
 # -- context ----------------------------------------------------------------------------------------
 CONTEXT_TOKENS = 128_000

@@ -61,13 +61,9 @@ IDLE_IN_TRANSACTION_SECONDS = 60.0
 """A client stuck inside a transaction would hold the change log's lock; the server ends it after this."""
 RETRY_SECONDS = 30.0
 """How long a read or write keeps retrying while the database cannot be reached (a restart, a failover)."""
-CHANGE_RETENTION_SECONDS = 600.0
 FEED_COALESCE_SECONDS = 0.01
 """After a NOTIFY the feed waits this long for the rest of a burst, so a busy cluster costs a read per
 burst, not per commit (events of other replicas arrive this much later; a run's own events do not wait)."""
-_PRUNE_BATCH = 10_000
-
-_PRUNE_TRACES_BATCH = 500
 _CONTENT = [c.strip() for c in MESSAGE_COLUMNS.split(",")].index("content")
 
 
@@ -255,7 +251,7 @@ _PRUNE = f"""
 DELETE FROM traces WHERE trace_id IN (
     SELECT trace_id FROM traces
     WHERE run_token IS NULL AND status <> 'running' AND updated_at < $1
-    LIMIT {_PRUNE_TRACES_BATCH} FOR UPDATE SKIP LOCKED
+    LIMIT {defaults.PRUNE_TRACES_BATCH} FOR UPDATE SKIP LOCKED
 ) RETURNING trace_id
 """
 
@@ -621,9 +617,9 @@ class PostgresTraceStore:
         async def body(db: Db) -> None:
             await db.execute(
                 "DELETE FROM changes WHERE id IN (SELECT id FROM changes WHERE created_at < "
-                f"clock_timestamp() - make_interval(secs => $1) ORDER BY id LIMIT {_PRUNE_BATCH} "
+                f"clock_timestamp() - make_interval(secs => $1) ORDER BY id LIMIT {defaults.PRUNE_CHANGES_BATCH} "
                 "FOR UPDATE SKIP LOCKED)",
-                CHANGE_RETENTION_SECONDS,
+                defaults.CHANGE_RETENTION_SECONDS,
             )
 
         await self._write(body, idempotent=True)
@@ -662,7 +658,7 @@ class PostgresTraceStore:
         while True:
             batch = await self._write(body, idempotent=True)
             removed += batch
-            if batch < _PRUNE_TRACES_BATCH:
+            if batch < defaults.PRUNE_TRACES_BATCH:
                 return removed
 
     # -- reading ----------------------------------------------------------------------------------

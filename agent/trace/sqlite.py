@@ -54,8 +54,6 @@ T = TypeVar("T")
 BUSY_TIMEOUT_MS = 5000
 WRITE_RETRY_SECONDS = 30.0
 """How long a write keeps retrying while another process holds the database's write lock."""
-CHANGE_RETENTION_SECONDS = 600.0
-_PRUNE_BATCH = 10_000
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -195,7 +193,9 @@ class SQLiteTraceStore:
         created_at = utc_now()
         usage = message.usage.model_dump_json() if message.usage else None
         tool_calls = json.dumps([c.model_dump() for c in message.tool_calls]) if message.tool_calls else None
-        fence = "" if side else " AND run_token = ?"  # NULL matches nothing: an unclaimed trace takes no main-path message
+        fence = (
+            "" if side else " AND run_token = ?"
+        )  # NULL matches nothing: an unclaimed trace takes no main-path message
         params: list[Any] = [
             parent,
             message.role,
@@ -394,8 +394,10 @@ class SQLiteTraceStore:
             "status = CASE WHEN status = 'running' THEN 'interrupted' ELSE status END, "
             "stop_reason = CASE WHEN status = 'running' THEN 'interrupted' ELSE stop_reason END, "
             "owner = NULL, run_token = NULL, lease_until = NULL, stop_requested = 0, updated_at = ? "
-            "WHERE (run_token IS NOT NULL AND (lease_until IS NULL OR lease_until < ?"
-            f"{dead_clause})) OR (status = 'running' AND run_token IS NULL) "
+            # two indexed lookups (claimed traces, running ones), not a scan of every trace ever stored
+            "WHERE trace_id IN (SELECT trace_id FROM traces WHERE run_token IS NOT NULL AND "
+            f"(lease_until IS NULL OR lease_until < ?{dead_clause}) "
+            "UNION ALL SELECT trace_id FROM traces WHERE status = 'running' AND run_token IS NULL) "
             "RETURNING trace_id, status",
             (utc_now(), time.time(), *dead),
         )
@@ -405,9 +407,9 @@ class SQLiteTraceStore:
     async def _prune_changes(self) -> None:
         await self._write(
             # the newest row always stays: ids are max + 1, so they never go back and readers never miss one
-            f"DELETE FROM changes WHERE id IN (SELECT id FROM changes ORDER BY id LIMIT {_PRUNE_BATCH}) "
+            f"DELETE FROM changes WHERE id IN (SELECT id FROM changes ORDER BY id LIMIT {defaults.PRUNE_CHANGES_BATCH}) "
             "AND created_at < ? AND id < (SELECT max(id) FROM changes)",
-            (time.time() - CHANGE_RETENTION_SECONDS,),
+            (time.time() - defaults.CHANGE_RETENTION_SECONDS,),
         )
 
     async def note_change(self, kind: ChangeKind, trace_id: str = "") -> None:
@@ -530,21 +532,30 @@ class SQLiteTraceStore:
         return await self._transaction(body)
 
     async def prune(self, finished_before: str) -> int:
-        """Delete finished traces (unclaimed, not running) last updated before ``finished_before``."""
+        """Delete finished traces (unclaimed, not running) last updated before ``finished_before``, a batch
+        per transaction."""
 
-        async def body(db: aiosqlite.Connection) -> int:
-            rows = list(
-                await db.execute_fetchall(
-                    "SELECT trace_id FROM traces WHERE run_token IS NULL AND status != 'running' AND updated_at < ?",
-                    (finished_before,),
+        async def batch(db: aiosqlite.Connection) -> int:
+            ids = [
+                row[0]
+                for row in await db.execute_fetchall(
+                    "SELECT trace_id FROM traces WHERE run_token IS NULL AND status != 'running' "
+                    "AND updated_at < ? LIMIT ?",
+                    (finished_before, defaults.PRUNE_TRACES_BATCH),
                 )
-            )
-            for (trace_id,) in rows:
-                await db.execute("DELETE FROM messages WHERE trace_id = ?", (trace_id,))
-                await db.execute("DELETE FROM traces WHERE trace_id = ?", (trace_id,))
-            return len(rows)
+            ]
+            if ids:
+                marks = ", ".join("?" * len(ids))
+                await db.execute(f"DELETE FROM messages WHERE trace_id IN ({marks})", ids)
+                await db.execute(f"DELETE FROM traces WHERE trace_id IN ({marks})", ids)
+            return len(ids)
 
-        return await self._transaction(body)
+        removed = 0
+        while True:  # a batch per transaction: other processes write in between
+            count = await self._transaction(batch)
+            removed += count
+            if count < defaults.PRUNE_TRACES_BATCH:
+                return removed
 
     async def running_ids(self) -> list[str]:
         rows = await self._reader.execute_fetchall(

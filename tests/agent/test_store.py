@@ -9,6 +9,7 @@ from datetime import datetime
 import anyio
 import pytest
 
+from agent import defaults
 from agent.errors import TraceError, TraceNotFound, TraceRunning
 from agent.trace.models import (
     FunctionCall,
@@ -348,6 +349,14 @@ async def test_prune_deletes_only_finished_traces_older_than_the_cut(store):
     assert await store.prune("2999-01-01T00:00:00") == 1
     assert [t.trace_id for t in (await store.list_traces(limit=10)).traces] == ["running"]
     assert await store.get_tree("done") == []
+
+
+async def test_prune_goes_on_batch_after_batch(store, monkeypatch):
+    monkeypatch.setattr(defaults, "PRUNE_TRACES_BATCH", 2)
+    for n in range(5):
+        await idle_trace(store, f"done{n}", user())
+    assert await store.prune("2999-01-01T00:00:00") == 5
+    assert (await store.list_traces(limit=10)).traces == []
 
 
 async def test_another_stores_commit_wakes_wait_for_changes(store_url):
