@@ -126,6 +126,10 @@ class Run:
     state: str = "claimed"
     """claimed → running → finishing → reflecting (claim kept) → done"""
     queued: Segment | None = None
+    handover: anyio.Lock = field(default_factory=anyio.Lock)
+    """Held while a continuation is queued behind this run, and while the run decides whether to end."""
+    closing: bool = False
+    """Set (under ``handover``) once the run will take no more continuations: a late one runs on its own."""
     stop_requested: bool = False
     timed_out: bool = False
     lost: bool = False
@@ -162,9 +166,9 @@ class Run:
         self.stop()
 
     @contextmanager
-    def _guard(self) -> Iterator[anyio.CancelScope]:
-        """Run one model or tool step so that ``stop`` (or the run's deadline) cancels it."""
-        deadline = self.segment.deadline if self.segment.deadline is not None else math.inf
+    def _guard(self, *, timed: bool = True) -> Iterator[anyio.CancelScope]:
+        """Run one model or tool step so that ``stop`` (or, when ``timed``, the run's deadline) cancels it."""
+        deadline = self.segment.deadline if timed and self.segment.deadline is not None else math.inf
         with anyio.CancelScope(deadline=deadline) as scope:
             self._scope = scope
             if self.stop_requested:
@@ -183,10 +187,13 @@ class Run:
         while True:
             async for event in self._segment():
                 yield event
-            if self.lost or self.queued is None:
-                break
-            self.segment, self.queued = self.queued, None
+            async with self.handover:  # a continuation being claimed behind this run lands first
+                if self.lost or self.queued is None:
+                    self.closing = True
+                    break
+                self.segment, self.queued = self.queued, None
             self.finished = anyio.Event()
+            self.timed_out = False  # the deadline was the last segment's; the queued one brings its own
             self._wire.clear()
             self._sizes.clear()
             self._built = None
@@ -246,6 +253,8 @@ class Run:
                     outcome = MAX_ITERATIONS
                     break
                 for compacted in await self._fit_context():
+                    if (used := compacted.message.usage) is not None:  # a summary call spends the budget too
+                        tokens += used.prompt_tokens + used.completion_tokens
                     yield compacted
                 if (ending := self._ending(tokens)) is not None:
                     outcome = ending
@@ -258,7 +267,10 @@ class Run:
                 if response.usage is not None:
                     tokens += response.usage.prompt_tokens + response.usage.completion_tokens
                     self._calibrate(response.usage.prompt_tokens)
-                if not response.content and not response.tool_calls and self._ending(tokens) is None:
+                if not response.content and not response.tool_calls:
+                    if (ending := self._ending(tokens)) is not None:
+                        outcome = ending  # cut short by a limit: nothing to store
+                        break
                     empty += 1
                     if empty >= 2:
                         raise EmptyReply()
@@ -328,8 +340,9 @@ class Run:
             yield finish_event
         if self.state != "reflecting" or self.reflector is None:
             return
+        reflected: list[TraceEvent] = []  # stays empty when stop cancels the reflection
         try:
-            with self._guard():
+            with self._guard(timed=False):  # the answer is in: the run's time limit no longer applies
                 reflected = await self.reflector(segment.trace, self.head)
             for reflected_event in reflected:
                 yield reflected_event
@@ -469,6 +482,7 @@ class Run:
                 self.segment.context_tokens,
                 self.tokens_per_char,
             )
+            response: ModelResponse | None = None  # stays None when stop or the deadline cancels the call
             try:
                 with self._guard():
                     response = await self.segment.model.complete(
@@ -477,7 +491,7 @@ class Run:
             except ModelCallError:
                 log.warning("summarising trace %s to fit its context failed; cutting instead", self.trace_id)
                 return events
-            if response.content:
+            if response is not None and response.content:
                 summary = compaction.record(summary_plan, saved=0, summary=response.content)
                 summary.usage = response.usage
                 would_be = Message(**summary.model_dump(), sequence=0, parent_sequence=None, created_at="")

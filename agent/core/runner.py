@@ -456,17 +456,23 @@ class AgentRunner:
             self._published(TraceChanged(trace, created=True))
         else:
             behind = request.behind
-            token = behind.token if behind is not None else new_token()
+            if behind is not None:
+                async with behind.handover:
+                    if not behind.closing:  # still reflecting: claim under its token, run when it is done
+                        trace, stored = await self._claim(segment, behind.token, request)
+                        segment.trace, segment.context = trace, [*segment.context, *stored]
+                        behind.queued = segment
+                        self._published(TraceChanged(trace))
+                        for message in stored:
+                            self._published(MessageStored(trace.trace_id, message))
+                        return None
+                await behind.done.wait()  # it ended meanwhile: this request becomes a run of its own
+            token = new_token()
             self._own_tokens.add(token)
             trace, stored = await self._claim(segment, token, request)
             segment.trace = trace
             segment.context = [*segment.context, *stored]
             self._published(TraceChanged(trace))
-            if behind is not None:
-                behind.queued = segment
-                for message in stored:
-                    self._published(MessageStored(trace.trace_id, message))
-                return None
         for message in stored:
             self._published(MessageStored(trace.trace_id, message))
         run = Run(

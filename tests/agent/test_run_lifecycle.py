@@ -3,6 +3,7 @@ empty replies, and two runners (as two processes would) sharing one database."""
 
 from __future__ import annotations
 
+import json
 import random
 from contextlib import AsyncExitStack
 
@@ -17,7 +18,7 @@ from agent.llm.base import ModelResponse
 from agent.reflection import reflect_on_trace
 from agent.tools.registry import ToolRegistry
 from agent.trace.backends import open_store
-from agent.trace.models import Trace
+from agent.trace.models import MessageUsage, Trace
 from tests.fakes import ScriptedModel, add_tool, call, models_for, reply, slow_tool
 
 pytestmark = pytest.mark.anyio
@@ -260,3 +261,215 @@ async def test_a_run_that_lost_its_claim_tells_its_own_process_how_the_trace_sta
     finally:
         await store_a.close()
         await store_b.close()
+
+
+async def test_an_empty_reply_when_the_budget_is_spent_ends_the_run_and_stores_nothing(store):
+    spent = ModelResponse(content=None, usage=MessageUsage(prompt_tokens=900, completion_tokens=200))
+    model = ScriptedModel([spent])
+    result = await make_runner(store, model).run_result([user("x")], RunConfig(max_tokens=1000))
+    assert (result.trace.status, result.trace.stop_reason) == (Status.STOPPED, StopReason.TOKEN_BUDGET)
+    assert len(model.calls) == 1  # not asked again: the budget is gone
+    assert [m.role for m in await store.get_path(result.trace.trace_id)] == ["system", "user"]
+
+
+async def test_the_time_limit_does_not_cut_the_reflection_nor_the_continuation_queued_behind_it(
+    store, tmp_path
+):
+    """The answer came within ``timeout_seconds``: the reflection after it may take longer, and a
+    continuation queued meanwhile runs to its own end rather than inheriting the first run's timeout."""
+    reflecting = anyio.Event()
+
+    class Model(ScriptedModel):
+        async def complete(self, messages, tools, **kw):
+            if kw.get("tool_choice") == "none":
+                reflecting.set()
+                await anyio.sleep(0.6)  # past the first run's 0.3 s deadline
+                return reply("- Take your time over the reflection.")
+            return reply(f"answer to {messages[-1]['content']}")
+
+    experiences = Experiences(tmp_path / "experiences.md")
+    runner = make_runner(store, Model([]))
+
+    async def reflect(trace, head):
+        return (await reflect_on_trace(runner, experiences, trace.trace_id, head=head)).events
+
+    runner.reflector = reflect
+    try:
+        async with runner:
+            trace = await runner.start([user("first")], RunConfig(reflect=True, timeout_seconds=0.3))
+            with anyio.fail_after(10):
+                await reflecting.wait()
+            await runner.start([user("second")], RunConfig(trace_id=trace.trace_id))
+            with anyio.fail_after(10):
+                await runner.wait(trace.trace_id)
+        final = await store.get_trace(trace.trace_id)
+        assert (final.status, final.stop_reason) == (Status.COMPLETED, StopReason.END_TURN)
+        assert [m.content for m in await store.get_path(trace.trace_id)][-1] == "answer to second"
+        assert "Take your time over the reflection." in await experiences.read_text()
+    finally:
+        experiences.close()
+
+
+class SummaryHangs(ScriptedModel):
+    """Chats at length; the call that summarises for compaction waits until stopped."""
+
+    def __init__(self):
+        super().__init__([])
+        self.summarising = anyio.Event()
+
+    async def complete(self, messages, tools, **kw):
+        self.calls.append({"messages": messages})
+        if "summarise the conversation so far" in (messages[-1].get("content") or "").lower():
+            self.summarising.set()
+            await anyio.sleep(3600)
+        size = len(json.dumps(messages)) // 4
+        return ModelResponse(
+            content="I considered the design carefully. " * 250,
+            usage=MessageUsage(prompt_tokens=size, completion_tokens=20),
+        )
+
+
+async def test_a_stop_during_the_compaction_summary_ends_the_run_stopped(store):
+    model = SummaryHangs()
+    runner = make_runner(store, model, context_tokens=8_000)
+    first = await runner.run_result([user("Discuss the design.")], RunConfig())
+    tid = first.trace.trace_id
+    async with runner:
+        for turn in range(8):
+            await runner.start([user(f"Go on ({turn}).")], RunConfig(trace_id=tid))
+            with anyio.fail_after(10):
+                while runner.is_running(tid) and not model.summarising.is_set():
+                    await anyio.sleep(0.01)
+            if model.summarising.is_set():
+                break
+            await runner.wait(tid)
+        assert model.summarising.is_set(), "the conversation never grew past its context budget"
+        assert runner.stop(tid)
+        with anyio.fail_after(10):
+            await runner.wait(tid)
+    final = await store.get_trace(tid)
+    assert (final.status, final.stop_reason, final.error) == (Status.STOPPED, StopReason.STOPPED, None)
+
+
+async def test_a_compaction_summary_spends_the_token_budget(store):
+    """A summary call is a model call like any other: its tokens count toward ``max_tokens``."""
+
+    class Costly(ScriptedModel):
+        async def complete(self, messages, tools, **kw):
+            self.calls.append({"messages": messages})
+            size = len(json.dumps(messages)) // 4
+            if "summarise the conversation so far" in (messages[-1].get("content") or "").lower():
+                return ModelResponse(
+                    content="Summary: we talked design.",
+                    usage=MessageUsage(prompt_tokens=50_000, completion_tokens=20),
+                )
+            return ModelResponse(
+                content="I considered the design carefully. " * 250,
+                usage=MessageUsage(prompt_tokens=size, completion_tokens=20),
+            )
+
+    model = Costly([])
+    runner = make_runner(store, model, context_tokens=8_000)
+    tid = (await runner.run_result([user("Discuss the design.")], RunConfig())).trace.trace_id
+    for turn in range(8):
+        result = await runner.run_result(
+            [user(f"Go on ({turn}).")], RunConfig(trace_id=tid, max_tokens=20_000)
+        )
+        if result.trace.usage.compactions and any(
+            "summarise the conversation so far" in (c["messages"][-1].get("content") or "").lower()
+            for c in model.calls
+        ):
+            break
+        assert result.trace.status is Status.COMPLETED
+    else:
+        pytest.fail("the conversation was never summarised")
+    trace = result.trace
+    assert (trace.status, trace.stop_reason) == (Status.STOPPED, StopReason.TOKEN_BUDGET)
+    last_call = model.calls[-1]["messages"][-1].get("content") or ""
+    assert "summarise the conversation so far" in last_call.lower()  # no model call after the summary
+
+
+class SlowClaim:
+    """A real store whose ``claim`` takes a while, so a reflection can end while a continuation claims."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def claim(self, *args, **kw):
+        await anyio.sleep(0.2)
+        return await self._store.claim(*args, **kw)
+
+
+async def test_a_continuation_claimed_while_the_reflection_ends_still_runs(store, tmp_path):
+    """The run may not end while a continuation is being claimed under its token: it waits, then runs it."""
+    reflecting = anyio.Event()
+
+    class Model(ScriptedModel):
+        async def complete(self, messages, tools, **kw):
+            if kw.get("tool_choice") == "none":
+                reflecting.set()
+                await anyio.sleep(0.05)  # ends while the continuation's claim is under way
+                return reply("- Keep going.")
+            return reply(f"answer to {messages[-1]['content']}")
+
+    experiences = Experiences(tmp_path / "experiences.md")
+    runner = make_runner(SlowClaim(store), Model([]))
+
+    async def reflect(trace, head):
+        return (await reflect_on_trace(runner, experiences, trace.trace_id, head=head)).events
+
+    runner.reflector = reflect
+    try:
+        async with runner:
+            trace = await runner.start([user("first")], RunConfig(reflect=True))
+            with anyio.fail_after(10):
+                await reflecting.wait()
+                await runner.start([user("second")], RunConfig(trace_id=trace.trace_id))
+                await runner.wait(trace.trace_id)
+            assert [m.content for m in await store.get_path(trace.trace_id)][-1] == "answer to second"
+            final = await store.get_trace(trace.trace_id)
+            assert final.status is Status.COMPLETED and await store.running_ids() == []
+    finally:
+        experiences.close()
+
+
+async def test_a_continuation_racing_the_end_of_a_reflection_always_runs(store, tmp_path):
+    """Queued behind a reflecting run just as it ends, a continuation either runs after it in the same
+    claim or, if the run has already closed, on a claim of its own: never dropped, never hung."""
+    rng = random.Random(12)
+
+    class Model(ScriptedModel):
+        async def complete(self, messages, tools, **kw):
+            if kw.get("tool_choice") == "none":
+                await anyio.sleep(rng.uniform(0, 0.004))
+                return reply("- Keep going.")
+            return reply(f"answer to {messages[-1]['content']}")
+
+    experiences = Experiences(tmp_path / "experiences.md")
+    runner = make_runner(store, Model([]))
+
+    async def reflect(trace, head):
+        return (await reflect_on_trace(runner, experiences, trace.trace_id, head=head)).events
+
+    runner.reflector = reflect
+    try:
+        async with runner:
+            for attempt in range(40):
+                trace = await runner.start([user("first")], RunConfig(reflect=True))
+                await anyio.sleep(rng.uniform(0, 0.006))
+                with anyio.fail_after(10):
+                    while True:
+                        try:
+                            await runner.start([user(f"next {attempt}")], RunConfig(trace_id=trace.trace_id))
+                            break
+                        except TraceRunning:  # still on its first answer: not yet reflecting
+                            await anyio.sleep(0.001)
+                    await runner.wait(trace.trace_id)
+                path = await store.get_path(trace.trace_id)
+                assert path[-1].content == f"answer to next {attempt}", attempt
+                assert (await store.get_trace(trace.trace_id)).status is Status.COMPLETED
+    finally:
+        experiences.close()
