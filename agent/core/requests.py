@@ -221,8 +221,8 @@ class Requests:
         assert trace_id is not None
         if config.from_trace is not None or config.from_sequence is not None:
             raise InvalidMessages("from_trace forks into a new trace: use it with create_trace.")
-        trace = await self._store.get_trace(trace_id)
         behind = await self._queue_behind(trace_id, action)
+        trace = await self._store.get_trace(trace_id)  # read after the run ahead has written its answer
         head = trace.head_sequence
         if config.insert_after is not None:
             head = await cut_point(self._store, trace, config.insert_after)
@@ -241,7 +241,7 @@ class Requests:
         trace = trace.model_copy(
             update={"config": trace_config, "model": model.name if config.model else trace.model}
         )
-        replies, approved = self._replies(trace, context, config)
+        replies, approved = self._replies(trace, context, config, messages)
         check_placement(context, [*replies, *messages])
         messages = [*replies, *messages]
         if messages and open_tool_calls(context) and messages[0].role != "tool":
@@ -255,13 +255,22 @@ class Requests:
         )
 
     def _replies(
-        self, trace: Trace, context: list[Message], config: RunConfig
+        self, trace: Trace, context: list[Message], config: RunConfig, messages: list[NewMessage]
     ) -> tuple[list[NewMessage], frozenset[str]]:
         """The host's answer or approval for a paused trace: tool results to store, calls to run."""
         if config.answer is None and config.approve is None:
             return [], frozenset()
         tid = trace.trace_id
-        if trace.status is not Status.NEEDS_INPUT or config.insert_after is not None:
+        if config.insert_after is not None:
+            raise InvalidMessages(
+                "answer and approve reply to the question at the trace's head; they cannot be combined with "
+                "insert_after."
+            )
+        if config.approve and messages:
+            raise InvalidMessages(
+                "approve=true runs the tool call that waits; send messages in a later run_trace, not with it."
+            )
+        if trace.status is not Status.NEEDS_INPUT:
             raise InvalidMessages(
                 f"Trace '{tid}' is not waiting for input (it is {trace.status.value}); answer and approve reply to "
                 "a trace whose outcome is needs_input."

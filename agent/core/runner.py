@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from types import TracebackType
 from typing import Any, Self
 
@@ -118,7 +118,14 @@ class AgentRunner:
         self._entered = group
         feed = ChangeFeed(self.store, self.events, on_stop=self._stop_asked)
         feed.own_tokens, feed.own_messages = self._own_tokens, self._own_messages
-        await group.start(feed.run)
+        try:
+            await group.start(feed.run)
+        except BaseException:  # e.g. the database refused LISTEN: leave no task group half entered
+            self._entered = None
+            group.cancel_scope.cancel()
+            with suppress(BaseException):  # the group's copy of the error: the caller gets the original
+                await group.__aexit__(None, None, None)
+            raise
         group.start_soon(self._keep_leases, name="lease keeper")
         self._group = group
         return self

@@ -13,6 +13,7 @@ from jsonschema.exceptions import SchemaError
 from agent.errors import InvalidMessages
 
 MAX_SCHEMA_CHARS = 20_000
+MAX_REASON_CHARS = 300  # of the validator's own reason quoted back: it may repr a large value
 MAX_REASKS = 2
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
@@ -27,9 +28,8 @@ def check_schema(schema: Any) -> dict[str, Any]:
         Draft202012Validator.check_schema(schema)
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "the top"
-        raise InvalidMessages(
-            f"output_schema is not a valid JSON Schema at {where}: {exc.message}."
-        ) from None
+        what = exc.message if len(exc.message) <= MAX_REASON_CHARS else exc.message[:MAX_REASON_CHARS] + "…"
+        raise InvalidMessages(f"output_schema is not a valid JSON Schema at {where}: {what}.") from None
     return schema
 
 

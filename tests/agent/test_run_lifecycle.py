@@ -473,3 +473,27 @@ async def test_a_continuation_racing_the_end_of_a_reflection_always_runs(store, 
                 assert (await store.get_trace(trace.trace_id)).status is Status.COMPLETED
     finally:
         experiences.close()
+
+
+class NoChangeLog:
+    """A real store whose change log cannot be read when the runner starts, as a locked database."""
+
+    def __init__(self, store):
+        self._store = store
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    async def last_change_id(self):
+        raise OSError("database is locked")
+
+
+async def test_a_runner_that_cannot_start_its_feed_raises_the_cause_and_leaves_nothing_running(store):
+    runner = make_runner(NoChangeLog(store), ScriptedModel([reply("x")]))
+    with pytest.raises(OSError, match="database is locked"):
+        async with runner:
+            pytest.fail("entered a runner with no change feed")
+    # entered again on a healthy store, the same process serves as before
+    async with make_runner(store, ScriptedModel([reply("fine")])) as healthy:
+        trace = await healthy.start([user("x")], RunConfig())
+        assert (await wait_status(store, trace.trace_id, Status.COMPLETED)).status is Status.COMPLETED

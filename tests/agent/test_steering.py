@@ -102,6 +102,11 @@ async def test_approvals_run_or_decline_and_parallel_calls_run_the_unconfirmed(s
     assert ran == []
     with pytest.raises(InvalidMessages, match="asks no question"):
         await runner.run_result([], RunConfig(trace_id=trace.trace_id, answer="yes"))
+    with pytest.raises(InvalidMessages, match="send messages in a later run_trace"):
+        await runner.run_result([user("and tag it")], RunConfig(trace_id=trace.trace_id, approve=True))
+    with pytest.raises(InvalidMessages, match="cannot be combined with insert_after"):
+        await runner.run_result([], RunConfig(trace_id=trace.trace_id, approve=True, insert_after=2))
+    assert await store.get_path(trace.trace_id) == path  # refused calls change nothing stored
     approved = await runner.run_result([], RunConfig(trace_id=trace.trace_id, approve=True))
     assert approved.trace.status is Status.COMPLETED and ran == ["deploy"]
 
@@ -181,6 +186,9 @@ async def test_a_typed_result_is_validated_and_asked_again(store):
 
     with pytest.raises(InvalidMessages, match="not a valid JSON Schema"):
         await runner.run_result([user("x")], RunConfig(output_schema={"type": "nonsense"}))
+    with pytest.raises(InvalidMessages, match="not a valid JSON Schema") as refused:
+        await runner.run_result([user("x")], RunConfig(output_schema={"type": {"x" * 15_000: 1}}))
+    assert len(str(refused.value)) < 500  # the validator's repr of the bad value is cut
 
 
 async def test_a_fork_copies_the_path_and_runs_beside_its_running_source(store):
