@@ -1,5 +1,5 @@
 """The Engine: the one object the MCP server talks to (create, continue, stop, view, wait, reflect, list,
-experiences), wired once over the store, the runner, the tools and the experiences file.
+delete, agent info, experiences), wired once over the store, the runner, the tools and the experiences file.
 
 ``open_engine`` opens everything in order and closes it in reverse; runs still going when it closes end
 ``interrupted``. The server never reaches past this facade into the store, runner or event bus.

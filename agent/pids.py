@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as dead."""
+    """True while ``pid`` runs; on Linux a zombie (exited, not yet reaped) counts as dead (elsewhere, alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -107,7 +107,7 @@ def check_placement(
     """Refuse new messages that would leave the conversation invalid after ``path``.
 
     Open calls at the end of ``path`` may be left open when ``new`` starts with something other than
-    a tool message: the runner closes them first (see AgentRunner).
+    a tool message: the request closes them first (``agent.core.requests``).
     """
     open_ids = [] if new and new[0].role != "tool" else open_tool_calls(path)
     caller_calls = False  # open calls made by an assistant message in ``new``, not by the model

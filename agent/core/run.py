@@ -10,9 +10,11 @@
                                       a continuation queued meanwhile? ─yes─► claimed again, same token
 
 A step may also end the run early: stop (local, or asked by another process through the store) ends it
-``stopped``; ``max_iterations`` ends it ``completed``/``max_iterations``; a provider error or two empty
-replies end it ``failed``; cancellation (the server shutting down) ends it ``interrupted``; a bug ends it
-``failed`` with a sentence. Whatever happens, the finish closes open tool calls so the stored
+``stopped``; ``max_tokens`` and ``timeout_seconds`` end it ``stopped`` with stop_reason ``token_budget`` /
+``timeout``; ``max_iterations`` ends it ``completed``/``max_iterations``; ``ask_host`` or a call needing
+approval ends it ``needs_input``; a provider error, two empty replies or an answer still invalid for
+``output_schema`` end it ``failed``; a lost claim stops its writes; cancellation (the server shutting down)
+ends it ``interrupted``; a bug ends it ``failed`` with a sentence. Whatever happens, the finish closes open tool calls so the stored
 conversation is always one a provider accepts. Every step yields the events it stored, in order.
 """
 

@@ -3,7 +3,7 @@
 A request is checked completely before anything is written (``agent.core.requests``); then one
 shielded step claims the trace and stores its new messages in a single transaction and hands the run to
 the supervisor, so a cancelled request never leaves a trace marked running with nothing running it.
-``start`` (background), ``run`` (in the caller's task), ``run_result`` and ```run_side_branch`` are thin
+``start`` (background), ``run`` (in the caller's task), ``run_result`` and ``run_side_branch`` are thin
 adapters over one drain of ``Run.steps`` (``agent.core.run``), which publishes every event it yields.
 No run's failure ever reaches the task group it shares: the supervisor logs it and ends the trace
 ``failed``. The in-memory table of runs is only the local stop handle; who runs a trace is the store's

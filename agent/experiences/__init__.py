@@ -149,7 +149,7 @@ class Experiences:
 
     async def changed_since(self, key: FileKey) -> tuple[bool, FileKey]:
         """Whether the file changed (here or in another process) since ``key`` was taken, and the new key."""
-        current = await self.file.stat_key()
+        current = await self.change_key()
         return current != key, current
 
     async def watch(

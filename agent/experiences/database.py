@@ -48,7 +48,7 @@ from agent.experiences.limits import (
     MAX_VIEW_CHARS,
 )
 from agent.experiences.markdown import TITLE, Lesson, cut, format_when, normalize, parse, render_section
-from agent.experiences.recall import build_match_query, pick
+from agent.experiences.recall import bounded_lesson, build_match_query, pick
 from agent.experiences.view import FileKey, Window, bounded_view
 from agent.llm.base import Model
 from agent.trace.pg_migrations import Db
@@ -393,7 +393,7 @@ class DatabaseExperiences(Experiences):
             "WHERE l.retired_in IS NULL ORDER BY s.id DESC, l.position DESC LIMIT $1",
             MAX_INDEXED_LESSONS,
         )
-        return [_bounded(_lesson(row)) for row in reversed(rows)]
+        return [bounded_lesson(_lesson(row)) for row in reversed(rows)]
 
     async def lesson_count(self) -> int:
         rows = await self._fetch("SELECT count(*) AS n FROM experience_lessons WHERE retired_in IS NULL")
@@ -410,7 +410,7 @@ class DatabaseExperiences(Experiences):
         if not words:
             return []
         rows = await self._fetch(_RECALL, words, max(limit, MAX_RECALL_CANDIDATES))
-        return pick([_bounded(_lesson(row)) for row in rows], limit, max_chars)
+        return pick([bounded_lesson(_lesson(row)) for row in rows], limit, max_chars)
 
     async def versions(self) -> list[ExperienceVersion]:
         """Every consolidation and import, oldest first: each one's prior state is ``version - 1``."""
@@ -433,10 +433,6 @@ class DatabaseExperiences(Experiences):
         )
         row = rows[0]
         return int(row["section"]), int(row["version"]), int(row["lessons"])
-
-    async def changed_since(self, key: FileKey) -> tuple[bool, FileKey]:
-        current = await self.change_key()
-        return current != key, current
 
     def close(self) -> None:
         """Nothing of its own to close: the store owns the connections."""
@@ -517,11 +513,3 @@ def _notes(raw: str) -> dict[str, str]:
         if found and found.group("key") not in notes:
             notes[found.group("key")] = normalize(found.group("value"))
     return notes
-
-
-def _bounded(lesson: Lesson) -> Lesson:
-    if len(lesson.text) <= MAX_LESSON_CHARS and len(lesson.heading) <= MAX_LABEL_CHARS:
-        return lesson
-    return lesson.model_copy(
-        update={"text": cut(lesson.text, MAX_LESSON_CHARS), "heading": cut(lesson.heading, MAX_LABEL_CHARS)}
-    )

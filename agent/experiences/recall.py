@@ -226,11 +226,12 @@ def bounded_lessons(text: str) -> tuple[list[Lesson], int]:
         if section is None:
             continue
         total += len(section.lessons)
-        kept.extend(_bounded(lesson) for lesson in section.lessons)
+        kept.extend(bounded_lesson(lesson) for lesson in section.lessons)
     return list(kept), total
 
 
-def _bounded(lesson: Lesson) -> Lesson:
+def bounded_lesson(lesson: Lesson) -> Lesson:
+    """A lesson as recall shows it: its text and labels cut to their limits (a hand-edited file may hold more)."""
     if len(lesson.text) <= MAX_LESSON_CHARS and len(lesson.heading) <= MAX_LABEL_CHARS:
         return lesson
     return lesson.model_copy(

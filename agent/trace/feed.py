@@ -3,7 +3,8 @@
 Runs publish their own events the moment they commit; the feed tails the store's change log (on SQLite a
 ``PRAGMA data_version`` check, on PostgreSQL a LISTEN wake-up) and publishes the rest, so waits,
 ``list_running``, notifications and progress see traces run anywhere. It also delivers stop requests to
-the local run they name. Idle, it costs one cheap query per poll interval; it never polls per trace.
+the local run they name. Idle, it costs one cheap query per poll interval on SQLite and a parked LISTEN on
+PostgreSQL; it never polls per trace.
 """
 
 from __future__ import annotations

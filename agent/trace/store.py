@@ -62,7 +62,7 @@ class TraceStore(Protocol):
     """What the engine needs from storage."""
 
     owner: str
-    """This process's identity, ``host:pid:nonce``: written on the traces it claims."""
+    """This process's identity, ``<host>#<pid namespace>:<pid>:<nonce>``: written on the traces it claims."""
 
     # -- transitions ------------------------------------------------------------------------------
     async def create(
