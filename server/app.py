@@ -28,9 +28,9 @@ from server.settings import Settings
 from server.state import ServerState, state_of
 from server.tasks import TasksExtension
 from server.tools import patch_annotations, register_tools
+from server.version import running_version
 from server.views import elide
 
-VERSION = "0.2.0"
 INSTRUCTIONS = f"""\
 agent-trace-mcp runs LLM agents in the background as traces. create_trace starts one and returns its id at
 once. get_trace(trace_id) answers with a compact summary (answer, question, latest steps); add
@@ -112,7 +112,7 @@ def build_server(settings: Settings, models: Callable[[str], Model] = resolve_mo
     mcp = TraceServer(
         "agent-trace-mcp",
         title="Agent traces",
-        version=VERSION,
+        version=running_version(),
         instructions=INSTRUCTIONS,
         lifespan=lifespan,
         subscriptions=bus,

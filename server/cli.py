@@ -71,7 +71,7 @@ def _check_mcp_config(settings: Settings) -> bool:
     """A bad --mcp-config is a sentence at start-up, not a traceback later."""
     if settings.mcp_config is None:
         return True
-    from agent.tools.mcp import load_mcp_config
+    from agent.tools.mcp_config import load_mcp_config
 
     try:
         load_mcp_config(settings.mcp_config)
@@ -98,6 +98,13 @@ async def serve_in_process(mcp: MCPServer) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C at any point, even before serving: no traceback
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     settings = resolve(args)
     _configure_logging(args, settings)

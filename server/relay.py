@@ -29,6 +29,7 @@ from typing import Any
 
 from agent.pids import pid_alive
 from server.settings import IN_PROCESS_VARIABLE, OPTIONS, Settings
+from server.version import running_version
 
 log = logging.getLogger("agent-trace-mcp")
 
@@ -37,8 +38,6 @@ MAX_SOCKET_PATH = 103
 """Bytes in an AF_UNIX path, NUL excluded: 104 on macOS and 108 on Linux with it."""
 CONTROL_KEY = "agent_trace"
 """A connection's first line holding this key is a control request; anything else starts MCP at once."""
-TEST_VERSION_VARIABLE = "AGENT_TRACE_TEST_VERSION"
-"""Read only to let tests play a relay or server of another version."""
 HELLO_SECONDS = 10.0
 START_SECONDS = 30.0
 EOF_GRACE_SECONDS = 2.0
@@ -59,12 +58,6 @@ class ServerUnavailable(Exception):
 
 def unix_sockets_available() -> bool:
     return hasattr(socket, "AF_UNIX") and sys.platform != "win32"
-
-
-def running_version() -> str:
-    from server.app import VERSION
-
-    return os.environ.get(TEST_VERSION_VARIABLE) or VERSION
 
 
 # -- where it lives ------------------------------------------------------------------------------------

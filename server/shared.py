@@ -9,6 +9,7 @@ its socket file is removed (its runs end ``stopped``), and when told to: drain, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -35,7 +36,6 @@ from server.relay import (
     ask_once,
     differing,
     read_record,
-    running_version,
     settings_digests,
     try_lock,
     write_json,
@@ -43,6 +43,7 @@ from server.relay import (
 from server.settings import Settings
 from server.state import ServerState
 from server.stream_transport import FrameTooLarge, LineReader, lowlevel, serve_session
+from server.version import running_version
 
 log = logging.getLogger("agent-trace-mcp.shared")
 
@@ -116,12 +117,12 @@ class SharedServer:
         self._socket_id: tuple[int, int] | None = None
         self._lock_fd: int | None = None
         self._group: TaskGroup | None = None
+        self._notes: list[str] = []  # one per kind of settings mismatch seen: for status
 
     def _enter_loop(self) -> None:
         # anyio primitives exist only inside the event loop
         self._ready = anyio.Event()
         self._shutdown = anyio.Event()
-        self._accepting = anyio.CancelScope()
 
     # -- the socket ----------------------------------------------------------------------------------
 
@@ -179,8 +180,10 @@ class SharedServer:
         return (info.st_dev, info.st_ino) == self._socket_id
 
     def _stop_listening(self) -> None:
-        """No new connections: the socket file goes (so the next relay starts a new server) and the lock with it."""
-        self._accepting.cancel()
+        """No new connections: the socket file goes (so the next relay starts a new server) and the lock with it.
+
+        Connections already in the listen backlog are still accepted and told the server is on its way out
+        (a relay would otherwise wait its whole hello timeout on them)."""
         if self._socket_is_ours():
             os.unlink(os.fsencode(self.address.socket))
         if read_record(self.address).get("pid") == self.info.pid:
@@ -224,10 +227,9 @@ class SharedServer:
 
     async def _accept(self, listener: SocketListener) -> None:
         assert self._group is not None
-        with self._accepting:
-            while True:
-                stream = await listener.accept()
-                self._group.start_soon(self._connection, stream)
+        while True:  # until the server exits: see _stop_listening
+            stream = await listener.accept()
+            self._group.start_soon(self._connection, stream)
 
     async def _connection(self, stream: SocketStream) -> None:
         scope = anyio.CancelScope()
@@ -253,16 +255,21 @@ class SharedServer:
 
     async def _converse(self, stream: SocketStream) -> None:
         reader = LineReader(stream)
+        differ: list[str] = []  # the settings in which this host differs from the server, once a session
         while (line := await self._next_line(reader)) is not None:
             request = _control_request(line)
             if request is None:  # MCP from the first line: a client that speaks to the socket directly
                 reader.push_back(line)
                 break
             reply, then = await self._control(request)
-            await stream.send(json.dumps(reply).encode() + b"\n")
-            if "shutdown" in reply:  # only now: ending first could close this connection before its reply
+            if (
+                "shutdown" in reply
+            ):  # the socket file goes first: whoever reads the reply cannot reach us again
                 self.begin_shutdown(reply["shutdown"], stop_runs=reply["shutdown"] == STOP_NOW)
+            with anyio.CancelScope(shield=True):  # winding down closes connections: not before this reply
+                await stream.send(json.dumps(reply).encode() + b"\n")
             if then == "session":
+                differ = list(reply.get("differ") or [])
                 break
             if then == "close":
                 return
@@ -274,10 +281,13 @@ class SharedServer:
             return
         await self._ready.wait()
         assert self._state is not None
+        state = self._state
+        if differ:  # this host's agent_info says so; the others' do not
+            state = dataclasses.replace(state, notes=[*state.notes, self._note_settings(differ)])
         self._sessions += 1
         log.info("a host connected (%d session(s))", self._sessions)
         try:
-            await serve_session(self._server, reader, stream, lifespan_state=self._state)
+            await serve_session(self._server, reader, stream, lifespan_state=state)
         finally:
             self._sessions -= 1
             log.info("a host left (%d session(s))", self._sessions)
@@ -293,8 +303,6 @@ class SharedServer:
             differ = differing(self.digests, theirs) if isinstance(theirs, dict) else []
             same_version = request.get("version") == self.version or bool(request.get("any_version"))
             grant = bool(request.get("session")) and same_version and self.mode is Mode.SERVING
-            if grant and differ:
-                self._note_settings(differ)
             reply |= {"state": self.mode.value, "session": grant, "differ": differ}
             return reply, "session" if grant else "more"
         if op == "status":
@@ -329,20 +337,22 @@ class SharedServer:
             "sessions": self._sessions,
             "idle_exit_seconds": self.settings.idle_exit,
             "running": running,
-            "notes": list(self._state.notes) if self._state else [],
+            "notes": list(self._notes),
         }
 
-    def _note_settings(self, differ: list[str]) -> None:
-        """Say so in the log, in ``status`` and in ``agent_info`` (which reads ``ServerState.notes``)."""
+    def _note_settings(self, differ: list[str]) -> str:
+        """The sentence for that host's ``agent_info``; logged, and kept for ``status``, once per kind."""
         note = (
-            f"A host connected with settings that differ from this server's ({', '.join(differ)}); it is "
-            "served with the ones the server started with. Run `agent-trace-mcp stop-server` to restart "
-            "the server with new settings."
+            f"This host's settings differ from the shared server's ({', '.join(differ)}); it is served with "
+            "the ones the server started with. Run `agent-trace-mcp stop-server` to restart the server with "
+            "new settings."
         )
-        if self._state is None or note in self._state.notes:
-            return
-        self._state.notes.append(note)
-        log.warning("%s", note)
+        if note not in self._notes:
+            self._notes.append(note)
+            log.warning(
+                "a host connected with settings that differ from this server's (%s)", ", ".join(differ)
+            )
+        return note
 
     # -- ending ----------------------------------------------------------------------------------------
 

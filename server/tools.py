@@ -233,7 +233,10 @@ def capped(engine: Engine, wait_seconds: float) -> tuple[float, str | None]:
     limit = engine.settings.max_wait
     if wait_seconds <= limit:
         return wait_seconds, None
-    return limit, f"Waited {limit:g} s, the server's --max-wait (asked {wait_seconds:g} s)."
+    return (
+        limit,
+        f"wait_seconds is capped at {limit:g} s, the server's --max-wait (asked {wait_seconds:g} s).",
+    )
 
 
 def check_sizes(
@@ -516,7 +519,7 @@ def register_tools(mcp: MCPServer) -> None:
         seconds, note = capped(engine, wait_seconds)
         trace = await wait_with_progress(engine, ctx, trace_id, seconds, after_sequence)
         if seconds > 0 and trace.status is Status.RUNNING:
-            note = ((note + " ") if note else "") + f"Still running after {seconds:g} s."
+            note = ((note + " ") if note else "") + f"Waited {seconds:g} s."
         if view == "summary":
             body = summary(trace, await engine.tail(trace_id, TAIL_MESSAGES), note=note)
         else:

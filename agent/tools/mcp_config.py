@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.tools.mcp_format import sanitize_name
+from agent.tools.names import sanitize_name
 
 logger = logging.getLogger(__name__)
 

@@ -12,20 +12,15 @@ import binascii
 import copy
 import hashlib
 import json
-import re
 from typing import Any
 
 from mcp import types
 
+from agent.tools.names import sanitize_name
+
 MAX_TOOL_NAME = 64
-_INVALID_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_-]")
 # Top-level keywords OpenAI refuses in function parameters ("must be type object, no oneOf/anyOf/..."):
 _TOP_LEVEL_FORBIDDEN = ("oneOf", "anyOf", "allOf", "not", "enum", "const")
-
-
-def sanitize_name(raw: str) -> str:
-    """Replace every character providers refuse in a tool name with ``_``."""
-    return _INVALID_NAME_CHARS.sub("_", raw)
 
 
 def tool_name(server: str, tool: str, *, force_hash: bool = False) -> str:

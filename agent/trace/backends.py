@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import defaults
-from agent.trace.store import TraceStore
+
+if TYPE_CHECKING:  # the relay reads is_postgres_url and must not load the models
+    from agent.trace.store import TraceStore
 
 
 def is_postgres_url(db: str | Path) -> bool:

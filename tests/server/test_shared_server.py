@@ -22,8 +22,8 @@ from mcp import Client
 from mcp.client.stdio import stdio_client
 
 from agent.pids import pid_alive
-from server.app import VERSION
 from server.relay import CONTROL_KEY, ServerAddress, ask_once
+from server.version import VERSION
 from tests.fake_openai import completion
 from tests.npm_tools import inspector
 from tests.processes import (
@@ -262,6 +262,25 @@ async def test_a_relay_of_another_version_drains_the_old_server(tmp_path, worksp
     assert "runs version 0.0.1" in errlog.read_text() and "asking it to drain" in errlog.read_text()
 
 
+async def test_a_drained_server_is_unreachable_once_it_has_answered(tmp_path, workspace, fake_openai):
+    """The drain reply comes after the socket file is gone: the relay that asked starts the new server at
+    once instead of greeting the old one again (which takes no sessions) and waiting out its hello."""
+    fake_openai.script = [("hang", None)]
+    async with Client(model_host(tmp_path, workspace, fake_openai), mode="legacy") as host:
+        tid = (await call(host, "create_trace", prompt="Look around"))["trace_id"]
+        await wait_until(lambda: len(fake_openai.requests) == 1)
+        address = ServerAddress.of(tmp_path / "data")
+        reply = ask_once(address, {CONTROL_KEY: "drain"})
+        assert reply is not None and reply["state"] == "draining" and reply["running"] == [tid]
+        assert not address.socket.exists()
+        assert ask_once(address, {CONTROL_KEY: "hello", "version": VERSION, "session": True}) is None
+        assert (await call(host, "get_trace", trace_id=tid))["trace"]["status"] == "running"  # sessions go on
+        fake_openai.release.set()
+        await wait_gone(reply["pid"])  # its run finished: then it closed its sessions and exited
+    async with Client(model_host(tmp_path, workspace, fake_openai), mode="legacy") as later:
+        assert (await wait_done(later, tid))["trace"]["status"] == "completed"
+
+
 async def test_a_host_with_other_settings_is_served_and_told(tmp_path, workspace):
     async with Client(relay_params(tmp_path, workspace), mode="legacy") as first:
         await first.list_tools()
@@ -271,13 +290,16 @@ async def test_a_host_with_other_settings_is_served_and_told(tmp_path, workspace
             async with Client(stdio_client(other, errlog=stderr), mode="legacy") as second:
                 tid = (await call(second, "create_trace", prompt="hello"))["trace_id"]
                 view = await wait_done(second, tid)
+                told = await call(second, "agent_info")
         assert view["trace"]["model"] == "offline"  # the server's start-up model
         assert "--model differ" in errlog.read_text()
         notes = status(tmp_path)["notes"]
         assert len(notes) == 1 and "--model" in notes[0]
+        assert told["notes"] == notes  # what the differing host's model reads
         async with Client(relay_params(tmp_path, workspace), mode="legacy") as third:
             info = await call(third, "agent_info")
-        assert info["notes"] == notes  # what a host's model reads
+        assert "notes" not in info  # a host whose settings match is told nothing
+        assert "notes" not in await call(first, "agent_info")
 
 
 async def test_status_and_stop_server(tmp_path, workspace, fake_openai):

@@ -176,7 +176,7 @@ async def test_a_wait_is_capped_by_max_wait_and_says_what_to_do_next(settings, m
         with anyio.fail_after(10):
             view = await call(client, "get_trace", trace_id=tid, wait_seconds=3600)
         assert view["trace"]["outcome"] == "running"
-        assert "--max-wait" in view["next"] and "Still running" in view["next"]
+        assert "--max-wait" in view["next"] and view["next"].count("Still running") == 1
         assert "wait_seconds=" in view["next"]
         await call(client, "stop_trace", trace_id=tid)
 
