@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -21,6 +22,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from agent.engine import Engine
 from agent.trace.events import ExperiencesChanged, MessageStored, TraceChanged, TraceDeleted
+from server.connections import Connections, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -32,34 +34,24 @@ def trace_uris(trace_id: str) -> tuple[str, str]:
     return f"trace://{trace_id}", f"trace://{trace_id}/tree"
 
 
-@dataclass
+@dataclass(eq=False)
 class _LegacyClient:
-    """A handshake-era connection: a session to send on, and the URIs it subscribed to."""
+    """A handshake-era connection: where its notifications queue, and the URIs it subscribed to."""
 
-    session: ServerSession
+    outbox: Outbox
     uris: set[str] = field(default_factory=set)
 
 
 class Notifier:
     def __init__(self, bus: SubscriptionBus):
         self._bus = bus
-        self._clients: dict[int, _LegacyClient] = {}
+        self._clients = Connections(_LegacyClient)
 
     # -- connections (called from the middleware) ----------------------------------------------
 
     def _client(self, session: ServerSession) -> _LegacyClient:
         """The record for this request's connection, dropped again when the connection closes."""
-        # ServerSession is a per-request proxy; the connection behind it is the stable identity.
-        # The SDK has no public accessor for it, but its exit_stack is the documented teardown hook.
-        connection: Any = getattr(session, "_connection", session)
-        key = id(connection)
-        client = self._clients.get(key)
-        if client is None:
-            client = self._clients[key] = _LegacyClient(session)
-            exit_stack = getattr(connection, "exit_stack", None)
-            if exit_stack is not None:
-                exit_stack.callback(self._clients.pop, key, None)
-        return client
+        return self._clients.get(session)[0]
 
     def subscribe(self, session: ServerSession, uri: str) -> None:
         self._client(session).uris.add(uri)
@@ -79,7 +71,8 @@ class Notifier:
 
     async def pump(self, engine: Engine, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         """Forward engine events until cancelled (runs in the server's lifespan task group)."""
-        async with engine.subscribe() as stream:
+        async with anyio.create_task_group() as senders, engine.subscribe() as stream:
+            self._clients.serve(senders)
             task_status.started()
             async for event in stream:
                 try:
@@ -91,28 +84,28 @@ class Notifier:
                         await self.resource_updated(EXPERIENCES_URI)
                 except Exception:
                     log.exception("could not send a change notification for trace %s", event.trace_id)
+            senders.cancel_scope.cancel()
 
     async def resource_updated(self, *uris: str) -> None:
         for uri in uris:
             await self._bus.publish(ResourceUpdated(uri=uri))
-        for client in list(self._clients.values()):
+        for client in self._clients.records():
             for uri in uris:
                 if uri in client.uris:
-                    await self._send(client, lambda s, u=uri: s.send_resource_updated(u))
+                    client.outbox.post(partial(_send_updated, uri))
 
     async def resources_list_changed(self) -> None:
         await self._bus.publish(ResourcesListChanged())
-        for client in list(self._clients.values()):
-            await self._send(client, lambda s: s.send_resource_list_changed())
+        for client in self._clients.records():
+            client.outbox.post(_send_list_changed)
 
-    async def _send(self, client: _LegacyClient, send) -> None:
-        # Notifications to a gone client are dropped by the SDK; bound the wait on a stuck one.
-        with anyio.move_on_after(5):
-            try:
-                await send(client.session)
-            except Exception:
-                log.debug("dropping a legacy client whose stream failed", exc_info=True)
-                self._clients = {k: c for k, c in self._clients.items() if c is not client}
+
+async def _send_updated(uri: str, session: ServerSession) -> None:
+    await session.send_resource_updated(uri)
+
+
+async def _send_list_changed(session: ServerSession) -> None:
+    await session.send_resource_list_changed()
 
 
 def _wire(result: HandlerResult) -> dict[str, Any]:

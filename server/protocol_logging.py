@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -23,6 +24,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from agent.engine import Engine
 from agent.trace.events import MessageStored, TraceChanged, TraceDeleted, TraceEvent
 from agent.trace.models import Outcome, Status, Trace
+from server.connections import SEND_SECONDS, Connections, Outbox
 from server.state import state_of
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,6 @@ LEVELS: tuple[types.LoggingLevel, ...] = (
 DEFAULT_LEVEL: types.LoggingLevel = "warning"
 """What a connection that never called logging/setLevel hears: failures and warnings only."""
 LOGGER = "agent-trace"
-SEND_SECONDS = 5.0
 QUESTION_CHARS = 200
 ERROR_CHARS = 400
 
@@ -65,7 +66,7 @@ class Entry:
 
 @dataclass(eq=False)
 class _Connection:
-    session: ServerSession
+    outbox: Outbox
     level: types.LoggingLevel = DEFAULT_LEVEL
     warned: set[str] = field(default_factory=set)
     """The standing warnings already sent to it."""
@@ -76,23 +77,12 @@ class _Hub:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.connections: dict[int, _Connection] = {}
+        self.connections = Connections(_Connection)
         self.statuses: dict[str, Status] = {}
 
     def connection(self, session: ServerSession) -> tuple[_Connection, bool]:
         """The record for this request's connection (dropped when it closes), and whether it is new."""
-        # As in server.notify: ServerSession is a per-request proxy; its connection is the stable identity,
-        # and the connection's exit stack is the only teardown hook the SDK offers.
-        connection: Any = getattr(session, "_connection", session)
-        key = id(connection)
-        record = self.connections.get(key)
-        if record is not None:
-            return record, False
-        record = self.connections[key] = _Connection(session)
-        exit_stack = getattr(connection, "exit_stack", None)
-        if exit_stack is not None:
-            exit_stack.callback(self.connections.pop, key, None)
-        return record, True
+        return self.connections.get(session)
 
     async def standing(self, record: _Connection, related_request_id: types.RequestId | None) -> None:
         """Send the warnings that stand (downstream servers that failed) which this connection has not had."""
@@ -101,23 +91,21 @@ class _Hub:
                 record.warned.add(entry.message)
                 await self.send(record, entry, related_request_id)
 
-    async def broadcast(self, entry: Entry) -> None:
-        for record in list(self.connections.values()):
+    def broadcast(self, entry: Entry) -> None:
+        for record in self.connections.records():
             if rank(entry.level) >= rank(record.level):
-                await self.send(record, entry, None)
+                record.outbox.post(partial(_send, entry, None))
 
     async def send(
         self, record: _Connection, entry: Entry, related_request_id: types.RequestId | None
     ) -> None:
-        note = types.LoggingMessageNotification(
-            params=types.LoggingMessageNotificationParams(level=entry.level, data=entry.data(), logger=LOGGER)
-        )
+        """On the request's own stream, in the request's task (a new connection's GET stream may not be open)."""
         with anyio.move_on_after(SEND_SECONDS):
             try:
-                await record.session.send_notification(note, related_request_id=related_request_id)
+                await _send(entry, related_request_id, record.outbox.session)
             except Exception:
                 log.debug("dropping a log listener whose stream failed", exc_info=True)
-                self.connections = {k: c for k, c in self.connections.items() if c is not record}
+                record.outbox.drop()
 
     def entries(self, event: TraceEvent) -> list[Entry]:
         """The log entries an engine event makes (a status change, a tool call), remembering statuses."""
@@ -146,6 +134,13 @@ class _Hub:
         if trace.status is before:
             return []
         return [status_entry(trace)]
+
+
+async def _send(entry: Entry, related_request_id: types.RequestId | None, session: ServerSession) -> None:
+    note = types.LoggingMessageNotification(
+        params=types.LoggingMessageNotificationParams(level=entry.level, data=entry.data(), logger=LOGGER)
+    )
+    await session.send_notification(note, related_request_id=related_request_id)
 
 
 def status_entry(trace: Trace) -> Entry:
@@ -209,14 +204,16 @@ class ProtocolLog:
         """Turn engine events into log notifications until cancelled (in the lifespan's task group)."""
         hub = self._hubs[engine] = _Hub(engine)
         try:
-            async with engine.subscribe() as events:
+            async with anyio.create_task_group() as senders, engine.subscribe() as events:
+                hub.connections.serve(senders)
                 task_status.started()
                 async for event in events:
                     try:
                         for entry in hub.entries(event):
-                            await hub.broadcast(entry)
+                            hub.broadcast(entry)
                     except Exception:
                         log.exception("could not send a log notification for trace %s", event.trace_id)
+                senders.cancel_scope.cancel()
         finally:
             self._hubs.pop(engine, None)
 

@@ -55,6 +55,8 @@ STOP_RUNS_SECONDS = 15.0
 BIND_WAIT_SECONDS = 10.0
 """How long a new server waits for the lock of one that no longer answers (it is exiting)."""
 CLOSE_SECONDS = 5.0
+ACCEPT_RETRY_SECONDS = 0.1
+"""After a failed accept (EMFILE): the connections already open go on meanwhile."""
 DRAINED, STOP_NOW = "drained", "stop-server --now"  # shutdown reasons a control request gives
 
 
@@ -227,8 +229,17 @@ class SharedServer:
 
     async def _accept(self, listener: SocketListener) -> None:
         assert self._group is not None
+        failing = False
         while True:  # until the server exits: see _stop_listening
-            stream = await listener.accept()
+            try:
+                stream = await listener.accept()
+            except (OSError, anyio.BrokenResourceError) as exc:  # out of descriptors: the open ones go on
+                level = logging.DEBUG if failing else logging.WARNING  # once per spell, not every retry
+                log.log(level, "could not accept a connection (%s); retrying", exc.__cause__ or exc)
+                failing = True
+                await anyio.sleep(ACCEPT_RETRY_SECONDS)
+                continue
+            failing = False
             self._group.start_soon(self._connection, stream)
 
     async def _connection(self, stream: SocketStream) -> None:

@@ -4,18 +4,19 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from referencing import Registry
+from referencing.exceptions import Unresolvable
+from referencing.jsonschema import DRAFT202012
 
 from agent.errors import InvalidMessages
 
 MAX_SCHEMA_CHARS = 20_000
 MAX_REASON_CHARS = 300  # of the validator's own reason quoted back: it may repr a large value
 MAX_REASKS = 2
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 
 def check_schema(schema: Any) -> dict[str, Any]:
@@ -30,15 +31,48 @@ def check_schema(schema: Any) -> dict[str, Any]:
         where = "/".join(str(p) for p in exc.absolute_path) or "the top"
         what = exc.message if len(exc.message) <= MAX_REASON_CHARS else exc.message[:MAX_REASON_CHARS] + "…"
         raise InvalidMessages(f"output_schema is not a valid JSON Schema at {where}: {what}.") from None
+    _check_refs(schema)
     return schema
+
+
+def _check_refs(schema: dict[str, Any]) -> None:
+    """Every ``$ref`` must point inside the schema: else the run would do all its work, then fail."""
+    resolver = Registry().with_resource("", DRAFT202012.create_resource(schema)).resolver()
+    for ref in _refs(schema):
+        shown = ref if len(ref) <= 80 else ref[:80] + "…"
+        if not ref.startswith("#"):
+            raise InvalidMessages(f"output_schema may only use local $ref ('#/...'), not {shown!r}.")
+        try:
+            resolver.lookup(ref)
+        except Unresolvable:
+            raise InvalidMessages(
+                f"output_schema has a $ref {shown!r} that points nowhere in the schema."
+            ) from None
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [ref for value in node.values() for ref in _refs(value)]
+    if isinstance(node, list):
+        return [ref for item in node for ref in _refs(item)]
+    return []
+
+
+def unfenced(text: str) -> str:
+    """The inside of a ```json fenced block (string operations: a regex here backtracked for minutes on an
+    unclosed fence followed by whitespace, freezing the event loop), else the text as it is."""
+    if len(text) < 6 or not text.startswith("```") or not text.endswith("```"):
+        return text
+    inner = text[3:-3]
+    if inner.startswith("json"):
+        inner = inner[4:]
+    return inner.strip()
 
 
 def parse_result(text: str | None, schema: dict[str, Any]) -> tuple[Any, str | None]:
     """(the JSON value, None) when ``text`` is JSON valid for ``schema``; (None, what is wrong) otherwise."""
-    raw = (text or "").strip()
-    fenced = _FENCE.match(raw)
-    if fenced:
-        raw = fenced.group(1)
+    raw = unfenced((text or "").strip())
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:

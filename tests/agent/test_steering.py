@@ -178,6 +178,12 @@ async def test_a_typed_result_is_validated_and_asked_again(store):
     assert fixed.trace.result == {"files": 3}
     assert "not JSON" in model.calls[1]["messages"][-1]["content"]
 
+    model.steps = [reply("```" + " " * 20_000 + "cut off"), reply('{"files": 3}')]  # an unclosed fence
+    model.calls.clear()
+    with anyio.fail_after(10):  # a backtracking fence regex took minutes here, freezing every run
+        fenced = await runner.run_result([user("count")], RunConfig(output_schema=SCHEMA))
+    assert fenced.trace.result == {"files": 3} and "not JSON" in model.calls[1]["messages"][-1]["content"]
+
     model.steps = [reply('{"files": "three"}')]
     model.calls.clear()
     failed = await runner.run_result([user("count")], RunConfig(output_schema=SCHEMA))
@@ -189,6 +195,8 @@ async def test_a_typed_result_is_validated_and_asked_again(store):
     with pytest.raises(InvalidMessages, match="not a valid JSON Schema") as refused:
         await runner.run_result([user("x")], RunConfig(output_schema={"type": {"x" * 15_000: 1}}))
     assert len(str(refused.value)) < 500  # the validator's repr of the bad value is cut
+    with pytest.raises(InvalidMessages, match="points nowhere"):  # refused before the run, not after it
+        await runner.run_result([user("x")], RunConfig(output_schema={"$ref": "#/$defs/Count"}))
 
 
 async def test_a_fork_copies_the_path_and_runs_beside_its_running_source(store):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 from contextlib import suppress
@@ -300,6 +301,43 @@ async def test_a_host_with_other_settings_is_served_and_told(tmp_path, workspace
             info = await call(third, "agent_info")
         assert "notes" not in info  # a host whose settings match is told nothing
         assert "notes" not in await call(first, "agent_info")
+
+
+def _few_descriptors() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+
+async def test_running_out_of_descriptors_refuses_connections_not_the_server(tmp_path, workspace):
+    """A burst of connections past the descriptor limit (macOS's default is 256) is refused, and the server
+    goes on serving once they close."""
+    errlog = (tmp_path / "server.stderr").open("w")
+    server = subprocess.Popen(
+        [*console_script(), "server", *server_args(tmp_path, workspace)],
+        stdin=subprocess.DEVNULL, stdout=errlog, stderr=errlog, preexec_fn=_few_descriptors,
+    )  # fmt: skip
+    try:
+        address = ServerAddress.of(tmp_path / "data")
+        async with Client(relay_params(tmp_path, workspace), mode="legacy") as first:
+            await call(first, "list_running")  # the engine is open: its descriptors are taken
+        burst = []
+        for _ in range(100):
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(str(address.socket))  # the backlog takes them; accept runs out of descriptors
+            burst.append(client)
+        await anyio.sleep(1)
+        assert server.poll() is None
+        for client in burst:
+            client.close()
+        async with Client(relay_params(tmp_path, workspace), mode="legacy") as host:
+            tid = (await call(host, "create_trace", prompt="hello"))["trace_id"]
+            assert (await wait_done(host, tid))["trace"]["status"] == "completed"
+        assert "could not accept a connection" in (tmp_path / "server.stderr").read_text()
+    finally:
+        server.terminate()
+        server.wait(30)
+        errlog.close()
 
 
 async def test_status_and_stop_server(tmp_path, workspace, fake_openai):
