@@ -7,9 +7,9 @@ from typing import Annotated
 from mcp.server.mcpserver import MCPServer
 from pydantic import Field
 
-from agent import defaults
+from server.views import suggested_wait
 
-WAIT = int(min(30, defaults.MAX_WAIT_SECONDS))
+WAIT = suggested_wait()
 
 
 def register_prompts(mcp: MCPServer) -> None:

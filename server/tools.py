@@ -39,9 +39,11 @@ from server.views import (
     MESSAGES_VIEW_CHARS,
     TAIL_MESSAGES,
     compact_row,
+    elide,
     messages_view,
     one_line,
     row_with_answer,
+    suggested_wait,
     summary,
 )
 
@@ -221,7 +223,7 @@ Tags = Annotated[
 
 
 def started_message(trace: Trace, verb: str, max_wait: float) -> str:
-    wait = int(min(30, max_wait))
+    wait = suggested_wait(max_wait)
     return (
         f"Trace {trace.trace_id} {verb} on {trace.model}. It runs in the background: call "
         f"get_trace(trace_id, wait_seconds={wait}) to wait for it (await_traces for several)."
@@ -452,7 +454,7 @@ def register_tools(mcp: MCPServer) -> None:
             stopping = await engine.stop(trace_id)  # unknown trace: a tool error, not "not_running"
             one = Stopping(trace_id=trace_id, status="stopping" if stopping else "not_running")
             return compact(one, drop_none=True)  # type: ignore[return-value]
-        ids = await targets(engine, trace_id, trace_ids, tag, "stop_trace")
+        ids = await targets(engine, trace_id, trace_ids, tag, "stop_trace needs trace_id, trace_ids or tag.")
         stopped: list[str] = []
         idle: list[str] = []
         for tid in ids:
@@ -549,7 +551,9 @@ def register_tools(mcp: MCPServer) -> None:
         """Wait on several traces at once; returns compact rows (answer, result, question) for the finished
         ones and the ids still running."""
         engine = engine_of(ctx)
-        ids = await targets(engine, None, trace_ids, tag, "await_traces", running_only=False)
+        ids = await targets(engine, None, trace_ids, tag, "await_traces needs trace_ids or tag.", every=True)
+        if not ids:
+            return compact(Awaited(done=[], running=[], next=f"No trace has the tag {elide(tag)}."))  # type: ignore[return-value]
         seconds, note = capped(engine, wait_seconds)
         beat = heartbeat(ctx, "waiting on traces")
         traces = await engine.await_traces(ids, every=mode == "all", seconds=seconds, on_idle=beat)
@@ -563,7 +567,7 @@ def register_tools(mcp: MCPServer) -> None:
         if running:
             hint = (note + " " if note else "") + (
                 f"{len(running)} still running: call await_traces again with their ids "
-                f"(wait_seconds ≤ {engine.settings.max_wait:g})."
+                f"(wait_seconds ≤ {suggested_wait(engine.settings.max_wait)})."
             )
         return compact(Awaited(done=done, running=running, next=hint))  # type: ignore[return-value]
 
@@ -671,19 +675,22 @@ async def targets(
     trace_id: str | None,
     trace_ids: list[str] | None,
     tag: str | None,
-    tool: str,
+    needs: str,
     *,
-    running_only: bool = True,
+    every: bool = False,
 ) -> list[str]:
-    """The traces a many-trace call names: ids, or every (running) trace with a tag."""
+    """The traces a many-trace call names: ids (each must exist, checked before anything is done), or the
+    traces with a tag: ``every`` one, else those a stop applies to (running or waiting for input)."""
     ids = [*([trace_id] if trace_id else []), *(trace_ids or [])]
-    if tag is not None:
-        page = await engine.list_traces(
-            status=Status.RUNNING.value if running_only else None, tag=tag, limit=500
-        )
-        ids += [t.trace_id for t in page.traces]
     if not ids and tag is None:
-        raise ToolError(f"{tool} needs trace_id, trace_ids or tag.")
+        raise ToolError(needs)
+    for tid in dict.fromkeys(ids):
+        await engine.get(tid)  # an unknown id: a tool error, and nothing has been stopped yet
+    if tag is not None:
+        statuses = [None] if every else [Status.RUNNING.value, Status.NEEDS_INPUT.value]
+        for status in statuses:
+            page = await engine.list_traces(status=status, tag=tag, limit=500)
+            ids += [t.trace_id for t in page.traces]
     return list(dict.fromkeys(ids))
 
 

@@ -148,9 +148,14 @@ def _bounded_result(trace: Trace, limit: int) -> Any:
     return None
 
 
+def suggested_wait(max_wait: float = defaults.MAX_WAIT_SECONDS) -> int:
+    """The wait_seconds a text suggests: never above --max-wait, nor the default's 45 s."""
+    return int(min(defaults.SUGGESTED_WAIT_SECONDS, max_wait))
+
+
 def next_step(trace: Trace, last_sequence: int | None) -> str:
     """The one call a host should make next, in words (waits suggested stay ≤ 45 s)."""
-    wait = int(min(30, defaults.MAX_WAIT_SECONDS))
+    wait = suggested_wait()
     tid = trace.trace_id
     outcome = trace.outcome
     if outcome is Outcome.RUNNING:

@@ -74,6 +74,14 @@ async def test_approve_a_confirmed_tool_then_decline_one(client, fake_openai):
     assert fake_openai.requests[-1]["body"]["messages"][-1]["content"] == "declined: private"
 
 
+async def test_stop_by_tag_stops_a_trace_waiting_for_input(client, fake_openai):
+    fake_openai.script = [("json", completion(None, [tool_call("ask_host", "q1", question="Go on?")]))]
+    tid = (await call(client, "create_trace", prompt="ask first", tags=["paused"]))["trace_id"]
+    assert (await wait_done(client, tid))["trace"]["outcome"] == "needs_input"
+    assert await call(client, "stop_trace", tag="paused") == {"stopping": [tid], "not_running": []}
+    assert (await wait_done(client, tid))["trace"]["outcome"] == "stopped"  # as stop_trace(trace_id) does
+
+
 async def test_typed_result_overrides_fork_tags_and_delete(client, fake_openai):
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
     fake_openai.script = [("json", completion("forty-two")), ("json", completion('{"answer": 42}'))]

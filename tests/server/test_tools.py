@@ -137,8 +137,11 @@ async def test_stop_trace_one_many_and_by_tag(client):
         "trace_id"
     ]  # a lone tag
     c = (await call(client, "create_trace", prompt="think", model="slow"))["trace_id"]
+    unknown = "f" * 32
+    refused = await call_error(client, "stop_trace", trace_ids=[a, unknown])
+    assert unknown in refused and len(refused) < 200
     running = await call(client, "list_running")
-    assert set(running["running"]) == {a, b, c}
+    assert set(running["running"]) == {a, b, c}  # the refused call stopped nothing, not even a
     row = next(r for r in running["traces"] if r["trace_id"] == a)
     assert row["started_at"] and row["last_action"].startswith("user: think") and row["outcome"] == "running"
     assert await call(client, "stop_trace", trace_id=c) == {"trace_id": c, "status": "stopping"}
@@ -148,6 +151,10 @@ async def test_stop_trace_one_many_and_by_tag(client):
         assert (await wait_done(client, tid))["trace"]["outcome"] == "stopped"
     assert await call(client, "stop_trace", trace_ids=[a, c]) == {"stopping": [], "not_running": [a, c]}
     assert (await call(client, "list_running"))["running"] == []
+    with anyio.fail_after(5):  # no trace with the tag: answered at once, not after the whole wait
+        nothing = await call(client, "await_traces", tag="nobody", wait_seconds=30)
+    assert nothing["done"] == nothing["running"] == [] and "No trace has the tag 'nobody'" in nothing["next"]
+    assert "await_traces needs trace_ids or tag" in await call_error(client, "await_traces")
 
 
 async def test_await_traces_any_and_all_in_few_calls_and_bytes(client, model, slow_model):
