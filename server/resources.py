@@ -18,7 +18,7 @@ from agent.experiences import ExperienceFile
 from agent.trace.models import Message, Trace
 from server.settings import Settings
 from server.state import ServerState, state_of
-from server.views import cut, elide
+from server.views import elide, shown_message
 
 PAGE_SIZE = 50
 
@@ -37,11 +37,7 @@ def _engine(ctx: Context) -> Engine:
 def trace_body(trace: Trace, messages: list[Message]) -> str:
     """JSON {trace, messages}; contents cut (with a marker naming the message's own resource) to fit."""
     for limit in _CUTS:
-        dumped = []
-        for message in messages:
-            item = message.model_dump(mode="json")
-            item["content"] = cut(message.content, limit, trace.trace_id, message.sequence)
-            dumped.append(item)
+        dumped = [shown_message(message, trace.trace_id, limit, nulls=True) for message in messages]
         text = json.dumps({"trace": trace.model_dump(mode="json"), "messages": dumped}, ensure_ascii=False)
         if len(text.encode()) <= RESOURCE_BYTES:
             break

@@ -187,15 +187,19 @@ def summary(trace: Trace, tail: Sequence[Message], *, note: str | None = None) -
     answer = answer_of(trace, tail)
     last_text = last_text_of(tail)
     last_sequence = tail[-1].sequence if tail else None
-    limits = [
-        (ANSWER_CHARS, LAST_TEXT_CHARS, RECENT_LINES, QUESTION_CHARS),
-        (600, 200, 3, 400),
-        (200, 100, 2, 200),
+    limits = [  # tighter and tighter until it fits (multi-byte text weighs more than its characters)
+        (ANSWER_CHARS, LAST_TEXT_CHARS, RECENT_LINES, QUESTION_CHARS, None),
+        (600, 200, 3, 400, None),
+        (200, 100, 2, 200, 5),
+        (100, 60, 1, 100, 1),
     ]
     body: dict[str, Any] = {}
-    for answer_chars, last_chars, lines, question_chars in limits:
+    for answer_chars, last_chars, lines, question_chars, tags in limits:
+        row = compact_row(trace)
+        if tags is not None and len(row["tags"]) > tags:
+            row["tags"] = [*row["tags"][:tags], f"… {len(trace.tags) - tags} more"]
         body = {
-            "trace": compact_row(trace),
+            "trace": row,
             "answer": cut(answer.content, answer_chars, tid, answer.sequence) if answer else None,
             "result": _bounded_result(trace, answer_chars),
             "question": _cut_plain(trace.question, question_chars) if trace.question else None,
@@ -207,6 +211,32 @@ def summary(trace: Trace, tail: Sequence[Message], *, note: str | None = None) -
         if size_of(body) <= SUMMARY_BYTES:
             break
     return body
+
+
+def shown_message(
+    message: Message, trace_id: str, limit: int | None, *, nulls: bool = False
+) -> dict[str, Any]:
+    """A message as views show it: its content and each tool call's arguments cut at ``limit`` characters
+    (None: whole) with a marker naming the message's own resource; null fields only with ``nulls`` (the
+    resources keep every field, as they always have)."""
+    item = message.model_dump(mode="json", exclude_none=not nulls)
+    if not nulls and not item.get("side"):
+        item.pop("side", None)
+    if limit is None:
+        return item
+    content = cut(message.content, limit, trace_id, message.sequence)
+    if content is None and not nulls:
+        item.pop("content", None)
+    else:
+        item["content"] = content
+    for call in item.get("tool_calls") or []:
+        call["function"]["arguments"] = cut(call["function"]["arguments"], limit, trace_id, message.sequence)
+    return item
+
+
+def _text_chars(item: dict[str, Any]) -> int:
+    calls = item.get("tool_calls") or []
+    return len(item.get("content") or "") + sum(len(c["function"]["arguments"] or "") for c in calls)
 
 
 def size_of(value: Any) -> int:
@@ -224,19 +254,13 @@ def messages_view(
     for message in path:
         if after is not None and message.sequence <= after:
             continue
-        item = message.model_dump(mode="json", exclude_none=True)
-        if not item.get("side"):
-            item.pop("side", None)
-        if not full:
-            item["content"] = cut(message.content, max_chars, trace.trace_id, message.sequence)
-            if item["content"] is None:
-                item.pop("content")
-        weight = size_of(item) if full else len(item.get("content") or "") + 200
+        item = shown_message(message, trace.trace_id, None if full else max_chars)
+        weight = size_of(item) if full else _text_chars(item) + 200
         if shown and used + weight > budget:
             more_after = shown[-1]["sequence"]
             break
         if full and weight > budget:  # one message bigger than a page: its start, and where the rest is
-            item["content"] = cut(message.content, budget // 2, trace.trace_id, message.sequence)
+            item = shown_message(message, trace.trace_id, budget // (2 + 2 * len(message.tool_calls or [])))
         shown.append(item)
         used += weight
     body: dict[str, Any] = {

@@ -83,6 +83,14 @@ async def test_summary_stays_under_4_kb_however_long_the_trace(client, model, wo
     whole = json.loads((await client.read_resource(f"trace://{tid}/messages/{seq}")).contents[0].text)
     assert whole["content"].endswith("long answer ") and len(whole["content"]) > 20_000
 
+    model.steps = [reply("答" * 3000)]  # multi-byte text everywhere: 3 bytes a character
+    tags = [chr(0x4E00 + i) * 64 for i in range(20)]
+    tid = (await call(client, "create_trace", prompt="x", name="名" * 200, tags=tags))["trace_id"]
+    await wait_done(client, tid)
+    result = await client.call_tool("get_trace", {"trace_id": tid})
+    assert len(text_of(result).encode()) <= 4000
+    assert result.structured_content["trace"]["tags"][-1].endswith(" more")  # the rest named by count
+
 
 async def test_view_messages_cuts_each_message_and_pages(client, model, workspace):
     (workspace / "big.txt").write_text("x" * 9000, encoding="utf-8")
@@ -101,6 +109,25 @@ async def test_view_messages_cuts_each_message_and_pages(client, model, workspac
     whole = await full(client, tid)
     assert whole["messages"][3]["content"] == "x" * 9000  # full: uncut
     assert whole["trace"]["config"]["max_iterations"] == defaults.MAX_ITERATIONS  # full: the whole trace
+
+
+async def test_huge_tool_call_arguments_are_cut_in_views_and_resources(client, model):
+    """A model may write 200 KB into one call's arguments: views cut them as they cut contents."""
+    huge = tool_call("read_file", "c1", path="README.md", note="y" * 200_000)
+    model.steps = [turn_script(reply(None, huge), reply("read"))]
+    tid = (await call(client, "create_trace", prompt="read"))["trace_id"]
+    await wait_done(client, tid)
+    result = await client.call_tool("get_trace", {"trace_id": tid, "view": "messages", "max_chars": 100})
+    assert len(text_of(result).encode()) < 20_000
+    calling = next(m for m in result.structured_content["messages"] if m.get("tool_calls"))
+    arguments = calling["tool_calls"][0]["function"]["arguments"]
+    assert f"trace://{tid}/messages/{calling['sequence']}" in arguments and len(arguments) < 400
+    resource = (await client.read_resource(f"trace://{tid}")).contents[0].text
+    assert len(resource) < 200_000  # cut there too; the message's own resource is whole
+    whole = json.loads(
+        (await client.read_resource(f"trace://{tid}/messages/{calling['sequence']}")).contents[0].text
+    )
+    assert "y" * 200_000 in whole["tool_calls"][0]["function"]["arguments"]
 
 
 async def test_max_iterations_is_hit_limit_with_no_answer(client, model):
