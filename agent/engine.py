@@ -42,6 +42,29 @@ log = logging.getLogger(__name__)
 
 OnMessage = Callable[[Message], Awaitable[None]]
 OnIdle = Callable[[], Awaitable[None]]
+OnTraceMessage = Callable[[str, Message], Awaitable[None]]
+
+
+class _Heartbeat:
+    """A wait's heartbeat: ``on_idle`` once ``every`` seconds pass in which its client heard nothing (events
+    of other traces do not count: the client hears nothing of them)."""
+
+    def __init__(self, on_idle: OnIdle | None, every: float):
+        self._on_idle, self._every = on_idle, every if on_idle is not None else math.inf
+        self.heard()
+
+    def heard(self) -> None:
+        """The client was just told something: the next beat is due a whole interval from now."""
+        self._due = anyio.current_time() + self._every
+
+    async def next(self, events: AsyncIterator[TraceEvent]) -> TraceEvent | None:
+        """The next event, or None once a beat was sent because none came in time."""
+        with anyio.move_on_after(max(0.0, self._due - anyio.current_time())):
+            return await anext(aiter(events))
+        assert self._on_idle is not None
+        await self._on_idle()
+        self.heard()
+        return None
 
 
 @dataclass
@@ -220,27 +243,30 @@ class Engine:
         on_idle: OnIdle | None,
         idle_every: float,
     ) -> None:
+        beat = _Heartbeat(on_idle, idle_every)
         while True:
-            event: TraceEvent | None = None
-            with anyio.move_on_after(idle_every if on_idle is not None else math.inf):
-                event = await anext(aiter(events))
-            if event is None:
-                assert on_idle is not None
-                await on_idle()
-                continue
-            if event.trace_id != trace_id:
+            event = await beat.next(events)
+            if event is None or event.trace_id != trace_id:
                 continue
             if isinstance(event, MessageStored) and not event.message.side:
                 if on_message is not None and event.message.sequence > floor:
                     floor = event.message.sequence  # main-path sequences only grow
                     await on_message(event.message)
+                    beat.heard()
             elif isinstance(event, TraceChanged) and event.trace.status is not Status.RUNNING:
                 return
 
     async def await_traces(
-        self, trace_ids: Sequence[str], *, every: bool, seconds: float, on_idle: OnIdle | None = None
+        self,
+        trace_ids: Sequence[str],
+        *,
+        every: bool,
+        seconds: float,
+        on_message: OnTraceMessage | None = None,
+        on_idle: OnIdle | None = None,
     ) -> list[Trace]:
-        """Wait until one (``every=False``) or all of the traces are not running, or ``seconds`` pass."""
+        """Wait until one (``every=False``) or all of the traces are not running, or ``seconds`` pass;
+        ``on_message`` hears their main-path messages stored meanwhile, ``on_idle`` fills the silences."""
         wanted = list(dict.fromkeys(trace_ids))
         async with self._events.subscribe() as events:
             traces = [await self._store.get_trace(tid) for tid in wanted]
@@ -250,17 +276,17 @@ class Engine:
                 return all(done) if every else any(done)
 
             if seconds > 0 and not settled():
+                beat = _Heartbeat(on_idle, defaults.PROGRESS_INTERVAL_SECONDS)
                 with anyio.move_on_after(seconds):
                     while not settled():
-                        event: TraceEvent | None = None
-                        with anyio.move_on_after(defaults.PROGRESS_INTERVAL_SECONDS):
-                            event = await anext(aiter(events))
-                        if event is None:
-                            if on_idle is not None:
-                                await on_idle()
+                        event = await beat.next(events)
+                        if event is None or event.trace_id not in wanted:
                             continue
-                        if isinstance(event, TraceChanged) and event.trace_id in wanted:
+                        if isinstance(event, TraceChanged):
                             traces[wanted.index(event.trace_id)] = event.trace
+                        elif isinstance(event, MessageStored) and not event.message.side and on_message:
+                            await on_message(event.trace_id, event.message)
+                            beat.heard()
         return [await self._store.get_trace(tid) for tid in wanted]
 
     async def delete(self, trace_id: str) -> bool:

@@ -555,8 +555,21 @@ def register_tools(mcp: MCPServer) -> None:
         if not ids:
             return compact(Awaited(done=[], running=[], next=f"No trace has the tag {elide(tag)}."))  # type: ignore[return-value]
         seconds, note = capped(engine, wait_seconds)
-        beat = heartbeat(ctx, "waiting on traces")
-        traces = await engine.await_traces(ids, every=mode == "all", seconds=seconds, on_idle=beat)
+        sent = 0
+
+        async def progress(trace_id: str, message: Message) -> None:
+            nonlocal sent
+            sent += 1
+            await ctx.report_progress(sent, None, f"{trace_id[:8]}: {one_line(message)}")
+
+        async def beat() -> None:
+            nonlocal sent
+            sent += 1
+            await ctx.report_progress(sent, None, "still waiting on traces")
+
+        traces = await engine.await_traces(
+            ids, every=mode == "all", seconds=seconds, on_message=progress, on_idle=beat
+        )
         done, running = [], []
         for trace in traces:
             if trace.status is Status.RUNNING:
@@ -692,18 +705,6 @@ async def targets(
             page = await engine.list_traces(status=status, tag=tag, limit=500)
             ids += [t.trace_id for t in page.traces]
     return list(dict.fromkeys(ids))
-
-
-def heartbeat(ctx: Context, what: str) -> Callable[[], Awaitable[None]]:
-    """A progress note sent when nothing else happened for a while (hosts reset their timeout on it)."""
-    count = 0
-
-    async def beat() -> None:
-        nonlocal count
-        count += 1
-        await ctx.report_progress(count, None, f"still {what}")
-
-    return beat
 
 
 async def wait_with_progress(

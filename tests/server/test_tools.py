@@ -248,6 +248,34 @@ async def test_waiting_reports_messages_stored_before_it_began_and_a_heartbeat(
     assert "still running" in progress
 
 
+async def test_a_wait_beats_while_other_traces_are_busy_and_await_traces_reports_messages(
+    client, model, slow_model, monkeypatch
+):
+    """Another trace's events are not progress for this wait: the heartbeat keeps its own clock."""
+    monkeypatch.setattr(defaults, "PROGRESS_INTERVAL_SECONDS", 0.2)
+    quiet = (await call(client, "create_trace", prompt="think", model="slow"))["trace_id"]
+    model.delay = 0.01
+    model.steps = [
+        reply(None, tool_call("read_file", "c1", path="README.md"))
+    ]  # busy: a message every few ms
+    busy = (await call(client, "create_trace", prompt="loop", max_iterations=150))["trace_id"]
+    heard: list[str] = []
+
+    async def on_progress(value, total, message):
+        heard.append(message)
+
+    await client.call_tool("get_trace", {"trace_id": quiet, "wait_seconds": 1}, progress_callback=on_progress)
+    assert heard.count("still running") >= 2
+    heard.clear()
+    await client.call_tool(
+        "await_traces",
+        {"trace_ids": [busy, quiet], "mode": "all", "wait_seconds": 1},
+        progress_callback=on_progress,
+    )
+    assert any(line.startswith(f"{busy[:8]}: ") for line in heard)  # one per stored message of the awaited
+    await call(client, "stop_trace", trace_ids=[quiet, busy])
+
+
 async def test_list_traces_rows_are_compact_and_filter_by_tag(client):
     ids = []
     for i in range(3):
