@@ -249,7 +249,11 @@ class _Runtime:
                     if not isinstance(event, MessageStored) or event.trace_id != trace_id:
                         continue
                     message = event.message
-                    if message.side and message.role == "user" and message.content == prompt:
+                    taken = any(  # a concurrent reflection on this trace with the same focus took it
+                        r.trace_id == trace_id and r.sequence == message.sequence
+                        for r in self.reflections.values()
+                    )
+                    if message.side and message.role == "user" and message.content == prompt and not taken:
                         record.sequence = message.sequence
                         self._remember(record)  # before anything can announce it
                         waiting.cancel_scope.cancel()

@@ -19,8 +19,8 @@ from pydantic import ConfigDict
 from server.app import build_server
 from server.task_views import detailed_task
 from tests.fake_openai import completion
+from tests.fakes import ScriptedModel, models_for, reply, turn_script
 from tests.fakes import call as tool_call
-from tests.fakes import models_for, reply, turn_script
 from tests.npm_tools import inspector
 from tests.processes import HttpServer, relay_params, run_cli, server_pids, stop_shared_servers
 from tests.server.helpers import call
@@ -280,6 +280,38 @@ async def test_a_reflection_runs_as_a_task_and_reads_back_after_a_restart(settin
     async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
         again = await get_task(client.session, handle.task_id)
         assert again["status"] == "completed" and again["result"]["structuredContent"]["lessons"] == lessons
+
+
+async def test_two_reflections_at_once_are_two_tasks(settings):
+    """Same trace, same focus, same moment: each task names its own side question."""
+
+    def step(messages, tools):
+        if "reflect on the conversation" not in (messages[-1].get("content") or ""):
+            return reply("answer")
+
+        async def later():
+            await anyio.sleep(0.3)
+            return reply("- A lesson.")
+
+        return later()
+
+    models = models_for(scripted=ScriptedModel([step]))
+    async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
+        tid = (await call(client, "create_trace", prompt="x"))["trace_id"]
+        await poll_until(client, tid, "completed")
+        handles: list[TaskHandle] = []
+
+        async def reflect() -> None:
+            handles.append(await start_task(client, "reflect_trace", trace_id=tid))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(reflect)
+            group.start_soon(reflect)
+        assert len({h.task_id for h in handles}) == 2
+        for handle in handles:
+            assert (await poll_until(client, handle.task_id, "completed"))["result"]["structuredContent"][
+                "lessons"
+            ]
 
 
 async def test_a_task_outlives_its_server(settings, model, slow_model):
