@@ -582,6 +582,13 @@ def stop_server(settings: Settings, now: bool = False) -> int:
         print(NO_UNIX_SOCKETS)
         return 0
     address = ServerAddress.of(settings.data_dir)
+    if address.start_lock.exists():  # a relay may be starting the server right now: stop that one
+        try:
+            with _locked(address.start_lock, START_SECONDS):
+                pass
+        except ServerUnavailable as exc:
+            print(exc)
+            return 1
     draining = [record["pid"] for record in address.draining()]
     channel = open_channel(address) if address.socket.exists() else None
     code = 0 if channel is None else _stop_listening_server(address, channel, now)

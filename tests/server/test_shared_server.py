@@ -23,7 +23,7 @@ from mcp import Client
 from mcp.client.stdio import stdio_client
 
 from agent.pids import pid_alive
-from server.relay import CONTROL_KEY, ServerAddress, ask_once
+from server.relay import CONTROL_KEY, ServerAddress, ask_once, try_lock
 from server.version import VERSION
 from tests.fake_openai import completion
 from tests.npm_tools import inspector
@@ -338,6 +338,29 @@ async def test_running_out_of_descriptors_refuses_connections_not_the_server(tmp
         server.terminate()
         server.wait(30)
         errlog.close()
+
+
+async def test_stop_server_while_a_relay_starts_one_stops_that_one(tmp_path, workspace):
+    address = ServerAddress.of(tmp_path / "data")
+    address.prepare()
+    held = try_lock(address.start_lock)  # as a relay holds it while the server it spawned comes up
+    assert held is not None
+    stopping = subprocess.Popen(
+        [*console_script(), "stop-server", "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    server = subprocess.Popen(
+        [*console_script(), "server", *server_args(tmp_path, workspace)], stderr=subprocess.DEVNULL
+    )
+    try:
+        await wait_until(lambda: ask_once(address, {CONTROL_KEY: "status"}) is not None)
+        os.close(held)
+        out, _ = stopping.communicate(timeout=60)
+        assert "No shared server is running" not in out
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
 
 
 async def test_status_and_stop_server(tmp_path, workspace, fake_openai):
