@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup
 
 from agent import defaults
 from agent.core.requests import RunConfig, SystemPrompt, SystemPromptBuilder
-from agent.core.runner import AgentRunner
+from agent.core.runner import HANDOVER_WAIT_SECONDS, AgentRunner
 from agent.errors import TraceError
 from agent.experiences import ConsolidationResult, Experiences, Lesson, format_lessons_block
 from agent.experiences.backends import open_experiences
@@ -90,14 +90,10 @@ class AgentInfo:
 def providers_configured(env: dict[str, str] | None = None) -> dict[str, bool]:
     """Which providers have what they need (never the keys themselves)."""
     import os
+    from importlib.util import find_spec
 
     env = dict(os.environ) if env is None else env
-    try:
-        import anthropic  # noqa: F401
-
-        has_extra = True
-    except ImportError:
-        has_extra = False
+    has_extra = find_spec("anthropic") is not None  # found, not imported: importing it takes seconds
     return {
         "openai": bool(env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL")),
         "anthropic": bool(env.get("ANTHROPIC_API_KEY")) and has_extra,
@@ -290,8 +286,17 @@ class Engine:
         return [await self._store.get_trace(tid) for tid in wanted]
 
     async def delete(self, trace_id: str) -> bool:
-        """Remove a trace that is not running, with its messages; False when it runs."""
-        return await self._store.delete(trace_id)
+        """Remove a trace that is not running, with its messages; False when it runs.
+
+        A trace that has answered but is still held by its reflection (``reflect=true``) reads as not
+        running: the delete waits for the reflection to let it go, as a continuation does."""
+        with anyio.move_on_after(HANDOVER_WAIT_SECONDS):
+            while not await self._store.delete(trace_id):
+                if (await self._store.get_trace(trace_id)).status is Status.RUNNING:
+                    return False
+                await self._runner.wait_for_release(trace_id)
+            return True
+        return False
 
     async def agent_info(self) -> AgentInfo:
         tools = [

@@ -12,7 +12,7 @@ class TraceError(Exception):
 class TraceNotFound(TraceError):
     def __init__(self, trace_id: str):
         shown = trace_id if len(trace_id) <= 64 else f"{trace_id[:40]}… ({len(trace_id):,} characters)"
-        super().__init__(f"There is no trace '{shown}'. Use list_traces to see the trace ids that exist.")
+        super().__init__(f"There is no trace '{shown}'; list_traces shows the traces that exist.")
         self.trace_id = trace_id
 
 

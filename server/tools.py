@@ -167,10 +167,14 @@ def engine_of(ctx: Context) -> Engine:
     return state_from(ctx).engine
 
 
-def compact(model: BaseModel, *, drop_none: bool = False) -> CallToolResult:
+def compact(model: BaseModel, *, drop_none: bool = False, optional: tuple[str, ...] = ()) -> CallToolResult:
     """The answer as compact JSON text (no indentation) for the reading model and as the structured
-    object for programs: the same keys in both, so a documented field is there whichever one is read."""
+    object for programs: the same keys in both, so a documented field is there whichever one is read.
+    ``drop_none`` leaves out every null field, ``optional`` only those named."""
     data = model.model_dump(mode="json", exclude_none=drop_none)
+    for key in optional:
+        if data.get(key, 0) is None:
+            del data[key]
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
 
@@ -201,11 +205,22 @@ Messages = Annotated[
     list[dict[str, Any]] | None,
     Field(description="OpenAI chat messages, e.g. [{'role': 'user', 'content': 'Summarise README.md'}]"),
 ]
+RunMessages = Annotated[
+    list[dict[str, Any]],
+    Field(
+        default_factory=list,
+        json_schema_extra={"default": []},
+        description="OpenAI chat messages to append, e.g. [{'role': 'user', 'content': 'Now fix it'}]",
+    ),
+]
 WaitSeconds = Annotated[
     float,
     Field(
         ge=0,
-        description=f"Wait up to this long (capped at the server's --max-wait, {defaults.MAX_WAIT_SECONDS:g} s)",
+        description=(
+            "Wait up to this long; the server caps it at its --max-wait (agent_info's max_wait_seconds, "
+            f"{defaults.MAX_WAIT_SECONDS:g} s unless configured)"
+        ),
     ),
 ]
 MaxTokens = Annotated[
@@ -379,7 +394,7 @@ def register_tools(mcp: MCPServer) -> None:
     async def run_trace(
         ctx: Context,
         trace_id: TraceId,
-        messages: Messages = None,
+        messages: RunMessages,
         insert_after: Annotated[
             Sequence_ | None,
             Field(
@@ -523,7 +538,8 @@ def register_tools(mcp: MCPServer) -> None:
         if seconds > 0 and trace.status is Status.RUNNING:
             note = ((note + " ") if note else "") + f"Waited {seconds:g} s."
         if view == "summary":
-            body = summary(trace, await engine.tail(trace_id, TAIL_MESSAGES), note=note)
+            tail = await engine.tail(trace_id, TAIL_MESSAGES)
+            body = summary(trace, tail, note=note, max_wait=engine.settings.max_wait)
         else:
             body = messages_view(
                 trace, await engine.path(trace_id), after_sequence, max_chars, full=view == "full"
@@ -582,7 +598,7 @@ def register_tools(mcp: MCPServer) -> None:
                 f"{len(running)} still running: call await_traces again with their ids "
                 f"(wait_seconds ≤ {suggested_wait(engine.settings.max_wait)})."
             )
-        return compact(Awaited(done=done, running=running, next=hint))  # type: ignore[return-value]
+        return compact(Awaited(done=done, running=running, next=hint), optional=("next",))  # type: ignore[return-value]
 
     @mcp.tool(title="List traces", annotations=READ_ONLY)
     @tool_errors
@@ -624,7 +640,7 @@ def register_tools(mcp: MCPServer) -> None:
             lessons = [LessonView(text=l.text, heading=l.heading, trace_id=l.trace_id) for l in found]
             return compact(ExperiencesView(path=path, lessons=lessons), drop_none=True)  # type: ignore[return-value]
         content, truncated = await engine.experiences_text()
-        return compact(ExperiencesView(path=path, content=content, truncated=truncated))  # type: ignore[return-value]
+        return compact(ExperiencesView(path=path, content=content, truncated=truncated), drop_none=True)  # type: ignore[return-value]
 
     @mcp.tool(title="Consolidate experiences", annotations=REWRITES)
     @tool_errors

@@ -153,9 +153,9 @@ def suggested_wait(max_wait: float = defaults.MAX_WAIT_SECONDS) -> int:
     return int(min(defaults.SUGGESTED_WAIT_SECONDS, max_wait))
 
 
-def next_step(trace: Trace, last_sequence: int | None) -> str:
-    """The one call a host should make next, in words (waits suggested stay ≤ 45 s)."""
-    wait = suggested_wait()
+def next_step(trace: Trace, last_sequence: int | None, max_wait: float = defaults.MAX_WAIT_SECONDS) -> str:
+    """The one call a host should make next, in words (waits suggested stay within --max-wait and 45 s)."""
+    wait = suggested_wait(max_wait)
     tid = trace.trace_id
     outcome = trace.outcome
     if outcome is Outcome.RUNNING:
@@ -178,7 +178,13 @@ def next_step(trace: Trace, last_sequence: int | None) -> str:
     return "It is not running; run_trace continues it."
 
 
-def summary(trace: Trace, tail: Sequence[Message], *, note: str | None = None) -> dict[str, Any]:
+def summary(
+    trace: Trace,
+    tail: Sequence[Message],
+    *,
+    note: str | None = None,
+    max_wait: float = defaults.MAX_WAIT_SECONDS,
+) -> dict[str, Any]:
     """The default get_trace answer: what a host needs to decide its next call, in ≤ SUMMARY_BYTES."""
     tid = trace.trace_id
     names: dict[str, str] = {}
@@ -206,7 +212,7 @@ def summary(trace: Trace, tail: Sequence[Message], *, note: str | None = None) -
             "last_text": cut(last_text.content, last_chars, tid, last_text.sequence) if last_text else None,
             "recent": [f"#{m.sequence} {one_line(m, names)}" for m in tail[-lines:]],
             "last_sequence": last_sequence,
-            "next": (f"{note} " if note else "") + next_step(trace, last_sequence),
+            "next": (f"{note} " if note else "") + next_step(trace, last_sequence, max_wait),
         }
         if size_of(body) <= SUMMARY_BYTES:
             break

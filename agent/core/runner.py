@@ -506,10 +506,11 @@ class AgentRunner:
                     current = await self.store.get_trace(trace.trace_id)
                     if current.status is Status.RUNNING:
                         raise
-                await self._wait_for_release(trace.trace_id)
+                await self.wait_for_release(trace.trace_id)
         raise TraceRunning(trace.trace_id)
 
-    async def _wait_for_release(self, trace_id: str) -> None:
+    async def wait_for_release(self, trace_id: str) -> None:
+        """Return when the trace next changes (its claim released, say), or after a lease renewal's time."""
         async with self.events.subscribe() as events:
             with anyio.move_on_after(defaults.LEASE_RENEW_SECONDS):
                 async for event in events:

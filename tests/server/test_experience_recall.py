@@ -85,7 +85,7 @@ async def test_get_experiences_with_a_query_ranks_lessons(client, settings):
     assert set(result) == {"lessons", "path"}  # with a query: the ranked lessons only, not the whole file
     assert result["lessons"][0]["text"] == "Parachute deployment logs live under flights/."
     whole = await call(client, "get_experiences")
-    assert whole["lessons"] is None and whole["content"] == settings.experiences.read_text(encoding="utf-8")
+    assert "lessons" not in whole and whole["content"] == settings.experiences.read_text(encoding="utf-8")
 
 
 async def test_reflect_on_finish_appends_a_section_without_a_second_call(client, settings):

@@ -460,3 +460,28 @@ async def test_retain_days_deletes_finished_traces_and_keeps_running_ones(settin
                 await anyio.sleep(0.1)
         assert (await call(client, "get_trace", trace_id=running))["trace"]["outcome"] == "running"
         await call(client, "stop_trace", trace_id=running)
+
+
+async def test_delete_right_after_the_answer_waits_for_the_reflection(client, model):
+    """reflect=true: the trace reads completed while its reflection still holds it; a delete then waits
+    for the reflection rather than calling a finished trace 'running'."""
+    reflecting = anyio.Event()
+
+    def step(messages, tools):
+        if "reflect on the conversation" not in (messages[-1].get("content") or ""):
+            return reply("done")
+
+        async def later():
+            reflecting.set()
+            await anyio.sleep(0.5)
+            return reply("- Keep it short.")
+
+        return later()
+
+    model.steps = [step]
+    tid = (await call(client, "create_trace", prompt="x", reflect=True))["trace_id"]
+    with anyio.fail_after(10):
+        await reflecting.wait()
+    assert (await call(client, "get_trace", trace_id=tid))["trace"]["status"] == "completed"
+    assert await call(client, "delete_trace", trace_id=tid) == {"trace_id": tid, "deleted": True}
+    assert "There is no trace" in await call_error(client, "get_trace", trace_id=tid)
