@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.settings import LOOPBACK_HOSTS, Settings
+from server.stream_transport import parse_frame
 
 LOOPBACK_ALLOWED_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
 LOOPBACK_ALLOWED_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
@@ -250,9 +251,9 @@ async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
             break
         chunk = message.get("body", b"")
         size += len(chunk)
+        chunks.append(chunk)  # kept even past the limit: the replay hands the app every byte read
         if size > MAX_BODY_BYTES:
             break
-        chunks.append(chunk)
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)
@@ -266,6 +267,42 @@ async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
         return await receive()
 
     return body, replay
+
+
+class FrameCheck:
+    """A malformed JSON-RPC frame gets the answer stdio gives it (its own id, one sentence: ``parse_frame``),
+    not the SDK's validator dump under ``id: null``."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or b"json" not in headers.get(b"content-type", b"")
+        ):
+            await self.app(scope, receive, send)
+            return
+        body, receive = await _buffered(receive)
+        reply = parse_frame(body)[1] if len(body) <= MAX_BODY_BYTES else None  # too large: the SDK says 413
+        if reply is None:
+            await self.app(scope, receive, send)
+            return
+        lines = reply.strip().split(b"\n")
+        reply = lines[0] if len(lines) == 1 else b"[" + b",".join(lines) + b"]"  # a batch: one error each
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 400,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(reply)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": reply})
 
 
 def _is_initialize(body: bytes) -> bool:
@@ -338,7 +375,7 @@ def http_app(
         max_request_body_size=MAX_BODY_BYTES,
     )
     SessionGuard(mcp.session_manager, per_peer=sessions_per_peer, total=max_sessions)
-    app = BodyDeadline(app)
+    app = BodyDeadline(FrameCheck(app))
     if settings.auth_token:
         app = BearerToken(app, settings.auth_token)
     return app

@@ -34,7 +34,7 @@ READ_CHUNK = 64 * 1024
 
 PARSE_ERROR, INVALID_REQUEST, INVALID_PARAMS = -32700, -32600, -32602
 NOT_AN_OBJECT = "Invalid request: a frame must be one JSON-RPC message object."
-BATCH = "Invalid request: batches are not supported; send one JSON-RPC message per line."
+BATCH = "Invalid request: batches are not supported; send one JSON-RPC message at a time."
 BAD_ID = "Invalid request: 'id' must be a string or an integer."
 
 

@@ -85,15 +85,21 @@ async def test_an_initialize_flood_cannot_lock_a_real_client_out(settings):
 async def test_a_post_that_is_not_an_initialize_opens_no_session(settings):
     async with serving(settings) as (url, guard):
         async with httpx2.AsyncClient(timeout=10) as hc:
-            for body in (
-                b"garbage",
-                b"[1, 2]",
-                json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/list"}).encode(),
+            for body, request_id, says in (
+                (b"garbage", None, "Parse error: the frame is not valid JSON."),
+                (b"[1, 2]", None, "batches are not supported"),
+                (
+                    b'{"jsonrpc":"2.0","id":4,"method":"tools/call","params":"x"}',
+                    4,
+                    "'params' must be an object",
+                ),
+                (json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/list"}).encode(), 7, "initialize"),
             ):
                 response = await hc.post(url, content=body, headers=HEADERS)
                 assert response.status_code == 400
-                assert "initialize" in response.json()["error"]["message"]
-            assert response.json()["id"] == 7
+                error = response.json()["error"]
+                assert response.json()["id"] == request_id and says in error["message"]
+                assert "validation error" not in error["message"].lower()  # one sentence, never a dump
         assert guard.open_sessions() == 0
 
 
