@@ -128,7 +128,7 @@ class LessonView(BaseModel):
 class ExperiencesView(BaseModel):
     path: str
     content: str | None = Field(None, description="the experiences markdown, newest sections first if cut")
-    truncated: bool | None = None
+    truncated: bool | None = Field(None, description="true when content was cut to its newest sections")
     lessons: list[LessonView] | None = Field(None, description="with query: the ranked lessons, best first")
 
 
@@ -213,14 +213,17 @@ RunMessages = Annotated[
         description="OpenAI chat messages to append, e.g. [{'role': 'user', 'content': 'Now fix it'}]",
     ),
 ]
+
+
+def wait_description(max_wait: float) -> str:
+    return f"Wait up to this long (capped at the server's --max-wait, {max_wait:g} s)"
+
+
 WaitSeconds = Annotated[
     float,
     Field(
         ge=0,
-        description=(
-            "Wait up to this long; the server caps it at its --max-wait (agent_info's max_wait_seconds, "
-            f"{defaults.MAX_WAIT_SECONDS:g} s unless configured)"
-        ),
+        description=wait_description(defaults.MAX_WAIT_SECONDS),  # tools/list names the server's own
     ),
 ]
 MaxTokens = Annotated[
@@ -640,7 +643,8 @@ def register_tools(mcp: MCPServer) -> None:
             lessons = [LessonView(text=l.text, heading=l.heading, trace_id=l.trace_id) for l in found]
             return compact(ExperiencesView(path=path, lessons=lessons), drop_none=True)  # type: ignore[return-value]
         content, truncated = await engine.experiences_text()
-        return compact(ExperiencesView(path=path, content=content, truncated=truncated), drop_none=True)  # type: ignore[return-value]
+        shown = ExperiencesView(path=path, content=content, truncated=truncated or None)  # said only when cut
+        return compact(shown, drop_none=True)  # type: ignore[return-value]
 
     @mcp.tool(title="Consolidate experiences", annotations=REWRITES)
     @tool_errors
@@ -749,11 +753,16 @@ async def wait_with_progress(
 
 
 async def patch_annotations(result: Any, state: ServerState) -> Any:
-    """tools/list: create_trace/run_trace are destructive unless every tool the agent could call only reads."""
+    """tools/list: create_trace/run_trace are destructive unless every tool the agent could call only reads;
+    wait_seconds names this server's own --max-wait."""
     read_only = state.engine.agent_is_read_only()
     tools = result.get("tools") if isinstance(result, dict) else getattr(result, "tools", None)
     for tool in tools or []:
         name = tool.get("name") if isinstance(tool, dict) else tool.name
+        schema = tool.get("inputSchema") if isinstance(tool, dict) else tool.input_schema
+        wait = ((schema or {}).get("properties") or {}).get("wait_seconds")
+        if isinstance(wait, dict):
+            wait["description"] = wait_description(state.engine.settings.max_wait)
         if name not in AGENT_TOOLS:
             continue
         if isinstance(tool, dict):

@@ -206,6 +206,9 @@ async def test_a_wait_is_capped_by_max_wait_and_says_what_to_do_next(settings, m
     settings.max_wait = 0.2
     server = build_server(settings, models=models_for(scripted=model, slow=slow_model))
     async with Client(server) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        for name in ("get_trace", "await_traces"):  # the server's own cap, not the default's
+            assert "0.2 s" in tools[name].input_schema["properties"]["wait_seconds"]["description"]
         tid = (await call(client, "create_trace", prompt="slow", model="slow"))["trace_id"]
         with anyio.fail_after(10):
             view = await call(client, "get_trace", trace_id=tid, wait_seconds=3600)
