@@ -38,6 +38,18 @@ def make_runner(store, model, *tools, **kw) -> AgentRunner:
     )
 
 
+def reflecting_runner(store, model, tmp_path) -> tuple[AgentRunner, Experiences]:
+    """A runner whose runs with reflect=true reflect on a side branch into tmp_path's experiences file."""
+    experiences = Experiences(tmp_path / "experiences.md")
+    runner = make_runner(store, model)
+
+    async def reflect(trace, head):
+        return (await reflect_on_trace(runner, experiences, trace.trace_id, head=head)).events
+
+    runner.reflector = reflect
+    return runner, experiences
+
+
 @pytest.fixture
 async def store(tmp_path):
     s = await open_store(tmp_path / "traces.db")
@@ -52,14 +64,22 @@ async def wait_status(store, trace_id: str, *statuses: Status) -> Trace:
     return trace
 
 
-class FinishFails:
-    """A real store whose ``finish`` raises for one trace, as a full disk or a long lock would."""
+class RealStore:
+    """A real store with one method overridden by a subclass (a fault), everything else passed through."""
 
-    def __init__(self, store, victim: list[str]):
-        self._store, self._victim = store, victim
+    def __init__(self, store):
+        self._store = store
 
     def __getattr__(self, name):
         return getattr(self._store, name)
+
+
+class FinishFails(RealStore):
+    """A real store whose ``finish`` raises for one trace, as a full disk or a long lock would."""
+
+    def __init__(self, store, victim: list[str]):
+        super().__init__(store)
+        self._victim = victim
 
     async def finish(self, trace_id, token, **kw):
         if trace_id in self._victim:
@@ -137,13 +157,7 @@ async def test_reflection_happens_inside_the_claim_and_a_continuation_waits_behi
             order.append(messages[-1]["content"])
             return reply(f"answer to {messages[-1]['content']}")
 
-    experiences = Experiences(tmp_path / "experiences.md")
-    runner = make_runner(store, Model([]))
-
-    async def reflect(trace, head):
-        return (await reflect_on_trace(runner, experiences, trace.trace_id, head=head)).events
-
-    runner.reflector = reflect
+    runner, experiences = reflecting_runner(store, Model([]), tmp_path)
     try:
         async with runner:
             trace = await runner.start([user("first")], RunConfig(reflect=True))
@@ -287,13 +301,7 @@ async def test_the_time_limit_does_not_cut_the_reflection_nor_the_continuation_q
                 return reply("- Take your time over the reflection.")
             return reply(f"answer to {messages[-1]['content']}")
 
-    experiences = Experiences(tmp_path / "experiences.md")
-    runner = make_runner(store, Model([]))
-
-    async def reflect(trace, head):
-        return (await reflect_on_trace(runner, experiences, trace.trace_id, head=head)).events
-
-    runner.reflector = reflect
+    runner, experiences = reflecting_runner(store, Model([]), tmp_path)
     try:
         async with runner:
             trace = await runner.start([user("first")], RunConfig(reflect=True, timeout_seconds=0.3))
@@ -389,14 +397,8 @@ async def test_a_compaction_summary_spends_the_token_budget(store):
     assert "summarise the conversation so far" in last_call.lower()  # no model call after the summary
 
 
-class SlowClaim:
+class SlowClaim(RealStore):
     """A real store whose ``claim`` takes a while, so a reflection can end while a continuation claims."""
-
-    def __init__(self, store):
-        self._store = store
-
-    def __getattr__(self, name):
-        return getattr(self._store, name)
 
     async def claim(self, *args, **kw):
         await anyio.sleep(0.2)
@@ -415,13 +417,7 @@ async def test_a_continuation_claimed_while_the_reflection_ends_still_runs(store
                 return reply("- Keep going.")
             return reply(f"answer to {messages[-1]['content']}")
 
-    experiences = Experiences(tmp_path / "experiences.md")
-    runner = make_runner(SlowClaim(store), Model([]))
-
-    async def reflect(trace, head):
-        return (await reflect_on_trace(runner, experiences, trace.trace_id, head=head)).events
-
-    runner.reflector = reflect
+    runner, experiences = reflecting_runner(SlowClaim(store), Model([]), tmp_path)
     try:
         async with runner:
             trace = await runner.start([user("first")], RunConfig(reflect=True))
@@ -448,13 +444,7 @@ async def test_a_continuation_racing_the_end_of_a_reflection_always_runs(store, 
                 return reply("- Keep going.")
             return reply(f"answer to {messages[-1]['content']}")
 
-    experiences = Experiences(tmp_path / "experiences.md")
-    runner = make_runner(store, Model([]))
-
-    async def reflect(trace, head):
-        return (await reflect_on_trace(runner, experiences, trace.trace_id, head=head)).events
-
-    runner.reflector = reflect
+    runner, experiences = reflecting_runner(store, Model([]), tmp_path)
     try:
         async with runner:
             for attempt in range(40):
@@ -475,14 +465,8 @@ async def test_a_continuation_racing_the_end_of_a_reflection_always_runs(store, 
         experiences.close()
 
 
-class NoChangeLog:
+class NoChangeLog(RealStore):
     """A real store whose change log cannot be read when the runner starts, as a locked database."""
-
-    def __init__(self, store):
-        self._store = store
-
-    def __getattr__(self, name):
-        return getattr(self._store, name)
 
     async def last_change_id(self):
         raise OSError("database is locked")
