@@ -33,7 +33,7 @@ from agent.tools.files import workspace_tools
 from agent.tools.mcp import McpServers, load_mcp_config
 from agent.tools.registry import ToolRegistry
 from agent.trace.backends import open_store
-from agent.trace.events import EventBus, MessageStored, TraceChanged, TraceEvent
+from agent.trace.events import EventBus, ExperiencesChanged, MessageStored, TraceChanged, TraceEvent
 from agent.trace.models import Message, Status, Trace
 from agent.trace.store import TracePage, TraceStore
 
@@ -428,6 +428,13 @@ async def open_engine(
             return reflection.events
 
         runner.reflector = reflect_in_run
+        if not experiences.changes_in_store:  # a file: watched, so hand edits and other processes' count too
+            runner.experiences_in_log = False
+
+            async def announce() -> None:
+                runner.events.publish(ExperiencesChanged())
+
+            await group.start(experiences.watch, announce)
         await stack.enter_async_context(runner)
         if settings.retain_days is not None:
             group.start_soon(engine._prune_finished, settings.retain_days)

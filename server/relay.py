@@ -463,10 +463,11 @@ def pump(channel: Channel, stdin: int = 0, stdout: int = 1) -> int:
             server_closed.set()
             finished.set()
 
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    threading.Thread(target=upstream, name="relay host→server", daemon=True).start()
-    threading.Thread(target=downstream, name="relay server→host", daemon=True).start()
-    try:
+    previous = signal.getsignal(signal.SIGTERM)
+    try:  # the handler goes in inside the try: a SIGTERM while the threads start is a clean exit too
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        threading.Thread(target=upstream, name="relay host→server", daemon=True).start()
+        threading.Thread(target=downstream, name="relay server→host", daemon=True).start()
         finished.wait()
     except _Terminated:
         return 0

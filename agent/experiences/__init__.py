@@ -97,6 +97,9 @@ def source_line(trace_id: str, first_sequence: int | None = None, last_sequence:
 class Experiences:
     """The experiences file plus its recall index: append, read, recall and consolidate lessons."""
 
+    changes_in_store = False
+    """Whether the store's change log says when they change; a file says so itself (``watch``): hand edits too."""
+
     def __init__(self, path: str | os.PathLike[str], index: LessonIndex | None = None):
         self.file = ExperienceFile(path)
         self.index = index or LessonIndex(self.file)

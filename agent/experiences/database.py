@@ -174,6 +174,8 @@ def _recall_query(text: str) -> str:
 class DatabaseExperiences(Experiences):
     """Experiences kept in the trace store's PostgreSQL schema; ``path`` is where ``export`` writes by default."""
 
+    changes_in_store = True
+
     def __init__(self, store: PostgresTraceStore, path: str | Path):
         # no file and no in-memory index: the database is both (Experiences.__init__ would open them)
         self._store = store

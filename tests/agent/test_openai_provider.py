@@ -201,9 +201,13 @@ async def test_cancelling_a_hanging_stream_keeps_the_partial_text(fake):
     fake.script = [("sse", ([chunk({"content": "partial "})], True))]
     model = await make_model(fake)
     seen: list[str] = []
-    with anyio.fail_after(20):
-        with anyio.move_on_after(0.5) as scope:
-            await model.complete(USER, [], temperature=0, on_text=seen.append)
+    with anyio.fail_after(20), anyio.CancelScope() as scope:
+
+        def on_text(text: str) -> None:  # cancelled once the first chunk is in, as a stop would
+            seen.append(text)
+            scope.cancel()
+
+        await model.complete(USER, [], temperature=0, on_text=on_text)
     assert scope.cancelled_caught
     assert seen == ["partial "]
     await model.aclose()

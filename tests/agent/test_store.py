@@ -224,6 +224,21 @@ async def test_a_lapsed_lease_is_swept_and_the_trace_reads_interrupted(store_url
         await store.close()
 
 
+async def test_renewing_keeps_a_lease_past_its_first_term(store_url):
+    """A 1 s lease renewed at 0.6 s is not lapsed at 1.2 s; left alone, it lapses."""
+    store = await open_test_store(store_url, lease_seconds=1.0)
+    try:
+        await new_trace(store, "t1", user())
+        await anyio.sleep(0.6)
+        await store.renew()
+        await anyio.sleep(0.6)
+        assert await store.sweep() == []
+        await anyio.sleep(0.6)
+        assert await store.sweep() == ["t1"]
+    finally:
+        await store.close()
+
+
 async def test_a_closed_stores_claims_are_orphans_for_the_next_one(store_url):
     first = await open_test_store(store_url)
     await new_trace(first, "live", user())

@@ -115,3 +115,37 @@ async def test_experiences_memory_subscribers_hear_of_a_reflection(server):
         with anyio.fail_after(5):
             event = await sub.__anext__()
         assert event.uri == "experiences://memory"
+
+
+async def test_a_hand_edit_of_the_experiences_file_notifies_once(server, settings):
+    """The file is watched: an edit by hand (or by another process) updates experiences://memory, and a
+    reflection's own write is announced once, not once by the store's change log and again by the watcher."""
+    got: list[str] = []
+
+    async def handler(message):
+        if isinstance(message, types.ResourceUpdatedNotification):
+            got.append(str(message.params.uri))
+
+    async with Client(server, mode="legacy", message_handler=handler) as client:
+        await client.session.subscribe_resource("experiences://memory")
+        settings.experiences.parent.mkdir(parents=True, exist_ok=True)
+        settings.experiences.write_text(
+            "# Experiences\n\n## " + "a" * 32 + " (2026-01-01 10:00)\n- A lesson written by hand.\n",
+            encoding="utf-8",
+        )
+        with anyio.fail_after(5):
+            while "experiences://memory" not in got:
+                await anyio.sleep(0.02)
+        assert (
+            "A lesson written by hand."
+            in (await client.read_resource("experiences://memory")).contents[0].text
+        )
+        tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
+        await wait_done(client, tid)
+        got.clear()
+        await call(client, "reflect_trace", trace_id=tid)
+        with anyio.fail_after(5):
+            while "experiences://memory" not in got:
+                await anyio.sleep(0.02)
+        await anyio.sleep(0.5)  # long enough for a second announcement of the same write to arrive
+        assert got.count("experiences://memory") == 1

@@ -24,6 +24,8 @@ def test_defaults_follow_the_data_directory(tmp_path, monkeypatch):
     assert s.model == "openai:gpt-4o" and s.mcp_config is None
     assert (s.transport, s.host, s.port) == ("stdio", "127.0.0.1", 8765)
     assert s.experience_recall == 5 and s.auth_token is None
+    assert (s.max_wait, s.idle_exit, s.in_process, s.context_tokens) == (45, 600, False, None)
+    assert s.tool_timeout == 120
     assert settings_for([], {"HOME": "/home/u"}).data_dir == Path("/home/u/.local/share/agent-trace-mcp")
 
 
@@ -39,6 +41,10 @@ def test_every_variable_is_read_and_flags_win():
         "AGENT_TRACE_EXPERIENCE_RECALL": "0",
         "AGENT_TRACE_EXPERIENCE_BUDGET": "7",
         "AGENT_TRACE_TOKEN": "tok",
+        "AGENT_TRACE_MAX_WAIT": "5",
+        "AGENT_TRACE_IDLE_EXIT": "30",
+        "AGENT_TRACE_IN_PROCESS": "1",
+        "AGENT_TRACE_CONTEXT_TOKENS": "32000",
     }
     s = settings_for([], env)
     assert (s.data_dir, s.db, s.experiences) == (Path("/d"), Path("/x/t.db"), Path("/x/e.md"))
@@ -49,6 +55,10 @@ def test_every_variable_is_read_and_flags_win():
         Path("/w"),
     )
     assert (s.experience_recall, s.experience_budget, s.auth_token) == (0, 7, "tok")
+    assert (s.max_wait, s.idle_exit, s.in_process, s.context_tokens) == (5, 30, True, 32000)
+    flags = ["--max-wait", "10", "--idle-exit", "60", "--context-tokens", "64000", "--tool-timeout", "9"]
+    s = settings_for(flags, env)
+    assert (s.max_wait, s.idle_exit, s.context_tokens, s.tool_timeout) == (10, 60, 64000, 9)
     s = settings_for(["--model", "anthropic:claude", "--data-dir", "/f", "--experience-recall", "3"], env)
     assert (s.model, s.data_dir, s.experience_recall) == ("anthropic:claude", Path("/f"), 3)
     assert s.db == Path("/x/t.db")  # the variable still names the db

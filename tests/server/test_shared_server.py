@@ -115,13 +115,14 @@ async def test_a_run_outlives_its_host_and_a_later_host_sees_it_complete(tmp_pat
                 # after_sequence: messages stored before the wait began are reported too (no race)
                 result = await host_b.call_tool(
                     "get_trace",
-                    {"trace_id": tid, "wait_seconds": 30, "after_sequence": 2},
+                    {"trace_id": tid, "wait_seconds": 30, "after_sequence": 1},
                     progress_callback=on_progress,
                 )
                 waited.update(result.structured_content)
 
             tg.start_soon(wait_on_b)
-            await wait_until(lambda: status(tmp_path)["sessions"] == 1)
+            await wait_until(lambda: bool(progress))  # the wait has begun: it reported the task, message 2
+            assert status(tmp_path)["sessions"] == 1
             fake_openai.release.set()
         await wait_until(lambda: f"trace://{tid}" in updates)
     assert waited["trace"]["status"] == "completed"
@@ -319,6 +320,7 @@ async def test_running_out_of_descriptors_refuses_connections_not_the_server(tmp
     )  # fmt: skip
     try:
         address = ServerAddress.of(tmp_path / "data")
+        await wait_until(lambda: (ask_once(address, {CONTROL_KEY: "status"}) or {}).get("pid") == server.pid)
         async with Client(relay_params(tmp_path, workspace), mode="legacy") as first:
             await call(first, "list_running")  # the engine is open: its descriptors are taken
         burst = []
@@ -326,10 +328,12 @@ async def test_running_out_of_descriptors_refuses_connections_not_the_server(tmp
             client = socket.socket(socket.AF_UNIX)
             client.connect(str(address.socket))  # the backlog takes them; accept runs out of descriptors
             burst.append(client)
-        await anyio.sleep(1)
-        assert server.poll() is None
-        for client in burst:
-            client.close()
+        try:
+            await anyio.sleep(1)
+        finally:
+            for client in burst:
+                client.close()
+        assert server.poll() is None, (tmp_path / "server.stderr").read_text()[-3000:]
         async with Client(relay_params(tmp_path, workspace), mode="legacy") as host:
             tid = (await call(host, "create_trace", prompt="hello"))["trace_id"]
             assert (await wait_done(host, tid))["trace"]["status"] == "completed"

@@ -149,6 +149,7 @@ ASKS = turn_script(
 
 
 async def test_a_declaring_modern_client_gets_a_task_and_the_final_summary(server, model):
+    model.delay = 0.3  # the handle comes back at once, while the run still works
     async with Client(server, extensions=[Tasks()]) as client:
         handle = await start_task(client, "create_trace", prompt="What does the README say?")
         assert len(handle.task_id) == 32 and handle.status == "working" and handle.poll_interval_ms

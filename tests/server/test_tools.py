@@ -488,3 +488,61 @@ async def test_delete_right_after_the_answer_waits_for_the_reflection(client, mo
     assert (await call(client, "get_trace", trace_id=tid))["trace"]["status"] == "completed"
     assert await call(client, "delete_trace", trace_id=tid) == {"trace_id": tid, "deleted": True}
     assert "There is no trace" in await call_error(client, "get_trace", trace_id=tid)
+
+
+async def test_budgets_and_ask_host_pass_through_the_tools(client, model, slow_model):
+    """What the runner's tests prove of budgets and ask_host, checked to arrive through MCP."""
+    model.steps = [reply(None, tool_call("read_file", "c1", path="README.md"))]  # scripted usage: 15 a call
+    tid = (await call(client, "create_trace", prompt="loop", max_tokens=40))["trace_id"]
+    view = await wait_done(client, tid)
+    assert (view["trace"]["outcome"], view["trace"]["stop_reason"]) == ("hit_limit", "token_budget")
+    assert view["trace"]["steps"] == 3  # 15 + 15 + 15 ≥ 40: no fourth call
+    await call(
+        client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "go on"}], max_tokens=20
+    )
+    again = await wait_done(client, tid)
+    assert (
+        again["trace"]["stop_reason"] == "token_budget" and again["trace"]["steps"] == 5
+    )  # 2 more, then cut
+
+    slow = (await call(client, "create_trace", prompt="think", model="slow", timeout_seconds=0.3))["trace_id"]
+    timed = await wait_done(client, slow)
+    assert (timed["trace"]["outcome"], timed["trace"]["stop_reason"]) == ("hit_limit", "timeout")
+    await call(
+        client,
+        "run_trace",
+        trace_id=slow,
+        messages=[{"role": "user", "content": "again"}],
+        timeout_seconds=0.3,
+    )
+    assert (await wait_done(client, slow))["trace"]["stop_reason"] == "timeout"
+
+    model.steps = [reply("fine")]
+    model.calls.clear()
+    quiet = (await call(client, "create_trace", prompt="hi", ask_host=False))["trace_id"]
+    await wait_done(client, quiet)
+    assert all(t["function"]["name"] != "ask_host" for t in model.calls[0]["tools"])
+    model.calls.clear()
+    asks = (await call(client, "create_trace", prompt="hi"))["trace_id"]
+    await wait_done(client, asks)
+    assert any(t["function"]["name"] == "ask_host" for t in model.calls[0]["tools"])
+
+
+async def test_list_traces_filters_by_status_and_uid_and_await_traces_is_capped(settings, model, slow_model):
+    from server.app import build_server
+    from tests.fakes import models_for
+
+    settings.max_wait = 0.2
+    async with Client(build_server(settings, models=models_for(scripted=model, slow=slow_model))) as client:
+        done = (await call(client, "create_trace", prompt="x", uid="ann"))["trace_id"]
+        await wait_done(client, done)
+        running = (await call(client, "create_trace", prompt="x", model="slow", uid="bob"))["trace_id"]
+        assert [t["trace_id"] for t in (await call(client, "list_traces", status="running"))["traces"]] == [
+            running
+        ]
+        assert [t["trace_id"] for t in (await call(client, "list_traces", uid="ann"))["traces"]] == [done]
+        assert (await call(client, "list_traces", uid="ann", status="running"))["traces"] == []
+        with anyio.fail_after(10):
+            waited = await call(client, "await_traces", trace_ids=[running], wait_seconds=3600)
+        assert waited["running"] == [running] and "capped at 0.2 s" in waited["next"]
+        await call(client, "stop_trace", trace_id=running)
