@@ -344,8 +344,6 @@ class Engine:
         result = await self.experiences.consolidate(
             self.model(model), self.settings.experience_budget, force=True
         )
-        if result.changed:
-            await self._store.note_change("experiences")
         return result
 
     async def _prune_finished(self, days: float) -> None:
@@ -368,8 +366,6 @@ class Engine:
             if budget > 0 and await self.experiences.lesson_count() > budget:
                 result = await self.experiences.consolidate(self.model(), budget)
                 log.info("consolidated experiences: %s", result.model_dump_json())
-                if result.changed:
-                    await self._store.note_change("experiences")
         except Exception:
             log.exception("background consolidation of %s failed", self.experiences.path)
 
@@ -429,7 +425,6 @@ async def open_engine(
 
         runner.reflector = reflect_in_run
         if not experiences.changes_in_store:  # a file: watched, so hand edits and other processes' count too
-            runner.experiences_in_log = False
 
             async def announce() -> None:
                 runner.events.publish(ExperiencesChanged())

@@ -23,8 +23,6 @@ async def consolidate_now(settings: Settings) -> int:
     try:
         model = resolve_model(settings.model)
         result = await experiences.consolidate(model, settings.experience_budget, force=True)
-        if result.changed:
-            await store.note_change("experiences")
     except TraceError as exc:
         print(f"agent-trace-mcp: {exc}", file=sys.stderr)
         return 2

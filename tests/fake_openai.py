@@ -24,6 +24,11 @@ from starlette.routing import Route
 FAST_RETRY = {"retry-after-ms": "1"}  # the SDK honours it, so retries take a millisecond
 
 
+def tool_call(name: str, call_id: str, **arguments: Any) -> dict[str, Any]:
+    """One tool call as the Chat Completions API returns it."""
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
 def completion(
     content: str | None, tool_calls: list[dict] | None = None, usage: tuple[int, int] = (11, 7)
 ) -> dict:
@@ -63,6 +68,11 @@ class FakeOpenAI:
         self.script: list[tuple[str, Any]] = []
         self.release = threading.Event()  # set at teardown so hanging handlers end
         self.app = Starlette(routes=[Route("/v1/chat/completions", self.endpoint, methods=["POST"])])
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a server process needs to use this fake: its URL, a key, no streaming."""
+        return {"OPENAI_BASE_URL": self.base_url, "OPENAI_API_KEY": "sk-test", "AGENT_TRACE_LLM_STREAM": "0"}
 
     async def _hang(self) -> None:
         while not self.release.is_set():

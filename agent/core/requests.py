@@ -266,14 +266,14 @@ class Requests:
                 "answer and approve reply to the question at the trace's head; they cannot be combined with "
                 "insert_after."
             )
-        if config.approve and messages:
-            raise InvalidMessages(
-                "approve=true runs the tool call that waits; send messages in a later run_trace, not with it."
-            )
         if trace.status is not Status.NEEDS_INPUT:
             raise InvalidMessages(
                 f"Trace '{tid}' is not waiting for input (it is {trace.status.value}); answer and approve reply to "
                 "a trace whose outcome is needs_input."
+            )
+        if config.approve and messages:
+            raise InvalidMessages(
+                "approve=true runs the tool call that waits; send messages in a later run_trace, not with it."
             )
         segment = self.segment(trace, self._model(trace.model), context)
         waiting = pending_calls(context)

@@ -95,8 +95,6 @@ class AgentRunner:
         self._model_cache: dict[str, Model] = {}
         self._tool_timeout = tool_timeout
         self._context_tokens = context_tokens
-        self.experiences_in_log = True
-        """Whether the change feed announces experiences changes (False: the experiences file is watched)."""
         self._requests = Requests(
             store,
             self.tools,
@@ -118,9 +116,7 @@ class AgentRunner:
         group = anyio.create_task_group()
         await group.__aenter__()
         self._entered = group
-        feed = ChangeFeed(
-            self.store, self.events, on_stop=self._stop_asked, experiences=self.experiences_in_log
-        )
+        feed = ChangeFeed(self.store, self.events, on_stop=self._stop_asked)
         feed.own_tokens, feed.own_messages = self._own_tokens, self._own_messages
         try:
             await group.start(feed.run)

@@ -98,7 +98,8 @@ class Experiences:
     """The experiences file plus its recall index: append, read, recall and consolidate lessons."""
 
     changes_in_store = False
-    """Whether the store's change log says when they change; a file says so itself (``watch``): hand edits too."""
+    """Whether writes announce themselves in the store's change log (the database backend does); a file is
+    watched instead (``watch``), which also catches hand edits and other processes."""
 
     def __init__(self, path: str | os.PathLike[str], index: LessonIndex | None = None):
         self.file = ExperienceFile(path)

@@ -68,7 +68,7 @@ async def import_experiences(db: str | Path, path: str | Path, source: str | Pat
             return await _in_database(store, path).import_file(source)
         text = await ExperienceFile(source).read_text()
         await ExperienceFile(path).replace(text, backup=True)
-        await store.note_change("experiences")
+        await store.note_change("experiences")  # for servers that do not watch this file (another path)
         return await _counted(text)
     finally:
         await store.close()

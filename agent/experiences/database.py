@@ -210,6 +210,7 @@ class DatabaseExperiences(Experiences):
             await _insert_lessons(db, section_id, [_clean(lesson) for lesson in lessons])
 
         await self._store.write_with(body, what="the experiences")
+        await self._store.note_change("experiences", trace_id)  # every replica announces experiences://memory
         return lessons
 
     async def consolidate(
@@ -293,6 +294,7 @@ class DatabaseExperiences(Experiences):
                 skipped_reason="Another pass already changed those lessons.",
             )
         version, after, live_merged, live_dropped = applied
+        await self._store.note_change("experiences")
         return DatabaseConsolidationResult(
             before=before,
             after=after,

@@ -44,7 +44,5 @@ async def reflect_on_trace(
         raise TraceError(f"The reflection on trace '{trace_id}' produced no text: {reason}")
     source = source_line(trace_id, 1, head) if head else source_line(trace_id)
     lessons = await experiences.append_reflection(trace_id, text, source=source)
-    if lessons:
-        await runner.store.note_change("experiences", trace_id)
     events: list[TraceEvent] = [MessageStored(trace_id, m) for m in result.messages] if inside_run else []
     return Reflection(trace_id, text, lessons, events)

@@ -48,13 +48,11 @@ class ChangeFeed:
         *,
         on_stop: Callable[[str], None],
         poll_seconds: float = defaults.FEED_POLL_SECONDS,
-        experiences: bool = True,
     ):
         self._store = store
         self._events = events
         self._on_stop = on_stop
         self._poll = poll_seconds
-        self._experiences = experiences
         self.own_tokens = Recent()
         self.own_messages = Recent()
 
@@ -84,8 +82,7 @@ class ChangeFeed:
             self._events.publish(TraceDeleted(change.trace_id))
             return
         if change.kind == "experiences":
-            if self._experiences:
-                self._events.publish(ExperiencesChanged(change.trace_id))
+            self._events.publish(ExperiencesChanged(change.trace_id))  # written by database experiences only
             return
         if change.kind == "message":
             if change.message is None or (change.trace_id, change.sequence) in self.own_messages:

@@ -157,11 +157,7 @@ async def test_over_http_each_session_keeps_its_own_level(tmp_path, workspace, f
                                      "function": {"name": "read_file", "arguments": '{"path": "README.md"}'}}])),
         ("json", completion("It says 42.")),
     ]  # fmt: skip
-    env = {
-        "OPENAI_BASE_URL": fake_openai.base_url,
-        "OPENAI_API_KEY": "sk-test",
-        "AGENT_TRACE_LLM_STREAM": "0",
-    }
+    env = fake_openai.env
     server = HttpServer(tmp_path, workspace, "--model", "openai:gpt-test", env=env)
     loud, quiet = Heard(), Heard()
     try:

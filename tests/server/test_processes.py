@@ -22,14 +22,10 @@ pytestmark = [
 ]
 
 
-def openai_env(fake) -> dict[str, str]:
-    return {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-test", "AGENT_TRACE_LLM_STREAM": "0"}
-
-
 async def test_two_stdio_servers_on_one_data_dir_share_every_run(tmp_path, workspace, fake_openai):
     list_call = {"id": "call_1", "type": "function", "function": {"name": "list_files", "arguments": "{}"}}
     fake_openai.script = [("slow", (3.0, completion(None, tool_calls=[list_call]))), ("hang", None)]
-    params = stdio_params(tmp_path, workspace, "--model", "openai:gpt-test", **openai_env(fake_openai))
+    params = stdio_params(tmp_path, workspace, "--model", "openai:gpt-test", **fake_openai.env)
     updates: list[str] = []
     progress: list[str] = []
 

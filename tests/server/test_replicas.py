@@ -33,7 +33,7 @@ LIST_CALL = {"id": "call_1", "type": "function", "function": {"name": "list_file
 
 def replica(tmp_path: Path, workspace: Path, name: str, db: str, fake) -> HttpServer:
     """One server process: its own data directory, the shared database, the fake model."""
-    env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-test", "AGENT_TRACE_LLM_STREAM": "0"}
+    env = fake.env
     folder = tmp_path / name
     folder.mkdir()
     return HttpServer(folder, workspace, "--db", db, "--model", "openai:gpt-test", env=env)

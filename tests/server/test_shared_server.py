@@ -53,13 +53,9 @@ def no_server_left(tmp_path):
     assert not alive, f"shared server(s) {alive} outlived the test"
 
 
-def openai_env(fake) -> dict[str, str]:
-    return {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "sk-test", "AGENT_TRACE_LLM_STREAM": "0"}
-
-
 def model_host(tmp_path, workspace, fake, *extra: str, **env: str):
     """A host's relay whose server runs traces on the fake OpenAI server."""
-    return relay_params(tmp_path, workspace, "--model", "openai:gpt-test", *extra, **openai_env(fake), **env)
+    return relay_params(tmp_path, workspace, "--model", "openai:gpt-test", *extra, **fake.env, **env)
 
 
 def status(tmp_path) -> dict:
@@ -537,7 +533,7 @@ async def test_the_inspector_cli_leaves_a_trace_that_completes_after_it_exits(
     fake_openai.script = [("hang", None)]
     command, *args = console_script()
     server = [command, *args, *server_args(tmp_path, workspace), "--model", "openai:gpt-test"]
-    env_args = [arg for name, value in openai_env(fake_openai).items() for arg in ("-e", f"{name}={value}")]
+    env_args = [arg for name, value in fake_openai.env.items() for arg in ("-e", f"{name}={value}")]
     cli = [binary, "--cli", "--format", "json", "-q", *env_args, "--method", "tools/call",
            "--tool-name", "create_trace", "--tool-arg", "prompt=Use list_files to look around", "--", *server]  # fmt: skip
     state = tmp_path / "inspector"

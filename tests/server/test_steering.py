@@ -3,21 +3,15 @@ typed results, overrides reaching the provider, forks, tags and deletion."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from mcp import Client
 
 from server.app import build_server
 from server.settings import Settings
-from tests.fake_openai import completion
+from tests.fake_openai import completion, tool_call
 from tests.server.helpers import call, call_error, full, wait_done
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
-
-
-def tool_call(name: str, call_id: str, **arguments) -> dict:
-    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
 
 
 @pytest.fixture

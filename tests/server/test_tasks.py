@@ -19,6 +19,7 @@ from pydantic import ConfigDict
 from server.app import build_server
 from server.task_views import detailed_task
 from tests.fake_openai import completion
+from tests.fake_openai import tool_call as fake_tool_call
 from tests.fakes import ScriptedModel, models_for, reply, turn_script
 from tests.fakes import call as tool_call
 from tests.npm_tools import inspector
@@ -143,6 +144,12 @@ ASKS = turn_script(
     reply(None, tool_call("ask_host", "q1", question="Which file should I read?")),
     reply("I read notes.txt, as you said."),
 )
+
+
+ASKS_OVER_HTTP = [
+    ("json", completion(None, [fake_tool_call("ask_host", "q1", question="Which file?")])),
+    ("json", completion("I read notes.txt as you said.")),
+]
 
 
 # -- in-process, 2026-07-28 --------------------------------------------------------------------------
@@ -436,16 +443,8 @@ async def test_the_inspector_cli_creates_a_trace_as_a_task_and_prints_its_answer
 
 @pytest.mark.slow
 async def test_over_http_a_paused_task_survives_a_server_restart(tmp_path, workspace, fake_openai):
-    fake_openai.script = [
-        ("json", completion(None, [{"id": "q1", "type": "function",
-                                     "function": {"name": "ask_host", "arguments": '{"question": "Which file?"}'}}])),
-        ("json", completion("I read notes.txt as you said.")),
-    ]  # fmt: skip
-    env = {
-        "OPENAI_BASE_URL": fake_openai.base_url,
-        "OPENAI_API_KEY": "sk-test",
-        "AGENT_TRACE_LLM_STREAM": "0",
-    }
+    fake_openai.script = list(ASKS_OVER_HTTP)  # the fake pops what it plays
+    env = fake_openai.env
     args = ("--model", "openai:gpt-test")
     first = HttpServer(tmp_path, workspace, *args, env=env)
     try:
@@ -475,16 +474,8 @@ async def test_over_http_a_paused_task_survives_a_server_restart(tmp_path, works
 async def test_through_the_relay_a_paused_task_survives_a_restart_of_the_shared_server(
     tmp_path, workspace, fake_openai
 ):
-    fake_openai.script = [
-        ("json", completion(None, [{"id": "q1", "type": "function",
-                                     "function": {"name": "ask_host", "arguments": '{"question": "Which file?"}'}}])),
-        ("json", completion("I read notes.txt as you said.")),
-    ]  # fmt: skip
-    env = {
-        "OPENAI_BASE_URL": fake_openai.base_url,
-        "OPENAI_API_KEY": "sk-test",
-        "AGENT_TRACE_LLM_STREAM": "0",
-    }
+    fake_openai.script = list(ASKS_OVER_HTTP)  # the fake pops what it plays
+    env = fake_openai.env
     host = relay_params(tmp_path, workspace, "--model", "openai:gpt-test", **env)
     try:
         async with Client(host, extensions=[Tasks()]) as client:

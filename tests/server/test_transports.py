@@ -67,11 +67,7 @@ async def test_stdio_get_trace_wait_streams_progress_from_an_openai_compatible_m
         ("slow", (1.0, completion(None, tool_calls=[read_call]))),
         ("json", completion("The README says the answer is 42.")),
     ]
-    env = {
-        "OPENAI_BASE_URL": fake_openai.base_url,
-        "OPENAI_API_KEY": "sk-test",
-        "AGENT_TRACE_LLM_STREAM": "0",
-    }
+    env = fake_openai.env
     progress: list[str] = []
 
     async def on_progress(value, total, message):
