@@ -22,6 +22,9 @@ ANTHROPIC_MAX_TOKENS = 4096
 # -- experiences ------------------------------------------------------------------------------------
 EXPERIENCE_RECALL = 5
 EXPERIENCE_BUDGET = 100
+REFLECTION_SETTLE_SECONDS = 15.0
+"""get_experiences waits this long at most for automatic reflections under way (``reflect=true``), so a host
+that read a trace's answer and asks for its lessons at once finds them."""
 
 # -- hosts ------------------------------------------------------------------------------------------
 MAX_WAIT_SECONDS = 45.0

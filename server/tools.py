@@ -635,8 +635,10 @@ def register_tools(mcp: MCPServer) -> None:
         ] = None,
         limit: Annotated[int, Field(ge=1, le=100, description="Most lessons returned for a query")] = 10,
     ) -> ExperiencesView:
-        """The experiences markdown (lessons from reflections); with query, only the ranked lessons."""
+        """The experiences markdown (lessons from reflections); with query, only the ranked lessons. Waits
+        briefly for automatic reflections under way, so lessons of a trace that just answered are in."""
         engine = engine_of(ctx)
+        await engine.settle_reflections()
         path = str(engine.experiences.path)
         if query:
             found = await engine.recall(query, limit)

@@ -170,7 +170,12 @@ def next_step(trace: Trace, last_sequence: int | None, max_wait: float = default
             "approve=true or approve=false (with answer as the reason)."
         )
     if outcome is Outcome.ANSWERED:
-        return "Done. view='messages' shows the steps; run_trace continues it; reflect_trace learns from it."
+        learn = (
+            "its lessons (reflect=true) reach get_experiences"
+            if trace.config.reflect
+            else "reflect_trace learns from it"
+        )
+        return f"Done. view='messages' shows the steps; run_trace continues it; {learn}."
     if outcome is Outcome.HIT_LIMIT:
         return "It hit a limit before answering; run_trace continues it (you may raise the limit)."
     if outcome is Outcome.FAILED:

@@ -31,6 +31,7 @@ import anyio
 
 from agent import defaults
 from agent.core.messages import open_tool_calls
+from agent.core.patterns import MATCH_BUDGET_SECONDS, PatternTimeout
 from agent.core.typed import MAX_REASKS, parse_result, reask
 from agent.errors import ModelCallError, ToolCallError, TraceNotFound
 from agent.llm.base import Model, ModelResponse
@@ -293,7 +294,16 @@ class Run:
                     continue
                 if segment.output_schema is None:
                     break
-                value, problem = parse_result(response.content, segment.output_schema)
+                try:
+                    value, problem = await anyio.to_thread.run_sync(
+                        parse_result, response.content, segment.output_schema
+                    )
+                except PatternTimeout as slow:
+                    outcome = Outcome.failed(
+                        f"The answer could not be checked: output_schema's pattern {slow.pattern!r} took "
+                        f"over {MATCH_BUDGET_SECONDS:g} s to match it."
+                    )
+                    break
                 if problem is None:
                     outcome = Outcome(Status.COMPLETED, StopReason.END_TURN, result=value)
                     break

@@ -211,6 +211,11 @@ class AgentRunner:
         for run in list(self._active.values()):
             run.stop()
 
+    async def wait_reflections(self) -> None:
+        """Return once no run of this process is reflecting (runs still running are not waited for)."""
+        while reflecting := [run for run in self._active.values() if run.state == "reflecting"]:
+            await reflecting[0].done.wait()
+
     async def wait_idle(self) -> None:
         """Return once this process runs nothing."""
         while self._active:

@@ -12,6 +12,7 @@ from referencing import Registry
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
+from agent.core.patterns import bounded_validator
 from agent.errors import InvalidMessages
 
 MAX_SCHEMA_CHARS = 20_000
@@ -32,7 +33,21 @@ def check_schema(schema: Any) -> dict[str, Any]:
         what = exc.message if len(exc.message) <= MAX_REASON_CHARS else exc.message[:MAX_REASON_CHARS] + "…"
         raise InvalidMessages(f"output_schema is not a valid JSON Schema at {where}: {what}.") from None
     _check_refs(schema)
+    if _uses(schema, "unevaluatedProperties") and _uses(schema, "patternProperties"):
+        raise InvalidMessages(
+            "output_schema may not combine unevaluatedProperties with patternProperties "
+            "(use additionalProperties instead)."
+        )
     return schema
+
+
+def _uses(node: Any, keyword: str) -> bool:
+    """Whether ``keyword`` is a key anywhere in the schema (a property named so counts too: it errs safe)."""
+    if isinstance(node, dict):
+        return keyword in node or any(_uses(value, keyword) for value in node.values())
+    if isinstance(node, list):
+        return any(_uses(item, keyword) for item in node)
+    return False
 
 
 def _check_refs(schema: dict[str, Any]) -> None:
@@ -71,13 +86,17 @@ def unfenced(text: str) -> str:
 
 
 def parse_result(text: str | None, schema: dict[str, Any]) -> tuple[Any, str | None]:
-    """(the JSON value, None) when ``text`` is JSON valid for ``schema``; (None, what is wrong) otherwise."""
+    """(the JSON value, None) when ``text`` is JSON valid for ``schema``; (None, what is wrong) otherwise.
+
+    Blocking (its patterns may take up to ``MATCH_BUDGET_SECONDS``): run it in a worker thread. Raises
+    :class:`PatternTimeout` when they take longer: asking the model again could not help."""
     raw = unfenced((text or "").strip())
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         return None, f"it is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
-    error = next(iter(sorted(Draft202012Validator(schema).iter_errors(value), key=lambda e: e.path)), None)
+    errors = sorted(bounded_validator(schema).iter_errors(value), key=lambda e: e.path)
+    error = errors[0] if errors else None
     if error is None:
         return value, None
     where = "/".join(str(p) for p in error.absolute_path) or "the top level"

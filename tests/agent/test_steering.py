@@ -199,6 +199,67 @@ async def test_a_typed_result_is_validated_and_asked_again(store):
         await runner.run_result([user("x")], RunConfig(output_schema={"$ref": "#/$defs/Count"}))
 
 
+EVIL = {"type": "object", "properties": {"id": {"type": "string", "pattern": "^(a|aa)+$"}}}
+"""Exponential backtracking in re and regex alike: matching 60 a's and a '!' takes hours, and re holds the
+GIL all the while."""
+
+
+async def test_a_backtracking_pattern_fails_the_run_without_freezing_the_server(store):
+    model = ScriptedModel([reply(json.dumps({"id": "a" * 60 + "!"}))])
+    runner = make_runner(store, model)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.01)
+            ticks += 1
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            group.start_soon(tick)
+            done = await runner.run_result([user("id")], RunConfig(output_schema=EVIL))
+            group.cancel_scope.cancel()
+    assert done.trace.status is Status.FAILED and len(model.calls) == 1  # asking again could not help
+    assert "output_schema's pattern '^(a|aa)+$' took over 2 s" in done.trace.error
+    assert ticks > 20  # the event loop ran on while the pattern was matched
+
+    model.steps = [reply('{"id": "aaa"}')]
+    fine = await runner.run_result([user("id")], RunConfig(output_schema=EVIL))
+    assert fine.trace.result == {"id": "aaa"}
+
+
+@pytest.mark.parametrize(
+    ("schema", "value", "valid"),
+    [
+        ({"patternProperties": {"^x_": {"type": "integer"}}}, {"x_a": 1, "y": "s"}, True),
+        ({"patternProperties": {"^x_": {"type": "integer"}}}, {"x_a": "s"}, False),
+        ({"patternProperties": {"^x_": {}}, "additionalProperties": False}, {"x_a": 1}, True),
+        ({"patternProperties": {"^x_": {}}, "additionalProperties": False}, {"y": 1}, False),
+        ({"properties": {"a": {}}, "additionalProperties": {"type": "string"}}, {"a": 1, "b": "s"}, True),
+        ({"properties": {"a": {}}, "additionalProperties": {"type": "string"}}, {"b": 2}, False),
+        ({"propertyNames": {"pattern": "^[a-z]+$"}}, {"abc": 1}, True),
+        ({"propertyNames": {"pattern": "^[a-z]+$"}}, {"ABC": 1}, False),
+        ({"type": "string", "pattern": "\\d{3}"}, "call 555 now", True),  # search, not full match
+        ({"type": "string", "pattern": "^\\d{3}$"}, "55", False),
+    ],
+)
+def test_time_limited_patterns_keep_the_keywords_meaning(schema, value, valid):
+    from jsonschema import Draft202012Validator
+
+    from agent.core.patterns import bounded_validator
+
+    assert (not list(bounded_validator(schema).iter_errors(value))) is valid
+    assert Draft202012Validator(schema).is_valid(value) is valid  # as jsonschema itself has it
+
+
+def test_a_schema_whose_patterns_cannot_be_time_limited_is_refused():
+    from agent.core.typed import check_schema
+
+    with pytest.raises(InvalidMessages, match="may not combine unevaluatedProperties"):
+        check_schema({"patternProperties": {"^x": {}}, "unevaluatedProperties": False})
+
+
 async def test_a_fork_copies_the_path_and_runs_beside_its_running_source(store):
     first = ScriptedModel([reply(None, call("add", "k1", a=1, b=1)), reply("2")])
     runner = make_runner(store, first)

@@ -490,6 +490,30 @@ async def test_delete_right_after_the_answer_waits_for_the_reflection(client, mo
     assert "There is no trace" in await call_error(client, "get_trace", trace_id=tid)
 
 
+async def test_get_experiences_right_after_the_answer_has_the_automatic_reflection(client, model):
+    """reflect=true: the host reads the answer while the reflection still runs; asking for the lessons at
+    once (the obvious next call) waits for it instead of missing them."""
+
+    def step(messages, tools):
+        if "reflect on the conversation" not in (messages[-1].get("content") or ""):
+            return reply("done")
+
+        async def later():
+            await anyio.sleep(0.5)
+            return reply("- Check the README before answering.")
+
+        return later()
+
+    model.steps = [step]
+    tid = (await call(client, "create_trace", prompt="x", reflect=True))["trace_id"]
+    view = await wait_done(client, tid)
+    assert view["trace"]["outcome"] == "answered" and "get_experiences" in view["next"]
+    content = (await call(client, "get_experiences"))["content"]
+    assert tid in content and "Check the README before answering." in content
+    found = await call(client, "get_experiences", query="README answering")
+    assert [lesson["trace_id"] for lesson in found["lessons"]] == [tid]
+
+
 async def test_budgets_and_ask_host_pass_through_the_tools(client, model, slow_model):
     """What the runner's tests prove of budgets and ask_host, checked to arrive through MCP."""
     model.steps = [reply(None, tool_call("read_file", "c1", path="README.md"))]  # scripted usage: 15 a call
