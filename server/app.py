@@ -31,10 +31,16 @@ from server.tools import patch_annotations, register_tools
 from server.version import running_version
 from server.views import elide
 
-INSTRUCTIONS = f"""\
+
+def instructions(max_wait: float = defaults.MAX_WAIT_SECONDS) -> str:
+    """What initialize tells the host, with this server's own --max-wait."""
+    return INSTRUCTIONS.replace("{max_wait}", f"{max_wait:g}")
+
+
+INSTRUCTIONS = """\
 agent-trace-mcp runs LLM agents in the background as traces. create_trace starts one and returns its id at
 once. get_trace(trace_id) answers with a compact summary (answer, question, latest steps); add
-wait_seconds (≤ {defaults.MAX_WAIT_SECONDS:g}) to long-poll with progress, view='messages' for the steps.
+wait_seconds (≤ {max_wait}) to long-poll with progress, view='messages' for the steps.
 await_traces waits on several at once. run_trace continues, rewinds (insert_after) or regenerates a trace;
 stop_trace stops it; reflect_trace turns it into lessons later traces recall. agent_info lists what the
 background agent can use (tools, servers, models, workspace, skills). Traces are resources too:
@@ -113,7 +119,7 @@ def build_server(settings: Settings, models: Callable[[str], Model] = resolve_mo
         "agent-trace-mcp",
         title="Agent traces",
         version=running_version(),
-        instructions=INSTRUCTIONS,
+        instructions=instructions(settings.max_wait),
         lifespan=lifespan,
         subscriptions=bus,
         extensions=[tasks],
@@ -128,5 +134,5 @@ def build_server(settings: Settings, models: Callable[[str], Model] = resolve_mo
     )
     register_tools(mcp)
     register_resources(mcp, settings, lambda: opened[-1] if opened else None)
-    register_prompts(mcp)
+    register_prompts(mcp, settings.max_wait)
     return mcp

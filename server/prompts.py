@@ -7,12 +7,14 @@ from typing import Annotated
 from mcp.server.mcpserver import MCPServer
 from pydantic import Field
 
+from agent import defaults
 from server.views import suggested_wait
 
-WAIT = suggested_wait()
 
+def register_prompts(mcp: MCPServer, max_wait: float = defaults.MAX_WAIT_SECONDS) -> None:
+    """The prompts; the waits they suggest stay within the server's --max-wait."""
+    wait = suggested_wait(max_wait)
 
-def register_prompts(mcp: MCPServer) -> None:
     @mcp.prompt(title="Delegate a task")
     def delegate(task: Annotated[str, Field(description="What the background agent should do")]) -> str:
         """Hand one task to a background agent and report its answer."""
@@ -20,7 +22,7 @@ def register_prompts(mcp: MCPServer) -> None:
             f"Delegate this task to a background agent with the agent-trace tools:\n\n{task}\n\n"
             "1. Call agent_info once if you need to know which tools the agent has.\n"
             "2. Call create_trace with the task as prompt.\n"
-            f"3. Call get_trace(trace_id, wait_seconds={WAIT}) until trace.outcome is no longer 'running'. "
+            f"3. Call get_trace(trace_id, wait_seconds={wait}) until trace.outcome is no longer 'running'. "
             "If the outcome is 'needs_input', answer its question with run_trace(trace_id, answer=...) "
             "(or approve=true/false for a tool approval) and keep waiting.\n"
             "4. Report the answer (or the error) in a few sentences."
@@ -37,7 +39,7 @@ def register_prompts(mcp: MCPServer) -> None:
         return (
             f"Run each of these tasks as its own background agent, in parallel:\n{listing}\n\n"
             f"1. Call create_trace once per task, each with tags=['{tag}'].\n"
-            f"2. Call await_traces(tag='{tag}', mode='all', wait_seconds={WAIT}) until running is empty; "
+            f"2. Call await_traces(tag='{tag}', mode='all', wait_seconds={wait}) until running is empty; "
             "each finished row carries its answer.\n"
             "3. Summarise the answers task by task."
         )

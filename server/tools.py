@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
@@ -213,6 +214,10 @@ RunMessages = Annotated[
         description="OpenAI chat messages to append, e.g. [{'role': 'user', 'content': 'Now fix it'}]",
     ),
 ]
+
+
+SUGGESTED_WAIT = re.compile(r"wait_seconds=\d+")
+"""A wait a tool description suggests (written with the default; tools/list rewrites it to the server's)."""
 
 
 def wait_description(max_wait: float) -> str:
@@ -756,15 +761,24 @@ async def wait_with_progress(
 
 async def patch_annotations(result: Any, state: ServerState) -> Any:
     """tools/list: create_trace/run_trace are destructive unless every tool the agent could call only reads;
-    wait_seconds names this server's own --max-wait."""
+    wait_seconds, and the waits descriptions suggest, follow this server's own --max-wait."""
     read_only = state.engine.agent_is_read_only()
+    max_wait = state.engine.settings.max_wait
+    suggested = f"wait_seconds={suggested_wait(max_wait)}"
     tools = result.get("tools") if isinstance(result, dict) else getattr(result, "tools", None)
     for tool in tools or []:
         name = tool.get("name") if isinstance(tool, dict) else tool.name
         schema = tool.get("inputSchema") if isinstance(tool, dict) else tool.input_schema
         wait = ((schema or {}).get("properties") or {}).get("wait_seconds")
         if isinstance(wait, dict):
-            wait["description"] = wait_description(state.engine.settings.max_wait)
+            wait["description"] = wait_description(max_wait)
+        description = tool.get("description") if isinstance(tool, dict) else tool.description
+        if description and "wait_seconds=" in description:
+            description = SUGGESTED_WAIT.sub(suggested, description)
+            if isinstance(tool, dict):
+                tool["description"] = description
+            else:
+                tool.description = description
         if name not in AGENT_TOOLS:
             continue
         if isinstance(tool, dict):
