@@ -37,13 +37,16 @@ from server.arguments import (
 )
 from server.state import ServerState, state_of
 from server.views import (
+    AWAIT_BYTES,
     MESSAGES_VIEW_CHARS,
     TAIL_MESSAGES,
     compact_row,
     elide,
     messages_view,
     one_line,
+    row_answer_chars,
     row_with_answer,
+    size_of,
     suggested_wait,
     summary,
 )
@@ -112,6 +115,9 @@ class Awaited(BaseModel):
         description="compact rows (with answer/result/question) of finished traces"
     )
     running: list[str]
+    more_done: list[str] | None = Field(
+        None, description="finished traces left out of done to keep the answer short (ask for them by id)"
+    )
     next: str | None = None
 
 
@@ -594,19 +600,31 @@ def register_tools(mcp: MCPServer) -> None:
         traces = await engine.await_traces(
             ids, every=mode == "all", seconds=seconds, on_message=progress, on_idle=beat
         )
-        done, running = [], []
-        for trace in traces:
-            if trace.status is Status.RUNNING:
-                running.append(trace.trace_id)
-            else:
-                done.append(row_with_answer(trace, await engine.tail(trace.trace_id, 1)))
-        hint = None
+        running = [t.trace_id for t in traces if t.status is Status.RUNNING]
+        finished = [t for t in traces if t.status is not Status.RUNNING]
+        done: list[dict[str, Any]] = []
+        more: list[str] = []  # finished, past the answer's budget: named only
+        answer_chars, weight = row_answer_chars(len(finished)), 0
+        for trace in finished:
+            if more or weight >= AWAIT_BYTES:
+                more.append(trace.trace_id)
+                continue
+            row = row_with_answer(trace, await engine.tail(trace.trace_id, 1), answer_chars)
+            weight += size_of(row)
+            done.append(row)
+        hints = [note] if note and running else []
+        if more:
+            hints.append(
+                f"{len(more)} more finished traces are in more_done, left out to keep this answer short: "
+                "call await_traces(trace_ids=[...]) with some of them for their answers."
+            )
         if running:
-            hint = (note + " " if note else "") + (
+            hints.append(
                 f"{len(running)} still running: call await_traces again with their ids "
                 f"(wait_seconds ≤ {suggested_wait(engine.settings.max_wait)})."
             )
-        return compact(Awaited(done=done, running=running, next=hint), optional=("next",))  # type: ignore[return-value]
+        shown = Awaited(done=done, running=running, more_done=more or None, next=" ".join(hints) or None)
+        return compact(shown, optional=("next", "more_done"))  # type: ignore[return-value]
 
     @mcp.tool(title="List traces", annotations=READ_ONLY)
     @tool_errors

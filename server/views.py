@@ -23,6 +23,10 @@ FULL_VIEW_BYTES = 900_000
 """``view=full`` pages stay under the 1 MiB message limit of common clients."""
 ANSWER_CHARS = 1500
 ROW_ANSWER_CHARS = 1000
+AWAIT_BYTES = 24_000
+"""The most the finished rows of one await_traces answer weigh (≈6k tokens) however many traces it waits on;
+rows past it are named by id only."""
+MIN_ROW_ANSWER_CHARS = 200
 QUESTION_CHARS = 800
 LAST_TEXT_CHARS = 400
 RECENT_LINES = 5
@@ -124,16 +128,24 @@ def last_text_of(tail: Iterable[Message]) -> Message | None:
     return None
 
 
-def row_with_answer(trace: Trace, tail: Sequence[Message]) -> dict[str, Any]:
-    """A compact row plus what the caller came for: the answer, the typed result or the question."""
+def row_with_answer(
+    trace: Trace, tail: Sequence[Message], answer_chars: int = ROW_ANSWER_CHARS
+) -> dict[str, Any]:
+    """A compact row plus what the caller came for: the answer, the typed result or the question. A result
+    too long for the row is left out (null); the answer, its JSON text, is then cut with its marker."""
     row = compact_row(trace)
     answer = answer_of(trace, tail)
-    row["answer"] = cut(answer.content, ROW_ANSWER_CHARS, trace.trace_id, answer.sequence) if answer else None
+    row["answer"] = cut(answer.content, answer_chars, trace.trace_id, answer.sequence) if answer else None
     if trace.config.output_schema is not None:
-        row["result"] = _bounded_result(trace, ROW_ANSWER_CHARS)
+        row["result"] = _bounded_result(trace, answer_chars)
     if trace.question:
         row["question"] = _cut_plain(trace.question, QUESTION_CHARS)
     return row
+
+
+def row_answer_chars(finished: int) -> int:
+    """How much of each answer await_traces shows when ``finished`` traces share its answer."""
+    return max(MIN_ROW_ANSWER_CHARS, min(ROW_ANSWER_CHARS, AWAIT_BYTES // (2 * max(1, finished))))
 
 
 def _cut_plain(text: str, limit: int) -> str:
@@ -209,19 +221,28 @@ def summary(
         row = compact_row(trace)
         if tags is not None and len(row["tags"]) > tags:
             row["tags"] = [*row["tags"][:tags], f"… {len(trace.tags) - tags} more"]
+        result = _bounded_result(trace, answer_chars)
         body = {
             "trace": row,
             "answer": cut(answer.content, answer_chars, tid, answer.sequence) if answer else None,
-            "result": _bounded_result(trace, answer_chars),
+            "result": result,
             "question": _cut_plain(trace.question, question_chars) if trace.question else None,
             "last_text": cut(last_text.content, last_chars, tid, last_text.sequence) if last_text else None,
             "recent": [f"#{m.sequence} {one_line(m, names)}" for m in tail[-lines:]],
             "last_sequence": last_sequence,
-            "next": (f"{note} " if note else "") + next_step(trace, last_sequence, max_wait),
+            "next": (f"{note} " if note else "")
+            + (_result_left_out(trace, answer) if result is None and trace.result is not None else "")
+            + next_step(trace, last_sequence, max_wait),
         }
         if size_of(body) <= SUMMARY_BYTES:
             break
     return body
+
+
+def _result_left_out(trace: Trace, answer: Message | None) -> str:
+    where = message_uri(trace.trace_id, answer.sequence) if answer else "view='full'"
+    size = len(json.dumps(trace.result, ensure_ascii=False))
+    return f"The result ({size:,} characters of JSON) is too long for this summary: read {where} for it. "
 
 
 def shown_message(

@@ -263,6 +263,7 @@ class Run:
                     outcome = ending
                     break
                 response = await self._call_model()
+                cut_short = self.timed_out or self.stop_requested  # what came is partial streamed text
                 iterations += 1
                 if response is None:  # stopped (or out of time) before the model said anything
                     outcome = self._ending(tokens) or STOPPED
@@ -287,13 +288,14 @@ class Run:
                     usage=response.usage,
                 )
                 yield await self._append(assistant)
-                if (ending := self._ending(tokens)) is not None:
+                ending = self._ending(tokens)
+                if ending is not None and (response.tool_calls or cut_short):
                     outcome = ending
                     break
                 if response.tool_calls:
                     continue
                 if segment.output_schema is None:
-                    break
+                    break  # answered, even if this last call used up the budget or the time
                 try:
                     value, problem = await anyio.to_thread.run_sync(
                         parse_result, response.content, segment.output_schema
@@ -306,6 +308,9 @@ class Run:
                     break
                 if problem is None:
                     outcome = Outcome(Status.COMPLETED, StopReason.END_TURN, result=value)
+                    break
+                if ending is not None:  # no budget or time left to ask again
+                    outcome = ending
                     break
                 if reasks >= MAX_REASKS:
                     outcome = Outcome.failed(

@@ -33,6 +33,8 @@ REPLY_RESERVE_TOKENS = 4096
 LOW_WATER = 0.6
 """A compaction aims at this share of the room, so the next one is many steps away, not the next step."""
 INITIAL_TOKENS_PER_CHAR = 0.3
+CLAMP_MARKER_CHARS = 40
+"""About what the marker of a message cut to fit adds (cutting one shorter than that saves nothing)."""
 """Until a provider reports its count, a conservative guess (≈3.3 characters a token)."""
 SUMMARY_PROMPT = (
     "Summarise the conversation so far for yourself, to continue the task with less context: the task, "
@@ -119,25 +121,36 @@ def build_context(
 
 
 def _clamp(wire: list[dict[str, Any]], budget: int, ratio: float) -> None:
-    """Last resort: halve the longest content (not the system prompt or the task) until it fits."""
+    """Last resort: cut the longest contents (not the system prompt or the task) to one common length, the
+    longest that fits, so a path of many middling messages fits as surely as one with a huge one."""
     protected = {0, next((i for i, m in enumerate(wire) if m["role"] == "user"), 0)}
-    for _ in range(64):
-        if estimate(wire, ratio=ratio) <= budget:
-            return
+    for _ in range(8):  # each pass recounts: the markers and the estimate's rounding may leave it over
+        over = estimate(wire, ratio=ratio) - budget
         candidates = [
-            i for i, m in enumerate(wire) if i not in protected and isinstance(m.get("content"), str)
+            i
+            for i, m in enumerate(wire)
+            if i not in protected
+            and isinstance(m.get("content"), str)
+            and len(m["content"]) > CLAMP_MARKER_CHARS
         ]
-        if not candidates:
+        if over <= 0 or not candidates:
             return
-        longest = max(candidates, key=lambda i: len(wire[i]["content"]))
-        text = wire[longest]["content"]
-        if len(text) < 200:
-            return
-        keep = len(text) // 2
-        wire[longest] = {
-            **wire[longest],
-            "content": text[:keep] + f"… [cut to fit the context: {len(text):,} characters]",
-        }
+        lengths = [len(wire[i]["content"]) for i in candidates]
+        excess = math.ceil(over / ratio) + CLAMP_MARKER_CHARS * len(candidates)
+        keep, high = 0, max(lengths)  # the longest common length that removes the excess
+        while keep < high:
+            middle = (keep + high + 1) // 2
+            if sum(max(0, n - middle) for n in lengths) >= excess:
+                keep = middle
+            else:
+                high = middle - 1
+        for i in candidates:
+            text = wire[i]["content"]
+            if len(text) > keep:
+                wire[i] = {
+                    **wire[i],
+                    "content": f"{text[:keep]}… [cut to fit: {len(text):,} chars]",
+                }
 
 
 def chars_of(item: Any) -> int:

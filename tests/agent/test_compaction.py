@@ -190,3 +190,19 @@ async def test_one_giant_message_is_cut_in_what_is_sent_not_in_what_is_stored(st
     )
     assert model.refused == 0 and result.answer == "read it"
     assert (await store.get_path(result.trace.trace_id))[2].content == giant
+
+
+async def test_a_long_history_passed_in_fits_even_the_call_that_summarises_it(store, workspace):
+    """300 middling chat messages from the caller (no tool results to elide): every request, the summary
+    call first of all, stays within the budget (cutting the longest message a few times did not)."""
+    history = []
+    for n in range(150):
+        history += [
+            {"role": "user", "content": f"Point {n}: " + "the design trades latency for cost. " * 85},
+            {"role": "assistant", "content": f"Noted {n}: " + "we keep the cache warm instead. " * 95},
+        ]
+    model = SizeLimitedModel([reader(0)], limit=BUDGET)
+    runner = runner_for(store, model, workspace)
+    done = await runner.run_result([*history, {"role": "user", "content": "hello"}], RunConfig())
+    assert done.trace.status is Status.COMPLETED and model.refused == 0
+    assert max(model.sizes) <= BUDGET and len(model.sizes) == 2  # the summary, then the answer

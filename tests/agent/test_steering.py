@@ -146,6 +146,32 @@ async def test_a_token_budget_ends_the_run_as_hit_limit_with_no_open_call(store)
     assert len(model.calls) == 1
 
 
+async def test_an_answer_from_the_call_that_spends_the_budget_is_the_answer(store):
+    """The budget is checked on what the provider reports, after each call: a call that ends the turn
+    with an answer answers, even when it took the run over max_tokens (only a next call is refused)."""
+    used = MessageUsage(prompt_tokens=600, completion_tokens=100)
+    model = ScriptedModel(
+        [
+            ModelResponse(tool_calls=[call("add", "c1", a=1, b=1)], usage=used),
+            ModelResponse(content="It is 2.", usage=used),
+        ]
+    )
+    result = await make_runner(store, model).run_result([user("add")], RunConfig(max_tokens=1000))
+    trace = result.trace
+    assert (trace.status, trace.stop_reason, trace.outcome) == (
+        Status.COMPLETED,
+        StopReason.END_TURN,
+        Outcome.ANSWERED,
+    )
+    assert trace.usage.prompt_tokens + trace.usage.completion_tokens == 1400
+
+    model = ScriptedModel([ModelResponse(content="not json", usage=used), reply('{"files": 1}')])
+    typed = await make_runner(store, model).run_result(
+        [user("count")], RunConfig(max_tokens=500, output_schema=SCHEMA)
+    )  # no budget left to ask again: it hit the limit, not failed
+    assert (typed.trace.stop_reason, typed.trace.outcome) == (StopReason.TOKEN_BUDGET, Outcome.HIT_LIMIT)
+
+
 async def test_a_timeout_cancels_the_tool_in_flight(store):
     started = anyio.Event()
     model = ScriptedModel([reply(None, call("slow", "s1"))])

@@ -570,3 +570,35 @@ async def test_list_traces_filters_by_status_and_uid_and_await_traces_is_capped(
             waited = await call(client, "await_traces", trace_ids=[running], wait_seconds=3600)
         assert waited["running"] == [running] and "capped at 0.2 s" in waited["next"]
         await call(client, "stop_trace", trace_id=running)
+
+
+async def test_await_traces_stays_bounded_however_many_traces_finished(client, model):
+    """A fan-out of 80 with long answers: the answer stays near 24 KB, every finished trace is either a row
+    (its answer shortened) or named in more_done, and asking for those by id returns their rows."""
+    model.steps = [reply("word " * 400)]  # a 2,000-character answer each
+    ids = [
+        (await call(client, "create_trace", prompt=f"task {n}", tags=["wide"]))["trace_id"] for n in range(80)
+    ]
+    for tid in ids:
+        await wait_done(client, tid)
+    result = await client.call_tool("await_traces", {"tag": "wide", "mode": "all", "wait_seconds": 1})
+    assert len(text_of(result).encode()) < 32_000
+    first = result.structured_content
+    shown = [row["trace_id"] for row in first["done"]]
+    assert sorted(shown + first["more_done"]) == sorted(ids) and first["running"] == []
+    assert all("[cut:" in row["answer"] and len(row["answer"]) < 600 for row in first["done"])
+    assert "more_done" in first["next"]
+    rest = await call(client, "await_traces", trace_ids=first["more_done"][:20], mode="all")
+    assert [row["trace_id"] for row in rest["done"]] == first["more_done"][:20]
+    assert "more_done" not in rest and "next" not in rest
+
+
+async def test_a_typed_result_too_long_for_the_summary_says_where_it_is(client, model):
+    big = {"summary": "s" * 5000}
+    model.steps = [reply(json.dumps(big))]
+    schema = {"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]}
+    tid = (await call(client, "create_trace", prompt="sum up", output_schema=schema))["trace_id"]
+    view = await wait_done(client, tid)
+    assert view["trace"]["outcome"] == "answered" and view["result"] is None
+    assert f"trace://{tid}/messages/" in view["next"] and "too long for this summary" in view["next"]
+    assert (await call(client, "get_trace", trace_id=tid, view="full"))["trace"]["result"] == big
