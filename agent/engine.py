@@ -87,6 +87,14 @@ class AgentInfo:
     skills: list[dict[str, str]]
 
 
+def _one_line(description: str, limit: int = 160) -> str:
+    """A tool's description as agent_info lists it: one line, cut at a word with an ellipsis when long."""
+    text = " ".join(description.split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + "…"
+
+
 def providers_configured(env: dict[str, str] | None = None) -> dict[str, bool]:
     """Which providers have what they need (never the keys themselves)."""
     import os
@@ -300,9 +308,7 @@ class Engine:
 
     async def agent_info(self) -> AgentInfo:
         tools = [
-            ToolInfo(
-                t.name, " ".join(t.description.split())[:160], t.group, bool(getattr(t, "read_only", False))
-            )
+            ToolInfo(t.name, _one_line(t.description), t.group, bool(getattr(t, "read_only", False)))
             for t in [*self.tools.select(None), AskHostTool()]
         ]
         servers: list[dict[str, Any]] = []
@@ -400,7 +406,7 @@ async def open_engine(
     settings: EngineSettings, models: Callable[[str], Model] = resolve_model
 ) -> AsyncIterator[Engine]:
     """Open everything; on exit, running traces are cancelled (and marked interrupted) before closing."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
         store = await open_store(
             settings.db, lease_seconds=settings.lease_seconds, pool_size=settings.db_pool_size

@@ -53,10 +53,18 @@ class TraceServer(MCPServer):
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
-        if self._tool_manager.get_tool(name) is None:
+        tool = self._tool_manager.get_tool(name)
+        if tool is None:
             raise ToolError(
                 f"There is no tool {elide(name, 40)}; tools/list shows this server's tools "
                 "(agent_info shows what the background agent can use)."
+            )
+        known = list((tool.parameters or {}).get("properties") or {})
+        unknown = [key for key in arguments or {} if key not in known]
+        if unknown:  # a misspelt argument would otherwise be dropped, and its default used unseen
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise ToolError(
+                f"{name} has no argument {elide(unknown[0], 40)}{more}; its arguments are {', '.join(known)}."
             )
         try:
             return await super().call_tool(name, arguments, context)

@@ -7,8 +7,10 @@ megabyte of input echoed back.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
+from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BeforeValidator, Field, ValidationError
 from pydantic_core import ErrorDetails
 
@@ -22,7 +24,26 @@ MAX_TOOLS = 200
 MAX_TOOL_NAME_CHARS = 128
 MAX_SYSTEM_PROMPT_CHARS = 100_000
 MAX_PROMPT_CHARS = 1_000_000
+MAX_MESSAGES = 10_000
+MAX_MESSAGES_CHARS = 4_000_000
+"""All the messages of one call together (as JSON): what the HTTP transport's 4 MiB body cap admits."""
 MAX_SEQUENCE = 10**12
+
+
+def check_messages_size(messages: list[Any] | None) -> None:
+    """Refuse caller messages too large to store and send on, as an oversized prompt is refused."""
+    for index, message in enumerate(messages or [], start=1):
+        content = message.get("content") if isinstance(message, dict) else None
+        size = len(content) if isinstance(content, str) else len(json.dumps(content, default=str))
+        if content is not None and size > MAX_PROMPT_CHARS:
+            raise ToolError(
+                f"Message {index} has {size:,} characters of content; the most is {MAX_PROMPT_CHARS:,}."
+            )
+    total = len(json.dumps(messages or [], default=str))
+    if total > MAX_MESSAGES_CHARS:
+        raise ToolError(
+            f"messages hold {total:,} characters of JSON; the most in one call is {MAX_MESSAGES_CHARS:,}."
+        )
 
 
 def one_item_list(value: Any) -> Any:

@@ -23,6 +23,7 @@ from agent import Message, RunConfig, Trace, TraceError, defaults
 from agent.engine import Engine
 from agent.trace.models import Status
 from server.arguments import (
+    MAX_MESSAGES,
     MAX_NAME_CHARS,
     MAX_PROMPT_CHARS,
     MAX_SYSTEM_PROMPT_CHARS,
@@ -34,6 +35,7 @@ from server.arguments import (
     Sequence_,
     StrList,
     TraceId,
+    check_messages_size,
 )
 from server.state import ServerState, state_of
 from server.views import (
@@ -210,12 +212,16 @@ def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
 Messages = Annotated[
     list[dict[str, Any]] | None,
-    Field(description="OpenAI chat messages, e.g. [{'role': 'user', 'content': 'Summarise README.md'}]"),
+    Field(
+        max_length=MAX_MESSAGES,
+        description="OpenAI chat messages, e.g. [{'role': 'user', 'content': 'Summarise README.md'}]",
+    ),
 ]
 RunMessages = Annotated[
     list[dict[str, Any]],
     Field(
         default_factory=list,
+        max_length=MAX_MESSAGES,
         json_schema_extra={"default": []},
         description="OpenAI chat messages to append, e.g. [{'role': 'user', 'content': 'Now fix it'}]",
     ),
@@ -370,6 +376,7 @@ def register_tools(mcp: MCPServer) -> None:
         The agent calls its tools (agent_info lists them) until it answers. Follow it with
         get_trace(trace_id, wait_seconds=30) — a compact summary — or await_traces for several.
         """
+        check_messages_size(messages)
         all_messages = list(messages or [])
         if prompt:
             all_messages.append({"role": "user", "content": prompt})
@@ -458,6 +465,7 @@ def register_tools(mcp: MCPServer) -> None:
             max_tokens=max_tokens,
             timeout_seconds=timeout_seconds,
         )
+        check_messages_size(messages)
         trace = await engine.continue_(trace_id, messages or [], config)
         again = Started(
             trace_id=trace.trace_id,
@@ -549,7 +557,9 @@ def register_tools(mcp: MCPServer) -> None:
         engine = engine_of(ctx)
         seconds, note = capped(engine, wait_seconds)
         trace = await wait_with_progress(engine, ctx, trace_id, seconds, after_sequence)
-        if seconds > 0 and trace.status is Status.RUNNING:
+        if trace.status is not Status.RUNNING:
+            note = None  # the wait ended early: its cap did not matter
+        elif seconds > 0:
             note = ((note + " ") if note else "") + f"Waited {seconds:g} s."
         if view == "summary":
             tail = await engine.tail(trace_id, TAIL_MESSAGES)

@@ -156,7 +156,7 @@ class ExperienceFile:
         while candidate.exists():  # two rewrites in one second keep both backups
             candidate = self.path.with_name(f"{self.path.stem}.{stamp}-{counter}{self.path.suffix}")
             counter += 1
-        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             _write_all(fd, text.encode("utf-8"))
             os.fsync(fd)
@@ -169,7 +169,7 @@ class ExperienceFile:
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         try:
             _write_all(fd, text.encode("utf-8"))
-            os.fchmod(fd, mode or 0o644)
+            os.fchmod(fd, mode or 0o600)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -206,7 +206,7 @@ class ExperienceFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         flags = (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY
         while True:
-            fd = os.open(self.path, flags, 0o644)
+            fd = os.open(self.path, flags, 0o600)
             try:
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)

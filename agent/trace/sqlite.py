@@ -12,8 +12,10 @@ of sub-millisecond appends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -63,7 +65,13 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
 
 
 def _prepare_database(path: str) -> None:
-    """Create, migrate and switch to WAL in a worker thread before the async connections open."""
+    """Create, migrate and switch to WAL in a worker thread before the async connections open.
+
+    A new database is created readable by its owner only (SQLite gives its -wal and -shm files the same
+    mode): traces hold whatever the agents read. An existing file keeps the mode its owner gave it."""
+    if path != ":memory:" and not os.path.exists(path):
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     db = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     try:
         db.execute("PRAGMA journal_mode=WAL")

@@ -219,4 +219,6 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
         created_at, trace_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         return str(created_at), str(trace_id)
     except Exception as exc:
-        raise TraceError("The cursor is not one list_traces returned; start again without a cursor.") from exc
+        raise TraceError(
+            "The cursor is not one this server returned (list_traces or resources/list); start again without it."
+        ) from exc

@@ -34,6 +34,27 @@ async def test_schema_is_versioned_and_wal(tmp_path):
         db.close()
 
 
+async def test_a_new_database_is_private_to_its_owner_in_an_open_folder(tmp_path):
+    """The data directory may already exist, world-readable: the traces in it are not."""
+    os.chmod(tmp_path, 0o755)
+    old_umask = os.umask(0o022)
+    try:
+        store = await SQLiteTraceStore.open(tmp_path / "traces.db")
+        try:
+            await store.create(Trace(trace_id="t", model="offline"), [], new_token())
+            files = sorted(p.name for p in tmp_path.iterdir())
+            assert files == ["traces.db", "traces.db-shm", "traces.db-wal"]
+            assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {oct(0o600)}
+        finally:
+            await store.close()
+        existing = tmp_path / "shared.db"
+        existing.touch(mode=0o640)
+        await (await SQLiteTraceStore.open(existing)).close()
+        assert existing.stat().st_mode & 0o777 == 0o640  # a file its owner made keeps its mode
+    finally:
+        os.umask(old_umask)
+
+
 async def test_a_newer_schema_is_refused_with_a_sentence(tmp_path):
     path = tmp_path / "traces.db"
     db = sqlite3.connect(path)

@@ -112,7 +112,7 @@ async def test_list_traces_newest_first_with_filters_and_cursor(store):
 
 
 async def test_bad_cursor_is_a_sentence(store):
-    with pytest.raises(TraceError, match="not one list_traces returned"):
+    with pytest.raises(TraceError, match="not one this server returned"):
         await store.list_traces(cursor="garbage!")
 
 

@@ -325,6 +325,9 @@ async def test_agent_info_lists_tools_servers_models_workspace(client, workspace
     assert info["default_model"] == "scripted" and info["providers"]["offline"] is True
     assert info["workspace"] == str(workspace) and info["servers"] == []
     assert info["max_wait_seconds"] == defaults.MAX_WAIT_SECONDS
+    for tool in info["tools"]:  # one line each, cut at a word with an ellipsis when long
+        assert len(tool["description"]) <= 161 and "\n" not in tool["description"]
+        assert len(tool["description"]) < 150 or tool["description"].endswith(("…", "."))
 
 
 async def test_errors_are_one_sentence_naming_the_argument_and_change_nothing(client):
@@ -602,3 +605,23 @@ async def test_a_typed_result_too_long_for_the_summary_says_where_it_is(client, 
     assert view["trace"]["outcome"] == "answered" and view["result"] is None
     assert f"trace://{tid}/messages/" in view["next"] and "too long for this summary" in view["next"]
     assert (await call(client, "get_trace", trace_id=tid, view="full"))["trace"]["result"] == big
+
+
+async def test_a_misspelt_argument_is_refused_not_silently_dropped(client):
+    text = await call_error(client, "create_trace", prompt="x", max_iteration=5, wait=3)
+    assert text.startswith("create_trace has no argument 'max_iteration' (and 1 more)")
+    assert "max_iterations" in text and len(text) < 600
+    assert (await call(client, "list_traces"))["traces"] == []  # nothing was started
+    assert "no argument 'wait'" in await call_error(client, "get_trace", trace_id="a" * 32, wait=30)
+
+
+async def test_oversized_messages_are_refused_like_an_oversized_prompt(client):
+    big = [{"role": "user", "content": "short"}, {"role": "user", "content": "x" * 1_000_001}]
+    text = await call_error(client, "create_trace", messages=big)
+    assert text == "Message 2 has 1,000,001 characters of content; the most is 1,000,000."
+    many = [{"role": "user", "content": "y" * 900_000}] * 5
+    assert "the most in one call is 4,000,000" in await call_error(client, "create_trace", messages=many)
+    assert (await call(client, "list_traces"))["traces"] == []
+    tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
+    await wait_done(client, tid)
+    assert "Message 2 has" in await call_error(client, "run_trace", trace_id=tid, messages=big)
