@@ -777,6 +777,13 @@ async def wait_with_progress(
     async def progress(message: Message) -> None:
         nonlocal sent
         sent += 1
+        unnamed = message.role == "tool" and message.tool_call_id not in tool_names
+        if unnamed and message.parent_sequence:  # its call was stored just before the wait listened
+            parent = await engine.message(trace_id, message.parent_sequence)
+            while parent is not None and parent.role == "tool" and parent.parent_sequence:
+                parent = await engine.message(trace_id, parent.parent_sequence)  # parallel results
+            if parent is not None:
+                one_line(parent, tool_names)
         await ctx.report_progress(sent, None, one_line(message, tool_names))
 
     async def beat() -> None:

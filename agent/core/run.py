@@ -39,7 +39,7 @@ from agent.tools.ask import ASK_HOST, question_of
 from agent.tools.registry import Tool, ToolRegistry, openai_tool_schema
 from agent.trace import compaction
 from agent.trace.events import MessageStored, TraceChanged, TraceEvent
-from agent.trace.models import Message, NewMessage, Status, StopReason, ToolCall, Trace
+from agent.trace.models import Message, MessageUsage, NewMessage, Status, StopReason, ToolCall, Trace
 from agent.trace.store import ClaimLost, TraceStore
 
 log = logging.getLogger(__name__)
@@ -285,7 +285,7 @@ class Run:
                     role="assistant",
                     content=response.content,
                     tool_calls=response.tool_calls or None,
-                    usage=response.usage,
+                    usage=response.usage or MessageUsage(),  # a model reply, counted as a step
                 )
                 yield await self._append(assistant)
                 ending = self._ending(tokens)

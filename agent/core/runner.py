@@ -45,7 +45,7 @@ from agent.tools.registry import ToolRegistry, openai_tool_schema
 from agent.trace import compaction
 from agent.trace.events import EventBus, MessageStored, TraceChanged, TraceEvent
 from agent.trace.feed import ChangeFeed, Recent
-from agent.trace.models import Message, NewMessage, Status, StopReason, Trace
+from agent.trace.models import Message, MessageUsage, NewMessage, Status, StopReason, Trace
 from agent.trace.store import ClaimLost, TraceStore, new_token
 
 log = logging.getLogger(__name__)
@@ -383,7 +383,9 @@ class AgentRunner:
             error = str(exc)
         else:
             if response.content:
-                answer = NewMessage(role="assistant", content=response.content, usage=response.usage)
+                answer = NewMessage(
+                    role="assistant", content=response.content, usage=response.usage or MessageUsage()
+                )
                 saved = await self.store.append(trace_id, answer, question.sequence, token=None, side=True)
                 if publish:
                     self._published(MessageStored(trace_id, saved))

@@ -218,6 +218,39 @@ def m007_compaction_records(db: sqlite3.Connection) -> None:
     )
 
 
+def m008_model_calls_only(db: sqlite3.Connection) -> None:
+    """llm_calls (a trace's steps) counts the model's replies only, which carry usage: not the assistant
+    messages a caller passes in with its history."""
+    _run_script(
+        db,
+        f"""
+        DROP TRIGGER message_appended;
+        CREATE TRIGGER message_appended AFTER INSERT ON messages
+        BEGIN
+            UPDATE traces SET
+                last_sequence = NEW.sequence,
+                head_sequence = CASE WHEN NEW.side THEN head_sequence ELSE NEW.sequence END,
+                updated_at = NEW.created_at,
+                usage = json_set(usage,
+                    '$.prompt_tokens', json_extract(usage, '$.prompt_tokens')
+                        + coalesce(json_extract(NEW.usage, '$.prompt_tokens'), 0),
+                    '$.completion_tokens', json_extract(usage, '$.completion_tokens')
+                        + coalesce(json_extract(NEW.usage, '$.completion_tokens'), 0),
+                    '$.llm_calls', json_extract(usage, '$.llm_calls') + (NEW.role = 'assistant' AND NEW.usage IS NOT NULL),
+                    '$.tool_calls', json_extract(usage, '$.tool_calls') + (NEW.role = 'tool'),
+                    '$.compactions', coalesce(json_extract(usage, '$.compactions'), 0)
+                        + (json_extract(NEW.meta, '$.compaction') IS NOT NULL),
+                    '$.tokens_saved', coalesce(json_extract(usage, '$.tokens_saved'), 0)
+                        + coalesce(json_extract(NEW.meta, '$.compaction.tokens_saved'), 0))
+            WHERE trace_id = NEW.trace_id;
+            INSERT INTO changes (trace_id, kind, sequence, token, created_at)
+            SELECT NEW.trace_id, 'message', NEW.sequence, run_token, {NOW_SECONDS}
+            FROM traces WHERE trace_id = NEW.trace_id;
+        END
+        """,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial,
     m002_recalled_lessons,
@@ -226,6 +259,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m005_claims_and_changes,
     m006_steering,
     m007_compaction_records,
+    m008_model_calls_only,
 ]
 
 

@@ -179,7 +179,7 @@ WITH t AS (
         usage = usage || jsonb_build_object(
             'prompt_tokens', coalesce((usage ->> 'prompt_tokens')::bigint, 0) + $4,
             'completion_tokens', coalesce((usage ->> 'completion_tokens')::bigint, 0) + $5,
-            'llm_calls', coalesce((usage ->> 'llm_calls')::bigint, 0) + (CASE WHEN $7 = 'assistant' THEN 1 ELSE 0 END),
+            'llm_calls', coalesce((usage ->> 'llm_calls')::bigint, 0) + (CASE WHEN $7 = 'assistant' AND $12::jsonb IS NOT NULL THEN 1 ELSE 0 END),
             'tool_calls', coalesce((usage ->> 'tool_calls')::bigint, 0) + (CASE WHEN $7 = 'tool' THEN 1 ELSE 0 END),
             'compactions', coalesce((usage ->> 'compactions')::bigint, 0) + $14,
             'tokens_saved', coalesce((usage ->> 'tokens_saved')::bigint, 0) + $15)

@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from agent.trace import migrations
-from agent.trace.models import NewMessage, Status, StopReason, Trace
+from agent.trace.models import MessageUsage, NewMessage, Status, StopReason, Trace
 from agent.trace.sqlite import SQLiteTraceStore
 from agent.trace.store import new_token
 
@@ -108,6 +108,11 @@ async def test_a_database_of_the_first_schema_is_upgraded_with_its_data(tmp_path
         trace = await store.get_trace("old")
         assert trace.head_sequence == 3 and trace.status is Status.RUNNING
         assert [c.kind for c in await store.changes_after(start)] == ["trace", "message"]
+        passed_in = NewMessage(role="assistant", content="as the caller wrote it")
+        await store.append("old", passed_in, 3, token=token)
+        reply = NewMessage(role="assistant", content="the model", usage=MessageUsage(prompt_tokens=5))
+        await store.append("old", reply, 4, token=token)
+        assert (await store.get_trace("old")).usage.llm_calls == 2  # the model's reply only
     finally:
         await store.close()
 

@@ -72,6 +72,8 @@ async def test_usage_totals_accumulate_with_each_message(store):
     usage = MessageUsage(prompt_tokens=7, completion_tokens=3)
     await store.append("t1", NewMessage(role="assistant", content="y", usage=usage), 1, token=token)
     await store.append("t1", NewMessage(role="tool", content="z", tool_call_id="c"), 2, token=token)
+    passed_in = NewMessage(role="assistant", content="a caller's history: no model call")
+    await store.append("t1", passed_in, 3, token=token)
     trace = await store.get_trace("t1")
     assert trace.usage == TraceUsage(prompt_tokens=7, completion_tokens=3, llm_calls=1, tool_calls=1)
     assert (await store.get_message("t1", 2)).usage.prompt_tokens == 7

@@ -625,3 +625,13 @@ async def test_oversized_messages_are_refused_like_an_oversized_prompt(client):
     tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
     await wait_done(client, tid)
     assert "Message 2 has" in await call_error(client, "run_trace", trace_id=tid, messages=big)
+
+
+async def test_steps_count_the_models_replies_not_the_history_passed_in(client, model):
+    model.steps = [reply("Summed up.")]
+    history = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}] * 5
+    tid = (await call(client, "create_trace", messages=[*history, {"role": "user", "content": "sum up"}]))[
+        "trace_id"
+    ]
+    view = await wait_done(client, tid)
+    assert view["trace"]["steps"] == 1 and view["trace"]["usage"]["llm_calls"] == 1
