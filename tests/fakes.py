@@ -99,6 +99,27 @@ def turn_script(
     return step
 
 
+def slow_reflection(
+    answer: str, lesson: str, seconds: float, started: anyio.Event | None = None
+) -> Callable[[list[dict], list[dict]], Any]:
+    """A step that answers ``answer`` at once but takes ``seconds`` over its reflection (``started`` is set
+    as the reflection call begins): for what hosts see between an answer and its lessons."""
+
+    def step(messages: list[dict], tools: list[dict]) -> Any:
+        if "reflect on the conversation" not in (messages[-1].get("content") or ""):
+            return reply(answer)
+
+        async def later() -> ModelResponse:
+            if started is not None:
+                started.set()
+            await anyio.sleep(seconds)
+            return reply(lesson)
+
+        return later()
+
+    return step
+
+
 def models_for(**by_spec: Any) -> Callable[[str], Any]:
     """A model factory for AgentRunner(models=...) serving the given specs, else the real resolver."""
     from agent.llm.base import resolve_model

@@ -20,7 +20,7 @@ from server.app import build_server
 from server.task_views import detailed_task
 from tests.fake_openai import completion
 from tests.fake_openai import tool_call as fake_tool_call
-from tests.fakes import ScriptedModel, models_for, reply, turn_script
+from tests.fakes import ScriptedModel, models_for, reply, slow_reflection, turn_script
 from tests.fakes import call as tool_call
 from tests.npm_tools import inspector
 from tests.processes import HttpServer, relay_params, run_cli, server_pids, stop_shared_servers
@@ -292,18 +292,7 @@ async def test_a_reflection_runs_as_a_task_and_reads_back_after_a_restart(settin
 
 async def test_two_reflections_at_once_are_two_tasks(settings):
     """Same trace, same focus, same moment: each task names its own side question."""
-
-    def step(messages, tools):
-        if "reflect on the conversation" not in (messages[-1].get("content") or ""):
-            return reply("answer")
-
-        async def later():
-            await anyio.sleep(0.3)
-            return reply("- A lesson.")
-
-        return later()
-
-    models = models_for(scripted=ScriptedModel([step]))
+    models = models_for(scripted=ScriptedModel([slow_reflection("answer", "- A lesson.", 0.3)]))
     async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
         tid = (await call(client, "create_trace", prompt="x"))["trace_id"]
         await poll_until(client, tid, "completed")

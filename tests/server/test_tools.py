@@ -10,7 +10,7 @@ from mcp import Client
 
 from agent import defaults
 from tests.fakes import call as tool_call
-from tests.fakes import reply, turn_script
+from tests.fakes import reply, slow_reflection, turn_script
 from tests.server.helpers import call, call_error, full, wait_done
 
 pytestmark = pytest.mark.anyio
@@ -472,19 +472,7 @@ async def test_delete_right_after_the_answer_waits_for_the_reflection(client, mo
     """reflect=true: the trace reads completed while its reflection still holds it; a delete then waits
     for the reflection rather than calling a finished trace 'running'."""
     reflecting = anyio.Event()
-
-    def step(messages, tools):
-        if "reflect on the conversation" not in (messages[-1].get("content") or ""):
-            return reply("done")
-
-        async def later():
-            reflecting.set()
-            await anyio.sleep(0.5)
-            return reply("- Keep it short.")
-
-        return later()
-
-    model.steps = [step]
+    model.steps = [slow_reflection("done", "- Keep it short.", 0.5, reflecting)]
     tid = (await call(client, "create_trace", prompt="x", reflect=True))["trace_id"]
     with anyio.fail_after(10):
         await reflecting.wait()
@@ -496,18 +484,7 @@ async def test_delete_right_after_the_answer_waits_for_the_reflection(client, mo
 async def test_get_experiences_right_after_the_answer_has_the_automatic_reflection(client, model):
     """reflect=true: the host reads the answer while the reflection still runs; asking for the lessons at
     once (the obvious next call) waits for it instead of missing them."""
-
-    def step(messages, tools):
-        if "reflect on the conversation" not in (messages[-1].get("content") or ""):
-            return reply("done")
-
-        async def later():
-            await anyio.sleep(0.5)
-            return reply("- Check the README before answering.")
-
-        return later()
-
-    model.steps = [step]
+    model.steps = [slow_reflection("done", "- Check the README before answering.", 0.5)]
     tid = (await call(client, "create_trace", prompt="x", reflect=True))["trace_id"]
     view = await wait_done(client, tid)
     assert view["trace"]["outcome"] == "answered" and "get_experiences" in view["next"]
