@@ -28,6 +28,7 @@ MAX_MESSAGES = 10_000
 MAX_MESSAGES_CHARS = 4_000_000
 """All the messages of one call together (as JSON): what the HTTP transport's 4 MiB body cap admits."""
 MAX_SEQUENCE = 10**12
+TRACE_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
 def check_messages_size(messages: list[Any] | None) -> None:
@@ -55,7 +56,7 @@ StrList = Annotated[list[str], BeforeValidator(one_item_list)]
 TraceId = Annotated[
     str,
     Field(
-        pattern=r"^[0-9a-f]{32}$",
+        pattern=TRACE_ID_PATTERN,
         description="The trace id that create_trace returned (32 hex characters)",
     ),
 ]

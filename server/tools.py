@@ -32,6 +32,7 @@ from server.arguments import (
     MAX_TOOL_NAME_CHARS,
     MAX_TOOLS,
     MAX_UID_CHARS,
+    TRACE_ID_PATTERN,
     Sequence_,
     StrList,
     TraceId,
@@ -228,6 +229,7 @@ RunMessages = Annotated[
 ]
 
 
+TRACE_ID = re.compile(TRACE_ID_PATTERN)
 SUGGESTED_WAIT = re.compile(r"wait_seconds=\d+")
 """A wait a tool description suggests (written with the default; tools/list rewrites it to the server's)."""
 
@@ -748,10 +750,18 @@ async def targets(
     every: bool = False,
 ) -> list[str]:
     """The traces a many-trace call names: ids (each must exist, checked before anything is done), or the
-    traces with a tag: ``every`` one, else those a stop applies to (running or waiting for input)."""
+    traces with a tag: ``every`` one, else those a stop applies to (running or waiting for input).
+    ``needs`` is the refusal when nothing is named; it starts with the tool's name."""
     ids = [*([trace_id] if trace_id else []), *(trace_ids or [])]
     if not ids and tag is None:
         raise ToolError(needs)
+    tool = needs.split(" ", 1)[0]
+    for tid in trace_ids or []:
+        if not TRACE_ID.fullmatch(tid):
+            raise ToolError(
+                f"Argument 'trace_ids' of {tool} must hold trace ids (32 hex characters, as create_trace "
+                f"returned them); got {elide(tid)}."
+            )
     for tid in dict.fromkeys(ids):
         await engine.get(tid)  # an unknown id: a tool error, and nothing has been stopped yet
     if tag is not None:

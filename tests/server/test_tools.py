@@ -612,3 +612,13 @@ async def test_steps_count_the_models_replies_not_the_history_passed_in(client, 
     ]
     view = await wait_done(client, tid)
     assert view["trace"]["steps"] == 1 and view["trace"]["usage"]["llm_calls"] == 1
+
+
+async def test_a_malformed_id_in_trace_ids_is_named_as_such(client):
+    for tool in ("await_traces", "stop_trace"):
+        text = await call_error(client, tool, trace_ids=["a" * 32, "bad"])
+        assert text == (
+            f"Argument 'trace_ids' of {tool} must hold trace ids (32 hex characters, as create_trace returned "
+            "them); got 'bad'."
+        )
+    assert "There is no trace" in await call_error(client, "await_traces", trace_ids=["a" * 32])
