@@ -99,6 +99,9 @@ def sentence(error: ErrorDetails, tool: str) -> str:
     if kind in ("string_too_long", "too_long"):
         limit = ctx.get("max_length")
         unit = "characters" if kind == "string_too_long" else "items"
+        value = error.get("input")
+        if kind == "too_long" and isinstance(value, (list, tuple, dict)):
+            got = f"{len(value):,} items"  # a count says it; a repr of the list would not
         return f"{name} is too long: at most {limit} {unit} are allowed; got {got}."
     if kind in ("string_too_short", "too_short"):
         return f"{name} is too short: at least {ctx.get('min_length')} needed; got {got}."

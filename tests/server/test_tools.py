@@ -622,3 +622,8 @@ async def test_a_malformed_id_in_trace_ids_is_named_as_such(client):
             "them); got 'bad'."
         )
     assert "There is no trace" in await call_error(client, "await_traces", trace_ids=["a" * 32])
+
+
+async def test_too_many_items_are_counted_not_echoed(client):
+    text = await call_error(client, "create_trace", prompt="x", tags=["t"] * 21)
+    assert text == "Argument 'tags' of create_trace is too long: at most 20 items are allowed; got 21 items."
