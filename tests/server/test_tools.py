@@ -627,3 +627,32 @@ async def test_a_malformed_id_in_trace_ids_is_named_as_such(client):
 async def test_too_many_items_are_counted_not_echoed(client):
     text = await call_error(client, "create_trace", prompt="x", tags=["t"] * 21)
     assert text == "Argument 'tags' of create_trace is too long: at most 20 items are allowed; got 21 items."
+
+
+async def test_progress_names_the_tool_of_a_result_whose_call_is_out_of_sight(client, slow_model):
+    """45 parallel calls: the wait's look back (the last 40 messages) misses the assistant message, yet
+    every replayed result is named by its tool, looked up from its call."""
+    gate = anyio.Event()
+
+    async def hold(*args, **kwargs):
+        await gate.wait()
+        return reply("done")
+
+    calls = [tool_call("read_file", f"c{i}", path="README.md") for i in range(45)]
+    slow_model.delay = 0
+    slow_model.steps = [reply(None, *calls), hold]
+    tid = (await call(client, "create_trace", prompt="read them all", model="slow"))["trace_id"]
+    with anyio.fail_after(10):
+        while (await call(client, "get_trace", trace_id=tid))["last_sequence"] < 47:
+            await anyio.sleep(0.01)
+    progress: list[str] = []
+
+    async def on_progress(value, total, message):
+        progress.append(message)
+        if len(progress) >= 45:
+            gate.set()
+
+    arguments = {"trace_id": tid, "wait_seconds": 20, "after_sequence": 3}  # from the first result
+    await client.call_tool("get_trace", arguments, progress_callback=on_progress)
+    results = [p for p in progress if "returned" in p]
+    assert len(results) == 45 and all(p.startswith("read_file returned") for p in results)
