@@ -40,8 +40,8 @@ from server.arguments import (
 )
 from server.state import ServerState, state_of
 from server.views import (
-    AWAIT_BYTES,
     MESSAGES_VIEW_CHARS,
+    ROWS_BYTES,
     TAIL_MESSAGES,
     compact_row,
     elide,
@@ -104,6 +104,7 @@ class Reflected(BaseModel):
 class Running(BaseModel):
     running: list[str]
     traces: list[dict[str, Any]] = Field(description="compact rows with steps, started_at and last_action")
+    note: str | None = None
 
 
 class TraceAnswer(BaseModel):
@@ -521,15 +522,27 @@ def register_tools(mcp: MCPServer) -> None:
     async def list_running(ctx: Context) -> Running:
         """The traces running now, in any process sharing the store, with their steps and latest action."""
         engine = engine_of(ctx)
-        rows = []
-        for tid in (ids := await engine.running()):
+        rows: list[dict[str, Any]] = []
+        weight = 0
+        ids = await engine.running()
+        for tid in ids:
+            if weight >= ROWS_BYTES:
+                break
             trace = await engine.get(tid)
             tail = await engine.tail(tid, 2)
             row = compact_row(trace)
             row["started_at"] = trace.started_at
             row["last_action"] = one_line(tail[-1], {}) if tail else None
+            weight += size_of(row)
             rows.append(row)
-        return compact(Running(running=ids, traces=rows))  # type: ignore[return-value]
+        left = len(ids) - len(rows)
+        note = (
+            f"Rows for {left} more running traces are left out to keep this answer short; "
+            "get_trace(trace_id) shows any of them."
+            if left
+            else None
+        )
+        return compact(Running(running=ids, traces=rows, note=note), optional=("note",))  # type: ignore[return-value]
 
     @mcp.tool(title="Get trace", annotations=READ_ONLY, structured_output=True)
     @tool_errors
@@ -618,7 +631,7 @@ def register_tools(mcp: MCPServer) -> None:
         more: list[str] = []  # finished, past the answer's budget: named only
         answer_chars, weight = row_answer_chars(len(finished)), 0
         for trace in finished:
-            if more or weight >= AWAIT_BYTES:
+            if more or weight >= ROWS_BYTES:
                 more.append(trace.trace_id)
                 continue
             row = row_with_answer(trace, await engine.tail(trace.trace_id, 1), answer_chars)

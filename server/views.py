@@ -23,9 +23,9 @@ FULL_VIEW_BYTES = 900_000
 """``view=full`` pages stay under the 1 MiB message limit of common clients."""
 ANSWER_CHARS = 1500
 ROW_ANSWER_CHARS = 1000
-AWAIT_BYTES = 24_000
-"""The most the finished rows of one await_traces answer weigh (≈6k tokens) however many traces it waits on;
-rows past it are named by id only."""
+ROWS_BYTES = 24_000
+"""The most the rows of one await_traces or list_running answer weigh (≈6k tokens) however many traces
+there are; traces past it are named by id only."""
 MIN_ROW_ANSWER_CHARS = 200
 QUESTION_CHARS = 800
 LAST_TEXT_CHARS = 400
@@ -145,7 +145,7 @@ def row_with_answer(
 
 def row_answer_chars(finished: int) -> int:
     """How much of each answer await_traces shows when ``finished`` traces share its answer."""
-    return max(MIN_ROW_ANSWER_CHARS, min(ROW_ANSWER_CHARS, AWAIT_BYTES // (2 * max(1, finished))))
+    return max(MIN_ROW_ANSWER_CHARS, min(ROW_ANSWER_CHARS, ROWS_BYTES // (2 * max(1, finished))))
 
 
 def _cut_plain(text: str, limit: int) -> str:

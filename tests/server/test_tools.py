@@ -656,3 +656,20 @@ async def test_progress_names_the_tool_of_a_result_whose_call_is_out_of_sight(cl
     await client.call_tool("get_trace", arguments, progress_callback=on_progress)
     results = [p for p in progress if "returned" in p]
     assert len(results) == 45 and all(p.startswith("read_file returned") for p in results)
+
+
+async def test_list_running_stays_bounded_however_many_run(client):
+    ids = [
+        (
+            await call(
+                client, "create_trace", prompt=f"think {n}", model="slow", tags=["busy"], name="n" * 150
+            )
+        )["trace_id"]
+        for n in range(70)
+    ]
+    result = await client.call_tool("list_running", {})
+    assert len(text_of(result).encode()) < 32_000
+    shown = result.structured_content
+    assert sorted(shown["running"]) == sorted(ids) and 0 < len(shown["traces"]) < 70
+    assert f"{70 - len(shown['traces'])} more running traces" in shown["note"]
+    assert len((await call(client, "stop_trace", tag="busy"))["stopping"]) == 70
