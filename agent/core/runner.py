@@ -171,6 +171,8 @@ class AgentRunner:
                     local = self._active.get(trace_id)
                     if local is None or local.token != token:
                         await self._let_go(trace_id, token)
+                for trace_id in await self.store.stops_requested():  # in case the feed missed one
+                    self._stop_asked(trace_id)
                 await self.store.sweep()
             except Exception:
                 log.exception("renewing run leases failed; retrying")

@@ -749,6 +749,13 @@ class PostgresTraceStore:
         rows = await self._fetch("SELECT trace_id FROM traces WHERE status = 'running' ORDER BY created_at")
         return [r["trace_id"] for r in rows]
 
+    async def stops_requested(self) -> list[str]:
+        rows = await self._fetch(
+            "SELECT trace_id FROM traces WHERE owner = $1 AND run_token IS NOT NULL AND stop_requested",
+            self.owner,
+        )
+        return [r["trace_id"] for r in rows]
+
     # -- the change feed --------------------------------------------------------------------------
 
     async def last_change_id(self) -> int:

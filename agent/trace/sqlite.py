@@ -571,6 +571,13 @@ class SQLiteTraceStore:
         )
         return [r[0] for r in rows]
 
+    async def stops_requested(self) -> list[str]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT trace_id FROM traces WHERE owner = ? AND run_token IS NOT NULL AND stop_requested",
+            (self.owner,),
+        )
+        return [r[0] for r in rows]
+
     # -- the change feed --------------------------------------------------------------------------
 
     async def last_change_id(self) -> int:

@@ -181,6 +181,34 @@ async def test_reflection_happens_inside_the_claim_and_a_continuation_waits_behi
         experiences.close()
 
 
+async def test_a_stop_the_change_feed_missed_is_found_when_the_lease_is_renewed(tmp_path, monkeypatch):
+    """The feed is the quick path for another process's stop; renewing the lease is the backstop."""
+    from agent import defaults
+    from agent.trace.feed import ChangeFeed
+
+    dispatch = ChangeFeed._dispatch
+    monkeypatch.setattr(
+        ChangeFeed, "_dispatch", lambda self, c: None if c.kind == "stop" else dispatch(self, c)
+    )
+    monkeypatch.setattr(defaults, "LEASE_RENEW_SECONDS", 0.1)
+    path = tmp_path / "traces.db"
+    started = anyio.Event()
+    async with AsyncExitStack() as stack:
+        store_a = await open_store(path)
+        stack.push_async_callback(store_a.close)
+        store_b = await open_store(path)
+        stack.push_async_callback(store_b.close)
+        model = ScriptedModel([reply(None, call("slow", "s1"))])
+        a = await stack.enter_async_context(make_runner(store_a, model, slow_tool(started)))
+        trace = await a.start([user("go")], RunConfig())
+        with anyio.fail_after(5):
+            await started.wait()
+        assert await store_b.request_stop(trace.trace_id)
+        with anyio.fail_after(5):
+            final = await wait_status(store_b, trace.trace_id, Status.STOPPED)
+        assert final.stop_reason is StopReason.STOPPED and await store_a.stops_requested() == []
+
+
 async def test_two_runners_on_one_database_share_claims_stops_and_events(tmp_path):
     """Two stores on one file behave like two server processes: one run at a time, stop from either,
     and each hears the other's messages through the change feed."""

@@ -203,6 +203,7 @@ async def test_stop_requests_are_stored_for_the_owner(store):
     cursor = 0
     kinds = [(c.kind, c.trace_id) for c in await store.changes_after(cursor)]
     assert ("stop", "t1") in kinds
+    assert await store.stops_requested() == ["t1"]  # the owner's backstop reads the same request
 
 
 async def test_renew_returns_the_claims_this_process_holds(store):
