@@ -49,6 +49,7 @@ from server.views import (
     one_line,
     row_answer_chars,
     row_with_answer,
+    shorten,
     size_of,
     suggested_wait,
     summary,
@@ -736,11 +737,24 @@ def register_tools(mcp: MCPServer) -> None:
         the skills."""
         state = state_from(ctx)
         info = await state.engine.agent_info()
-        body: dict[str, Any] = {
-            "tools": [
-                {"name": t.name, "description": t.description, "server": t.server, "read_only": t.read_only}
+        tools: list[dict[str, Any]] = []
+        for limit in (None, 60, 0):  # many downstream tools: shorter descriptions, then names alone
+            tools = [
+                {"name": t.name, "server": t.server, "read_only": t.read_only}
+                | ({"description": shorten(t.description, limit)} if limit != 0 else {})
                 for t in info.tools
-            ],
+            ]
+            if size_of(tools) <= ROWS_BYTES:
+                break
+        notes = list(state.notes)
+        if limit is not None:
+            notes.append(
+                f"The {len(tools)} tools' descriptions are shortened to keep this answer short"
+                + (" (left out)" if limit == 0 else "")
+                + "; create_trace(tools=[...]) narrows what the agent may call."
+            )
+        body: dict[str, Any] = {
+            "tools": tools,
             "servers": info.servers,
             "default_model": info.default_model,
             "providers": info.providers,
@@ -748,8 +762,8 @@ def register_tools(mcp: MCPServer) -> None:
             "skills": info.skills,
             "max_wait_seconds": state.engine.settings.max_wait,
         }
-        if state.notes:
-            body["notes"] = state.notes
+        if notes:
+            body["notes"] = notes
         return compact(AgentInfoView.model_validate(body))  # type: ignore[return-value]
 
 

@@ -148,6 +148,13 @@ def row_answer_chars(finished: int) -> int:
     return max(MIN_ROW_ANSWER_CHARS, min(ROW_ANSWER_CHARS, ROWS_BYTES // (2 * max(1, finished))))
 
 
+def shorten(text: str, limit: int | None) -> str:
+    """``text`` cut at a word to about ``limit`` characters with an ellipsis (None: whole)."""
+    if limit is None or len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + "…"
+
+
 def _cut_plain(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + f"… [cut: {len(text):,} characters in all]"
 

@@ -144,3 +144,36 @@ async def test_a_server_that_cannot_start_leaves_the_rest_working(client, script
     )
     tools = {t.name: t for t in (await client.list_tools()).tools}
     assert tools["create_trace"].annotations.destructive_hint is True
+
+
+MANY_TOOLS_SERVER = """
+from mcp.server.mcpserver import MCPServer
+
+mcp = MCPServer("wide")
+for n in range(300):
+    def tool(x: int = 0) -> int:
+        return x
+    mcp.add_tool(tool, name=f"op{n}", description=f"Operation {n}: " + "does a careful thing. " * 12)
+mcp.run()
+"""
+
+
+async def test_agent_info_stays_bounded_with_hundreds_of_downstream_tools(tmp_path, workspace):
+    script = tmp_path / "wide.py"
+    script.write_text(MANY_TOOLS_SERVER)
+    config = tmp_path / "wide.json"
+    config.write_text(
+        json.dumps({"mcpServers": {"wide": {"command": sys.executable, "args": [str(script)]}}})
+    )
+    settings = Settings.for_data_dir(
+        tmp_path / "data", model="scripted", workspace=workspace, mcp_config=config
+    )
+    async with Client(build_server(settings, models=models_for(scripted=ScriptedModel([])))) as client:
+        result = await client.call_tool("agent_info", {})
+        info = result.structured_content
+        names = [t["name"] for t in info["tools"]]
+        assert sorted(f"wide__op{n}" for n in range(300)) == sorted(
+            n for n in names if n.startswith("wide__")
+        )
+        assert len(result.content[0].text.encode()) < 40_000  # every tool named, in ~24 KB of rows
+        assert "descriptions are shortened" in " ".join(info["notes"])
