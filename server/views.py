@@ -167,9 +167,11 @@ def _bounded_result(trace: Trace, limit: int) -> Any:
     return None
 
 
-def suggested_wait(max_wait: float = defaults.MAX_WAIT_SECONDS) -> int:
-    """The wait_seconds a text suggests: never above --max-wait, nor the default's 45 s."""
-    return int(min(defaults.SUGGESTED_WAIT_SECONDS, max_wait))
+def suggested_wait(max_wait: float = defaults.MAX_WAIT_SECONDS) -> int | float:
+    """The wait_seconds a text suggests: never above --max-wait, nor the default's 45 s (a whole number of
+    seconds, unless --max-wait is under one)."""
+    wait = min(defaults.SUGGESTED_WAIT_SECONDS, max_wait)
+    return int(wait) if wait >= 1 else wait
 
 
 def next_step(trace: Trace, last_sequence: int | None, max_wait: float = defaults.MAX_WAIT_SECONDS) -> str:
