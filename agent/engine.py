@@ -339,13 +339,17 @@ class Engine:
 
     # -- experiences --------------------------------------------------------------------------------------
 
-    async def settle_reflections(self, seconds: float = defaults.REFLECTION_SETTLE_SECONDS) -> bool:
-        """Wait, ``seconds`` at most, for this process's automatic reflections under way; True if none is left.
+    async def settle_reflections(self, seconds: float | None = None) -> bool:
+        """Wait, ``seconds`` at most (default: 15 s, within --max-wait), for this process's automatic
+        reflections under way; True if none is left.
 
         A ``reflect=true`` run shows its answer before it reflects, so a host that asks for the lessons right
         after reading the answer would otherwise miss them. (Reflections in other processes are not waited
         for: with the shared server, every run of a data directory is in its process.)"""
-        with anyio.move_on_after(seconds):
+        limit = (
+            min(defaults.REFLECTION_SETTLE_SECONDS, self.settings.max_wait) if seconds is None else seconds
+        )
+        with anyio.move_on_after(limit):
             await self._runner.wait_reflections()
             return True
         return False

@@ -63,9 +63,8 @@ class TraceServer(MCPServer):
         unknown = [key for key in arguments or {} if key not in known]
         if unknown:  # a misspelt argument would otherwise be dropped, and its default used unseen
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-            raise ToolError(
-                f"{name} has no argument {elide(unknown[0], 40)}{more}; its arguments are {', '.join(known)}."
-            )
+            takes = f"its arguments are {', '.join(known)}" if known else "it takes no arguments"
+            raise ToolError(f"{name} has no argument {elide(unknown[0], 40)}{more}; {takes}.")
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:

@@ -35,16 +35,20 @@ def check_messages_size(messages: list[Any] | None) -> None:
     """Refuse caller messages too large to store and send on, as an oversized prompt is refused."""
     for index, message in enumerate(messages or [], start=1):
         content = message.get("content") if isinstance(message, dict) else None
-        size = len(content) if isinstance(content, str) else len(json.dumps(content, default=str))
+        size = len(content) if isinstance(content, str) else len(_json(content))
         if content is not None and size > MAX_PROMPT_CHARS:
             raise ToolError(
                 f"Message {index} has {size:,} characters of content; the most is {MAX_PROMPT_CHARS:,}."
             )
-    total = len(json.dumps(messages or [], default=str))
+    total = len(_json(messages or []))
     if total > MAX_MESSAGES_CHARS:
         raise ToolError(
             f"messages hold {total:,} characters of JSON; the most in one call is {MAX_MESSAGES_CHARS:,}."
         )
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)  # characters as sent, not \u escapes
 
 
 def one_item_list(value: Any) -> Any:

@@ -141,6 +141,8 @@ class Run:
     finished: anyio.Event = field(default_factory=anyio.Event)
     """Set once the outcome is written (a continuation may then be queued behind the reflection)."""
     done: anyio.Event = field(default_factory=anyio.Event)
+    reflected: anyio.Event = field(default_factory=anyio.Event)
+    """Set when the latest reflection ends (a new one is armed each time the run starts reflecting)."""
     tokens_per_char: float = compaction.INITIAL_TOKENS_PER_CHAR
     _scope: anyio.CancelScope | None = None
     _wire: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -351,7 +353,11 @@ class Run:
                 self.state = "finishing"
                 with anyio.CancelScope(shield=True):
                     finished = await self._finish(outcome, keep_claim=will_reflect)
-            self.state = "reflecting" if will_reflect and not self.lost else "done"
+            if will_reflect and not self.lost:
+                self.reflected = anyio.Event()
+                self.state = "reflecting"
+            else:
+                self.state = "done"
             self.finished.set()
         for finish_event in finished:
             yield finish_event
@@ -367,6 +373,7 @@ class Run:
             log.exception("the reflection on trace %s failed", self.trace_id)
         finally:
             self.state = "done"
+            self.reflected.set()
 
     @property
     def head(self) -> int:

@@ -214,9 +214,18 @@ class AgentRunner:
             run.stop()
 
     async def wait_reflections(self) -> None:
-        """Return once no run of this process is reflecting (runs still running are not waited for)."""
+        """Return once no run of this process is reflecting (runs still running, a continuation queued
+        behind a reflection included, are not waited for)."""
         while reflecting := [run for run in self._active.values() if run.state == "reflecting"]:
-            await reflecting[0].done.wait()
+            run = reflecting[0]
+            async with anyio.create_task_group() as group:  # its reflection ends, or the whole run does
+
+                async def ended(event: anyio.Event) -> None:
+                    await event.wait()
+                    group.cancel_scope.cancel()
+
+                group.start_soon(ended, run.reflected)
+                group.start_soon(ended, run.done)
 
     async def wait_idle(self) -> None:
         """Return once this process runs nothing."""

@@ -122,9 +122,11 @@ def build_context(
 
 def _clamp(wire: list[dict[str, Any]], budget: int, ratio: float) -> None:
     """Last resort: cut the longest contents (not the system prompt or the task) to one common length, the
-    longest that fits, so a path of many middling messages fits as surely as one with a huge one."""
+    longest that fits, so a path of many middling messages fits as surely as one with a huge one.
+
+    Savings are counted as the estimate counts: in JSON characters (a newline or a quote weighs two)."""
     protected = {0, next((i for i, m in enumerate(wire) if m["role"] == "user"), 0)}
-    for _ in range(8):  # each pass recounts: the markers and the estimate's rounding may leave it over
+    for _ in range(8):  # each pass recounts: the weights are averages and the estimate rounds
         over = estimate(wire, ratio=ratio) - budget
         candidates = [
             i
@@ -136,21 +138,30 @@ def _clamp(wire: list[dict[str, Any]], budget: int, ratio: float) -> None:
         if over <= 0 or not candidates:
             return
         lengths = [len(wire[i]["content"]) for i in candidates]
-        excess = math.ceil(over / ratio) + CLAMP_MARKER_CHARS * len(candidates)
-        keep, high = 0, max(lengths)  # the longest common length that removes the excess
-        while keep < high:
-            middle = (keep + high + 1) // 2
-            if sum(max(0, n - middle) for n in lengths) >= excess:
-                keep = middle
-            else:
-                high = middle - 1
+        weights = [chars_of(wire[i]["content"]) / n for i, n in zip(candidates, lengths, strict=True)]
+        keep = _common_length(lengths, weights, math.ceil(over / ratio))
         for i in candidates:
             text = wire[i]["content"]
             if len(text) > keep:
-                wire[i] = {
-                    **wire[i],
-                    "content": f"{text[:keep]}… [cut to fit: {len(text):,} chars]",
-                }
+                wire[i] = {**wire[i], "content": f"{text[:keep]}… [cut to fit: {len(text):,} chars]"}
+
+
+def _common_length(lengths: list[int], weights: list[float], excess: int) -> int:
+    """The longest length that, cutting every longer content to it (its marker added), saves ``excess``
+    JSON characters; ``weights`` are each content's JSON characters per character."""
+
+    def saved(keep: int) -> float:
+        pairs = zip(lengths, weights, strict=True)
+        return sum((n - keep) * w - CLAMP_MARKER_CHARS for n, w in pairs if n > keep)
+
+    keep, high = 0, max(lengths)
+    while keep < high:  # saved() shrinks as keep grows: bisect
+        middle = (keep + high + 1) // 2
+        if saved(middle) >= excess:
+            keep = middle
+        else:
+            high = middle - 1
+    return keep
 
 
 def chars_of(item: Any) -> int:

@@ -206,3 +206,24 @@ async def test_a_long_history_passed_in_fits_even_the_call_that_summarises_it(st
     done = await runner.run_result([*history, {"role": "user", "content": "hello"}], RunConfig())
     assert done.trace.status is Status.COMPLETED and model.refused == 0
     assert max(model.sizes) <= BUDGET and len(model.sizes) == 2  # the summary, then the answer
+
+
+async def test_clamping_counts_what_escaping_adds_and_cuts_no_more_than_it_must(store, workspace):
+    """JSON-like text (newlines and quotes weigh two in the request): each passed-in message keeps as much
+    as fits, not nothing."""
+    record = json.dumps({"id": 1, "name": "x", "tags": ["a", "b"]}, indent=2) + "\n"
+    history = []
+    for n in range(20):
+        history += [
+            {"role": "user", "content": f"Batch {n}:\n" + record * 40},
+            {"role": "assistant", "content": f"Stored batch {n}."},
+        ]
+    model = SizeLimitedModel([reader(0)], limit=BUDGET)
+    done = await runner_for(store, model, workspace).run_result(
+        [*history, {"role": "user", "content": "hello"}], RunConfig()
+    )
+    assert done.trace.status is Status.COMPLETED and model.refused == 0
+    summary_request = model.calls[0]["messages"]
+    batches = [m["content"] for m in summary_request if (m.get("content") or "").startswith("Batch")]
+    assert len(batches) == 19 and all(len(b) > 400 for b in batches)  # the first one is the task: whole
+    assert model.sizes[0] > BUDGET * 0.6  # the request was filled, not emptied

@@ -391,3 +391,12 @@ async def test_answer_or_approve_on_a_new_trace_or_a_running_one_is_refused(stor
         with pytest.raises((InvalidMessages, TraceRunning)):
             await slow.start([], RunConfig(trace_id=trace.trace_id, answer="yes"))
         slow.stop(trace.trace_id)
+
+
+def test_only_matching_counts_against_the_pattern_budget():
+    """Slow work of other keywords (uniqueItems is quadratic) is not blamed on a fast pattern."""
+    from agent.core.patterns import bounded_validator
+
+    schema = {"properties": {"xs": {"uniqueItems": True}, "id": {"pattern": "^a"}}}
+    value = {"xs": [{"n": n} for n in range(400)], "id": "abc"}
+    assert list(bounded_validator(schema, budget=0.001).iter_errors(value)) == []

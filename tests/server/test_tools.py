@@ -590,15 +590,19 @@ async def test_a_misspelt_argument_is_refused_not_silently_dropped(client):
     assert "max_iterations" in text and len(text) < 600
     assert (await call(client, "list_traces"))["traces"] == []  # nothing was started
     assert "no argument 'wait'" in await call_error(client, "get_trace", trace_id="a" * 32, wait=30)
+    text = await call_error(client, "list_running", verbose=True)
+    assert text == "list_running has no argument 'verbose'; it takes no arguments."
 
 
 async def test_oversized_messages_are_refused_like_an_oversized_prompt(client):
     big = [{"role": "user", "content": "short"}, {"role": "user", "content": "x" * 1_000_001}]
     text = await call_error(client, "create_trace", messages=big)
     assert text == "Message 2 has 1,000,001 characters of content; the most is 1,000,000."
+    wide = [{"role": "user", "content": "中" * 700_000}]  # counted in characters, as a prompt is
+    assert (await client.call_tool("create_trace", {"messages": wide})).is_error is False
     many = [{"role": "user", "content": "y" * 900_000}] * 5
     assert "the most in one call is 4,000,000" in await call_error(client, "create_trace", messages=many)
-    assert (await call(client, "list_traces"))["traces"] == []
+    assert len((await call(client, "list_traces"))["traces"]) == 1  # the refused ones started nothing
     tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
     await wait_done(client, tid)
     assert "Message 2 has" in await call_error(client, "run_trace", trace_id=tid, messages=big)
@@ -673,3 +677,31 @@ async def test_list_running_stays_bounded_however_many_run(client):
     assert sorted(shown["running"]) == sorted(ids) and 0 < len(shown["traces"]) < 70
     assert f"{70 - len(shown['traces'])} more running traces" in shown["note"]
     assert len((await call(client, "stop_trace", tag="busy"))["stopping"]) == 70
+
+
+async def test_get_experiences_waits_for_the_reflection_not_a_continuation_queued_behind_it(client, model):
+    reflecting = anyio.Event()
+    model.steps = [slow_reflection("done", "- Read first.", 0.5, reflecting)]
+    tid = (await call(client, "create_trace", prompt="x", reflect=True))["trace_id"]
+    with anyio.fail_after(10):
+        await reflecting.wait()
+    await call(
+        client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "more"}], model="slow"
+    )
+    with anyio.fail_after(5):  # the queued continuation runs for an hour: it is not waited for
+        assert "- Read first." in (await call(client, "get_experiences"))["content"]
+    await call(client, "stop_trace", trace_id=tid)
+
+
+async def test_the_wait_for_reflections_keeps_within_max_wait(settings, model, slow_model):
+    from server.app import build_server
+    from tests.fakes import models_for
+
+    settings.max_wait = 0.5
+    model.steps = [slow_reflection("done", "- Never in time.", 3600)]
+    async with Client(build_server(settings, models=models_for(scripted=model, slow=slow_model))) as client:
+        tid = (await call(client, "create_trace", prompt="x", reflect=True))["trace_id"]
+        await wait_done(client, tid)
+        with anyio.fail_after(5):
+            assert tid not in (await call(client, "get_experiences"))["content"]
+        await call(client, "stop_trace", trace_id=tid)
