@@ -181,6 +181,16 @@ async def test_reflection_happens_inside_the_claim_and_a_continuation_waits_behi
         experiences.close()
 
 
+async def two_stores(stack: AsyncExitStack, path) -> tuple:
+    """Two stores on one database file, as two server processes have: closed when ``stack`` closes."""
+    stores = []
+    for _ in range(2):
+        store = await open_store(path)
+        stack.push_async_callback(store.close)
+        stores.append(store)
+    return tuple(stores)
+
+
 async def test_a_stop_the_change_feed_missed_is_found_when_the_lease_is_renewed(tmp_path, monkeypatch):
     """The feed is the quick path for another process's stop; renewing the lease is the backstop."""
     from agent import defaults
@@ -194,10 +204,7 @@ async def test_a_stop_the_change_feed_missed_is_found_when_the_lease_is_renewed(
     path = tmp_path / "traces.db"
     started = anyio.Event()
     async with AsyncExitStack() as stack:
-        store_a = await open_store(path)
-        stack.push_async_callback(store_a.close)
-        store_b = await open_store(path)
-        stack.push_async_callback(store_b.close)
+        store_a, store_b = await two_stores(stack, path)
         model = ScriptedModel([reply(None, call("slow", "s1"))])
         a = await stack.enter_async_context(make_runner(store_a, model, slow_tool(started)))
         trace = await a.start([user("go")], RunConfig())
@@ -215,10 +222,7 @@ async def test_two_runners_on_one_database_share_claims_stops_and_events(tmp_pat
     path = tmp_path / "traces.db"
     started = anyio.Event()
     async with AsyncExitStack() as stack:
-        store_a = await open_store(path)
-        stack.push_async_callback(store_a.close)
-        store_b = await open_store(path)
-        stack.push_async_callback(store_b.close)
+        store_a, store_b = await two_stores(stack, path)
         model = ScriptedModel([reply(None, call("slow", "s1"))])
         bus_b = EventBus()
         a = await stack.enter_async_context(make_runner(store_a, model, slow_tool(started)))
