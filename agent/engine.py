@@ -87,14 +87,6 @@ class AgentInfo:
     skills: list[dict[str, str]]
 
 
-def _one_line(description: str, limit: int = 160) -> str:
-    """A tool's description as agent_info lists it: one line, cut at a word with an ellipsis when long."""
-    text = " ".join(description.split())
-    if len(text) <= limit:
-        return text
-    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + "…"
-
-
 def providers_configured(env: dict[str, str] | None = None) -> dict[str, bool]:
     """Which providers have what they need (never the keys themselves)."""
     import os
@@ -308,7 +300,7 @@ class Engine:
 
     async def agent_info(self) -> AgentInfo:
         tools = [
-            ToolInfo(t.name, _one_line(t.description), t.group, bool(getattr(t, "read_only", False)))
+            ToolInfo(t.name, " ".join(t.description.split()), t.group, bool(getattr(t, "read_only", False)))
             for t in [*self.tools.select(None), AskHostTool()]
         ]
         servers: list[dict[str, Any]] = []

@@ -232,6 +232,8 @@ RunMessages = Annotated[
 
 
 TRACE_ID = re.compile(TRACE_ID_PATTERN)
+DESCRIPTION_CHARS = 160
+"""agent_info gives each tool one line of about this length (shorter when there are hundreds)."""
 SUGGESTED_WAIT = re.compile(r"wait_seconds=\d+")
 """A wait a tool description suggests (written with the default; tools/list rewrites it to the server's)."""
 
@@ -738,7 +740,7 @@ def register_tools(mcp: MCPServer) -> None:
         state = state_from(ctx)
         info = await state.engine.agent_info()
         tools: list[dict[str, Any]] = []
-        for limit in (None, 60, 0):  # many downstream tools: shorter descriptions, then names alone
+        for limit in (DESCRIPTION_CHARS, 60, 0):  # many downstream tools: shorter lines, then names alone
             tools = [
                 {"name": t.name, "server": t.server, "read_only": t.read_only}
                 | ({"description": shorten(t.description, limit)} if limit != 0 else {})
@@ -747,7 +749,7 @@ def register_tools(mcp: MCPServer) -> None:
             if size_of(tools) <= ROWS_BYTES:
                 break
         notes = list(state.notes)
-        if limit is not None:
+        if limit != DESCRIPTION_CHARS:
             notes.append(
                 f"The {len(tools)} tools' descriptions are shortened to keep this answer short"
                 + (" (left out)" if limit == 0 else "")

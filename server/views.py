@@ -148,9 +148,9 @@ def row_answer_chars(finished: int) -> int:
     return max(MIN_ROW_ANSWER_CHARS, min(ROW_ANSWER_CHARS, ROWS_BYTES // (2 * max(1, finished))))
 
 
-def shorten(text: str, limit: int | None) -> str:
-    """``text`` cut at a word to about ``limit`` characters with an ellipsis (None: whole)."""
-    if limit is None or len(text) <= limit:
+def shorten(text: str, limit: int) -> str:
+    """``text`` cut at a word to about ``limit`` characters with an ellipsis."""
+    if len(text) <= limit:
         return text
     return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + "…"
 
