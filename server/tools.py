@@ -613,12 +613,13 @@ def register_tools(mcp: MCPServer) -> None:
         if not ids:
             return compact(Awaited(done=[], running=[], next=f"No trace has the tag {elide(tag)}."))  # type: ignore[return-value]
         seconds, note = capped(engine, wait_seconds)
+        lines = ProgressLines(engine)
         sent = 0
 
         async def progress(trace_id: str, message: Message) -> None:
             nonlocal sent
             sent += 1
-            await ctx.report_progress(sent, None, f"{trace_id[:8]}: {one_line(message)}")
+            await ctx.report_progress(sent, None, f"{trace_id[:8]}: {await lines.line(trace_id, message)}")
 
         async def beat() -> None:
             nonlocal sent
@@ -801,29 +802,38 @@ async def targets(
     return list(dict.fromkeys(ids))
 
 
+class ProgressLines:
+    """The progress line for each message a wait hears, a tool result named by its tool: when the wait did
+    not hear the call (it was stored before the wait listened), the call is looked up, once per turn."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self._names: dict[str, dict[str, str]] = {}  # per trace: tool-call id -> tool name
+
+    async def line(self, trace_id: str, message: Message) -> str:
+        names = self._names.setdefault(trace_id, {})
+        call = message
+        while call.role == "tool" and message.tool_call_id not in names and call.parent_sequence:
+            found = await self._engine.message(trace_id, call.parent_sequence)  # past parallel results
+            if found is None:
+                break
+            call = found
+        if call is not message:
+            one_line(call, names)
+        return one_line(message, names)
+
+
 async def wait_with_progress(
     engine: Engine, ctx: Context, trace_id: str, wait_seconds: float, after_sequence: int | None
 ) -> Trace:
     """Wait for the trace to stop running, reporting each stored message as progress (and a heartbeat)."""
-    tool_names: dict[str, str] = {}
+    lines = ProgressLines(engine)
     sent = 0
-    if wait_seconds > 0:
-        for message in await engine.tail(
-            trace_id, TAIL_MESSAGES
-        ):  # name results of calls made before we listened
-            one_line(message, tool_names)
 
     async def progress(message: Message) -> None:
         nonlocal sent
         sent += 1
-        unnamed = message.role == "tool" and message.tool_call_id not in tool_names
-        if unnamed and message.parent_sequence:  # its call was stored just before the wait listened
-            parent = await engine.message(trace_id, message.parent_sequence)
-            while parent is not None and parent.role == "tool" and parent.parent_sequence:
-                parent = await engine.message(trace_id, parent.parent_sequence)  # parallel results
-            if parent is not None:
-                one_line(parent, tool_names)
-        await ctx.report_progress(sent, None, one_line(message, tool_names))
+        await ctx.report_progress(sent, None, await lines.line(trace_id, message))
 
     async def beat() -> None:
         nonlocal sent

@@ -276,6 +276,8 @@ async def test_a_wait_beats_while_other_traces_are_busy_and_await_traces_reports
         progress_callback=on_progress,
     )
     assert any(line.startswith(f"{busy[:8]}: ") for line in heard)  # one per stored message of the awaited
+    results = [line for line in heard if " returned " in line]
+    assert results and all(line.startswith(f"{busy[:8]}: read_file returned") for line in results)
     await call(client, "stop_trace", trace_ids=[quiet, busy])
 
 
