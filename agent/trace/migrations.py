@@ -185,12 +185,10 @@ def m006_steering(db: sqlite3.Connection) -> None:
     )
 
 
-def m007_compaction_records(db: sqlite3.Connection) -> None:
-    """Messages carry engine records (a context compaction); totals count compactions and tokens saved."""
-    _run_script(
-        db,
-        f"""
-        ALTER TABLE messages ADD COLUMN meta TEXT;
+def _message_trigger(model_call: str) -> str:
+    """The trigger (since migration 7) that moves the head and adds a message to its trace's totals;
+    ``model_call`` is the SQL condition for a message that counts as one model call."""
+    return f"""
         DROP TRIGGER message_appended;
         CREATE TRIGGER message_appended AFTER INSERT ON messages
         BEGIN
@@ -203,7 +201,7 @@ def m007_compaction_records(db: sqlite3.Connection) -> None:
                         + coalesce(json_extract(NEW.usage, '$.prompt_tokens'), 0),
                     '$.completion_tokens', json_extract(usage, '$.completion_tokens')
                         + coalesce(json_extract(NEW.usage, '$.completion_tokens'), 0),
-                    '$.llm_calls', json_extract(usage, '$.llm_calls') + (NEW.role = 'assistant'),
+                    '$.llm_calls', json_extract(usage, '$.llm_calls') + ({model_call}),
                     '$.tool_calls', json_extract(usage, '$.tool_calls') + (NEW.role = 'tool'),
                     '$.compactions', coalesce(json_extract(usage, '$.compactions'), 0)
                         + (json_extract(NEW.meta, '$.compaction') IS NOT NULL),
@@ -214,41 +212,18 @@ def m007_compaction_records(db: sqlite3.Connection) -> None:
             SELECT NEW.trace_id, 'message', NEW.sequence, run_token, {NOW_SECONDS}
             FROM traces WHERE trace_id = NEW.trace_id;
         END
-        """,
-    )
+        """
+
+
+def m007_compaction_records(db: sqlite3.Connection) -> None:
+    """Messages carry engine records (a context compaction); totals count compactions and tokens saved."""
+    _run_script(db, "ALTER TABLE messages ADD COLUMN meta TEXT;" + _message_trigger("NEW.role = 'assistant'"))
 
 
 def m008_model_calls_only(db: sqlite3.Connection) -> None:
     """llm_calls (a trace's steps) counts the model's replies only, which carry usage: not the assistant
     messages a caller passes in with its history."""
-    _run_script(
-        db,
-        f"""
-        DROP TRIGGER message_appended;
-        CREATE TRIGGER message_appended AFTER INSERT ON messages
-        BEGIN
-            UPDATE traces SET
-                last_sequence = NEW.sequence,
-                head_sequence = CASE WHEN NEW.side THEN head_sequence ELSE NEW.sequence END,
-                updated_at = NEW.created_at,
-                usage = json_set(usage,
-                    '$.prompt_tokens', json_extract(usage, '$.prompt_tokens')
-                        + coalesce(json_extract(NEW.usage, '$.prompt_tokens'), 0),
-                    '$.completion_tokens', json_extract(usage, '$.completion_tokens')
-                        + coalesce(json_extract(NEW.usage, '$.completion_tokens'), 0),
-                    '$.llm_calls', json_extract(usage, '$.llm_calls') + (NEW.role = 'assistant' AND NEW.usage IS NOT NULL),
-                    '$.tool_calls', json_extract(usage, '$.tool_calls') + (NEW.role = 'tool'),
-                    '$.compactions', coalesce(json_extract(usage, '$.compactions'), 0)
-                        + (json_extract(NEW.meta, '$.compaction') IS NOT NULL),
-                    '$.tokens_saved', coalesce(json_extract(usage, '$.tokens_saved'), 0)
-                        + coalesce(json_extract(NEW.meta, '$.compaction.tokens_saved'), 0))
-            WHERE trace_id = NEW.trace_id;
-            INSERT INTO changes (trace_id, kind, sequence, token, created_at)
-            SELECT NEW.trace_id, 'message', NEW.sequence, run_token, {NOW_SECONDS}
-            FROM traces WHERE trace_id = NEW.trace_id;
-        END
-        """,
-    )
+    _run_script(db, _message_trigger("NEW.role = 'assistant' AND NEW.usage IS NOT NULL"))
 
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
