@@ -121,6 +121,7 @@ async def main(model: str, workspace: str) -> None:
         for row in both["done"]:
             print(f"   fork {row['trace_id'][:8]}… of {base[:8]}…: {short(row['answer'], 100)}")
         assert {row["trace_id"] for row in both["done"]} == set(forks)
+    print(f"The traces are in {data_dir} (delete it when done).")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -18,6 +20,7 @@ from pydantic import ValidationError
 from agent import defaults
 from agent.engine import open_engine
 from agent.llm.base import Model, resolve_model
+from agent.trace.backends import store_name
 from server.arguments import validation_sentence
 from server.completions import completion_middleware
 from server.notify import Notifier, subscriptions_middleware
@@ -30,6 +33,8 @@ from server.tasks import TasksExtension
 from server.tools import patch_annotations, register_tools
 from server.version import running_version
 from server.views import elide
+
+log = logging.getLogger(__name__)
 
 
 def instructions(max_wait: float = defaults.MAX_WAIT_SECONDS) -> str:
@@ -100,6 +105,17 @@ async def annotations_middleware(ctx: ServerRequestContext[Any, Any], call_next:
     return result
 
 
+def start_notes(settings: Settings) -> list[str]:
+    """What agent_info (and the log) should tell about how the server was started."""
+    workspace = settings.workspace.resolve()
+    if workspace == Path(workspace.anchor):
+        return [
+            f"The workspace is {workspace} (hosts start servers there when no --workspace is given): the "
+            "agent's file tools can read any file this user can. Set --workspace (AGENT_TRACE_WORKSPACE)."
+        ]
+    return []
+
+
 def build_server(settings: Settings, models: Callable[[str], Model] = resolve_model) -> MCPServer:
     """``models`` resolves 'provider:name' strings; tests pass one serving a scripted model."""
     bus = InMemorySubscriptionBus()  # ours, so background runs can publish to 2026-07-28 listeners
@@ -114,7 +130,15 @@ def build_server(settings: Settings, models: Callable[[str], Model] = resolve_mo
             await group.start(notifier.pump, engine)
             await group.start(protocol_log.pump, engine)
             await group.start(tasks.serve, engine)
-            state = ServerState(settings, engine, notifier)
+            state = ServerState(settings, engine, notifier, notes=start_notes(settings))
+            log.info(
+                "serving: model %s, workspace %s, store %s",
+                settings.model,
+                settings.workspace,
+                store_name(settings.db),
+            )
+            for note in state.notes:
+                log.warning("%s", note)
             opened.append(state)
             try:
                 yield state

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import tempfile
 import textwrap
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any
 from mcp import Client
 
 from server.app import build_server
+from server.relay import console_script
 from server.settings import Settings
 
 README = """\
@@ -178,5 +180,6 @@ async def run_demo(args: argparse.Namespace | None = None) -> int:
 
     _say(f"\nDone. Trace id: {tid}")
     _say(f"Data (database, experiences.md, workspace) is in {data_dir}")
-    _say("Serve it to a host with: agent-trace-mcp --data-dir " + str(data_dir) + " --model offline")
+    command = [console_script(), "--data-dir", str(data_dir), "--workspace", str(data_dir / "workspace")]
+    _say("Serve it to a host with: " + shlex.join([*command, "--model", "offline"]))
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from server.settings import LOOPBACK_HOSTS, Settings
 from server.stream_transport import parse_frame
+
+log = logging.getLogger(__name__)
 
 LOOPBACK_ALLOWED_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
 LOOPBACK_ALLOWED_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
@@ -385,6 +388,8 @@ async def serve_http(mcp: MCPServer, settings: Settings) -> None:
     import uvicorn
 
     check_bind(settings)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    log.info("serving MCP over streamable HTTP at http://%s:%d/mcp", host, settings.port)
     config = uvicorn.Config(
         http_app(mcp, settings),
         host=settings.host,

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -345,8 +346,8 @@ def _greet(address: ServerAddress, version: str, digests: dict[str, str]) -> Cha
     if reply.get("differ"):
         log.warning(
             "the shared server (pid %s) started with other settings (%s differ from this host's): it serves "
-            "this host with its own. To apply this host's, run `agent-trace-mcp stop-server` and reconnect.",
-            reply.get("pid"), ", ".join(reply["differ"]),
+            "this host with its own. To apply this host's, run `%s` and reconnect.",
+            reply.get("pid"), ", ".join(reply["differ"]), stop_command(address.data_dir),
         )  # fmt: skip
     log.info(
         "relaying to the shared server (pid %s, version %s) at %s; its log: %s",
@@ -517,6 +518,18 @@ def relay(settings: Settings) -> int:
 # -- status and stop-server -------------------------------------------------------------------------------
 
 
+def console_script() -> str:
+    """This install's ``agent-trace-mcp`` by its absolute path (a venv's is rarely on PATH, and hosts need
+    absolute paths), else the bare name."""
+    script = Path(sys.executable).parent / "agent-trace-mcp"
+    return str(script) if script.is_file() else "agent-trace-mcp"
+
+
+def stop_command(data_dir: Path) -> str:
+    """``stop-server`` as a user can paste it, for this data directory (the default is rarely the one)."""
+    return shlex.join([console_script(), "stop-server", "--data-dir", str(data_dir)])
+
+
 def _no_server(address: ServerAddress) -> str:
     sentence = f"No shared server is running for {address.data_dir}."
     pid = read_record(address).get("pid")
@@ -563,6 +576,10 @@ def show_status(settings: Settings, as_json: bool = False) -> int:
     address = ServerAddress.of(settings.data_dir)
     reply = ask_once(address, {CONTROL_KEY: "status"}) if address.socket.exists() else None
     draining = address.draining()
+    if reply is None and as_json:
+        answer = {"state": "not running", "data_dir": str(address.data_dir), "message": _no_server(address)}
+        print(json.dumps({**answer, "draining_servers": draining}, indent=2))
+        return 1
     if reply is None:
         print(_no_server(address))
     elif as_json:
@@ -622,7 +639,7 @@ def _stop_listening_server(address: ServerAddress, channel: Channel, now: bool) 
         elif running:
             print(
                 f"Draining the shared server (pid {pid}): it exits when its {running} running trace(s) "
-                "finish. Ctrl-C leaves it draining; `agent-trace-mcp stop-server --now` stops them.",
+                f"finish. Ctrl-C leaves it draining; `{stop_command(address.data_dir)} --now` stops them.",
                 flush=True,
             )
         channel.wait_closed()

@@ -53,7 +53,12 @@ class Settings(EngineSettings):
 
 # (flag, variable, type, help); defaults are resolved in ``resolve`` because some depend on others.
 OPTIONS: list[tuple[str, str, type, str]] = [
-    ("--data-dir", "AGENT_TRACE_HOME", str, "data directory (default $XDG_DATA_HOME/agent-trace-mcp)"),
+    (
+        "--data-dir",
+        "AGENT_TRACE_HOME",
+        str,
+        "data directory (default $XDG_DATA_HOME/agent-trace-mcp, else ~/.local/share/agent-trace-mcp)",
+    ),
     ("--db", "AGENT_TRACE_DB", str, "SQLite file or postgresql:// URL (default <data-dir>/traces.db)"),
     (
         "--experiences",

@@ -37,6 +37,7 @@ from server.relay import (
     differing,
     read_record,
     settings_digests,
+    stop_command,
     try_lock,
     write_json,
 )
@@ -119,7 +120,7 @@ class SharedServer:
         self._socket_id: tuple[int, int] | None = None
         self._lock_fd: int | None = None
         self._group: TaskGroup | None = None
-        self._notes: list[str] = []  # one per kind of settings mismatch seen: for status
+        self._notes: dict[str, int] = {}  # settings-mismatch note -> connected hosts it concerns: for status
 
     def _enter_loop(self) -> None:
         # anyio primitives exist only inside the event loop
@@ -293,14 +294,17 @@ class SharedServer:
         await self._ready.wait()
         assert self._state is not None
         state = self._state
-        if differ:  # this host's agent_info says so; the others' do not
-            state = dataclasses.replace(state, notes=[*state.notes, self._note_settings(differ)])
+        note = self._note_settings(differ) if differ else None
+        if note is not None:  # this host's agent_info says so; the others' do not
+            state = dataclasses.replace(state, notes=[*state.notes, note])
         self._sessions += 1
         log.info("a host connected (%d session(s))", self._sessions)
         try:
             await serve_session(self._server, reader, stream, lifespan_state=state)
         finally:
             self._sessions -= 1
+            if note is not None:
+                self._notes[note] -= 1
             log.info("a host left (%d session(s))", self._sessions)
 
     # -- control requests --------------------------------------------------------------------------------
@@ -348,21 +352,23 @@ class SharedServer:
             "sessions": self._sessions,
             "idle_exit_seconds": self.settings.idle_exit,
             "running": running,
-            "notes": list(self._notes),
+            "notes": [note for note, hosts in self._notes.items() if hosts],
         }
 
     def _note_settings(self, differ: list[str]) -> str:
-        """The sentence for that host's ``agent_info``; logged, and kept for ``status``, once per kind."""
+        """The sentence for that host's ``agent_info``; logged once per kind, in ``status`` while such a host
+        is connected."""
         note = (
             f"This host's settings differ from the shared server's ({', '.join(differ)}); it is served with "
-            "the ones the server started with. Run `agent-trace-mcp stop-server` to restart the server with "
-            "new settings."
+            f"the ones the server started with. Run `{stop_command(self.address.data_dir)}` to restart the "
+            "server with new settings."
         )
         if note not in self._notes:
-            self._notes.append(note)
+            self._notes[note] = 0
             log.warning(
                 "a host connected with settings that differ from this server's (%s)", ", ".join(differ)
             )
+        self._notes[note] += 1
         return note
 
     # -- ending ----------------------------------------------------------------------------------------
@@ -379,7 +385,10 @@ class SharedServer:
                 self._stop_runs_asked, self.mode, self.reason = True, Mode.STOPPING, reason
                 self._group.start_soon(self._stop_runs, self._state.engine)
             return
-        log.info("shutting down: %s", reason)
+        if reason == DRAINED:
+            log.info("draining: taking no new hosts, exiting once the runs have finished")
+        else:
+            log.info("shutting down: %s", reason)
         self.reason, self._stop_runs_asked = reason, stop_runs
         self.mode = Mode.DRAINING if reason == DRAINED else Mode.STOPPING
         self._stop_listening()

@@ -40,7 +40,7 @@ from agent.errors import TraceRunning
 from agent.experiences import lessons_from_reflection
 from agent.reflection.prompt import reflection_prompt
 from agent.trace.events import MessageStored, TraceChanged
-from agent.trace.models import utc_now
+from agent.trace.models import Message, utc_now
 from server.state import state_of
 from server.task_views import (
     TERMINAL,
@@ -182,14 +182,7 @@ class _Runtime:
             raise not_found(task_id) from None
         if question is None or not question.side or question.role != "user":
             raise not_found(task_id)
-        answer = next(
-            (
-                m
-                for m in await self.engine.tree(trace_id)
-                if m.parent_sequence == question.sequence and m.side and m.role == "assistant"
-            ),
-            None,
-        )
+        answer = await self._answer_to(trace_id, question.sequence)
         if answer is None and _age_seconds(question.created_at) < REFLECTION_GRACE_SECONDS:
             task = task_fields(task_id, "working", question.created_at, question.created_at, self.ttl_ms)
             return task | {"statusMessage": "reflecting", "pollIntervalMs": 2000}
@@ -205,6 +198,17 @@ class _Runtime:
                 compact(Reflected(trace_id=trace_id, reflection=_clip(reflection), lessons=lessons))
             )
         return task | {"statusMessage": "Reflected.", "result": result}
+
+    async def _answer_to(self, trace_id: str, sequence: int) -> Message | None:
+        """The stored reflection answering the side question at ``sequence``, if there is one."""
+        return next(
+            (
+                m
+                for m in await self.engine.tree(trace_id)
+                if m.parent_sequence == sequence and m.side and m.role == "assistant"
+            ),
+            None,
+        )
 
     def _reflection_wire(self, record: _Reflection) -> dict[str, Any]:
         if not record.done.is_set():
@@ -255,6 +259,7 @@ class _Runtime:
                     )
                     if message.side and message.role == "user" and message.content == prompt and not taken:
                         record.sequence = message.sequence
+                        record.created_at = record.updated_at = message.created_at  # as read back later
                         self._remember(record)  # before anything can announce it
                         waiting.cancel_scope.cancel()
 
@@ -288,6 +293,10 @@ class _Runtime:
                 }
         record.cancelled = record.scope.cancelled_caught
         record.updated_at = utc_now()
+        if record.sequence is not None and record.result is not None and not record.cancelled:
+            with contextlib.suppress(TraceError):  # the time a restarted server reads back (gone if deleted)
+                answer = await self._answer_to(record.trace_id, record.sequence)
+                record.updated_at = answer.created_at if answer is not None else record.updated_at
         record.done.set()
         if record.sequence is not None:
             await self.announce(record.task_id)

@@ -565,9 +565,7 @@ def register_tools(mcp: MCPServer) -> None:
         ] = "summary",
         max_chars: Annotated[
             int,
-            Field(
-                ge=100, le=MESSAGES_VIEW_CHARS, description="view=messages: cut each message at this length"
-            ),
+            Field(ge=0, le=MESSAGES_VIEW_CHARS, description="view=messages: cut each message at this length"),
         ] = 2000,
     ) -> TraceAnswer:
         """The trace as a compact summary (answer, question, latest steps) by default; with wait_seconds, a

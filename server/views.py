@@ -219,6 +219,7 @@ def summary(
     answer = answer_of(trace, tail)
     last_text = last_text_of(tail)
     last_sequence = tail[-1].sequence if tail else None
+    steps = [m for m in tail if m.role != "system" or m.sequence != 1]  # the host wrote the system prompt
     limits = [  # tighter and tighter until it fits (multi-byte text weighs more than its characters)
         (ANSWER_CHARS, LAST_TEXT_CHARS, RECENT_LINES, QUESTION_CHARS, None),
         (600, 200, 3, 400, None),
@@ -237,7 +238,7 @@ def summary(
             "result": result,
             "question": _cut_plain(trace.question, question_chars) if trace.question else None,
             "last_text": cut(last_text.content, last_chars, tid, last_text.sequence) if last_text else None,
-            "recent": [f"#{m.sequence} {one_line(m, names)}" for m in tail[-lines:]],
+            "recent": [f"#{m.sequence} {one_line(m, names)}" for m in steps[-lines:]],
             "last_sequence": last_sequence,
             "next": (f"{note} " if note else "")
             + (_result_left_out(trace, answer) if result is None and trace.result is not None else "")

@@ -21,6 +21,8 @@ EXCERPT_LIMIT = 400
 DIGEST_LIMIT = 1_500
 _DIGEST_EXCERPT = 120
 _COMPACTION_REQUEST = re.compile(r"summari[sz]e the conversation so far", re.IGNORECASE)
+_CURATION_REQUEST = re.compile(r"curate a list of lessons", re.IGNORECASE)
+_LISTED_LESSON = re.compile(r"^\d+\. \[(?P<id>[^\]\s]+)\] (?P<rest>\(.*)$")
 _QUESTION_WORDS = ("question", "ask", "prompt")
 _LEAD_IN = re.compile(
     r"^(?:[\s:,;\-–—]+|(?:to|and|then|please|ask|asking|the host|the user|me|whether|if|about|for|"
@@ -469,6 +471,31 @@ def _plain_answer(messages: list[dict[str, Any]], user_text: str, functions: lis
     return " ".join(parts)
 
 
+def _after_group(text: str) -> str | None:
+    """``text`` after its leading balanced ``( … )`` group and a space (a lesson's date and heading)."""
+    depth = 0
+    for index, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return text[index + 1 :].strip() if text[index + 1 : index + 2] == " " else None
+    return None
+
+
+def _curation_plan(listing: str) -> str:
+    """A consolidation plan that merges lessons saying the same words (case, spacing and end punctuation
+    aside) and keeps every other lesson as it is: the offline model drops nothing."""
+    groups: dict[str, tuple[str, list[str]]] = {}
+    for line in listing.splitlines():
+        match = _LISTED_LESSON.match(line.strip())
+        text = _after_group(match["rest"]) if match else None
+        if match is None or not text:
+            continue
+        key = " ".join(text.casefold().split()).rstrip(".!;: ")
+        groups.setdefault(key, (text, []))[1].append(match["id"])
+    keep = [{"text": text, "from": ids} for text, ids in groups.values()]
+    return json.dumps({"keep": keep, "drop": []}, ensure_ascii=False)
+
+
 def _estimate_tokens(value: Any) -> int:
     text = (
         value
@@ -484,8 +511,9 @@ class OfflineModel:
     Given the last user message it (a) calls each offered tool the text names, with schema-valid
     arguments taken from the text (never with ``tool_choice="none"``), ids numbered on from the calls
     already in the conversation; (b) once tool results follow, summarises them; (c) answers a
-    compaction request ("summarise the conversation so far") with a bounded digest, and a reflection
-    request ("reflect", "lesson") with lesson bullets built from the conversation; (d) otherwise replies
+    compaction request ("summarise the conversation so far") with a bounded digest, a reflection
+    request ("reflect", "lesson") with lesson bullets built from the conversation, and a curation request
+    (consolidation) with a plan merging lessons that say the same words; (d) otherwise replies
     quoting the request. With a ``response_schema`` its text answers are JSON valid for the schema.
     ``delay`` sleeps before answering, to demo stopping a run.
     """
@@ -537,6 +565,11 @@ class OfflineModel:
             after = messages[last_user + 1 :]
             if any(m.get("role") == "tool" for m in after):
                 content = _summary(after)
+            elif (
+                _CURATION_REQUEST.search(_text(messages[0].get("content")))
+                and messages[0].get("role") == "system"
+            ):
+                content = _curation_plan(user_text)
             elif _COMPACTION_REQUEST.search(user_text):
                 content = _digest(messages[:last_user])
             elif re.search(r"reflect|lesson", user_text, re.IGNORECASE):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from agent import defaults
 
@@ -13,6 +14,28 @@ if TYPE_CHECKING:  # the relay reads is_postgres_url and must not load the model
 
 def is_postgres_url(db: str | Path) -> bool:
     return str(db).startswith(("postgresql://", "postgres://"))
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (in the user part or a ``password`` parameter) replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    query = urlencode(
+        [
+            (k, "***" if "password" in k.lower() else v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        ],
+        safe="*,",
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def store_name(db: str | Path) -> str:
+    """The store as logs may name it: a database URL without its password, or the SQLite file."""
+    return redact_url(str(db)) if is_postgres_url(db) else str(db)
 
 
 async def open_store(

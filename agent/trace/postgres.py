@@ -20,13 +20,14 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import anyio
 import asyncpg
 
 from agent import defaults
 from agent.errors import TraceError, TraceNotFound, TraceRunning
+from agent.trace.backends import redact_url
 from agent.trace.models import Message, NewMessage, Status, StopReason, Trace, TraceConfig
 from agent.trace.pg_migrations import Db, migrate
 from agent.trace.rows import (
@@ -82,23 +83,6 @@ class WriteOutcomeUnknown(TraceError):
             f"The connection to the trace database dropped while a write to {what or f'trace {trace_id!r}'} "
             "was being committed; it may or may not have been stored."
         )
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (in the user part or a ``password`` parameter) replaced by ``***``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
-    query = urlencode(
-        [
-            (k, "***" if "password" in k.lower() else v)
-            for k, v in parse_qsl(parts.query, keep_blank_values=True)
-        ],
-        safe="*,",
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _reason(exc: BaseException) -> str:

@@ -394,3 +394,28 @@ async def test_the_engine_keeps_experiences_in_postgresql_and_the_file_beside_sq
     assert (tmp_path / "experiences.md").read_text(encoding="utf-8").count(
         "A lesson"
     ) == 1  # the file one only
+
+
+def test_the_command_refuses_a_missing_import_file_or_export_folder(tmp_path, capsys):
+    """`experiences import` of a file that is not there would empty the lessons; `export` into a folder
+    that does not exist would make it: both are a sentence and change nothing."""
+    from server.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "experiences.md").write_text(
+        "## " + TID_A + " (2026-11-26 14:05)\n- Keep me.\n", encoding="utf-8"
+    )
+    before = (data / "experiences.md").read_bytes()
+    missing = tmp_path / "nope.md"
+    assert main(["experiences", "import", str(missing), "--data-dir", str(data)]) == 2
+    assert f"{missing} is not a file (nothing was changed)" in capsys.readouterr().err
+    nowhere = tmp_path / "no-such-folder" / "out.md"
+    assert main(["experiences", "export", str(nowhere), "--data-dir", str(data)]) == 2
+    assert f"the folder {nowhere.parent} does not exist" in capsys.readouterr().err
+    assert not nowhere.parent.exists()
+    assert main(["experiences", "export", str(tmp_path), "--data-dir", str(data)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert (data / "experiences.md").read_bytes() == before
+    assert main(["experiences", "export", str(tmp_path / "out.md"), "--data-dir", str(data)]) == 0
+    assert "wrote 1 section(s), 1 lesson(s)" in capsys.readouterr().out

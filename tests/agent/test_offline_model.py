@@ -381,3 +381,26 @@ async def test_a_response_schema_does_not_stop_tool_calls():
         convo("x")[:1] + [{"role": "user", "content": "hello"}], [], temperature=0, response_schema=schema
     )
     assert json.loads(summary.content)["a"].startswith('You asked: "hello".')
+
+
+async def test_consolidation_merges_lessons_that_say_the_same_words_and_drops_none(tmp_path):
+    """The demo model can curate: `consolidate` on the offline model merges duplicates, keeps the rest."""
+    from agent.experiences.consolidate import consolidate
+    from agent.experiences.file import ExperienceFile
+
+    path = tmp_path / "experiences.md"
+    path.write_text(
+        "## "
+        + "a" * 32
+        + " (2026-11-26 14:05)\n- Read the README first.\n- Check the tests (all of them).\n\n"
+        "## " + "b" * 32 + " (2026-11-27 10:00)\n- read the  README first\n- Prefer small diffs.\n",
+        encoding="utf-8",
+    )
+    result = await consolidate(ExperienceFile(path), OfflineModel(), budget=0, force=True)
+    assert (result.before, result.after, result.merged, result.dropped) == (4, 3, 1, [])
+    assert result.skipped_reason is None and result.backup_path is not None
+    text = path.read_text(encoding="utf-8")
+    assert text.count("README first") == 1
+    assert "Check the tests (all of them)." in text and "Prefer small diffs." in text
+    again = await consolidate(ExperienceFile(path), OfflineModel(), budget=0, force=True)
+    assert (again.before, again.after, again.merged) == (3, 3, 0)

@@ -22,9 +22,9 @@ if PG_URL is None:
 
 from agent.errors import TraceError, TraceRunning
 from agent.trace import pg_migrations
-from agent.trace.backends import open_store
+from agent.trace.backends import open_store, redact_url
 from agent.trace.models import NewMessage, Status, StopReason, Trace, TraceConfig
-from agent.trace.postgres import DatabaseUnreachable, PostgresTraceStore, _settings, redact_url
+from agent.trace.postgres import DatabaseUnreachable, PostgresTraceStore, _settings
 from agent.trace.store import new_token
 
 pytestmark = pytest.mark.anyio

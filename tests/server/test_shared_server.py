@@ -289,11 +289,12 @@ async def test_a_host_with_other_settings_is_served_and_told(tmp_path, workspace
                 tid = (await call(second, "create_trace", prompt="hello"))["trace_id"]
                 view = await wait_done(second, tid)
                 told = await call(second, "agent_info")
+                notes = status(tmp_path)["notes"]
         assert view["trace"]["model"] == "offline"  # the server's start-up model
         assert "--model differ" in errlog.read_text()
-        notes = status(tmp_path)["notes"]
-        assert len(notes) == 1 and "--model" in notes[0]
+        assert len(notes) == 1 and "--model" in notes[0] and "stop-server --data-dir" in notes[0]
         assert told["notes"] == notes  # what the differing host's model reads
+        await wait_until(lambda: status(tmp_path)["notes"] == [])  # that host has left: status says no more
         async with Client(relay_params(tmp_path, workspace), mode="legacy") as third:
             info = await call(third, "agent_info")
         assert "notes" not in info  # a host whose settings match is told nothing

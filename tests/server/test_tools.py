@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anyio
 import pytest
 from mcp import Client
 
 from agent import defaults
+from server.app import build_server
+from server.settings import Settings
 from tests.fakes import call as tool_call
-from tests.fakes import reply, slow_reflection, turn_script
+from tests.fakes import models_for, reply, slow_reflection, turn_script
 from tests.server.helpers import call, call_error, full, wait_done
 
 pytestmark = pytest.mark.anyio
@@ -65,6 +68,7 @@ async def test_create_then_get_trace_summary_is_small_and_says_what_happened(cli
     assert view["last_text"] == view["answer"]  # the latest assistant text, whatever the state
     assert view["recent"][-3].startswith("#3 assistant called read_file(")
     assert view["recent"][-2].startswith("#4 read_file returned")
+    assert view["recent"][0].startswith("#2 user")  # not the system prompt: the host wrote it
     assert view["last_sequence"] == 5 and view["next"].startswith("Done.")
     assert trace["steps"] == 2 and trace["usage"]["tool_calls"] == 1
 
@@ -104,6 +108,9 @@ async def test_view_messages_cuts_each_message_and_pages(client, model, workspac
         and f"trace://{tid}/messages/4" in tool_message["content"]
     )
     assert "9,000 characters in all" in tool_message["content"]
+    outline = await call(client, "get_trace", trace_id=tid, view="messages", max_chars=0)  # markers only
+    read = next(m for m in outline["messages"] if m["role"] == "tool")
+    assert read["content"].startswith(f"… [cut: 9,000 characters in all; read trace://{tid}/messages/4")
     after = await call(client, "get_trace", trace_id=tid, view="messages", after_sequence=3)
     assert [m["sequence"] for m in after["messages"]] == [4, 5]
     whole = await full(client, tid)
@@ -330,6 +337,15 @@ async def test_agent_info_lists_tools_servers_models_workspace(client, workspace
     for tool in info["tools"]:  # one line each, cut at a word with an ellipsis when long
         assert len(tool["description"]) <= 161 and "\n" not in tool["description"]
         assert len(tool["description"]) < 150 or tool["description"].endswith(("…", "."))
+
+
+async def test_agent_info_warns_when_the_workspace_is_the_filesystem_root(tmp_path, model):
+    """Hosts start servers in / : a server left on that default can read every file, and says so."""
+    settings = Settings.for_data_dir(tmp_path / "data", model="scripted", workspace=Path("/"))
+    async with Client(build_server(settings, models=models_for(scripted=model))) as root_client:
+        info = await call(root_client, "agent_info")
+    assert info["workspace"] == "/"
+    assert any(n.startswith("The workspace is / ") and "--workspace" in n for n in info["notes"])
 
 
 async def test_errors_are_one_sentence_naming_the_argument_and_change_nothing(client):
