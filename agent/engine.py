@@ -34,7 +34,7 @@ from agent.tools.mcp import McpServers, load_mcp_config
 from agent.tools.registry import ToolRegistry
 from agent.trace.backends import open_store
 from agent.trace.events import EventBus, ExperiencesChanged, MessageStored, TraceChanged, TraceEvent
-from agent.trace.models import Message, Status, Trace
+from agent.trace.models import Message, RunHandle, Status, Trace
 from agent.trace.store import TracePage, TraceStore
 
 log = logging.getLogger(__name__)
@@ -194,6 +194,20 @@ class Engine:
     async def tail(self, trace_id: str, count: int) -> list[Message]:
         """The last ``count`` messages of the active path (cheap on a long trace)."""
         return await self._store.get_tail(trace_id, count)
+
+    # -- run handles: what a server gave out for runs (MCP tasks), durable like the trace ----------------
+
+    async def add_handle(self, handle_id: str, trace_id: str) -> RunHandle:
+        return await self._store.add_handle(handle_id, trace_id)
+
+    async def end_handle(self, handle_id: str, final: dict[str, Any]) -> None:
+        await self._store.end_handle(handle_id, final)
+
+    async def handle(self, handle_id: str) -> RunHandle | None:
+        return await self._store.get_handle(handle_id)
+
+    async def open_handle(self, trace_id: str) -> RunHandle | None:
+        return await self._store.open_handle(trace_id)
 
     async def wait(
         self,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from agent.tools.ask import ASK_HOST, question_of
-from agent.trace.models import Message, Outcome, Status, ToolCall, Trace
+from agent.trace.models import Message, Outcome, Status, ToolCall, Trace, utc_now
 from server.views import one_line, summary
 
 TaskStatus = Literal["working", "input_required", "completed", "failed", "cancelled"]
@@ -181,6 +181,16 @@ def task_fields(
         "createdAt": created_at,
         "lastUpdatedAt": updated_at,
         "ttlMs": ttl_ms,
+    }
+
+
+def superseded(detailed: Mapping[str, Any]) -> dict[str, Any]:
+    """How a task a later run superseded before it ended (paused for input, or racing) stays: cancelled."""
+    task = task_fields(
+        detailed["taskId"], "cancelled", detailed["createdAt"], utc_now(), detailed.get("ttlMs")
+    )
+    return task | {
+        "statusMessage": "Superseded: run_trace started a new run of the trace before this one ended."
     }
 
 

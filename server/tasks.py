@@ -1,10 +1,12 @@
 """The Tasks extension (``io.modelcontextprotocol/tasks``, SEP-2663) for 2026-07-28 clients that declare it.
 
-``create_trace`` / ``run_trace`` answer with a task handle whose id is the trace id, so a task is as durable
-as the trace and survives a restart; ``tasks/get`` reads the trace (``working``, ``input_required`` with an
+``create_trace`` answers with a task handle whose id is the trace id, ``run_trace`` with a new task
+``<trace_id>.run.<hex>`` (an answer or approval goes on with the task it answers), so a task is as durable as
+the trace and survives a restart; ``tasks/get`` reads the trace (``working``, ``input_required`` with an
 elicitation for the agent's question or tool approval, ``completed`` with the compact summary,
-``cancelled`` once stopped); ``tasks/update`` answers or approves and the run goes on; ``tasks/cancel``
-stops it as ``stop_trace`` does. ``reflect_trace`` runs in the background as task ``<trace_id>.reflection.<n>``
+``cancelled`` once stopped); a task a later run supersedes keeps the view it ended with (the store's run
+handles), so a terminal task stays terminal; ``tasks/update`` answers or approves and the run goes on;
+``tasks/cancel`` stops it as ``stop_trace`` does. ``reflect_trace`` runs in the background as task ``<trace_id>.reflection.<n>``
 (``n``: the sequence of its stored question), read back from the store after a restart.
 ``subscriptions/listen`` streams that name ``taskIds`` get ``notifications/tasks``: the SDK's listen handler
 cannot carry them (its bus knows four event kinds and its ack drops ``taskIds``), so such streams are
@@ -16,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +45,7 @@ from agent.experiences import lessons_from_reflection
 from agent.reflection.prompt import reflection_prompt
 from agent.trace.events import MessageStored, TraceChanged
 from agent.trace.models import Message, utc_now
+from server.arguments import TRACE_ID_PATTERN
 from server.state import state_of
 from server.task_views import (
     TERMINAL,
@@ -48,6 +53,7 @@ from server.task_views import (
     detailed_task,
     pending_requests,
     reply_to,
+    superseded,
     task_fields,
     task_handle,
 )
@@ -57,9 +63,11 @@ from server.views import TAIL_MESSAGES, elide
 log = logging.getLogger(__name__)
 
 TASKS = "io.modelcontextprotocol/tasks"
+TRACE_ID = re.compile(TRACE_ID_PATTERN)
 TASK_TOOLS = frozenset({"create_trace", "run_trace", "reflect_trace"})
 MODERN = frozenset(MODERN_PROTOCOL_VERSIONS)
 REFLECTION = ".reflection."
+RUN = ".run."
 MAX_TASK_ID_CHARS = 120
 MAX_LISTENED_TASKS = 100
 MAX_TASK_STREAMS = 256
@@ -164,11 +172,29 @@ class _Runtime:
         trace_id, _, sequence = task_id.partition(REFLECTION)
         if sequence:
             return await self._reflection_task(task_id, trace_id, sequence)
+        trace_id = trace_of(task_id)
+        handle = await self.engine.handle(task_id)
+        if handle is not None and handle.final is not None:
+            return handle.final  # superseded by a later run: as it ended
+        if handle is None and task_id != trace_id:
+            raise not_found(task_id)
         try:
             trace = await self.engine.get(trace_id)
         except TraceError:
             raise not_found(task_id) from None
-        return detailed_task(trace, await self.engine.tail(trace_id, TAIL_MESSAGES), self.ttl_ms)
+        task = detailed_task(trace, await self.engine.tail(trace_id, TAIL_MESSAGES), self.ttl_ms)
+        if handle is not None and task_id != trace_id:
+            task |= {"taskId": task_id, "createdAt": handle.created_at}
+        return task
+
+    async def current_task(self, trace_id: str) -> str | None:
+        """The trace's task that has not ended: the newest run handle, else the trace's own id (the task
+        of create_trace) unless a later run superseded it."""
+        handle = await self.engine.open_handle(trace_id)
+        if handle is not None:
+            return handle.handle_id
+        own = await self.engine.handle(trace_id)
+        return trace_id if own is None or own.final is None else None
 
     async def _reflection_task(self, task_id: str, trace_id: str, sequence: str) -> dict[str, Any]:
         record = self.reflections.get(task_id)
@@ -225,14 +251,47 @@ class _Runtime:
 
     # -- tools/call as a task ----------------------------------------------------------------------
 
-    async def trace_handle(self, result: HandlerResult) -> HandlerResult:
-        """create_trace / run_trace have stored and started the trace: answer with its task handle."""
-        if not isinstance(result, types.CallToolResult) or result.is_error:
+    async def trace_handle(
+        self, tool: str, arguments: Mapping[str, Any], result: HandlerResult
+    ) -> HandlerResult:
+        """create_trace / run_trace have stored and started the trace: answer with its task handle (the
+        trace id for create_trace; the task it answers for an answer or approval; else a new one)."""
+        if not started(result):
             return result  # a refusal stays the plain tool error it always was
+        assert isinstance(result, types.CallToolResult)
         trace_id = (result.structured_content or {}).get("trace_id")
         if not isinstance(trace_id, str):
             return result
-        return task_handle(await self.detailed(trace_id))
+        task_id = trace_id if tool == "create_trace" else None
+        if tool == "run_trace" and answers(arguments):
+            task_id = await self.current_task(trace_id)
+        if task_id is None:
+            task_id = f"{trace_id}{RUN}{secrets.token_hex(4)}"
+            await self.engine.add_handle(task_id, trace_id)
+        return task_handle(await self.detailed(task_id))
+
+    async def run_trace(
+        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, arguments: Mapping[str, Any]
+    ) -> HandlerResult:
+        """Any client's run_trace that is not an answer starts a new run: the task the trace had ends
+        with the view it has now (a paused or racing one reads ``cancelled``), and stays so."""
+        trace_id = arguments.get("trace_id")
+        if answers(arguments) or not isinstance(trace_id, str):
+            return await call_next(ctx)
+        current = await self.current_task(trace_id) if TRACE_ID.fullmatch(trace_id) else None
+        before: dict[str, Any] | None = None
+        if current is not None:
+            with contextlib.suppress(MCPError):
+                before = await self.detailed(current)
+        result = await call_next(ctx)
+        if current is not None and before is not None and started(result):
+            final = before if before["status"] in TERMINAL else superseded(before)
+            try:
+                await self.engine.add_handle(current, trace_id)
+                await self.engine.end_handle(current, final)
+            except Exception:  # the run has started: the host must hear so, whatever the bookkeeping
+                log.exception("could not record that task %s ended", current)
+        return result
 
     async def reflect(
         self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, arguments: Mapping[str, Any]
@@ -314,9 +373,10 @@ class _Runtime:
         task = await self.detailed(task_id)  # -32602 for an unknown task
         if REFLECTION in task_id or task["status"] != "input_required":
             return
-        trace = await self.engine.get(task_id)
+        trace_id = trace_of(task_id)
+        trace = await self.engine.get(trace_id)
         outstanding = {
-            r.key: r for r in pending_requests(trace, await self.engine.tail(task_id, TAIL_MESSAGES))
+            r.key: r for r in pending_requests(trace, await self.engine.tail(trace_id, TAIL_MESSAGES))
         }
         replies: dict[str, tuple[str, Reply]] = {}
         for key, response in responses.items():
@@ -328,9 +388,9 @@ class _Runtime:
         first = approval or question
         if first is None:
             return
-        await self._resume(task_id, first[1])
+        await self._resume(trace_id, first[1])
         if approval is not None and question is not None:  # the run pauses again for the question
-            self.group.start_soon(self._answer_when_paused, task_id, *question)
+            self.group.start_soon(self._answer_when_paused, trace_id, *question)
 
     async def _resume(self, trace_id: str, reply: Reply) -> bool:
         try:
@@ -358,7 +418,7 @@ class _Runtime:
         if record is not None:
             record.scope.cancel()
         elif REFLECTION not in task_id:
-            await self.engine.stop(task_id)
+            await self.engine.stop(trace_of(task_id))
 
     # -- notifications/tasks -----------------------------------------------------------------------
 
@@ -379,7 +439,7 @@ class _Runtime:
             task_id
             for listener in self.listeners
             for task_id in listener.task_ids
-            if task_id.partition(REFLECTION)[0] == trace_id and REFLECTION not in task_id
+            if trace_of(task_id) == trace_id and REFLECTION not in task_id
         }
 
     async def announce(self, *task_ids: str) -> None:
@@ -443,12 +503,21 @@ class TasksExtension(Extension):
     async def intercept_tool_call(
         self, params: types.CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> HandlerResult:
+        arguments = params.arguments or {}
+        if params.name == "run_trace" and not self.offered(ctx):  # any client's new run ends the task
+            state = state_of(ctx.lifespan_context)
+            runtime = self._runtimes.get(state.engine) if state is not None else None
+            return await (runtime.run_trace(ctx, call_next, arguments) if runtime else call_next(ctx))
         if params.name not in TASK_TOOLS or not self.offered(ctx):
             return await call_next(ctx)
         runtime = self._runtime(ctx)
         if params.name == "reflect_trace":
             return await runtime.reflect(ctx, call_next, params.arguments or {})
-        return await runtime.trace_handle(await call_next(ctx))
+        if params.name == "run_trace":
+            return await runtime.trace_handle(
+                params.name, arguments, await runtime.run_trace(ctx, call_next, arguments)
+            )
+        return await runtime.trace_handle(params.name, arguments, await call_next(ctx))
 
     # -- tasks/* -----------------------------------------------------------------------------------
 
@@ -575,6 +644,20 @@ class TasksExtension(Extension):
             send.close()
             receive.close()
         return {"_meta": meta}
+
+
+def trace_of(task_id: str) -> str:
+    """The trace a task id names (``<trace_id>``, ``<trace_id>.run.<hex>``, ``<trace_id>.reflection.<n>``)."""
+    return task_id.partition(".")[0]
+
+
+def answers(arguments: Mapping[str, Any]) -> bool:
+    """A run_trace that answers a question or an approval: it goes on with the paused task."""
+    return arguments.get("answer") is not None or arguments.get("approve") is not None
+
+
+def started(result: HandlerResult) -> bool:
+    return isinstance(result, types.CallToolResult) and not result.is_error
 
 
 def _wire_result(result: HandlerResult) -> dict[str, Any]:

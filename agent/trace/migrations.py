@@ -226,6 +226,22 @@ def m008_model_calls_only(db: sqlite3.Connection) -> None:
     _run_script(db, _message_trigger("NEW.role = 'assistant' AND NEW.usage IS NOT NULL"))
 
 
+def m009_run_handles(db: sqlite3.Connection) -> None:
+    """Handles given out for runs (MCP tasks), with the view each keeps once a later run supersedes it."""
+    _run_script(
+        db,
+        """
+        CREATE TABLE run_handles (
+            handle_id   TEXT PRIMARY KEY,
+            trace_id    TEXT NOT NULL REFERENCES traces (trace_id),
+            created_at  TEXT NOT NULL,
+            final       TEXT
+        );
+        CREATE INDEX run_handles_by_trace ON run_handles (trace_id, created_at)
+        """,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial,
     m002_recalled_lessons,
@@ -235,6 +251,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m006_steering,
     m007_compaction_records,
     m008_model_calls_only,
+    m009_run_handles,
 ]
 
 

@@ -6,6 +6,7 @@ Messages are OpenAI chat format throughout, so a stored path can be sent to a mo
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
@@ -189,3 +190,14 @@ class Trace(BaseModel):
     @property
     def outcome(self) -> Outcome:
         return outcome_of(self.status, self.stop_reason)
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """A handle a server gave out for a run (an MCP task), kept so it reads the same after a restart;
+    ``final`` is the view it ended with, stored once a later run of its trace superseded it."""
+
+    handle_id: str
+    trace_id: str
+    created_at: str
+    final: dict[str, Any] | None = None

@@ -235,6 +235,22 @@ async def m006_changes_logged_at_commit(db: Db) -> None:
     )
 
 
+async def m007_run_handles(db: Db) -> None:
+    """Handles given out for runs (MCP tasks), with the view each keeps once a later run supersedes it."""
+    await db.execute(
+        """
+        CREATE TABLE run_handles (
+            handle_id   text COLLATE "C" PRIMARY KEY,
+            trace_id    text COLLATE "C" NOT NULL REFERENCES traces (trace_id) ON DELETE CASCADE,
+            created_at  text COLLATE "C" NOT NULL,
+            seq         bigserial,
+            final       json
+        );
+        CREATE INDEX run_handles_by_trace ON run_handles (trace_id, created_at, seq);
+        """
+    )
+
+
 Migration = Callable[[Db], Awaitable[None]]
 
 MIGRATIONS: list[Migration] = [
@@ -244,6 +260,7 @@ MIGRATIONS: list[Migration] = [
     m004_compaction_records,
     m005_experiences,
     m006_changes_logged_at_commit,
+    m007_run_handles,
 ]
 
 

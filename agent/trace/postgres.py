@@ -28,13 +28,15 @@ import asyncpg
 from agent import defaults
 from agent.errors import TraceError, TraceNotFound, TraceRunning
 from agent.trace.backends import redact_url
-from agent.trace.models import Message, NewMessage, Status, StopReason, Trace, TraceConfig
+from agent.trace.models import Message, NewMessage, RunHandle, Status, StopReason, Trace, TraceConfig
 from agent.trace.pg_migrations import Db, migrate
 from agent.trace.rows import (
+    HANDLE_COLUMNS,
     MESSAGE_COLUMNS,
     N_MESSAGE,
     N_TRACE,
     TRACE_COLUMNS,
+    handle_from_row,
     message_from_row,
     prefixed,
     trace_from_row,
@@ -630,6 +632,44 @@ class PostgresTraceStore:
             return False
 
         return await self._write(body, trace_id=trace_id)
+
+    # -- run handles ----------------------------------------------------------------------------------
+
+    async def add_handle(self, handle_id: str, trace_id: str) -> RunHandle:
+        async def body(db: Db) -> None:
+            if await db.fetchval("SELECT true FROM traces WHERE trace_id = $1", *_clean([trace_id])) is None:
+                raise TraceNotFound(trace_id)
+            await db.execute(
+                "INSERT INTO run_handles (handle_id, trace_id, created_at) "
+                "VALUES ($1, $2, iso_utc(clock_timestamp())) ON CONFLICT (handle_id) DO NOTHING",
+                *_clean([handle_id, trace_id]),
+            )
+
+        await self._write(body, idempotent=True)
+        handle = await self.get_handle(handle_id)
+        assert handle is not None
+        return handle
+
+    async def end_handle(self, handle_id: str, final: dict[str, Any]) -> None:
+        async def body(db: Db) -> None:
+            await db.execute(
+                "UPDATE run_handles SET final = $1 WHERE handle_id = $2 AND final IS NULL",
+                *_clean([json.dumps(final, ensure_ascii=False), handle_id]),
+            )
+
+        await self._write(body, idempotent=True)
+
+    async def get_handle(self, handle_id: str) -> RunHandle | None:
+        rows = await self._fetch(f"SELECT {HANDLE_COLUMNS} FROM run_handles WHERE handle_id = $1", handle_id)
+        return handle_from_row(tuple(rows[0])) if rows else None
+
+    async def open_handle(self, trace_id: str) -> RunHandle | None:
+        rows = await self._fetch(
+            f"SELECT {HANDLE_COLUMNS} FROM run_handles WHERE trace_id = $1 AND final IS NULL "
+            "ORDER BY created_at DESC, seq DESC LIMIT 1",
+            trace_id,
+        )
+        return handle_from_row(tuple(rows[0])) if rows else None
 
     async def prune(self, finished_before: str) -> int:
         """Delete finished, unclaimed traces last updated before ``finished_before``, a batch per

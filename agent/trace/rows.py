@@ -13,6 +13,7 @@ from agent.trace.models import (
     ForkPoint,
     Message,
     MessageUsage,
+    RunHandle,
     Status,
     StopReason,
     ToolCall,
@@ -25,6 +26,7 @@ TRACE_COLUMNS = (
     "trace_id, name, uid, model, config, status, stop_reason, head_sequence, created_at, updated_at, "
     "error, usage, lessons, tags, started_at, question, result, forked_from"
 )
+HANDLE_COLUMNS = "handle_id, trace_id, created_at, final"
 MESSAGE_COLUMNS = (
     "sequence, parent_sequence, role, content, tool_calls, tool_call_id, name, usage, created_at, side, meta"
 )
@@ -79,3 +81,8 @@ def message_from_row(row: Sequence[Any]) -> Message:
         side=bool(side),
         meta=json.loads(meta) if meta else None,
     )
+
+
+def handle_from_row(row: Sequence[Any]) -> RunHandle:
+    handle_id, trace_id, created_at, final = row
+    return RunHandle(handle_id, trace_id, created_at, json.loads(final) if final is not None else None)

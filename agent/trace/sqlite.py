@@ -28,12 +28,23 @@ import anyio
 from agent import defaults
 from agent.errors import TraceNotFound, TraceRunning
 from agent.trace.migrations import migrate
-from agent.trace.models import Message, NewMessage, Status, StopReason, Trace, TraceConfig, utc_now
+from agent.trace.models import (
+    Message,
+    NewMessage,
+    RunHandle,
+    Status,
+    StopReason,
+    Trace,
+    TraceConfig,
+    utc_now,
+)
 from agent.trace.rows import (
+    HANDLE_COLUMNS,
     MESSAGE_COLUMNS,
     N_MESSAGE,
     N_TRACE,
     TRACE_COLUMNS,
+    handle_from_row,
     message_from_row,
     trace_from_row,
 )
@@ -534,6 +545,7 @@ class SQLiteTraceStore:
             if rows[0][0] is not None:
                 return False
             await db.execute("DELETE FROM messages WHERE trace_id = ?", (trace_id,))
+            await db.execute("DELETE FROM run_handles WHERE trace_id = ?", (trace_id,))
             await db.execute("DELETE FROM traces WHERE trace_id = ?", (trace_id,))
             return True
 
@@ -555,6 +567,7 @@ class SQLiteTraceStore:
             if ids:
                 marks = ", ".join("?" * len(ids))
                 await db.execute(f"DELETE FROM messages WHERE trace_id IN ({marks})", ids)
+                await db.execute(f"DELETE FROM run_handles WHERE trace_id IN ({marks})", ids)
                 await db.execute(f"DELETE FROM traces WHERE trace_id IN ({marks})", ids)
             return len(ids)
 
@@ -564,6 +577,43 @@ class SQLiteTraceStore:
             removed += count
             if count < defaults.PRUNE_TRACES_BATCH:
                 return removed
+
+    # -- run handles ----------------------------------------------------------------------------------
+
+    async def add_handle(self, handle_id: str, trace_id: str) -> RunHandle:
+        await self.get_trace(trace_id)  # TraceNotFound for an unknown trace
+        await self._write(
+            "INSERT INTO run_handles (handle_id, trace_id, created_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (handle_id) DO NOTHING",
+            (handle_id, trace_id, utc_now()),
+        )
+        handle = await self.get_handle(handle_id)
+        assert handle is not None
+        return handle
+
+    async def end_handle(self, handle_id: str, final: dict[str, Any]) -> None:
+        await self._write(
+            "UPDATE run_handles SET final = ? WHERE handle_id = ? AND final IS NULL",
+            (json.dumps(final, ensure_ascii=False), handle_id),
+        )
+
+    async def get_handle(self, handle_id: str) -> RunHandle | None:
+        rows = list(
+            await self._reader.execute_fetchall(
+                f"SELECT {HANDLE_COLUMNS} FROM run_handles WHERE handle_id = ?", (handle_id,)
+            )
+        )
+        return handle_from_row(rows[0]) if rows else None
+
+    async def open_handle(self, trace_id: str) -> RunHandle | None:
+        rows = list(
+            await self._reader.execute_fetchall(
+                f"SELECT {HANDLE_COLUMNS} FROM run_handles WHERE trace_id = ? AND final IS NULL "
+                "ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                (trace_id,),
+            )
+        )
+        return handle_from_row(rows[0]) if rows else None
 
     async def running_ids(self) -> list[str]:
         rows = await self._reader.execute_fetchall(

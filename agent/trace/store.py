@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from agent.errors import TraceError
 from agent.pids import pid_alive
-from agent.trace.models import Message, NewMessage, Status, StopReason, Trace, TraceConfig
+from agent.trace.models import Message, NewMessage, RunHandle, Status, StopReason, Trace, TraceConfig
 
 ChangeKind = Literal["created", "message", "trace", "stop", "deleted", "experiences"]
 
@@ -136,6 +136,20 @@ class TraceStore(Protocol):
 
     async def prune(self, finished_before: str) -> int:
         """Delete finished, unclaimed traces last updated before ``finished_before`` (ISO time); returns how many."""
+        ...
+
+    # -- run handles ----------------------------------------------------------------------------------
+    async def add_handle(self, handle_id: str, trace_id: str) -> RunHandle:
+        """Record a handle for the trace's current run (the one already recorded, if it exists)."""
+        ...
+
+    async def end_handle(self, handle_id: str, final: dict[str, Any]) -> None:
+        """Store the view a superseded handle keeps from now on (once: a handle that ended stays ended)."""
+        ...
+
+    async def get_handle(self, handle_id: str) -> RunHandle | None: ...
+    async def open_handle(self, trace_id: str) -> RunHandle | None:
+        """The trace's newest handle that has not ended, if any."""
         ...
 
     # -- reads ----------------------------------------------------------------------------------------

@@ -379,6 +379,30 @@ async def test_prune_goes_on_batch_after_batch(store, monkeypatch):
     assert (await store.list_traces(limit=10)).traces == []
 
 
+async def test_run_handles_keep_their_final_view_and_go_with_their_trace(store):
+    await idle_trace(store, "t1", user())
+    first = await store.add_handle("t1", "t1")
+    assert (first.handle_id, first.trace_id, first.final) == ("t1", "t1", None)
+    assert await store.add_handle("t1", "t1") == first  # recorded once
+    later = await store.add_handle("t1.run.ab", "t1")
+    assert (await store.open_handle("t1")) == later  # the newest that has not ended
+    await store.end_handle("t1.run.ab", {"status": "completed", "text": "é\u0000"})
+    await store.end_handle("t1.run.ab", {"status": "working"})  # an ended handle stays ended
+    ended = await store.get_handle("t1.run.ab")
+    assert ended is not None and ended.final == {"status": "completed", "text": "é\u0000"}
+    assert (await store.open_handle("t1")) == first
+    await store.end_handle("t1", {"status": "cancelled"})
+    assert await store.open_handle("t1") is None and await store.get_handle("nope") is None
+    with pytest.raises(TraceNotFound):
+        await store.add_handle("x", "no-such-trace")
+    assert await store.delete("t1") is True
+    assert await store.get_handle("t1") is None and await store.get_handle("t1.run.ab") is None
+    await idle_trace(store, "t2", user())
+    await store.add_handle("t2", "t2")
+    assert await store.prune("2999-01-01T00:00:00") == 1
+    assert await store.get_handle("t2") is None
+
+
 async def test_another_stores_commit_wakes_wait_for_changes(store_url):
     """The wake-up other processes' changes ride on: a commit elsewhere ends the wait long before its
     timeout (a data_version poll on SQLite, a NOTIFY on PostgreSQL)."""

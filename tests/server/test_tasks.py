@@ -236,13 +236,37 @@ async def test_a_tool_approval_approved_then_declined(server, model):
         again = await start_task(
             client, "run_trace", trace_id=handle.task_id, messages=[{"role": "user", "content": "once more"}]
         )
-        assert again.task_id == handle.task_id  # a task is its trace
-        waiting = await poll_until(client, handle.task_id, "input_required")
+        assert again.task_id.startswith(handle.task_id + ".run.")  # a new run is a new task
+        assert await get_task(client.session, handle.task_id) == done  # the first stays as it ended
+        waiting = await poll_until(client, again.task_id, "input_required")
         (key2,) = waiting["inputRequests"]
-        assert key2 != key  # keys are never reused over a task's life
-        await update_task(client.session, handle.task_id, {key2: {"action": "decline"}})
-        await poll_until(client, handle.task_id, "completed")
+        assert key2 != key  # keys are never reused over a trace's life
+        await update_task(client.session, again.task_id, {key2: {"action": "decline"}})
+        second = await poll_until(client, again.task_id, "completed")
         assert model.calls[-1]["messages"][-1]["content"] == "declined: declined by the host"
+        assert second["taskId"] == again.task_id and second["createdAt"] >= done["createdAt"]
+
+        more = [{"role": "user", "content": "and again"}]
+        third = await start_task(client, "run_trace", trace_id=handle.task_id, messages=more)
+        paused = await poll_until(client, third.task_id, "input_required")
+        answered = await start_task(client, "run_trace", trace_id=handle.task_id, approve=True)
+        assert answered.task_id == third.task_id  # an approval goes on with the task it answers
+        await poll_until(client, third.task_id, "completed")
+        assert (await get_task(client.session, again.task_id)) == second
+        assert paused["status"] == "input_required"
+
+        fourth = await start_task(client, "run_trace", trace_id=handle.task_id, messages=more)
+        await poll_until(client, fourth.task_id, "input_required")
+        async with Client(server) as plain:  # a client that does not speak Tasks rewinds the trace
+            await call(plain, "run_trace", trace_id=handle.task_id, insert_after=2, messages=[])
+        superseded = await get_task(client.session, fourth.task_id)
+        assert superseded["status"] == "cancelled" and "Superseded" in superseded["statusMessage"]
+        assert "inputRequests" not in superseded
+        await update_task(client.session, fourth.task_id, {"approval-1": {"action": "accept"}})  # ignored
+        assert await get_task(client.session, fourth.task_id) == superseded
+        with pytest.raises(MCPError) as unknown:
+            await get_task(client.session, handle.task_id + ".run.00000000")
+        assert unknown.value.error.code == types.INVALID_PARAMS
 
 
 async def test_tasks_cancel_stops_the_trace(server):
@@ -311,9 +335,13 @@ async def test_two_reflections_at_once_are_two_tasks(settings):
             ]
 
 
+USER_AGAIN = {"role": "user", "content": "Summarise another"}
+
+
 async def test_a_task_outlives_its_server(settings, model, slow_model):
-    """The task id is the trace id: a new server on the same data dir reads the same task, paused question
-    included, and takes its answer; a run cut by the restart reads as an interrupted (error) result."""
+    """Task ids are stored with the trace: a new server on the same data dir reads the same task, paused
+    question included, and takes its answer; a later run's task, and the one it superseded, read the same
+    after another restart; a run cut by a restart reads as an interrupted (error) result."""
     model.steps = [ASKS]
     models = models_for(scripted=model, slow=slow_model)
     async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
@@ -327,7 +355,13 @@ async def test_a_task_outlives_its_server(settings, model, slow_model):
         await update_task(
             client.session, asking.task_id, {key: {"action": "accept", "content": {"answer": "a"}}}
         )
-        assert (await poll_until(client, asking.task_id, "completed"))["result"]["isError"] is False
+        answered = await poll_until(client, asking.task_id, "completed")
+        assert answered["result"]["isError"] is False
+        again = await start_task(client, "run_trace", trace_id=asking.task_id, messages=[USER_AGAIN])
+        ran = await poll_until(client, again.task_id, "input_required")
+    async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
+        assert await get_task(client.session, asking.task_id) == answered  # ended, and stays so
+        assert (await get_task(client.session, again.task_id))["inputRequests"] == ran["inputRequests"]
         cut = await get_task(client.session, slow.task_id)
         assert cut["status"] == "completed" and cut["result"]["isError"] is True
         assert cut["result"]["structuredContent"]["trace"]["outcome"] == "interrupted"
