@@ -202,6 +202,9 @@ class _Runtime:
             return self._reflection_wire(record)
         if not sequence.isdigit():
             raise not_found(task_id)
+        ended = await self.engine.handle(task_id)
+        if ended is not None and ended.final is not None:
+            return ended.final  # cancelled or failed: nothing in the tree says so
         try:
             question = await self.engine.message(trace_id, int(sequence))
         except TraceError:
@@ -240,6 +243,9 @@ class _Runtime:
         if not record.done.is_set():
             task = task_fields(record.task_id, "working", record.created_at, record.updated_at, self.ttl_ms)
             return task | {"statusMessage": "reflecting", "pollIntervalMs": 2000}
+        return self._ended_wire(record)
+
+    def _ended_wire(self, record: _Reflection) -> dict[str, Any]:
         if record.cancelled:
             task = task_fields(record.task_id, "cancelled", record.created_at, record.updated_at, self.ttl_ms)
             return task | {"statusMessage": "Cancelled; the lessons were not recorded."}
@@ -356,6 +362,12 @@ class _Runtime:
             with contextlib.suppress(TraceError):  # the time a restarted server reads back (gone if deleted)
                 answer = await self._answer_to(record.trace_id, record.sequence)
                 record.updated_at = answer.created_at if answer is not None else record.updated_at
+        if record.sequence is not None and (record.cancelled or record.error is not None):
+            try:  # so a restarted server reads it as it ended, not as a reflection still under way
+                await self.engine.add_handle(record.task_id, record.trace_id)
+                await self.engine.end_handle(record.task_id, self._ended_wire(record))
+            except Exception:
+                log.exception("could not record how reflection task %s ended", record.task_id)
         record.done.set()
         if record.sequence is not None:
             await self.announce(record.task_id)

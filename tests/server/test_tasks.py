@@ -314,6 +314,18 @@ async def test_a_reflection_runs_as_a_task_and_reads_back_after_a_restart(settin
         assert again["status"] == "completed" and again["result"]["structuredContent"]["lessons"] == lessons
 
 
+async def test_a_cancelled_reflection_reads_cancelled_after_a_restart(settings):
+    models = models_for(scripted=ScriptedModel([slow_reflection("answer", "- A lesson.", 3600)]))
+    async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
+        tid = (await call(client, "create_trace", prompt="x"))["trace_id"]
+        await poll_until(client, tid, "completed")
+        handle = await start_task(client, "reflect_trace", trace_id=tid)
+        await cancel_task(client.session, handle.task_id)
+        cancelled = await poll_until(client, handle.task_id, "cancelled")
+    async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
+        assert await get_task(client.session, handle.task_id) == cancelled  # not "working" for minutes
+
+
 async def test_two_reflections_at_once_are_two_tasks(settings):
     """Same trace, same focus, same moment: each task names its own side question."""
     models = models_for(scripted=ScriptedModel([slow_reflection("answer", "- A lesson.", 0.3)]))
