@@ -22,7 +22,8 @@ from typing import Any
 
 import anyio
 from mcp.server.mcpserver import MCPServer
-from mcp.server.transport_security import TransportSecuritySettings
+from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -272,6 +273,23 @@ async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
     return body, replay
 
 
+class HostOriginFirst:
+    """Host and Origin are checked before anything reads the request: the SDK checks them only once a
+    request reaches its transport, after the session and frame checks here have answered it."""
+
+    def __init__(self, app: ASGIApp, security: TransportSecuritySettings):
+        self.app = app
+        self.check = TransportSecurityMiddleware(security)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refused = await self.check.validate_request(Request(scope))
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class FrameCheck:
     """A malformed JSON-RPC frame gets the answer stdio gives it (its own id, one sentence: ``parse_frame``),
     not the SDK's validator dump under ``id: null``."""
@@ -369,16 +387,20 @@ def http_app(
     max_sessions: int = MAX_SESSIONS,
 ) -> ASGIApp:
     """The ASGI app serving ``/mcp`` (stateful, so 2025-11-25 clients get pushed notifications)."""
+    security = transport_security(settings)
     app: ASGIApp = mcp.streamable_http_app(
         streamable_http_path="/mcp",
         host=settings.host,
-        transport_security=transport_security(settings),
+        transport_security=security,
         session_idle_timeout=SESSION_IDLE_SECONDS,
         max_sessions=max_sessions,
         max_request_body_size=MAX_BODY_BYTES,
     )
     SessionGuard(mcp.session_manager, per_peer=sessions_per_peer, total=max_sessions)
-    app = BodyDeadline(FrameCheck(app))
+    loopback = TransportSecuritySettings(
+        allowed_hosts=LOOPBACK_ALLOWED_HOSTS, allowed_origins=LOOPBACK_ALLOWED_ORIGINS
+    )  # what the SDK guards a loopback bind with when given no settings
+    app = BodyDeadline(HostOriginFirst(FrameCheck(app), security or loopback))
     if settings.auth_token:
         app = BearerToken(app, settings.auth_token)
     return app

@@ -131,15 +131,14 @@ def last_text_of(tail: Iterable[Message]) -> Message | None:
 def row_with_answer(
     trace: Trace, tail: Sequence[Message], answer_chars: int = ROW_ANSWER_CHARS
 ) -> dict[str, Any]:
-    """A compact row plus what the caller came for: the answer, the typed result or the question. A result
-    too long for the row is left out (null); the answer, its JSON text, is then cut with its marker."""
+    """A compact row plus what the caller came for: the answer, the typed result and the question, each
+    null when there is none (as in the summary). A result too long for the row is left out (null); the
+    answer, its JSON text, is then cut with its marker."""
     row = compact_row(trace)
     answer = answer_of(trace, tail)
     row["answer"] = cut(answer.content, answer_chars, trace.trace_id, answer.sequence) if answer else None
-    if trace.config.output_schema is not None:
-        row["result"] = _bounded_result(trace, answer_chars)
-    if trace.question:
-        row["question"] = _cut_plain(trace.question, QUESTION_CHARS)
+    row["result"] = _bounded_result(trace, answer_chars) if trace.config.output_schema is not None else None
+    row["question"] = _cut_plain(trace.question, QUESTION_CHARS) if trace.question else None
     return row
 
 

@@ -199,6 +199,7 @@ async def test_await_traces_any_and_all_in_few_calls_and_bytes(client, model, sl
     done = result.structured_content
     assert sorted(r["trace_id"] for r in done["done"]) == sorted(ids) and done["running"] == []
     assert all(r["answer"] == "The README says the answer is 42." for r in done["done"])
+    assert all(r["result"] is None and r["question"] is None for r in done["done"])  # keys as in get_trace
     assert len(text_of(result).encode()) < 10_000
     slow = (await call(client, "create_trace", prompt="slow", model="slow"))["trace_id"]
     either = await call(client, "await_traces", trace_ids=[slow, ids[0]], mode="any", wait_seconds=5)

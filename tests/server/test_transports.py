@@ -167,6 +167,14 @@ async def test_http_refuses_a_foreign_origin(http_server):
             http_server.url, json=INIT, headers={**HEADERS, "origin": "http://evil.example"}
         )
         assert evil.status_code == 403
+        for frame in ({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, b"not json"):  # checked first
+            body = {"json": frame} if isinstance(frame, dict) else {"content": frame}
+            early = await http.post(
+                http_server.url, **body, headers={**HEADERS, "origin": "http://evil.example"}
+            )
+            assert early.status_code == 403, early.text
+        rebound = await http.post(http_server.url, json=INIT, headers={**HEADERS, "host": "evil.example"})
+        assert rebound.status_code == 421
         ok = await http.post(
             http_server.url, json=INIT, headers={**HEADERS, "origin": f"http://127.0.0.1:{http_server.port}"}
         )
