@@ -1,12 +1,12 @@
 """The Tasks extension (``io.modelcontextprotocol/tasks``, SEP-2663) for 2026-07-28 clients that declare it.
 
 ``create_trace`` answers with a task handle whose id is the trace id, ``run_trace`` with a new task
-``<trace_id>.run.<hex>`` (an answer or approval goes on with the task it answers), so a task is as durable as
-the trace and survives a restart; ``tasks/get`` reads the trace (``working``, ``input_required`` with an
-elicitation for the agent's question or tool approval, ``completed`` with the compact summary,
-``cancelled`` once stopped); a task a later run supersedes keeps the view it ended with (the store's run
-handles), so a terminal task stays terminal; ``tasks/update`` answers or approves and the run goes on;
-``tasks/cancel`` stops it as ``stop_trace`` does. ``reflect_trace`` runs in the background as task ``<trace_id>.reflection.<n>``
+``<trace_id>.run.<hex>`` (an answer or approval goes on with the task it answers), kept in the store's run
+handles, so a task survives a restart; ``tasks/get`` reads the trace (``working``, ``input_required`` with
+an elicitation for the agent's question or tool approval, ``completed`` with the compact summary,
+``cancelled`` once stopped); a task a later run supersedes keeps the view it ended with, so a terminal
+task stays terminal; ``tasks/update`` answers or approves and the run goes on; ``tasks/cancel`` stops it
+as ``stop_trace`` does. ``reflect_trace`` runs in the background as task ``<trace_id>.reflection.<n>``
 (``n``: the sequence of its stored question), read back from the store after a restart.
 ``subscriptions/listen`` streams that name ``taskIds`` get ``notifications/tasks``: the SDK's listen handler
 cannot carry them (its bus knows four event kinds and its ack drops ``taskIds``), so such streams are
