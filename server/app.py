@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -68,8 +69,10 @@ class TraceServer(MCPServer):
         unknown = [key for key in arguments or {} if key not in known]
         if unknown:  # a misspelt argument would otherwise be dropped, and its default used unseen
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            close = difflib.get_close_matches(unknown[0][:100], known, n=1, cutoff=0.75)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
             takes = f"its arguments are {', '.join(known)}" if known else "it takes no arguments"
-            raise ToolError(f"{name} has no argument {elide(unknown[0], 40)}{more}; {takes}.")
+            raise ToolError(f"{name} has no argument {elide(unknown[0], 40)}{hint}{more}; {takes}.")
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
