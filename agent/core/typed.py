@@ -18,6 +18,7 @@ from agent.errors import InvalidMessages
 MAX_SCHEMA_CHARS = 20_000
 MAX_REASON_CHARS = 300  # of the validator's own reason quoted back: it may repr a large value
 MAX_REASKS = 2
+JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 
 def check_schema(schema: Any) -> dict[str, Any]:
@@ -31,6 +32,8 @@ def check_schema(schema: Any) -> dict[str, Any]:
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "the top"
         what = exc.message if len(exc.message) <= MAX_REASON_CHARS else exc.message[:MAX_REASON_CHARS] + "…"
+        if exc.absolute_path and exc.absolute_path[-1] == "type":  # the validator's anyOf wording says little
+            what = f"{exc.instance!r:.80} is not a JSON Schema type (use {', '.join(JSON_TYPES)})"
         raise InvalidMessages(f"output_schema is not a valid JSON Schema at {where}: {what}.") from None
     _check_refs(schema)
     if _uses(schema, "unevaluatedProperties") and _uses(schema, "patternProperties"):

@@ -216,8 +216,12 @@ async def test_a_typed_result_is_validated_and_asked_again(store):
     assert failed.trace.status is Status.FAILED and "after 3 tries" in failed.trace.error
     assert len(model.calls) == 3 and failed.trace.result is None
 
-    with pytest.raises(InvalidMessages, match="not a valid JSON Schema"):
+    with pytest.raises(InvalidMessages) as wrong_type:
         await runner.run_result([user("x")], RunConfig(output_schema={"type": "nonsense"}))
+    assert str(wrong_type.value) == (
+        "output_schema is not a valid JSON Schema at type: 'nonsense' is not a JSON Schema type "
+        "(use object, array, string, number, integer, boolean, null)."
+    )
     with pytest.raises(InvalidMessages, match="not a valid JSON Schema") as refused:
         await runner.run_result([user("x")], RunConfig(output_schema={"type": {"x" * 15_000: 1}}))
     assert len(str(refused.value)) < 500  # the validator's repr of the bad value is cut
