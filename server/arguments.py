@@ -8,6 +8,7 @@ megabyte of input echoed back.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
 from mcp.server.mcpserver.exceptions import ToolError
@@ -29,6 +30,12 @@ MAX_MESSAGES_CHARS = 4_000_000
 """All the messages of one call together (as JSON): what the HTTP transport's 4 MiB body cap admits."""
 MAX_SEQUENCE = 10**12
 TRACE_ID_PATTERN = r"^[0-9a-f]{32}$"
+_TRACE_ID = re.compile(TRACE_ID_PATTERN)
+
+
+def is_trace_id(value: str) -> bool:
+    """Whether ``value`` has a trace id's form (as create_trace returns them)."""
+    return _TRACE_ID.fullmatch(value) is not None
 
 
 def check_messages_size(messages: list[Any] | None) -> None:

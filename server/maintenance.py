@@ -36,10 +36,6 @@ async def consolidate_now(settings: Settings) -> int:
 async def transfer(settings: Settings, action: str, file: str) -> int:
     """``experiences export FILE`` writes the markdown; ``experiences import FILE`` loads one (the prior
     experiences kept as a version or a dated backup)."""
-    problem = _transfer_problem(action, Path(file))
-    if problem is not None:
-        print(f"agent-trace-mcp: experiences {action} failed: {problem}", file=sys.stderr)
-        return 2
     try:
         if action == "export":
             moved = await export_experiences(settings.db, settings.experiences, Path(file))
@@ -53,17 +49,3 @@ async def transfer(settings: Settings, action: str, file: str) -> int:
         f"{verb} {moved.sections} section(s), {moved.lessons} lesson(s) {'to' if action == 'export' else 'from'} {file}"
     )
     return 0
-
-
-def _transfer_problem(action: str, file: Path) -> str | None:
-    """Refuse what would lose or misplace lessons: importing a file that is not there (it would empty the
-    experiences), exporting into a folder that does not exist (it would be made) or over a folder."""
-    if action == "import":
-        if not file.is_file():
-            return f"{file} is not a file (nothing was changed)."
-        return None
-    if file.is_dir():
-        return f"{file} is a folder; give a file name."
-    if not file.parent.is_dir():
-        return f"the folder {file.parent} does not exist."
-    return None

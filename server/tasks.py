@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from agent.experiences import lessons_from_reflection
 from agent.reflection.prompt import reflection_prompt
 from agent.trace.events import MessageStored, TraceChanged
 from agent.trace.models import Message, utc_now
-from server.arguments import TRACE_ID_PATTERN
+from server.arguments import is_trace_id
 from server.state import state_of
 from server.task_views import (
     TERMINAL,
@@ -63,7 +62,6 @@ from server.views import TAIL_MESSAGES, elide
 log = logging.getLogger(__name__)
 
 TASKS = "io.modelcontextprotocol/tasks"
-TRACE_ID = re.compile(TRACE_ID_PATTERN)
 TASK_TOOLS = frozenset({"create_trace", "run_trace", "reflect_trace"})
 MODERN = frozenset(MODERN_PROTOCOL_VERSIONS)
 REFLECTION = ".reflection."
@@ -276,7 +274,7 @@ class _Runtime:
             await self.engine.add_handle(task_id, trace_id)
         return task_handle(await self.detailed(task_id))
 
-    async def run_trace(
+    async def new_run(
         self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, arguments: Mapping[str, Any]
     ) -> HandlerResult:
         """Any client's run_trace that is not an answer starts a new run: the task the trace had ends
@@ -284,7 +282,7 @@ class _Runtime:
         trace_id = arguments.get("trace_id")
         if answers(arguments) or not isinstance(trace_id, str):
             return await call_next(ctx)
-        current = await self.current_task(trace_id) if TRACE_ID.fullmatch(trace_id) else None
+        current = await self.current_task(trace_id) if is_trace_id(trace_id) else None
         before: dict[str, Any] | None = None
         if current is not None:
             with contextlib.suppress(MCPError):
@@ -519,7 +517,7 @@ class TasksExtension(Extension):
         if params.name == "run_trace" and not self.offered(ctx):  # any client's new run ends the task
             state = state_of(ctx.lifespan_context)
             runtime = self._runtimes.get(state.engine) if state is not None else None
-            return await (runtime.run_trace(ctx, call_next, arguments) if runtime else call_next(ctx))
+            return await (runtime.new_run(ctx, call_next, arguments) if runtime else call_next(ctx))
         if params.name not in TASK_TOOLS or not self.offered(ctx):
             return await call_next(ctx)
         runtime = self._runtime(ctx)
@@ -527,7 +525,7 @@ class TasksExtension(Extension):
             return await runtime.reflect(ctx, call_next, params.arguments or {})
         if params.name == "run_trace":
             return await runtime.trace_handle(
-                params.name, arguments, await runtime.run_trace(ctx, call_next, arguments)
+                params.name, arguments, await runtime.new_run(ctx, call_next, arguments)
             )
         return await runtime.trace_handle(params.name, arguments, await call_next(ctx))
 

@@ -32,11 +32,11 @@ from server.arguments import (
     MAX_TOOL_NAME_CHARS,
     MAX_TOOLS,
     MAX_UID_CHARS,
-    TRACE_ID_PATTERN,
     Sequence_,
     StrList,
     TraceId,
     check_messages_size,
+    is_trace_id,
 )
 from server.state import ServerState, state_of
 from server.views import (
@@ -231,7 +231,6 @@ RunMessages = Annotated[
 ]
 
 
-TRACE_ID = re.compile(TRACE_ID_PATTERN)
 DESCRIPTION_CHARS = 160
 """agent_info gives each tool one line of about this length (shorter when there are hundreds)."""
 SUGGESTED_WAIT = re.compile(r"wait_seconds=\d+")
@@ -497,7 +496,7 @@ def register_tools(mcp: MCPServer) -> None:
             stopping = await engine.stop(trace_id)  # unknown trace: a tool error, not "not_running"
             one = Stopping(trace_id=trace_id, status="stopping" if stopping else "not_running")
             return compact(one, drop_none=True)  # type: ignore[return-value]
-        ids = await targets(engine, trace_id, trace_ids, tag, "stop_trace needs trace_id, trace_ids or tag.")
+        ids = await targets(engine, "stop_trace", trace_id, trace_ids, tag)
         stopped: list[str] = []
         idle: list[str] = []
         for tid in ids:
@@ -607,7 +606,7 @@ def register_tools(mcp: MCPServer) -> None:
         """Wait on several traces at once; returns compact rows (answer, result, question) for the finished
         ones and the ids still running."""
         engine = engine_of(ctx)
-        ids = await targets(engine, None, trace_ids, tag, "await_traces needs trace_ids or tag.", every=True)
+        ids = await targets(engine, "await_traces", None, trace_ids, tag, every=True)
         if not ids:
             return compact(Awaited(done=[], running=[], next=f"No trace has the tag {elide(tag)}."))  # type: ignore[return-value]
         seconds, note = capped(engine, wait_seconds)
@@ -770,22 +769,22 @@ def register_tools(mcp: MCPServer) -> None:
 
 async def targets(
     engine: Engine,
+    tool: str,
     trace_id: str | None,
     trace_ids: list[str] | None,
     tag: str | None,
-    needs: str,
     *,
     every: bool = False,
 ) -> list[str]:
-    """The traces a many-trace call names: ids (each must exist, checked before anything is done), or the
-    traces with a tag: ``every`` one, else those a stop applies to (running or waiting for input).
-    ``needs`` is the refusal when nothing is named; it starts with the tool's name."""
+    """The traces a many-trace call (``tool``) names: ids (each must exist, checked before anything is
+    done), or the traces with a tag: ``every`` one, else those a stop applies to (running or waiting for
+    input)."""
     ids = [*([trace_id] if trace_id else []), *(trace_ids or [])]
     if not ids and tag is None:
-        raise ToolError(needs)
-    tool = needs.split(" ", 1)[0]
+        named = "trace_id, trace_ids or tag" if tool == "stop_trace" else "trace_ids or tag"
+        raise ToolError(f"{tool} needs {named}.")
     for tid in trace_ids or []:
-        if not TRACE_ID.fullmatch(tid):
+        if not is_trace_id(tid):
             raise ToolError(
                 f"Argument 'trace_ids' of {tool} must hold trace ids (32 hex characters, as create_trace "
                 f"returned them); got {elide(tid)}."

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from agent.errors import TraceError
 from agent.experiences import Experiences
 from agent.experiences.file import ExperienceFile
 from agent.experiences.markdown import parse
@@ -47,7 +48,13 @@ def _in_database(store: TraceStore, path: str | Path) -> DatabaseExperiences:
 
 
 async def export_experiences(db: str | Path, path: str | Path, target: str | Path) -> TransferResult:
-    """Write the experiences markdown to ``target`` (an existing file there is kept as a dated backup)."""
+    """Write the experiences markdown to ``target`` (an existing file there is kept as a dated backup);
+    TraceError, before anything is opened, for a target in a folder that does not exist or a folder."""
+    target = Path(target)
+    if target.is_dir():
+        raise TraceError(f"{target} is a folder; give a file name.")
+    if not target.parent.is_dir():
+        raise TraceError(f"the folder {target.parent} does not exist.")
     store = await open_store(db)
     try:
         if is_postgres_url(db):
@@ -61,7 +68,10 @@ async def export_experiences(db: str | Path, path: str | Path, target: str | Pat
 
 async def import_experiences(db: str | Path, path: str | Path, source: str | Path) -> TransferResult:
     """Load ``source`` (an experiences.md) as the current experiences, the prior ones kept (a version in
-    the database, a dated backup of the file), and tell every server on the store that they changed."""
+    the database, a dated backup of the file), and tell every server on the store that they changed.
+    TraceError, with nothing changed, when ``source`` is not a file (read as empty, it would erase them)."""
+    if not Path(source).is_file():
+        raise TraceError(f"{source} is not a file (nothing was changed).")
     store = await open_store(db)
     try:
         if is_postgres_url(db):

@@ -33,9 +33,9 @@ REPLY_RESERVE_TOKENS = 4096
 LOW_WATER = 0.6
 """A compaction aims at this share of the room, so the next one is many steps away, not the next step."""
 INITIAL_TOKENS_PER_CHAR = 0.3
+"""Until a provider reports its count, a conservative guess (≈3.3 characters a token)."""
 CLAMP_MARKER_CHARS = 40
 """About what the marker of a message cut to fit adds (cutting one shorter than that saves nothing)."""
-"""Until a provider reports its count, a conservative guess (≈3.3 characters a token)."""
 SUMMARY_PROMPT = (
     "Summarise the conversation so far for yourself, to continue the task with less context: the task, "
     "what you did (tools called and what they showed), what you found, and what is left to do. Be concise "

@@ -637,17 +637,17 @@ class PostgresTraceStore:
 
     async def add_handle(self, handle_id: str, trace_id: str) -> RunHandle:
         async def body(db: Db) -> None:
-            if await db.fetchval("SELECT true FROM traces WHERE trace_id = $1", *_clean([trace_id])) is None:
-                raise TraceNotFound(trace_id)
-            await db.execute(
+            await db.execute(  # inserts nothing for an unknown trace
                 "INSERT INTO run_handles (handle_id, trace_id, created_at) "
-                "VALUES ($1, $2, iso_utc(clock_timestamp())) ON CONFLICT (handle_id) DO NOTHING",
+                "SELECT $1, trace_id, iso_utc(clock_timestamp()) FROM traces WHERE trace_id = $2 "
+                "ON CONFLICT (handle_id) DO NOTHING",
                 *_clean([handle_id, trace_id]),
             )
 
         await self._write(body, idempotent=True)
         handle = await self.get_handle(handle_id)
-        assert handle is not None
+        if handle is None:
+            raise TraceNotFound(trace_id)
         return handle
 
     async def end_handle(self, handle_id: str, final: dict[str, Any]) -> None:

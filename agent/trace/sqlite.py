@@ -581,14 +581,14 @@ class SQLiteTraceStore:
     # -- run handles ----------------------------------------------------------------------------------
 
     async def add_handle(self, handle_id: str, trace_id: str) -> RunHandle:
-        await self.get_trace(trace_id)  # TraceNotFound for an unknown trace
-        await self._write(
-            "INSERT INTO run_handles (handle_id, trace_id, created_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (handle_id) DO NOTHING",
-            (handle_id, trace_id, utc_now()),
+        await self._write(  # inserts nothing for an unknown trace
+            "INSERT INTO run_handles (handle_id, trace_id, created_at) SELECT ?, trace_id, ? FROM traces "
+            "WHERE trace_id = ? ON CONFLICT (handle_id) DO NOTHING",
+            (handle_id, utc_now(), trace_id),
         )
         handle = await self.get_handle(handle_id)
-        assert handle is not None
+        if handle is None:
+            raise TraceNotFound(trace_id)
         return handle
 
     async def end_handle(self, handle_id: str, final: dict[str, Any]) -> None:

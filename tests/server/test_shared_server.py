@@ -367,6 +367,8 @@ async def test_stop_server_while_a_relay_starts_one_stops_that_one(tmp_path, wor
 async def test_status_and_stop_server(tmp_path, workspace, fake_openai):
     none = run_cli(tmp_path, "status")
     assert none.returncode == 1 and "No shared server is running" in none.stdout
+    none_json = run_cli(tmp_path, "status", "--json")  # a program asking gets JSON either way
+    assert none_json.returncode == 1 and json.loads(none_json.stdout)["state"] == "not running"
     assert run_cli(tmp_path, "stop-server").returncode == 0
 
     fake_openai.script = [("hang", None)]
