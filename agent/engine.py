@@ -195,6 +195,15 @@ class Engine:
         """The last ``count`` messages of the active path (cheap on a long trace)."""
         return await self._store.get_tail(trace_id, count)
 
+    async def last_text(self, trace_id: str, tail: list[Message]) -> Message | None:
+        """The latest assistant message with text on the active path, however far back: found in ``tail``
+        (the path's last messages) when it is there, else by reading the whole path (a turn of many tool
+        calls can push it out of any fixed tail)."""
+        messages = tail
+        if not any(m.role == "assistant" and m.content for m in tail) and tail and tail[0].sequence > 1:
+            messages = await self._store.get_path(trace_id, tail[-1].sequence)
+        return next((m for m in reversed(messages) if m.role == "assistant" and m.content), None)
+
     # -- run handles: what a server gave out for runs (MCP tasks), durable like the trace ----------------
 
     async def add_handle(self, handle_id: str, trace_id: str) -> RunHandle:

@@ -33,20 +33,20 @@ from server.state import ServerState, state_of
 from server.tasks import TasksExtension
 from server.tools import patch_annotations, register_tools
 from server.version import running_version
-from server.views import elide
+from server.views import elide, suggested_wait
 
 log = logging.getLogger(__name__)
 
 
 def instructions(max_wait: float = defaults.MAX_WAIT_SECONDS) -> str:
     """What initialize tells the host, with this server's own --max-wait."""
-    return INSTRUCTIONS.replace("{max_wait}", f"{max_wait:g}")
+    return INSTRUCTIONS.replace("{wait}", f"{suggested_wait(max_wait):g}")
 
 
 INSTRUCTIONS = """\
 agent-trace-mcp runs LLM agents in the background as traces. create_trace starts one and returns its id at
 once. get_trace(trace_id) answers with a compact summary (answer, question, latest steps); add
-wait_seconds (≤ {max_wait}) to long-poll with progress, view='messages' for the steps.
+wait_seconds={wait} to long-poll with progress, view='messages' for the steps.
 await_traces waits on several at once. run_trace continues, rewinds (insert_after) or regenerates a trace;
 stop_trace stops it; reflect_trace turns it into lessons later traces recall. agent_info lists what the
 background agent can use (tools, servers, models, workspace, skills). Traces are resources too:

@@ -91,7 +91,10 @@ _KINDS = {
 def sentence(error: ErrorDetails, tool: str) -> str:
     """One validation error as a sentence naming the argument, what is allowed and (elided) what came."""
     where = ".".join(str(part) for part in error["loc"] if not isinstance(part, int)) or "arguments"
+    index = next((part for part in error["loc"] if isinstance(part, int)), None)
     name = f"Argument '{where}' of {tool}"
+    if index is not None:  # one item of a list argument is wrong, not the list
+        name = f"Item {index + 1} of argument '{where}' of {tool}"
     kind = error["type"]
     ctx = error.get("ctx") or {}
     got = elide(error.get("input"))
@@ -117,7 +120,7 @@ def sentence(error: ErrorDetails, tool: str) -> str:
     if kind in ("string_too_short", "too_short"):
         return f"{name} is too short: at least {ctx.get('min_length')} needed; got {got}."
     if kind == "string_pattern_mismatch":
-        if where == "trace_id":
+        if ctx.get("pattern") == TRACE_ID_PATTERN:
             return f"{name} must be a trace id (32 hex characters, as create_trace returned it); got {got}."
         return f"{name} has the wrong form; got {got}."
     if kind in ("literal_error", "enum"):

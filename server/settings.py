@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent import defaults
+from agent.llm.base import canonical_model_spec
 from agent.settings import EngineSettings
 from agent.trace.backends import is_postgres_url
 
@@ -209,7 +210,7 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
         data_dir=data_dir,
         db=db,
         experiences=path_or("--experiences", data_dir / "experiences.md"),
-        model=values["--model"] or defaults.MODEL,
+        model=canonical_model_spec(values["--model"] or defaults.MODEL),
         mcp_config=Path(values["--mcp-config"]).expanduser() if values["--mcp-config"] else None,
         skills_dir=path_or("--skills-dir", data_dir / "skills"),
         workspace=path_or("--workspace", Path.cwd()),

@@ -147,8 +147,11 @@ def _truthy(value: Any) -> bool:
     return value is True or value == 1
 
 
-def detailed_task(trace: Trace, tail: Sequence[Message], ttl_ms: int | None) -> dict[str, Any]:
-    """The DetailedTask of SEP-2663 for a trace: what ``tasks/get`` and ``notifications/tasks`` carry."""
+def detailed_task(
+    trace: Trace, tail: Sequence[Message], last_text: Message | None, ttl_ms: int | None
+) -> dict[str, Any]:
+    """The DetailedTask of SEP-2663 for a trace: what ``tasks/get`` and ``notifications/tasks`` carry
+    (``tail``: the path's last messages; ``last_text``: the latest assistant text, however far back)."""
     status = task_status(trace)
     task = task_fields(trace.trace_id, status, trace.created_at, trace.updated_at, ttl_ms)
     if status == "working":
@@ -167,7 +170,7 @@ def detailed_task(trace: Trace, tail: Sequence[Message], ttl_ms: int | None) -> 
         task["statusMessage"] = "Stopped; run_trace continues it."
     else:
         task["statusMessage"] = _ending(trace)
-        task["result"] = final_result(trace, tail)
+        task["result"] = final_result(trace, tail, last_text)
     return task
 
 
@@ -200,12 +203,12 @@ def task_handle(detailed: Mapping[str, Any]) -> dict[str, Any]:
     return {"resultType": "task", **{k: detailed[k] for k in keys if k in detailed}}
 
 
-def final_result(trace: Trace, tail: Sequence[Message]) -> dict[str, Any]:
+def final_result(trace: Trace, tail: Sequence[Message], last_text: Message | None) -> dict[str, Any]:
     """What the host gets at the end: the compact summary (answer, result, question, recent steps).
 
     It also carries ``trace_id`` and ``message`` so it satisfies the output schema of create_trace and
     run_trace, which hosts validate the final result against."""
-    body = summary(trace, tail)
+    body = summary(trace, tail, last_text)
     structured = {"trace_id": trace.trace_id, "message": body["next"], **body}
     text = json.dumps(structured, ensure_ascii=False, separators=(",", ":"))
     return {

@@ -180,7 +180,8 @@ class _Runtime:
             trace = await self.engine.get(trace_id)
         except TraceError:
             raise not_found(task_id) from None
-        task = detailed_task(trace, await self.engine.tail(trace_id, TAIL_MESSAGES), self.ttl_ms)
+        tail = await self.engine.tail(trace_id, TAIL_MESSAGES)
+        task = detailed_task(trace, tail, await self.engine.last_text(trace_id, tail), self.ttl_ms)
         if handle is not None and task_id != trace_id:
             task |= {"taskId": task_id, "createdAt": handle.created_at}
         return task

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent import Message, RunConfig, Trace, TraceError, defaults
 from agent.engine import Engine
 from agent.trace.models import Status
+from agent.trace.store import encode_cursor
 from server.arguments import (
     MAX_MESSAGES,
     MAX_NAME_CHARS,
@@ -51,6 +52,7 @@ from server.views import (
     row_with_answer,
     shorten,
     size_of,
+    still_running,
     suggested_wait,
     summary,
 )
@@ -129,6 +131,7 @@ class Awaited(BaseModel):
 class TraceList(BaseModel):
     traces: list[dict[str, Any]]
     next_cursor: str | None = None
+    note: str | None = None
 
 
 class LessonView(BaseModel):
@@ -317,7 +320,7 @@ def register_tools(mcp: MCPServer) -> None:
             str | None,
             Field(
                 max_length=MAX_PROMPT_CHARS,
-                description="The task, as one user message (shorthand for messages)",
+                description="The task, as one user message (after messages, when both are given)",
             ),
         ] = None,
         model: Annotated[
@@ -578,11 +581,14 @@ def register_tools(mcp: MCPServer) -> None:
             note = ((note + " ") if note else "") + f"Waited {seconds:g} s."
         if view == "summary":
             tail = await engine.tail(trace_id, TAIL_MESSAGES)
-            body = summary(trace, tail, note=note, max_wait=engine.settings.max_wait)
+            last_text = await engine.last_text(trace_id, tail)
+            body = summary(trace, tail, last_text, note=note, max_wait=engine.settings.max_wait)
         else:
             body = messages_view(
                 trace, await engine.path(trace_id), after_sequence, max_chars, full=view == "full"
             )
+            if trace.status is Status.RUNNING and "next" not in body:
+                body["next"] = still_running(trace, view, body["last_sequence"], engine.settings.max_wait)
             if note:
                 body["note"] = note
         return compact(TraceAnswer.model_validate(body))  # type: ignore[return-value]
@@ -608,7 +614,10 @@ def register_tools(mcp: MCPServer) -> None:
         engine = engine_of(ctx)
         ids = await targets(engine, "await_traces", None, trace_ids, tag, every=True)
         if not ids:
-            return compact(Awaited(done=[], running=[], next=f"No trace has the tag {elide(tag)}."))  # type: ignore[return-value]
+            return compact(
+                Awaited(done=[], running=[], next=f"No trace has the tag {elide(tag)}."),
+                optional=("more_done",),
+            )  # type: ignore[return-value]
         seconds, note = capped(engine, wait_seconds)
         lines = ProgressLines(engine)
         sent = 0
@@ -672,7 +681,22 @@ def register_tools(mcp: MCPServer) -> None:
         page = await engine_of(ctx).list_traces(
             status=status.value if status else None, uid=uid, tag=tag, limit=limit, cursor=cursor
         )
-        return compact(TraceList(traces=[compact_row(t) for t in page.traces], next_cursor=page.next_cursor))  # type: ignore[return-value]
+        rows: list[dict[str, Any]] = []
+        weight = 0
+        for trace in page.traces:  # however large the limit, the page stays a size a model can read
+            row = compact_row(trace)
+            weight += size_of(row)
+            if rows and weight > ROWS_BYTES:
+                break
+            rows.append(row)
+        if len(rows) == len(page.traces):
+            return compact(TraceList(traces=rows, next_cursor=page.next_cursor), optional=("note",))  # type: ignore[return-value]
+        cut = TraceList(
+            traces=rows,
+            next_cursor=encode_cursor(page.traces[len(rows) - 1]),
+            note=f"{len(rows)} rows fill this answer; next_cursor continues with the rest.",
+        )
+        return compact(cut)  # type: ignore[return-value]
 
     @mcp.tool(title="Get experiences", annotations=READ_ONLY)
     @tool_errors

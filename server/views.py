@@ -8,7 +8,7 @@ nothing floods a host.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from agent import defaults
@@ -121,13 +121,6 @@ def answer_of(trace: Trace, tail: Sequence[Message]) -> Message | None:
     return last if last.role == "assistant" and last.content else None
 
 
-def last_text_of(tail: Iterable[Message]) -> Message | None:
-    for message in reversed(list(tail)):
-        if message.role == "assistant" and message.content:
-            return message
-    return None
-
-
 def row_with_answer(
     trace: Trace, tail: Sequence[Message], answer_chars: int = ROW_ANSWER_CHARS
 ) -> dict[str, Any]:
@@ -203,20 +196,31 @@ def next_step(trace: Trace, last_sequence: int | None, max_wait: float = default
     return "It is not running; run_trace continues it."
 
 
+def still_running(trace: Trace, view: str, last_sequence: int | None, max_wait: float) -> str:
+    """The next call for a messages or full page of a trace still running: wait for the steps after it."""
+    after = f", after_sequence={last_sequence}" if last_sequence else ""
+    return (
+        f"Still running. Call get_trace(trace_id='{trace.trace_id}', view='{view}'{after}, "
+        f"wait_seconds={suggested_wait(max_wait)}) for the steps that follow."
+    )
+
+
 def summary(
     trace: Trace,
     tail: Sequence[Message],
+    last_text: Message | None,
     *,
     note: str | None = None,
     max_wait: float = defaults.MAX_WAIT_SECONDS,
 ) -> dict[str, Any]:
-    """The default get_trace answer: what a host needs to decide its next call, in ≤ SUMMARY_BYTES."""
+    """The default get_trace answer: what a host needs to decide its next call, in ≤ SUMMARY_BYTES.
+
+    ``tail`` is the path's last messages; ``last_text`` the latest assistant text, however far back."""
     tid = trace.trace_id
     names: dict[str, str] = {}
     for message in tail:
         one_line(message, names)  # learn the tool names of calls whose results are in the tail
     answer = answer_of(trace, tail)
-    last_text = last_text_of(tail)
     last_sequence = tail[-1].sequence if tail else None
     steps = [m for m in tail if m.role != "system" or m.sequence != 1]  # the host wrote the system prompt
     limits = [  # tighter and tighter until it fits (multi-byte text weighs more than its characters)

@@ -258,9 +258,14 @@ class Requests:
         self, trace: Trace, context: list[Message], config: RunConfig, messages: list[NewMessage]
     ) -> tuple[list[NewMessage], frozenset[str]]:
         """The host's answer or approval for a paused trace: tool results to store, calls to run."""
-        if config.answer is None and config.approve is None:
-            return [], frozenset()
         tid = trace.trace_id
+        if config.answer is None and config.approve is None:
+            if trace.status is Status.NEEDS_INPUT and not messages and config.insert_after is None:
+                raise InvalidMessages(
+                    f"Trace '{tid}' is waiting for input: reply with answer (approve=true or false for a "
+                    "tool approval), or send messages to go on without one."
+                )
+            return [], frozenset()
         if config.insert_after is not None:
             raise InvalidMessages(
                 "answer and approve reply to the question at the trace's head; they cannot be combined with "

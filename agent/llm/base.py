@@ -83,6 +83,19 @@ def split_model_spec(spec: str) -> tuple[str, str]:
     return provider, name
 
 
+def canonical_model_spec(spec: str) -> str:
+    """``spec`` as traces store it: a bare name gets its provider (``claude-x`` -> ``anthropic:claude-x``,
+    ``gpt-4o`` -> ``openai:gpt-4o``); anything else, a bad spec included, comes back stripped."""
+    spec = (spec or "").strip()
+    try:
+        provider, name = split_model_spec(spec)
+    except ModelConfigError:
+        return spec
+    if provider == "offline" or ":" in spec:
+        return spec
+    return f"{provider}:{name}"
+
+
 def resolve_model(spec: str, env: dict[str, str] | None = None) -> Model:
     """Build the Model for a spec, or raise ModelConfigError saying what to set."""
     env = dict(os.environ) if env is None else env

@@ -7,6 +7,7 @@ tool outside a run, and says so.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from agent.errors import ToolCallError
@@ -36,12 +37,11 @@ class AskHostTool:
 
 def question_of(arguments: str) -> str:
     """The question an ask_host call asks (its ``question`` argument, or its raw arguments), bounded."""
-    import json
-
     try:
         value = json.loads(arguments or "{}")
-        text = value.get("question") if isinstance(value, dict) else None
     except ValueError:
-        text = None
-    text = " ".join(str(text if text else arguments or "(no question given)").split())
+        value = arguments  # not JSON: the raw text is the best guess at what it asks
+    if isinstance(value, dict):
+        value = value.get("question")
+    text = " ".join(str(value or "").split()) or "(no question given)"
     return text if len(text) <= MAX_QUESTION_CHARS else text[:MAX_QUESTION_CHARS] + "…"

@@ -452,11 +452,17 @@ class McpServers:
         )
         self._servers = {name: _Server(name, spec, registry, options) for name, spec in specs.items()}
         self._startup_timeout = startup_timeout
+        registry.why_unavailable = self._why_unavailable
         self._stack: AsyncExitStack | None = None
 
     def status(self) -> dict[str, str]:
         """Server name → "connected" | "connecting" | "failed: <sentence>"."""
         return {name: server.status for name, server in self._servers.items()}
+
+    def _why_unavailable(self, name: str) -> str | None:
+        """Why the configured server ``name`` offers no tools now, when it failed; None otherwise."""
+        server = self._servers.get(name)
+        return server.reason if server is not None and server.state == "failed" else None
 
     def describe(self) -> list[ServerState]:
         """Every configured server in config order: up, connecting, or failed with why (for ``agent_info``)."""

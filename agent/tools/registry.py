@@ -7,7 +7,7 @@ restarts, its tool list changes), so lookups are always by name at call time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from agent.errors import UnknownToolError
@@ -37,6 +37,8 @@ class Tool(Protocol):
 class ToolRegistry:
     def __init__(self, tools: Iterable[Tool] = ()):
         self._tools: dict[str, Tool] = {}
+        self.why_unavailable: Callable[[str], str | None] = lambda name: None
+        """Why a configured MCP server of that name has no tools now (set by the servers' supervisor)."""
         for tool in tools:
             self.add(tool)
 
@@ -65,6 +67,13 @@ class ToolRegistry:
             return
         known = set(self._tools) | set(self.groups()) | {"ask_host"}
         unknown = [w for w in whitelist if w not in known]
+        for name in unknown:
+            reason = self.why_unavailable(name)
+            if reason is not None:
+                raise UnknownToolError(
+                    f"MCP server {name!r} in {argument} is unavailable: it failed ({reason}); agent_info "
+                    "shows its state."
+                )
         if unknown:
             available = ", ".join(self.names() + [f"{g} (server)" for g in self.groups()]) or "none"
             named = ", ".join(repr(name[:80]) for name in unknown[:5]) + (" …" if len(unknown) > 5 else "")

@@ -34,7 +34,7 @@ def model() -> ScriptedModel:
 @pytest.fixture
 def slow_model() -> ScriptedModel:
     """A model that takes an hour to answer: for stop and running-trace tests."""
-    return ScriptedModel([reply("too late")], delay=3600)
+    return ScriptedModel([reply("too late")], name="slow", delay=3600)
 
 
 @pytest.fixture

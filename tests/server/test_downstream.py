@@ -144,6 +144,10 @@ async def test_a_server_that_cannot_start_leaves_the_rest_working(client, script
     )
     tools = {t.name: t for t in (await client.list_tools()).tools}
     assert tools["create_trace"].annotations.destructive_hint is True
+    text = await call_error(client, "create_trace", prompt="x", tools=["broken"])
+    assert (
+        text.startswith("MCP server 'broken' in tools is unavailable: it failed (") and "agent_info" in text
+    )
 
 
 MANY_TOOLS_SERVER = """

@@ -62,6 +62,8 @@ def test_every_variable_is_read_and_flags_win():
     s = settings_for(["--model", "anthropic:claude", "--data-dir", "/f", "--experience-recall", "3"], env)
     assert (s.model, s.data_dir, s.experience_recall) == ("anthropic:claude", Path("/f"), 3)
     assert s.db == Path("/x/t.db")  # the variable still names the db
+    bare = [settings_for(["--model", name], {}).model for name in ("claude-sonnet-4-5", "gpt-4o", "offline")]
+    assert bare == ["anthropic:claude-sonnet-4-5", "openai:gpt-4o", "offline"]  # as traces store it
 
 
 def test_a_bad_number_in_a_variable_is_a_sentence():

@@ -428,7 +428,7 @@ def test_the_wire_shapes_follow_sep_2663(settings):
     from agent.trace.models import Status, Trace
 
     running = Trace(trace_id="a" * 32, model="m")
-    task = detailed_task(running, [], None)
+    task = detailed_task(running, [], None, None)
     assert task == {
         "taskId": "a" * 32,
         "status": "working",
@@ -439,7 +439,7 @@ def test_the_wire_shapes_follow_sep_2663(settings):
         "pollIntervalMs": 1000,
     }
     failed = running.model_copy(update={"status": Status.FAILED, "error": "The provider said no."})
-    result = detailed_task(failed, [], 86_400_000)
+    result = detailed_task(failed, [], None, 86_400_000)
     assert (
         result["status"] == "completed" and result["result"]["isError"] is True
     )  # failed is for JSON-RPC errors

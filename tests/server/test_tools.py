@@ -727,3 +727,68 @@ async def test_the_wait_for_reflections_keeps_within_max_wait(settings, model, s
         with anyio.fail_after(5):
             assert tid not in (await call(client, "get_experiences"))["content"]
         await call(client, "stop_trace", trace_id=tid)
+
+
+async def test_last_text_is_found_behind_a_turn_of_many_tool_calls(client, model):
+    """The summary's tail is short; last_text is the latest assistant text however many results follow."""
+    calls = [tool_call("read_file", f"c{i}", path="README.md") for i in range(45)]
+    model.steps = [reply("Thinking aloud before the tools.", *calls)]
+    tid = (await call(client, "create_trace", prompt="read a lot", max_iterations=1))["trace_id"]
+    view = await wait_done(client, tid)
+    assert view["trace"]["outcome"] == "hit_limit" and view["last_sequence"] == 48
+    assert view["last_text"] == "Thinking aloud before the tools." and view["answer"] is None
+
+
+async def test_a_messages_page_of_a_running_trace_says_how_to_wait_for_more(client, slow_model):
+    tid = (await call(client, "create_trace", prompt="think", model="slow"))["trace_id"]
+    page = await call(client, "get_trace", trace_id=tid, view="messages", wait_seconds=0.2)
+    assert page["note"] == "Waited 0.2 s." and page["next"].startswith("Still running.")
+    assert f"view='messages', after_sequence={page['last_sequence']}, wait_seconds=30" in page["next"]
+    await call(client, "stop_trace", trace_id=tid)
+
+
+async def test_list_traces_stays_bounded_and_its_cursor_goes_on_where_the_answer_was_cut(client, model):
+    tags = [f"{i:02d}-" + "t" * 61 for i in range(20)]
+    ids = [
+        (await call(client, "create_trace", prompt=f"hi {i}", name="n" * 200, tags=tags))["trace_id"]
+        for i in range(30)
+    ]
+    for tid in ids:
+        await wait_done(client, tid)
+    result = await client.call_tool("list_traces", {"limit": 200})
+    first = json.loads(text_of(result))
+    assert len(text_of(result).encode()) < 26_000 and 0 < len(first["traces"]) < 30
+    assert "next_cursor continues" in first["note"]
+    rest = await call(client, "list_traces", limit=200, cursor=first["next_cursor"])
+    seen = [t["trace_id"] for t in first["traces"]]
+    while True:
+        seen += [t["trace_id"] for t in rest["traces"]]
+        if rest["next_cursor"] is None:
+            break
+        rest = await call(client, "list_traces", limit=200, cursor=rest["next_cursor"])
+    assert seen == ids[::-1] and "note" not in rest
+
+
+async def test_run_trace_on_a_paused_trace_without_a_reply_says_what_it_waits_for(client, model):
+    model.steps = [reply(None, tool_call("ask_host", "q1", question="Which file?")), reply("ok")]
+    tid = (await call(client, "create_trace", prompt="summarise"))["trace_id"]
+    assert (await wait_done(client, tid))["trace"]["outcome"] == "needs_input"
+    before = await full(client, tid)
+    text = await call_error(client, "run_trace", trace_id=tid)
+    assert text.startswith(f"Trace '{tid}' is waiting for input: reply with answer")
+    assert await full(client, tid) == before
+    await call(client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "never mind"}])
+    assert (await wait_done(client, tid))["answer"] == "ok"  # messages move on without an answer
+
+
+async def test_errors_name_a_malformed_trace_id_and_the_list_item_that_is_wrong(client):
+    text = await call_error(client, "create_trace", prompt="x", from_trace="zz")
+    assert text.startswith("Argument 'from_trace' of create_trace must be a trace id (32 hex characters")
+    text = await call_error(client, "create_trace", messages=[{"role": "user", "content": "a"}, 2])
+    assert text == "Item 2 of argument 'messages' of create_trace must be an object; got 2."
+
+
+async def test_an_empty_question_reads_as_no_question(client, model):
+    model.steps = [reply(None, tool_call("ask_host", "q1", question=""))]
+    tid = (await call(client, "create_trace", prompt="ask"))["trace_id"]
+    assert (await wait_done(client, tid))["question"] == "(no question given)"
