@@ -11,7 +11,7 @@ import argparse
 import logging
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import anyio
 
@@ -26,8 +26,14 @@ COMMANDS = ["serve", "server", "status", "stop-server", "demo", "consolidate", "
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, not the whole usage: a host's log shows the problem, not 20 lines around it."""
+        self.exit(2, f"agent-trace-mcp: {message} (agent-trace-mcp --help lists the options).\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="agent-trace-mcp",
         description="An MCP server that starts, watches, steers and learns from background LLM agent runs.",
     )
@@ -67,8 +73,15 @@ def _configure_logging(args: argparse.Namespace, settings: Settings) -> None:
         logging.getLogger().addHandler(handler)
 
 
-def _check_mcp_config(settings: Settings) -> bool:
-    """A bad --mcp-config is a sentence at start-up, not a traceback later."""
+def _check_startup(settings: Settings) -> bool:
+    """A bad --workspace or --mcp-config is a sentence at start-up, not a broken agent or a traceback later."""
+    if not settings.workspace.is_dir():
+        print(
+            f"agent-trace-mcp: the workspace {settings.workspace} is not a folder (--workspace, "
+            "AGENT_TRACE_WORKSPACE); the agent's file tools read inside it.",
+            file=sys.stderr,
+        )
+        return False
     if settings.mcp_config is None:
         return True
     from agent.tools.mcp_config import load_mcp_config
@@ -135,7 +148,7 @@ def _main(argv: list[str] | None) -> int:
 
         return stop_server(settings, now=args.now)
 
-    if not _check_mcp_config(settings):
+    if not _check_startup(settings):
         return 2
     if args.command == "server":
         from server.shared import serve_shared
@@ -152,6 +165,8 @@ def _main(argv: list[str] | None) -> int:
             return 2
         except KeyboardInterrupt:
             pass
+        except Exception as exc:
+            return _refused(exc)
         return 0
     if not settings.in_process:
         from server.relay import relay, unix_sockets_available
@@ -164,8 +179,23 @@ def _main(argv: list[str] | None) -> int:
         )
     from server.app import build_server
 
-    anyio.run(serve_in_process, build_server(settings))
+    try:
+        anyio.run(serve_in_process, build_server(settings))
+    except Exception as exc:
+        return _refused(exc)
     return 0
+
+
+def _refused(exc: Exception) -> int:
+    """A start-up refusal (an unreachable database…) as its one sentence; anything else re-raised."""
+    from agent.errors import TraceError
+    from server.shared import first_cause
+
+    cause = first_cause(exc)
+    if not isinstance(cause, TraceError):
+        raise exc
+    print(f"agent-trace-mcp: {cause}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

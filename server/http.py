@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from agent.trace.backends import open_store
 from server.settings import LOOPBACK_HOSTS, Settings
 from server.stream_transport import parse_frame
 
@@ -406,10 +407,18 @@ def http_app(
     return app
 
 
+async def check_store(settings: Settings) -> None:
+    """Open the store once before serving: a refusal (an unreachable database) is then its one sentence,
+    where uvicorn would report the app's failed start-up as a traceback."""
+    store = await open_store(settings.db, lease_seconds=settings.lease_seconds, pool_size=1)
+    await store.close()
+
+
 async def serve_http(mcp: MCPServer, settings: Settings) -> None:
     import uvicorn
 
     check_bind(settings)
+    await check_store(settings)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     log.info("serving MCP over streamable HTTP at http://%s:%d/mcp", host, settings.port)
     config = uvicorn.Config(

@@ -30,7 +30,7 @@ async def consolidate_now(settings: Settings) -> int:
         experiences.close()
         await store.close()
     print(result.model_dump_json(indent=2))
-    return 0 if not result.skipped_reason else 1
+    return 1 if result.failed else 0  # nothing to merge is a pass that succeeded
 
 
 async def transfer(settings: Settings, action: str, file: str) -> int:

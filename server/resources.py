@@ -24,8 +24,9 @@ PAGE_SIZE = 50
 
 
 RESOURCE_BYTES = 900_000
-"""A resource stays under the 1 MiB message limit of common clients; every message is listed, long contents cut."""
-_CUTS = (16_000, 2_000, 200, 0)
+"""A resource stays under the 1 MiB message limit of common clients: whole when it fits, else every message
+listed with long contents cut."""
+_CUTS: tuple[int | None, ...] = (None, 16_000, 2_000, 200, 0)
 
 
 def _engine(ctx: Context) -> Engine:
@@ -35,7 +36,8 @@ def _engine(ctx: Context) -> Engine:
 
 
 def trace_body(trace: Trace, messages: list[Message]) -> str:
-    """JSON {trace, messages}; contents cut (with a marker naming the message's own resource) to fit."""
+    """JSON {trace, messages}: uncut when it fits, else contents cut (with a marker naming the message's own
+    resource) until it does."""
     for limit in _CUTS:
         dumped = [shown_message(message, trace.trace_id, limit, nulls=True) for message in messages]
         text = json.dumps({"trace": trace.model_dump(mode="json"), "messages": dumped}, ensure_ascii=False)

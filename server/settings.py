@@ -135,6 +135,19 @@ OPTIONS: list[tuple[str, str, type, str]] = [
     ),
 ]
 
+LOWEST: dict[str, float] = {
+    "--max-wait": 0.001,
+    "--tool-timeout": 0.001,
+    "--idle-exit": 0,
+    "--experience-recall": 0,
+    "--experience-budget": 1,
+    "--context-tokens": 1000,
+    "--retain-days": 0.0001,
+    "--lease-seconds": 3 * defaults.LEASE_RENEW_SECONDS,
+    "--db-pool-size": 1,
+}
+"""The smallest value each numeric setting takes; below it the process refuses to start, with one line."""
+
 IN_PROCESS_VARIABLE = "AGENT_TRACE_IN_PROCESS"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
@@ -186,16 +199,14 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
     db: Path | str = (
         values["--db"] if is_postgres_url(values["--db"] or "") else path_or("--db", data_dir / "traces.db")
     )
-    limits = (
-        ("--max-wait", 0.001),
-        ("--context-tokens", 1000),
-        ("--retain-days", 0.0001),
-        ("--lease-seconds", 3 * defaults.LEASE_RENEW_SECONDS),
-        ("--db-pool-size", 1),
-    )
-    for flag, low in limits:
+    variables = {flag: variable for flag, variable, _, _ in OPTIONS}
+    for flag, low in LOWEST.items():
         if values[flag] is not None and values[flag] < low:
-            raise SystemExit(f"agent-trace-mcp: {flag} must be at least {low:g}; got {values[flag]:g}.")
+            given = getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None
+            named = flag if given else variables[flag]  # the setting as the user wrote it
+            raise SystemExit(f"agent-trace-mcp: {named} must be at least {low:g}; got {values[flag]:g}.")
+    if not 0 <= args.port <= 65535:
+        raise SystemExit(f"agent-trace-mcp: --port must be 0 to 65535; got {args.port}.")
 
     in_process = getattr(args, "in_process", None)
     if in_process is None:

@@ -29,6 +29,7 @@ from anyio.abc import SocketListener, SocketStream, TaskGroup
 from mcp.server.mcpserver import MCPServer
 
 from agent.engine import Engine
+from agent.errors import TraceError
 from server.relay import (
     CONTROL_KEY,
     ServerAddress,
@@ -464,10 +465,17 @@ def serve_shared(settings: Settings) -> int:
     try:
         return anyio.run(server.run)
     except Exception as exc:
+        cause = first_cause(exc)
+        if isinstance(cause, TraceError):  # a refusal with its sentence (an unreachable database…)
+            log.error("the shared server could not start: %s", cause)  # the log's last line, for the relay
+            return 1
         log.exception("the shared server failed")
-        while isinstance(exc, ExceptionGroup) and exc.exceptions:  # anyio's task groups wrap it
-            exc = exc.exceptions[0]
-        log.error(
-            "the shared server stopped on an error: %s: %s", type(exc).__name__, exc
-        )  # the log's last line
+        log.error("the shared server stopped on an error: %s: %s", type(cause).__name__, cause)
         return 1
+
+
+def first_cause(exc: BaseException) -> BaseException:
+    """The first exception inside anyio's task-group wrappers: the one that says what went wrong."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

@@ -712,7 +712,7 @@ def register_tools(mcp: MCPServer) -> None:
         briefly for automatic reflections under way, so lessons of a trace that just answered are in."""
         engine = engine_of(ctx)
         await engine.settle_reflections()
-        path = str(engine.experiences.path)
+        path = engine.experiences.location
         if query:
             found = await engine.recall(query, limit)
             lessons = [LessonView(text=l.text, heading=l.heading, trace_id=l.trace_id) for l in found]

@@ -110,6 +110,11 @@ class Experiences:
     def path(self) -> Path:
         return self.file.path
 
+    @property
+    def location(self) -> str:
+        """Where the lessons live, for a host to read: the markdown file."""
+        return str(self.path)
+
     async def append_reflection(
         self, trace_id: str, reflection_text: str, *, source: str, when: datetime | None = None
     ) -> list[str]:

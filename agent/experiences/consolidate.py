@@ -87,6 +87,9 @@ class ConsolidationResult(BaseModel):
     backup_path: Path | None = None
     skipped_reason: str | None = None
     changed: bool = False
+    failed: bool = False
+    """The pass could not be made (the model call failed or its plan was unusable), as opposed to a pass
+    that found nothing to do."""
 
 
 async def consolidate(
@@ -117,14 +120,16 @@ async def ask_plan(
         response = await model.complete(plan_messages(lessons), [], temperature=0)
     except TraceError as exc:
         return ConsolidationResult(
-            before=before, after=before, skipped_reason=f"The model call failed: {exc}"
+            before=before, after=before, skipped_reason=f"The model call failed: {exc}", failed=True
         )
     except Exception:
         log.exception("consolidation model call failed")
-        return ConsolidationResult(before=before, after=before, skipped_reason="The model call failed.")
+        return ConsolidationResult(
+            before=before, after=before, skipped_reason="The model call failed.", failed=True
+        )
     plan, problem = parse_plan(response.content or "")
     if plan is None:
-        return ConsolidationResult(before=before, after=before, skipped_reason=problem)
+        return ConsolidationResult(before=before, after=before, skipped_reason=problem, failed=True)
     return plan
 
 

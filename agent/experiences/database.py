@@ -51,6 +51,7 @@ from agent.experiences.markdown import TITLE, Lesson, cut, format_when, normaliz
 from agent.experiences.recall import bounded_lesson, build_match_query, pick
 from agent.experiences.view import FileKey, Window, bounded_view
 from agent.llm.base import Model
+from agent.trace.backends import redact_url
 from agent.trace.pg_migrations import Db
 from agent.trace.postgres import PostgresTraceStore
 
@@ -185,6 +186,14 @@ class DatabaseExperiences(Experiences):
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def location(self) -> str:
+        """The database, not ``path``: no file holds the lessons until an export writes one."""
+        return (
+            f"{redact_url(self._store.url)} (in the database; 'agent-trace-mcp experiences export FILE' "
+            "writes them out as markdown)"
+        )
 
     # -- writing ----------------------------------------------------------------------------------
 

@@ -282,6 +282,11 @@ class PostgresTraceStore:
         self.owner = process_owner()
         OPEN_OWNERS.add(self.owner)
 
+    @property
+    def url(self) -> str:
+        """The database URL it was opened with (redact it before showing it: it may hold a password)."""
+        return self._url
+
     @classmethod
     async def open(
         cls,

@@ -176,7 +176,8 @@ async def test_a_lesson_reflected_on_a_is_recalled_on_b(replicas, fake_openai):
         assert event.uri == "experiences://memory"
         found = await call(on_b, "get_experiences", query="questions about the project README")
         assert [(l["text"], l["trace_id"]) for l in found["lessons"]] == [(lesson, tid)]
-        assert f"- {lesson}" in (await call(on_b, "get_experiences"))["content"]
+        whole = await call(on_b, "get_experiences")
+        assert f"- {lesson}" in whole["content"] and "(in the database; " in whole["path"]
         fake_openai.script = [("json", completion("Done."))]
         second = (await call(on_b, "create_trace", prompt="Answer a question about the README"))["trace_id"]
         await wait_done(on_b, second)

@@ -39,6 +39,14 @@ async def test_trace_resources_show_the_active_path_and_the_whole_tree(client):
     assert active["messages"][-1]["sequence"] == active["trace"]["head_sequence"]
 
 
+async def test_trace_resources_are_whole_when_they_fit_under_1_mib(client):
+    long = "abcdefghij" * 2_000
+    tid = (await call(client, "create_trace", prompt=long))["trace_id"]
+    await wait_done(client, tid)
+    for uri in (f"trace://{tid}", f"trace://{tid}/tree"):
+        assert body(await client.read_resource(uri))["messages"][1]["content"] == long
+
+
 async def test_unknown_trace_resource_is_an_error_naming_it(client):
     with pytest.raises(MCPError) as info:
         await client.read_resource("trace://" + "f" * 32)

@@ -86,3 +86,27 @@ def test_allowed_hosts_keep_rebinding_protection_on():
     assert "mcp.example.com" in security.allowed_hosts and "mcp.example.com:*" in security.allowed_hosts
     assert "https://mcp.example.com" in security.allowed_origins
     assert "http://evil.example" not in security.allowed_origins
+
+
+def test_a_value_out_of_range_is_named_as_it_was_given():
+    with pytest.raises(
+        SystemExit, match=r"^agent-trace-mcp: AGENT_TRACE_LEASE_SECONDS must be at least 15; got 3\.$"
+    ):
+        settings_for([], {"AGENT_TRACE_LEASE_SECONDS": "3"})
+    with pytest.raises(SystemExit, match=r"^agent-trace-mcp: --lease-seconds must be at least 15; got 3\.$"):
+        settings_for(["--lease-seconds", "3"], {"AGENT_TRACE_LEASE_SECONDS": "30"})
+    for argv in (["--tool-timeout", "0"], ["--idle-exit", "-1"], ["--experience-budget", "0"]):
+        with pytest.raises(SystemExit, match=f"{argv[0]} must be at least"):
+            settings_for(argv, {})
+    with pytest.raises(SystemExit, match=r"--port must be 0 to 65535; got 99999\."):
+        settings_for(["--port", "99999"], {})
+
+
+def test_a_flag_of_the_wrong_type_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parser().parse_args(["--max-wait", "abc"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "agent-trace-mcp: argument --max-wait: invalid float value: 'abc' "
+        "(agent-trace-mcp --help lists the options).\n"
+    )
