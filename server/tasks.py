@@ -55,6 +55,7 @@ from server.task_views import (
     superseded,
     task_fields,
     task_handle,
+    task_status,
 )
 from server.tools import Reflected, compact
 from server.views import TAIL_MESSAGES, elide
@@ -181,7 +182,9 @@ class _Runtime:
         except TraceError:
             raise not_found(task_id) from None
         tail = await self.engine.tail(trace_id, TAIL_MESSAGES)
-        task = detailed_task(trace, tail, await self.engine.last_text(trace_id, tail), self.ttl_ms)
+        ended = task_status(trace) in TERMINAL  # only a final result shows last_text: polls stay cheap
+        last_text = await self.engine.last_text(trace_id, tail) if ended else None
+        task = detailed_task(trace, tail, last_text, self.ttl_ms)
         if handle is not None and task_id != trace_id:
             task |= {"taskId": task_id, "createdAt": handle.created_at}
         return task
