@@ -232,6 +232,14 @@ def _ending(trace: Trace) -> str:
     return f"Ended {outcome.value}."
 
 
+def reflection_status(result: Mapping[str, Any]) -> str:
+    """The statusMessage of a finished reflection task: what failed when its result is an error."""
+    if not result.get("isError"):
+        return "Reflected."
+    text = " ".join(str(part.get("text", "")) for part in result.get("content") or [])
+    return _cut(f"Failed: {text or 'no reason recorded'}", STATUS_MESSAGE_CHARS)
+
+
 def _cut(text: str, limit: int) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"

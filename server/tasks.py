@@ -51,6 +51,7 @@ from server.task_views import (
     Reply,
     detailed_task,
     pending_requests,
+    reflection_status,
     reply_to,
     superseded,
     task_fields,
@@ -228,7 +229,7 @@ class _Runtime:
             result = _wire_result(
                 compact(Reflected(trace_id=trace_id, reflection=_clip(reflection), lessons=lessons))
             )
-        return task | {"statusMessage": "Reflected.", "result": result}
+        return task | {"statusMessage": reflection_status(result), "result": result}
 
     async def _answer_to(self, trace_id: str, sequence: int) -> Message | None:
         """The stored reflection answering the side question at ``sequence``, if there is one."""
@@ -254,8 +255,9 @@ class _Runtime:
         if record.error is not None:
             task = task_fields(record.task_id, "failed", record.created_at, record.updated_at, self.ttl_ms)
             return task | {"statusMessage": record.error["message"], "error": record.error}
+        result = record.result or {"content": []}
         task = task_fields(record.task_id, "completed", record.created_at, record.updated_at, self.ttl_ms)
-        return task | {"statusMessage": "Reflected.", "result": record.result}
+        return task | {"statusMessage": reflection_status(result), "result": result}
 
     # -- tools/call as a task ----------------------------------------------------------------------
 
@@ -364,8 +366,8 @@ class _Runtime:
             with contextlib.suppress(TraceError):  # the time a restarted server reads back (gone if deleted)
                 answer = await self._answer_to(record.trace_id, record.sequence)
                 record.updated_at = answer.created_at if answer is not None else record.updated_at
-        if record.sequence is not None and (record.cancelled or record.error is not None):
-            try:  # so a restarted server reads it as it ended, not as a reflection still under way
+        if record.sequence is not None:
+            try:  # so a restarted server reads it as it ended (an error result leaves no answer in the tree)
                 await self.engine.add_handle(record.task_id, record.trace_id)
                 await self.engine.end_handle(record.task_id, self._ended_wire(record))
             except Exception:

@@ -16,6 +16,7 @@ from mcp import Client, MCPError
 from mcp.client.extension import ClaimContext, ClientExtension, NotificationBinding, ResultClaim
 from pydantic import ConfigDict
 
+from agent.errors import ModelCallError
 from server.app import build_server
 from server.task_views import detailed_task
 from tests.fake_openai import completion
@@ -324,6 +325,22 @@ async def test_a_cancelled_reflection_reads_cancelled_after_a_restart(settings):
         cancelled = await poll_until(client, handle.task_id, "cancelled")
     async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
         assert await get_task(client.session, handle.task_id) == cancelled  # not "working" for minutes
+
+
+async def test_a_failed_reflection_says_so_and_stays_ended_after_a_restart(settings):
+    failing = ScriptedModel([reply("answer"), ModelCallError("the provider is down")])
+    models = models_for(scripted=failing)
+    async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
+        tid = (await call(client, "create_trace", prompt="x"))["trace_id"]
+        await poll_until(client, tid, "completed")
+        handle = await start_task(client, "reflect_trace", trace_id=tid)
+        failed = await poll_until(client, handle.task_id, "completed")
+        assert failed["result"]["isError"] is True
+        assert failed["statusMessage"].startswith("Failed: The reflection on trace") and (
+            "the provider is down" in failed["statusMessage"]
+        )
+    async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
+        assert await get_task(client.session, handle.task_id) == failed  # not "working" for minutes
 
 
 async def test_two_reflections_at_once_are_two_tasks(settings):
