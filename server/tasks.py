@@ -207,7 +207,7 @@ class _Runtime:
             raise not_found(task_id)
         ended = await self.engine.handle(task_id)
         if ended is not None and ended.final is not None:
-            return ended.final  # cancelled or failed: nothing in the tree says so
+            return ended.final  # as it ended (a cancel or an error result leaves nothing in the tree)
         try:
             question = await self.engine.message(trace_id, int(sequence))
         except TraceError:

@@ -44,6 +44,7 @@ from server.views import (
     MESSAGES_VIEW_CHARS,
     ROWS_BYTES,
     TAIL_MESSAGES,
+    RowBudget,
     compact_row,
     elide,
     messages_view,
@@ -528,17 +529,16 @@ def register_tools(mcp: MCPServer) -> None:
         """The traces running now, in any process sharing the store, with their steps and latest action."""
         engine = engine_of(ctx)
         rows: list[dict[str, Any]] = []
-        weight = 0
+        budget = RowBudget()
         ids = await engine.running()
         for tid in ids:
-            if weight >= ROWS_BYTES:
-                break
             trace = await engine.get(tid)
             tail = await engine.tail(tid, 2)
             row = compact_row(trace)
             row["started_at"] = trace.started_at
             row["last_action"] = one_line(tail[-1], {}) if tail else None
-            weight += size_of(row)
+            if not budget.take(row):
+                break
             rows.append(row)
         left = len(ids) - len(rows)
         note = (
@@ -639,14 +639,14 @@ def register_tools(mcp: MCPServer) -> None:
         finished = [t for t in traces if t.status is not Status.RUNNING]
         done: list[dict[str, Any]] = []
         more: list[str] = []  # finished, past the answer's budget: named only
-        answer_chars, weight = row_answer_chars(len(finished)), 0
+        answer_chars, budget = row_answer_chars(len(finished)), RowBudget()
         for trace in finished:
-            if more or weight >= ROWS_BYTES:
-                more.append(trace.trace_id)
-                continue
-            row = row_with_answer(trace, await engine.tail(trace.trace_id, 1), answer_chars)
-            weight += size_of(row)
-            done.append(row)
+            if not budget.full:
+                row = row_with_answer(trace, await engine.tail(trace.trace_id, 1), answer_chars)
+                if budget.take(row):
+                    done.append(row)
+                    continue
+            more.append(trace.trace_id)
         hints = [note] if note and running else []
         if more:
             hints.append(
@@ -682,11 +682,9 @@ def register_tools(mcp: MCPServer) -> None:
             status=status.value if status else None, uid=uid, tag=tag, limit=limit, cursor=cursor
         )
         rows: list[dict[str, Any]] = []
-        weight = 0
-        for trace in page.traces:  # however large the limit, the page stays a size a model can read
-            row = compact_row(trace)
-            weight += size_of(row)
-            if rows and weight > ROWS_BYTES:
+        budget = RowBudget()  # however large the limit, the page stays a size a model can read
+        for trace in page.traces:
+            if not budget.take(row := compact_row(trace)):
                 break
             rows.append(row)
         if len(rows) == len(page.traces):

@@ -135,6 +135,24 @@ def row_with_answer(
     return row
 
 
+class RowBudget:
+    """The rows of one listing answer (list_traces, list_running, await_traces): ROWS_BYTES at most however
+    many traces there are. Rows go in while they fit, the first always; after the first that does not,
+    none does (the rest are paged or named by id)."""
+
+    def __init__(self, limit: int = ROWS_BYTES) -> None:
+        self.limit, self.used, self.full = limit, 0, False
+
+    def take(self, row: dict[str, Any]) -> bool:
+        """Whether ``row`` goes in (and is counted)."""
+        weight = size_of(row)
+        if self.full or (self.used and self.used + weight > self.limit):
+            self.full = True
+            return False
+        self.used += weight
+        return True
+
+
 def row_answer_chars(finished: int) -> int:
     """How much of each answer await_traces shows when ``finished`` traces share its answer."""
     return max(MIN_ROW_ANSWER_CHARS, min(ROW_ANSWER_CHARS, ROWS_BYTES // (2 * max(1, finished))))
