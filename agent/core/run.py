@@ -581,7 +581,7 @@ class Run:
         """Run calls concurrently; store each result as soon as every earlier one is stored (call order)."""
         results: list[str | None] = [None] * len(calls)
         stored: list[MessageStored] = []
-        lock = anyio.Lock()
+        lock = anyio.Lock(fast_acquire=True)
 
         async def flush() -> None:
             async with lock:
@@ -597,9 +597,12 @@ class Run:
 
         try:
             with self._guard():
-                async with anyio.create_task_group() as group:
-                    for index, call in enumerate(calls):
-                        group.start_soon(run_one, index, call)
+                if len(calls) == 1:  # the common case needs no task of its own
+                    await run_one(0, calls[0])
+                else:
+                    async with anyio.create_task_group() as group:
+                        for index, call in enumerate(calls):
+                            group.start_soon(run_one, index, call)
         finally:
             with anyio.CancelScope(shield=True):
                 for index in range(len(calls)):

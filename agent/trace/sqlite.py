@@ -5,7 +5,8 @@ owner, lease) and the stop request live on the trace row. Triggers move the head
 every change in the ``changes`` table in the same statement, which other processes tail cheaply
 (``PRAGMA data_version`` first). One writer connection; every write is one statement or one short
 ``BEGIN IMMEDIATE`` transaction, shielded from cancellation (a stopped run never abandons a write half
-way) and retried with backoff while another process holds the write lock. ``synchronous=NORMAL``: in
+way) and retried with backoff while another process holds the write lock. Appends that queue behind a
+write go in together as one statement (group commit): concurrent runs share the trips to SQLite. ``synchronous=NORMAL``: in
 WAL mode a process crash keeps every committed row; a power cut may lose the last few commits, the price
 of sub-millisecond appends.
 """
@@ -19,6 +20,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,6 +93,58 @@ def _prepare_database(path: str) -> None:
         db.close()
 
 
+_BATCH_COLUMNS = (
+    "trace_id, parent, role, content, tool_calls, tool_call_id, name, usage, created_at, side, meta, token"
+)
+_BATCH_ROW = "(" + ", ".join("?" * len(_BATCH_COLUMNS.split(","))) + ")"
+_BATCH_LIMIT = 64
+"""Appends written in one statement at most (12 parameters each, far below SQLite's limit)."""
+
+
+@dataclass(eq=False)
+class _Append:
+    """One message waiting to be written, and what became of it."""
+
+    trace_id: str
+    message: NewMessage
+    parent: int | None
+    token: str | None
+    side: bool
+    created_at: str = field(default_factory=utc_now)
+    params: tuple[Any, ...] = ()
+    """The row's values, serialised by the caller (a message that cannot be fails its own append only)."""
+    result: Message | Exception | None = None
+
+    def __post_init__(self) -> None:
+        message = self.message
+        self.params = (
+            self.trace_id,
+            self.parent,
+            message.role,
+            message.content,
+            json.dumps([c.model_dump() for c in message.tool_calls]) if message.tool_calls else None,
+            message.tool_call_id,
+            message.name,
+            message.usage.model_dump_json() if message.usage else None,
+            self.created_at,
+            int(self.side),
+            json.dumps(message.meta) if message.meta else None,
+            self.token,
+        )
+
+    def args(self) -> tuple[str, NewMessage, int | None, str | None, bool]:
+        return self.trace_id, self.message, self.parent, self.token, self.side
+
+    def stored(self, sequence: int) -> Message:
+        return Message(
+            **self.message.model_dump(),
+            sequence=sequence,
+            parent_sequence=self.parent,
+            created_at=self.created_at,
+            side=self.side,
+        )
+
+
 class SQLiteTraceStore:
     def __init__(
         self,
@@ -101,7 +155,8 @@ class SQLiteTraceStore:
     ):
         self._writer = writer
         self._reader = reader
-        self._write_lock = anyio.Lock()
+        self._write_lock = anyio.Lock(fast_acquire=True)  # the write itself yields; no extra loop turn
+        self._appends: list[_Append] = []
         self._lease_seconds = lease_seconds
         self._data_version: int | None = None
         self.owner = process_owner()
@@ -209,44 +264,49 @@ class SQLiteTraceStore:
         token: str | None,
         side: bool,
     ) -> Message:
-        created_at = utc_now()
-        usage = message.usage.model_dump_json() if message.usage else None
-        tool_calls = json.dumps([c.model_dump() for c in message.tool_calls]) if message.tool_calls else None
-        fence = (
-            "" if side else " AND run_token = ?"
-        )  # NULL matches nothing: an unclaimed trace takes no main-path message
-        params: list[Any] = [
-            parent,
-            message.role,
-            message.content,
-            tool_calls,
-            message.tool_call_id,
-            message.name,
-            usage,
-            created_at,
-            int(side),
-            json.dumps(message.meta) if message.meta else None,
-            trace_id,
-        ]
-        if not side:
-            params.append(token)
+        (stored,) = await SQLiteTraceStore._insert_messages(
+            db, [_Append(trace_id, message, parent, token, side)]
+        )
+        if isinstance(stored, Exception):
+            raise stored
+        return stored
+
+    @staticmethod
+    async def _insert_messages(
+        db: aiosqlite.Connection, items: Sequence[_Append]
+    ) -> list[Message | Exception]:
+        """One INSERT for messages of distinct traces, each at its trace's next sequence (the trigger moves
+        the head); a main-path message lands only while its token holds the claim (NULL matches nothing)."""
         rows = await db.execute_fetchall(
+            f"WITH v({_BATCH_COLUMNS}) AS (VALUES {', '.join([_BATCH_ROW] * len(items))}) "
             f"INSERT INTO messages (trace_id, {MESSAGE_COLUMNS}) "
-            "SELECT trace_id, last_sequence + 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM traces "
-            f"WHERE trace_id = ?{fence} RETURNING sequence",
-            params,
+            "SELECT t.trace_id, t.last_sequence + 1, v.parent, v.role, v.content, v.tool_calls, "
+            "v.tool_call_id, v.name, v.usage, v.created_at, v.side, v.meta "
+            "FROM v JOIN traces t ON t.trace_id = v.trace_id WHERE v.side OR t.run_token = v.token "
+            "RETURNING trace_id, sequence",
+            [value for item in items for value in item.params],
         )
-        rows = list(rows)
-        if not rows:
-            found = list(await db.execute_fetchall("SELECT 1 FROM traces WHERE trace_id = ?", (trace_id,)))
-            raise ClaimLost(trace_id) if found else TraceNotFound(trace_id)
-        return Message(
-            **message.model_dump(),
-            sequence=rows[0][0],
-            parent_sequence=parent,
-            created_at=created_at,
-            side=side,
-        )
+        sequences: dict[str, int] = {row[0]: row[1] for row in rows}
+        missing = [item.trace_id for item in items if item.trace_id not in sequences]
+        found: set[str] = set()
+        if missing:
+            marks = ", ".join("?" * len(missing))
+            found = {
+                r[0]
+                for r in await db.execute_fetchall(
+                    f"SELECT trace_id FROM traces WHERE trace_id IN ({marks})", missing
+                )
+            }
+        out: list[Message | Exception] = []
+        for item in items:
+            sequence = sequences.get(item.trace_id)
+            if sequence is None:
+                out.append(
+                    ClaimLost(item.trace_id) if item.trace_id in found else TraceNotFound(item.trace_id)
+                )
+            else:
+                out.append(item.stored(sequence))
+        return out
 
     async def _read_trace_on(self, db: aiosqlite.Connection, trace_id: str) -> Trace:
         rows = list(
@@ -339,10 +399,49 @@ class SQLiteTraceStore:
     async def append(
         self, trace_id: str, message: NewMessage, parent: int | None, *, token: str | None, side: bool = False
     ) -> Message:
-        async def attempt() -> Message:
-            return await self._insert_message(self._writer, trace_id, message, parent, token, side)
+        """Group commit: appends that arrive while a write is in flight go in together, in one statement
+        (one trip to the connection's thread, one commit), so many concurrent runs cost far less than
+        one write each. Each append still returns only once its message is committed."""
+        item = _Append(trace_id, message, parent, token, side)
+        self._appends.append(item)
+        with anyio.CancelScope(shield=True):
+            async with self._write_lock:
+                while item.result is None:
+                    await self._write_appends()
+        result = item.result
+        assert result is not None  # the loop above ends only once it is set
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-        return await self._retrying(attempt)
+    async def _write_appends(self) -> None:
+        """Write the oldest pending appends of distinct traces (a trace's next one waits for the next batch)."""
+        batch: list[_Append] = []
+        seen: set[str] = set()
+        for pending in self._appends:
+            if pending.trace_id not in seen and len(batch) < _BATCH_LIMIT:
+                seen.add(pending.trace_id)
+                batch.append(pending)
+        for item in batch:
+            self._appends.remove(item)
+        results: list[Message | Exception]
+        try:
+            results = await self._until_unlocked(lambda: self._insert_messages(self._writer, batch))
+        except sqlite3.Error as exc:
+            if len(batch) == 1 or (isinstance(exc, sqlite3.OperationalError) and _busy(exc)):
+                results = [exc] * len(batch)  # still locked after every retry: no use trying one by one
+            else:
+                results = [await self._append_alone(item) for item in batch]  # a bad one fails alone
+        except Exception as exc:
+            results = [exc] * len(batch)
+        for item, result in zip(batch, results, strict=True):
+            item.result = result
+
+    async def _append_alone(self, item: _Append) -> Message | Exception:
+        try:
+            return await self._until_unlocked(lambda: self._insert_message(self._writer, *item.args()))
+        except Exception as exc:
+            return exc
 
     async def finish(
         self,

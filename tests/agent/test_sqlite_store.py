@@ -217,3 +217,83 @@ async def test_pruning_the_change_log_never_lets_an_id_come_back(tmp_path):
         assert [c.id for c in await store.changes_after(last)] == [last + 1]
     finally:
         await store.close()
+
+
+async def test_concurrent_appends_are_written_together_each_at_its_own_sequence(tmp_path):
+    """Group commit: 40 runs appending at once share statements, and every path reads as it was sent."""
+    store = await SQLiteTraceStore.open(tmp_path / "traces.db")
+    inserts: list[str] = []
+    try:
+        tokens = {}
+        for i in range(40):
+            tokens[f"t{i}"] = new_token()
+            await store.create(Trace(trace_id=f"t{i}", model="offline"), [], tokens[f"t{i}"])
+        execute = store._writer.execute_fetchall
+
+        def counted(sql, params=None):  # each call is one trip to the connection's thread
+            inserts.append(sql)
+            return execute(sql, params)
+
+        store._writer.execute_fetchall = counted
+
+        async def run(trace_id: str) -> None:
+            parent = None
+            for step in range(5):
+                message = NewMessage(role="user", content=f"{trace_id} step {step}")
+                parent = (await store.append(trace_id, message, parent, token=tokens[trace_id])).sequence
+
+        async with anyio.create_task_group() as group:
+            for trace_id in tokens:
+                group.start_soon(run, trace_id)
+        for trace_id in tokens:
+            path = await store.get_path(trace_id)
+            assert [(m.sequence, m.content) for m in path] == [
+                (s + 1, f"{trace_id} step {s}") for s in range(5)
+            ]
+            assert (await store.get_trace(trace_id)).head_sequence == 5
+        assert len(inserts) < 200 / 4  # 200 appends in fewer than 50 statements
+    finally:
+        await store.close()
+
+
+async def test_in_one_batch_a_lost_claim_a_missing_trace_and_a_refused_row_fail_alone(tmp_path):
+    store = await SQLiteTraceStore.open(tmp_path / "traces.db")
+    try:
+        token = new_token()
+        for trace_id in ("good", "poisoned", "taken"):
+            await store.create(Trace(trace_id=trace_id, model="offline"), [], token)
+        await store._writer.execute(  # a row SQLite itself refuses, as a full disk or a constraint would
+            "CREATE TEMP TRIGGER poison BEFORE INSERT ON messages WHEN NEW.content = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned message'); END"
+        )
+        outcomes: dict[str, object] = {}
+
+        async def append(key: str, trace_id: str, content: str, owner: str, side: bool = False) -> None:
+            message = NewMessage(role="user", content=content)
+            try:
+                outcomes[key] = (await store.append(trace_id, message, None, token=owner, side=side)).sequence
+            except Exception as exc:
+                outcomes[key] = type(exc).__name__
+
+        async with store._write_lock:  # hold writes back so that all of them queue for one batch
+            async with anyio.create_task_group() as group:
+                group.start_soon(append, "good", "good", "fine", token)
+                group.start_soon(append, "good again", "good", "fine too", token, True)  # same trace
+                group.start_soon(append, "poisoned", "poisoned", "poison", token)
+                group.start_soon(append, "taken", "taken", "late", new_token())
+                group.start_soon(append, "missing", "missing", "lost", token)
+                while len(store._appends) < 5:
+                    await anyio.sleep(0.01)
+                store._write_lock.release()
+            await store._write_lock.acquire()
+        assert outcomes == {
+            "good": 1,
+            "good again": 2,
+            "poisoned": "IntegrityError",
+            "taken": "ClaimLost",
+            "missing": "TraceNotFound",
+        }
+        assert [m.content for m in await store.get_tree("good")] == ["fine", "fine too"]
+        assert await store.get_tree("poisoned") == [] and await store.get_tree("taken") == []
+    finally:
+        await store.close()
