@@ -6,9 +6,9 @@ every change in the ``changes`` table in the same statement, which other process
 (``PRAGMA data_version`` first). One writer connection; every write is one statement or one short
 ``BEGIN IMMEDIATE`` transaction, shielded from cancellation (a stopped run never abandons a write half
 way) and retried with backoff while another process holds the write lock. Appends that queue behind a
-write go in together as one statement (group commit): concurrent runs share the trips to SQLite. ``synchronous=NORMAL``: in
-WAL mode a process crash keeps every committed row; a power cut may lose the last few commits, the price
-of sub-millisecond appends.
+write go in together as one statement (group commit): concurrent runs share the trips to SQLite.
+``synchronous=NORMAL``: in WAL mode a process crash keeps every committed row; a power cut may lose the
+last few commits, the price of sub-millisecond appends.
 """
 
 from __future__ import annotations
