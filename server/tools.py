@@ -871,6 +871,14 @@ async def patch_annotations(result: Any, state: ServerState) -> Any:
     tools = result.get("tools") if isinstance(result, dict) else getattr(result, "tools", None)
     for tool in tools or []:
         name = tool.get("name") if isinstance(tool, dict) else tool.name
+        if isinstance(tool, dict):
+            for key in ("inputSchema", "outputSchema"):
+                if isinstance(tool.get(key), dict):
+                    tool[key] = concise_schema(tool[key])
+        else:
+            tool.input_schema = concise_schema(tool.input_schema)
+            if tool.output_schema is not None:
+                tool.output_schema = concise_schema(tool.output_schema)
         schema = tool.get("inputSchema") if isinstance(tool, dict) else tool.input_schema
         wait = ((schema or {}).get("properties") or {}).get("wait_seconds")
         if isinstance(wait, dict):
@@ -889,3 +897,18 @@ async def patch_annotations(result: Any, state: ServerState) -> Any:
         elif tool.annotations is not None:
             tool.annotations = tool.annotations.model_copy(update={"destructive_hint": not read_only})
     return result
+
+
+def concise_schema(node: Any) -> Any:
+    """A schema without what pydantic adds for people: each ``title`` (the property's own name again) and
+    ``default: null`` (an optional argument says so by not being required). Every host reads tools/list
+    into its model's context: this is about a sixth of it, and no validation changes."""
+    if isinstance(node, list):
+        return [concise_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    return {
+        key: concise_schema(value)
+        for key, value in node.items()
+        if not (key == "title" and isinstance(value, str)) and not (key == "default" and value is None)
+    }

@@ -56,6 +56,24 @@ async def test_tools_are_listed_with_described_arguments_and_honest_annotations(
     assert tools["consolidate_experiences"].annotations.destructive_hint is True
 
 
+async def test_tools_list_leaves_out_what_only_repeats_itself_and_still_validates(client):
+    """Every host reads tools/list into its context: no pydantic titles or null defaults, ~18 KB in all."""
+    listed = await client.list_tools()
+    text = json.dumps([t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in listed.tools])
+    assert len(text) < 19_000
+    tools = {t.name: t for t in listed.tools}
+    for tool in tools.values():
+        for schema in (tool.input_schema, tool.output_schema):
+            dumped = json.dumps(schema)
+            assert '"title": "' not in dumped and '"default": null' not in dumped, tool.name
+    create = tools["create_trace"].input_schema["properties"]
+    assert create["temperature"]["default"] == defaults.TEMPERATURE  # a real default stays
+    assert {"type": "null"} in create["model"]["anyOf"]  # null is still accepted, as the server does
+    started = await call(client, "create_trace", prompt="What does the README say?", model=None, name=None)
+    assert started["status"] == "started"
+    assert "temperature" in await call_error(client, "create_trace", prompt="x", temperature="hot")
+
+
 async def test_create_then_get_trace_summary_is_small_and_says_what_happened(client):
     started = await call(client, "create_trace", prompt="What does the README say?")
     assert started["status"] == "started" and len(started["trace_id"]) == 32
