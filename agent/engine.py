@@ -35,7 +35,7 @@ from agent.tools.registry import ToolRegistry
 from agent.trace.backends import open_store
 from agent.trace.events import EventBus, ExperiencesChanged, MessageStored, TraceChanged, TraceEvent
 from agent.trace.models import Message, RunHandle, Status, Trace
-from agent.trace.store import TracePage, TraceStore
+from agent.trace.store import TracePage, TraceStore, owner_alive
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +206,13 @@ class Engine:
 
     # -- run handles: what a server gave out for runs (MCP tasks), durable like the trace ----------------
 
-    async def add_handle(self, handle_id: str, trace_id: str) -> RunHandle:
-        return await self._store.add_handle(handle_id, trace_id)
+    async def add_handle(self, handle_id: str, trace_id: str, *, held: bool = False) -> RunHandle:
+        return await self._store.add_handle(handle_id, trace_id, held=held)
+
+    @staticmethod
+    def holder_gone(handle: RunHandle) -> bool:
+        """A held handle whose process has ended (on this host; elsewhere only time can tell)."""
+        return handle.held_by is not None and handle.final is None and not owner_alive(handle.held_by)
 
     async def end_handle(self, handle_id: str, final: dict[str, Any]) -> None:
         await self._store.end_handle(handle_id, final)

@@ -208,6 +208,7 @@ class _Runtime:
         ended = await self.engine.handle(task_id)
         if ended is not None and ended.final is not None:
             return ended.final  # as it ended (a cancel or an error result leaves nothing in the tree)
+        cut_off = ended is not None and self.engine.holder_gone(ended)  # its process ended mid-way
         try:
             question = await self.engine.message(trace_id, int(sequence))
         except TraceError:
@@ -215,7 +216,7 @@ class _Runtime:
         if question is None or not question.side or question.role != "user":
             raise not_found(task_id)
         answer = await self._answer_to(trace_id, question.sequence)
-        if answer is None and _age_seconds(question.created_at) < REFLECTION_GRACE_SECONDS:
+        if answer is None and not cut_off and _age_seconds(question.created_at) < REFLECTION_GRACE_SECONDS:
             task = task_fields(task_id, "working", question.created_at, question.created_at, self.ttl_ms)
             return task | {"statusMessage": "reflecting", "pollIntervalMs": 2000}
         updated = answer.created_at if answer is not None else question.created_at
@@ -344,6 +345,10 @@ class _Runtime:
             if record.error is not None:
                 raise MCPError(code=record.error["code"], message=record.error["message"])
             return types.CallToolResult.model_validate(record.result)
+        try:  # held by this process: if it ends before the reflection does, a reader knows at once
+            await self.engine.add_handle(record.task_id, trace_id, held=True)
+        except Exception:
+            log.exception("could not record reflection task %s", record.task_id)
         return task_handle(self._reflection_wire(record))
 
     async def _run_reflection(

@@ -242,6 +242,12 @@ def m009_run_handles(db: sqlite3.Connection) -> None:
     )
 
 
+def m010_handle_holders(db: sqlite3.Connection) -> None:
+    """Which process holds a handle whose work it does itself (a reflection task), so that a reader can
+    tell one cut off by its process's end from one still going."""
+    _run_script(db, "ALTER TABLE run_handles ADD COLUMN held_by TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial,
     m002_recalled_lessons,
@@ -252,6 +258,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m007_compaction_records,
     m008_model_calls_only,
     m009_run_handles,
+    m010_handle_holders,
 ]
 
 

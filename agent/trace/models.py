@@ -201,3 +201,6 @@ class RunHandle:
     trace_id: str
     created_at: str
     final: dict[str, Any] | None = None
+    held_by: str | None = None
+    """The process doing the handle's work itself (a reflection), which only it can end; None for a run's
+    handle, which follows its trace's claim."""

@@ -251,6 +251,12 @@ async def m007_run_handles(db: Db) -> None:
     )
 
 
+async def m008_handle_holders(db: Db) -> None:
+    """Which process holds a handle whose work it does itself (a reflection task), so that a reader can
+    tell one cut off by its process's end from one still going."""
+    await db.execute("ALTER TABLE run_handles ADD COLUMN held_by text")
+
+
 Migration = Callable[[Db], Awaitable[None]]
 
 MIGRATIONS: list[Migration] = [
@@ -261,6 +267,7 @@ MIGRATIONS: list[Migration] = [
     m005_experiences,
     m006_changes_logged_at_commit,
     m007_run_handles,
+    m008_handle_holders,
 ]
 
 

@@ -640,13 +640,14 @@ class PostgresTraceStore:
 
     # -- run handles ----------------------------------------------------------------------------------
 
-    async def add_handle(self, handle_id: str, trace_id: str) -> RunHandle:
+    async def add_handle(self, handle_id: str, trace_id: str, *, held: bool = False) -> RunHandle:
         async def body(db: Db) -> None:
             await db.execute(  # inserts nothing for an unknown trace
-                "INSERT INTO run_handles (handle_id, trace_id, created_at) "
-                "SELECT $1, trace_id, iso_utc(clock_timestamp()) FROM traces WHERE trace_id = $2 "
+                "INSERT INTO run_handles (handle_id, trace_id, created_at, held_by) "
+                "SELECT $1, trace_id, iso_utc(clock_timestamp()), $3 FROM traces WHERE trace_id = $2 "
                 "ON CONFLICT (handle_id) DO NOTHING",
                 *_clean([handle_id, trace_id]),
+                self.owner if held else None,
             )
 
         await self._write(body, idempotent=True)
@@ -671,7 +672,7 @@ class PostgresTraceStore:
     async def open_handle(self, trace_id: str) -> RunHandle | None:
         rows = await self._fetch(
             f"SELECT {HANDLE_COLUMNS} FROM run_handles WHERE trace_id = $1 AND final IS NULL "
-            "ORDER BY created_at DESC, seq DESC LIMIT 1",
+            "AND held_by IS NULL ORDER BY created_at DESC, seq DESC LIMIT 1",
             trace_id,
         )
         return handle_from_row(tuple(rows[0])) if rows else None

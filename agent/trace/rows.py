@@ -26,7 +26,7 @@ TRACE_COLUMNS = (
     "trace_id, name, uid, model, config, status, stop_reason, head_sequence, created_at, updated_at, "
     "error, usage, lessons, tags, started_at, question, result, forked_from"
 )
-HANDLE_COLUMNS = "handle_id, trace_id, created_at, final"
+HANDLE_COLUMNS = "handle_id, trace_id, created_at, final, held_by"
 MESSAGE_COLUMNS = (
     "sequence, parent_sequence, role, content, tool_calls, tool_call_id, name, usage, created_at, side, meta"
 )
@@ -84,5 +84,7 @@ def message_from_row(row: Sequence[Any]) -> Message:
 
 
 def handle_from_row(row: Sequence[Any]) -> RunHandle:
-    handle_id, trace_id, created_at, final = row
-    return RunHandle(handle_id, trace_id, created_at, json.loads(final) if final is not None else None)
+    handle_id, trace_id, created_at, final, held_by = row
+    return RunHandle(
+        handle_id, trace_id, created_at, json.loads(final) if final is not None else None, held_by
+    )

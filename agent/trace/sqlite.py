@@ -679,11 +679,11 @@ class SQLiteTraceStore:
 
     # -- run handles ----------------------------------------------------------------------------------
 
-    async def add_handle(self, handle_id: str, trace_id: str) -> RunHandle:
+    async def add_handle(self, handle_id: str, trace_id: str, *, held: bool = False) -> RunHandle:
         await self._write(  # inserts nothing for an unknown trace
-            "INSERT INTO run_handles (handle_id, trace_id, created_at) SELECT ?, trace_id, ? FROM traces "
-            "WHERE trace_id = ? ON CONFLICT (handle_id) DO NOTHING",
-            (handle_id, utc_now(), trace_id),
+            "INSERT INTO run_handles (handle_id, trace_id, created_at, held_by) SELECT ?, trace_id, ?, ? "
+            "FROM traces WHERE trace_id = ? ON CONFLICT (handle_id) DO NOTHING",
+            (handle_id, utc_now(), self.owner if held else None, trace_id),
         )
         handle = await self.get_handle(handle_id)
         if handle is None:
@@ -708,7 +708,7 @@ class SQLiteTraceStore:
         rows = list(
             await self._reader.execute_fetchall(
                 f"SELECT {HANDLE_COLUMNS} FROM run_handles WHERE trace_id = ? AND final IS NULL "
-                "ORDER BY created_at DESC, rowid DESC LIMIT 1",
+                "AND held_by IS NULL ORDER BY created_at DESC, rowid DESC LIMIT 1",
                 (trace_id,),
             )
         )

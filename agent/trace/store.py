@@ -139,8 +139,9 @@ class TraceStore(Protocol):
         ...
 
     # -- run handles ----------------------------------------------------------------------------------
-    async def add_handle(self, handle_id: str, trace_id: str) -> RunHandle:
-        """Record a handle for the trace's current run (the one already recorded, if it exists)."""
+    async def add_handle(self, handle_id: str, trace_id: str, *, held: bool = False) -> RunHandle:
+        """Record a handle for the trace's current run (the one already recorded, if it exists); ``held``:
+        for work this process does itself (a reflection), so others can tell when it died unfinished."""
         ...
 
     async def end_handle(self, handle_id: str, final: dict[str, Any]) -> None:
@@ -149,7 +150,7 @@ class TraceStore(Protocol):
 
     async def get_handle(self, handle_id: str) -> RunHandle | None: ...
     async def open_handle(self, trace_id: str) -> RunHandle | None:
-        """The trace's newest handle that has not ended, if any."""
+        """The trace's newest run handle (not held) that has not ended, if any."""
         ...
 
     # -- reads ----------------------------------------------------------------------------------------

@@ -385,7 +385,9 @@ async def test_run_handles_keep_their_final_view_and_go_with_their_trace(store):
     assert (first.handle_id, first.trace_id, first.final) == ("t1", "t1", None)
     assert await store.add_handle("t1", "t1") == first  # recorded once
     later = await store.add_handle("t1.run.ab", "t1")
-    assert (await store.open_handle("t1")) == later  # the newest that has not ended
+    held = await store.add_handle("t1.reflection.9", "t1", held=True)
+    assert held.held_by == store.owner and later.held_by is None
+    assert (await store.open_handle("t1")) == later  # the newest run handle that has not ended
     await store.end_handle("t1.run.ab", {"status": "completed", "text": "é\u0000"})
     await store.end_handle("t1.run.ab", {"status": "working"})  # an ended handle stays ended
     ended = await store.get_handle("t1.run.ab")

@@ -327,6 +327,21 @@ async def test_a_cancelled_reflection_reads_cancelled_after_a_restart(settings):
         assert await get_task(client.session, handle.task_id) == cancelled  # not "working" for minutes
 
 
+async def test_a_reflection_cut_off_by_its_server_ending_reads_ended_at_once_after_a_restart(settings):
+    """Its process is gone, so nobody can finish it: not 'working' for the minutes another might need."""
+    models = models_for(scripted=ScriptedModel([slow_reflection("answer", "- A lesson.", 3600)]))
+    async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
+        tid = (await call(client, "create_trace", prompt="x"))["trace_id"]
+        await poll_until(client, tid, "completed")
+        handle = await start_task(client, "reflect_trace", trace_id=tid)
+        assert (await get_task(client.session, handle.task_id))["status"] == "working"
+    async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
+        cut = await get_task(client.session, handle.task_id)
+        assert cut["status"] == "completed" and cut["result"]["isError"] is True
+        assert "did not finish" in cut["statusMessage"]
+        assert (await get_task(client.session, tid))["status"] == "completed"  # the trace's own task
+
+
 async def test_a_failed_reflection_says_so_and_stays_ended_after_a_restart(settings):
     failing = ScriptedModel([reply("answer"), ModelCallError("the provider is down")])
     models = models_for(scripted=failing)
