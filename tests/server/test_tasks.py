@@ -315,12 +315,17 @@ async def test_a_reflection_runs_as_a_task_and_reads_back_after_a_restart(settin
         assert again["status"] == "completed" and again["result"]["structuredContent"]["lessons"] == lessons
 
 
+async def reflecting_for_an_hour(client: Client) -> tuple[str, TaskHandle]:
+    """A finished trace and a reflection task on it that will not end by itself."""
+    tid = (await call(client, "create_trace", prompt="x"))["trace_id"]
+    await poll_until(client, tid, "completed")
+    return tid, await start_task(client, "reflect_trace", trace_id=tid)
+
+
 async def test_a_cancelled_reflection_reads_cancelled_after_a_restart(settings):
     models = models_for(scripted=ScriptedModel([slow_reflection("answer", "- A lesson.", 3600)]))
     async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
-        tid = (await call(client, "create_trace", prompt="x"))["trace_id"]
-        await poll_until(client, tid, "completed")
-        handle = await start_task(client, "reflect_trace", trace_id=tid)
+        _, handle = await reflecting_for_an_hour(client)
         await cancel_task(client.session, handle.task_id)
         cancelled = await poll_until(client, handle.task_id, "cancelled")
     async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
@@ -331,9 +336,7 @@ async def test_a_reflection_cut_off_by_its_server_ending_reads_ended_at_once_aft
     """Its process is gone, so nobody can finish it: not 'working' for the minutes another might need."""
     models = models_for(scripted=ScriptedModel([slow_reflection("answer", "- A lesson.", 3600)]))
     async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
-        tid = (await call(client, "create_trace", prompt="x"))["trace_id"]
-        await poll_until(client, tid, "completed")
-        handle = await start_task(client, "reflect_trace", trace_id=tid)
+        tid, handle = await reflecting_for_an_hour(client)
         assert (await get_task(client.session, handle.task_id))["status"] == "working"
     async with Client(build_server(settings, models=models), extensions=[Tasks()]) as client:
         cut = await get_task(client.session, handle.task_id)
