@@ -31,7 +31,7 @@ from server.resources import register_resources, resource_list_middleware
 from server.settings import Settings
 from server.state import ServerState, state_of
 from server.tasks import TasksExtension
-from server.tools import patch_annotations, register_tools
+from server.tools import patch_tools_list, register_tools
 from server.version import running_version
 from server.views import elide, suggested_wait
 
@@ -99,12 +99,13 @@ class TraceServer(MCPServer):
             ) from None
 
 
-async def annotations_middleware(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
-    """tools/list: honest destructive hints, from what the background agent could call right now."""
+async def tools_list_middleware(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+    """tools/list: honest destructive hints, from what the background agent could call right now, and
+    concise schemas."""
     result = await call_next(ctx)
     state = state_of(ctx.lifespan_context)
     if ctx.method == "tools/list" and state is not None:
-        result = await patch_annotations(result, state)
+        result = await patch_tools_list(result, state)
     return result
 
 
@@ -160,7 +161,7 @@ def build_server(settings: Settings, models: Callable[[str], Model] = resolve_mo
         middleware=[
             subscriptions_middleware,
             resource_list_middleware,
-            annotations_middleware,
+            tools_list_middleware,
             protocol_log.middleware,
             completion_middleware,
             tasks.listen_middleware,

@@ -862,9 +862,10 @@ async def wait_with_progress(
     return await engine.wait(trace_id, wait_seconds, progress, after_sequence=after_sequence, on_idle=beat)
 
 
-async def patch_annotations(result: Any, state: ServerState) -> Any:
+async def patch_tools_list(result: Any, state: ServerState) -> Any:
     """tools/list: create_trace/run_trace are destructive unless every tool the agent could call only reads;
-    wait_seconds, and the waits descriptions suggest, follow this server's own --max-wait."""
+    wait_seconds, and the waits descriptions suggest, follow this server's own --max-wait; the schemas
+    are concise (``concise_schema``)."""
     read_only = state.engine.agent_is_read_only()
     max_wait = state.engine.settings.max_wait
     suggested = f"wait_seconds={suggested_wait(max_wait)}"
