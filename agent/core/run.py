@@ -148,6 +148,9 @@ class Run:
     _wire: dict[int, dict[str, Any]] = field(default_factory=dict)
     _sizes: dict[int, int] = field(default_factory=dict)
     _sent_chars: int = 0
+    _sent: list[dict[str, Any]] | None = None
+    _anchor: tuple[list[dict[str, Any]], int, int] | None = None
+    """The last request the provider counted: its messages, their characters, its prompt_tokens."""
     _ready: list[dict[str, Any]] | None = None
     _built: tuple[int, list[dict[str, Any]]] | None = None
     _built_chars: tuple[list[dict[str, Any]] | None, int] = (None, 0)
@@ -202,6 +205,7 @@ class Run:
             self._wire.clear()
             self._sizes.clear()
             self._built = None
+            self._sent = self._anchor = None  # the next segment may run on another model: count afresh
         if self.holding and not self.lost:
             with anyio.CancelScope(shield=True):
                 released = await self.store.release(self.trace_id, self.token)
@@ -479,6 +483,16 @@ class Run:
         return sum(self._size(m) for m in wire)
 
     def _estimate(self, wire: list[dict[str, Any]]) -> int:
+        """Tokens the messages take: what the provider counted for the last request when ``wire`` only
+        adds to it (plus an estimate of what was added), else the calibrated characters-per-token guess."""
+        if self._anchor is not None and _extends(wire, self._anchor[0]):
+            _, sent_chars, prompt_tokens = self._anchor
+            tools = math.ceil((self._tool_schemas[2] if self._tool_schemas else 0) * self.tokens_per_char)
+            added = math.ceil((self._chars(wire) - sent_chars) * self.tokens_per_char)
+            return max(0, prompt_tokens - tools) + added  # with _room's tools: prompt_tokens + added
+        return self._guess(wire)
+
+    def _guess(self, wire: list[dict[str, Any]]) -> int:
         return math.ceil(self._chars(wire) * self.tokens_per_char)
 
     async def _fit_context(self) -> list[MessageStored]:
@@ -496,7 +510,8 @@ class Run:
         )
         if plan is not None:
             after = self._estimate(self.model_messages(plan.elided))
-            events.append(await self._append(compaction.record(plan, saved=before - after)))
+            saved = max(0, self._guess(wire) - after)  # both guessed alike: what elision took out
+            events.append(await self._append(compaction.record(plan, saved=saved)))
             before = after
         if before > room and (summary_plan := compaction.plan_summary(self.segment.context)) is not None:
             request = compaction.summary_request(
@@ -530,10 +545,13 @@ class Run:
         return events
 
     def _calibrate(self, prompt_tokens: int) -> None:
-        """Learn the provider's tokens-per-character from what it reported (only ever more careful)."""
+        """Learn the provider's tokens-per-character from what it reported (only ever more careful), and
+        keep its count of the request as the base of the next estimate."""
         if self._sent_chars > 0 and prompt_tokens > 0:
             observed = prompt_tokens / self._sent_chars * 1.05
             self.tokens_per_char = min(1.0, max(self.tokens_per_char, observed))
+            if self._sent is not None:
+                self._anchor = (self._sent, self._chars(self._sent), prompt_tokens)
 
     def _waits_for_host(self, call: ToolCall) -> bool:
         """An ask_host call, or a call the host must approve first."""
@@ -564,6 +582,7 @@ class Run:
                 messages = self.model_messages(clamp=True)
         schemas = self._schemas()
         self._sent_chars = self._chars(messages) + (self._tool_schemas[2] if self._tool_schemas else 0)
+        self._sent = messages
         with self._guard():
             return await segment.model.complete(
                 messages,
@@ -637,6 +656,11 @@ class Run:
                 result[: defaults.MAX_TOOL_RESULT_CHARS] + f"\n[truncated: {len(result)} characters in all]"
             )
         return result
+
+
+def _extends(wire: list[dict[str, Any]], sent: list[dict[str, Any]]) -> bool:
+    """``wire`` is ``sent`` with messages added at the end (the same converted items, nothing elided)."""
+    return len(wire) >= len(sent) and all(a is b for a, b in zip(wire, sent, strict=False))
 
 
 def _short(text: str, limit: int) -> str:

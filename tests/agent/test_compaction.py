@@ -23,16 +23,18 @@ SOURCE = "def handler(event):\n    return {'status': 200, 'body': event}\n" * 11
 
 
 class SizeLimitedModel(ScriptedModel):
-    """Refuses a request over ``limit`` tokens (characters / 4), as OpenAI does with context_length_exceeded."""
+    """Refuses a request over ``limit`` tokens (characters / ``chars_per_token``), as OpenAI does with
+    context_length_exceeded; reports that count as prompt_tokens."""
 
-    def __init__(self, steps, limit: int):
+    def __init__(self, steps, limit: int, chars_per_token: int = 4):
         super().__init__(steps)
         self.limit = limit
+        self.chars_per_token = chars_per_token
         self.refused = 0
         self.sizes: list[int] = []
 
     async def complete(self, messages, tools, **kw):
-        size = (len(json.dumps(messages)) + len(json.dumps(tools))) // 4
+        size = (len(json.dumps(messages)) + len(json.dumps(tools))) // self.chars_per_token
         self.sizes.append(size)
         if size > self.limit:
             self.refused += 1
@@ -101,6 +103,21 @@ async def test_a_40_step_file_reading_run_fits_a_15k_budget_and_keeps_every_resu
     for sent in model.calls:  # the system prompt and the task are sent verbatim every time
         assert sent["messages"][0]["role"] == "system" and sent["messages"][1]["content"] == "Audit src/"
     assert any("elided to fit the context" in (m.get("content") or "") for m in model.calls[-1]["messages"])
+
+
+async def test_the_providers_count_of_the_last_request_is_the_base_of_the_next_estimate(store, workspace):
+    """A tokenizer far thriftier than the guess (8 characters a token): the run uses most of its window
+    before it compacts, not the 40 % a characters-only estimate would allow, and never passes it."""
+    model = SizeLimitedModel([reader(40)], limit=BUDGET, chars_per_token=8)
+    result = await runner_for(store, model, workspace).run_result(
+        [{"role": "user", "content": "Audit src/"}], RunConfig()
+    )
+    assert result.trace.status is Status.COMPLETED, result.trace.error
+    assert model.refused == 0 and max(model.sizes) <= BUDGET
+    elided = ["elided to fit the context" in json.dumps(sent["messages"]) for sent in model.calls]
+    first = elided.index(True)  # the first request after a compaction
+    assert max(model.sizes[:first]) > 0.4 * BUDGET
+    assert result.trace.usage.compactions >= 1 and result.trace.usage.tokens_saved > 0
 
 
 async def test_a_chat_heavy_run_is_summarised_by_its_own_model(store, workspace):
