@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent import Message, RunConfig, Trace, TraceError, defaults
 from agent.engine import Engine
 from agent.trace.models import Status
-from agent.trace.store import encode_cursor
 from server.arguments import (
     MAX_MESSAGES,
     MAX_NAME_CHARS,
@@ -691,7 +690,7 @@ def register_tools(mcp: MCPServer) -> None:
             return compact(TraceList(traces=rows, next_cursor=page.next_cursor), optional=("note",))  # type: ignore[return-value]
         cut = TraceList(
             traces=rows,
-            next_cursor=encode_cursor(page.traces[len(rows) - 1]),
+            next_cursor=page.cursor_after(len(rows)),
             note=f"{len(rows)} rows fill this answer; next_cursor continues with the rest.",
         )
         return compact(cut)  # type: ignore[return-value]

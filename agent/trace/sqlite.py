@@ -77,6 +77,11 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     )
 
 
+def _locked(exc: Exception) -> bool:
+    """Still locked by another process after every retry: trying the appends one by one would not help."""
+    return isinstance(exc, sqlite3.OperationalError) and _busy(exc)
+
+
 def _prepare_database(path: str) -> None:
     """Create, migrate and switch to WAL in a worker thread before the async connections open.
 
@@ -111,9 +116,9 @@ class _Append:
     token: str | None
     side: bool
     created_at: str = field(default_factory=utc_now)
-    params: tuple[Any, ...] = ()
+    params: tuple[Any, ...] = field(init=False)
     """The row's values, serialised by the caller (a message that cannot be fails its own append only)."""
-    result: Message | Exception | None = None
+    result: Message | Exception | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         message = self.message
@@ -131,9 +136,6 @@ class _Append:
             json.dumps(message.meta) if message.meta else None,
             self.token,
         )
-
-    def args(self) -> tuple[str, NewMessage, int | None, str | None, bool]:
-        return self.trace_id, self.message, self.parent, self.token, self.side
 
     def stored(self, sequence: int) -> Message:
         return Message(
@@ -422,26 +424,20 @@ class SQLiteTraceStore:
             if pending.trace_id not in seen and len(batch) < _BATCH_LIMIT:
                 seen.add(pending.trace_id)
                 batch.append(pending)
-        for item in batch:
-            self._appends.remove(item)
-        results: list[Message | Exception]
-        try:
-            results = await self._until_unlocked(lambda: self._insert_messages(self._writer, batch))
-        except sqlite3.Error as exc:
-            if len(batch) == 1 or (isinstance(exc, sqlite3.OperationalError) and _busy(exc)):
-                results = [exc] * len(batch)  # still locked after every retry: no use trying one by one
-            else:
-                results = [await self._append_alone(item) for item in batch]  # a bad one fails alone
-        except Exception as exc:
-            results = [exc] * len(batch)
+        taken = set(batch)  # by identity
+        self._appends = [pending for pending in self._appends if pending not in taken]
+        results = await self._try_insert(batch)
+        if len(batch) > 1 and isinstance(results[0], sqlite3.Error) and not _locked(results[0]):
+            results = [(await self._try_insert([item]))[0] for item in batch]  # a bad one fails alone
         for item, result in zip(batch, results, strict=True):
             item.result = result
 
-    async def _append_alone(self, item: _Append) -> Message | Exception:
+    async def _try_insert(self, batch: list[_Append]) -> list[Message | Exception]:
+        """Each append's message or error; an error of the statement itself is every append's."""
         try:
-            return await self._until_unlocked(lambda: self._insert_message(self._writer, *item.args()))
+            return await self._until_unlocked(lambda: self._insert_messages(self._writer, batch))
         except Exception as exc:
-            return exc
+            return [exc] * len(batch)
 
     async def finish(
         self,

@@ -30,6 +30,10 @@ class TracePage(BaseModel):
     traces: list[Trace]
     next_cursor: str | None = None
 
+    def cursor_after(self, count: int) -> str:
+        """The cursor that goes on after the page's first ``count`` traces (a caller shows fewer)."""
+        return encode_cursor(self.traces[count - 1])
+
 
 @dataclass(frozen=True)
 class Change:

@@ -267,6 +267,15 @@ async def test_in_one_batch_a_lost_claim_a_missing_trace_and_a_refused_row_fail_
             "BEGIN SELECT RAISE(ABORT, 'poisoned message'); END"
         )
         outcomes: dict[str, object] = {}
+        statements: list[int] = []  # rows each INSERT of messages carried
+        execute = store._writer.execute_fetchall
+
+        def counted(sql, params=None):
+            if sql.startswith("WITH v("):
+                statements.append(len(params) // 12)
+            return execute(sql, params)
+
+        store._writer.execute_fetchall = counted
 
         async def append(key: str, trace_id: str, content: str, owner: str, side: bool = False) -> None:
             message = NewMessage(role="user", content=content)
@@ -293,6 +302,7 @@ async def test_in_one_batch_a_lost_claim_a_missing_trace_and_a_refused_row_fail_
             "taken": "ClaimLost",
             "missing": "TraceNotFound",
         }
+        assert statements == [4, 1, 1, 1, 1, 1]  # the distinct traces together, refused, then one by one
         assert [m.content for m in await store.get_tree("good")] == ["fine", "fine too"]
         assert await store.get_tree("poisoned") == [] and await store.get_tree("taken") == []
     finally:
