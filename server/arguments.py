@@ -141,4 +141,6 @@ def validation_sentence(exc: ValidationError, tool: str) -> str:
     errors = exc.errors(include_url=False)
     first = sentence(errors[0], tool)
     rest = len(errors) - 1
-    return first if not rest else f"{first} ({rest} more problem{'s' if rest > 1 else ''} after this one.)"
+    if not rest:
+        return first
+    return f"{first.rstrip('.')} (and {rest} more problem{'s' if rest > 1 else ''})."

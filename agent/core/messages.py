@@ -61,8 +61,8 @@ def parse_messages(raw: Sequence[Any]) -> list[NewMessage]:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise InvalidMessages(f"Message {index} is malformed at '{where}': {first['msg']}.") from None
-        if role in ("system", "user") and not message.content:
-            raise InvalidMessages(f"Message {index} ({role}) needs non-empty text content.")
+        if role in ("system", "user") and not (message.content or "").strip():
+            raise InvalidMessages(f"Message {index} ({role}) needs text content, not only whitespace.")
         if role == "tool" and not message.tool_call_id:
             raise InvalidMessages(
                 f"Message {index} is a tool message without tool_call_id; name the call it answers."
@@ -99,6 +99,11 @@ def open_tool_calls(path: Sequence[Message | NewMessage]) -> list[str]:
             return [c.id for c in message.tool_calls or [] if c.id not in answered]
         return []
     return []
+
+
+def ends_in_answer(path: Sequence[Message]) -> bool:
+    """The path ends in the model's answer: running it with nothing new would only answer that answer."""
+    return bool(path) and path[-1].role == "assistant" and not path[-1].tool_calls
 
 
 def check_placement(

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from agent import defaults
-from agent.core.messages import check_placement, open_tool_calls, parse_messages
+from agent.core.messages import check_placement, ends_in_answer, open_tool_calls, parse_messages
 from agent.core.rewind import cut_point
 from agent.core.run import UNFINISHED_TOOL_RESULT, Run, Segment, pending_calls
 from agent.core.typed import check_schema
@@ -153,7 +153,7 @@ class Requests:
         copied: list[NewMessage] = []
         fork_head: int | None = None
         if config.from_trace is not None:
-            source, copied, fork_head = await self._fork_prefix(config)
+            source, copied, fork_head = await self._fork_prefix(config, nothing_new=not messages)
         elif config.from_sequence is not None:
             raise SequenceError("from_sequence needs from_trace: the trace to fork.")
         if not messages and not copied:
@@ -203,7 +203,9 @@ class Requests:
         )
         return Request(self.segment(trace, model, []), new=trace, messages=[*copied, *messages])
 
-    async def _fork_prefix(self, config: RunConfig) -> tuple[Trace, list[NewMessage], int | None]:
+    async def _fork_prefix(
+        self, config: RunConfig, nothing_new: bool
+    ) -> tuple[Trace, list[NewMessage], int | None]:
         """The source trace, copies of its path up to ``from_sequence`` (past its tool results), and
         the source sequence the copies end at. The source is only read."""
         assert config.from_trace is not None
@@ -213,6 +215,8 @@ class Requests:
         else:
             head = await cut_point(self._store, source, config.from_sequence)
         path = await self._store.get_path(source.trace_id, head) if head is not None else []
+        if nothing_new and ends_in_answer(path):
+            head, path = path[-1].parent_sequence, path[:-1]  # a fork with nothing new regenerates the answer
         fields = {"role", "content", "tool_calls", "tool_call_id", "name"}
         return source, [NewMessage.model_validate(m.model_dump(include=fields)) for m in path], head
 
@@ -242,6 +246,8 @@ class Requests:
             update={"config": trace_config, "model": model.name if config.model else trace.model}
         )
         replies, approved = self._replies(trace, context, config, messages)
+        if not messages and not replies and ends_in_answer(context):
+            head, context = context[-1].parent_sequence, context[:-1]  # regenerate that answer
         check_placement(context, [*replies, *messages])
         messages = [*replies, *messages]
         if messages and open_tool_calls(context) and messages[0].role != "tool":

@@ -252,6 +252,27 @@ async def test_continue_rewind_and_regenerate(store):
     assert cont.answer == "second"
 
 
+async def test_running_an_answer_again_with_nothing_new_regenerates_it(store):
+    model = ScriptedModel([reply("first")])
+    runner = make_runner(store, model)
+    tid = (await runner.run_result([user("q")], RunConfig())).trace.trace_id
+    model.steps = [reply("second")]
+    await runner.run_result([], RunConfig(trace_id=tid))  # not a second answer after the first
+    path = await store.get_path(tid)
+    assert [(m.sequence, m.content) for m in path[1:]] == [(2, "q"), (4, "second")]
+    assert model.calls[-1]["messages"][-1]["role"] == "user"
+    model.steps = [reply("third")]
+    await runner.run_result([], RunConfig(trace_id=tid, insert_after=4))  # the same, named
+    assert [m.sequence for m in await store.get_path(tid)] == [1, 2, 5]
+    model.steps = [reply("forked")]
+    fork = await runner.run_result([], RunConfig(from_trace=tid))  # a fork with nothing new, alike
+    assert [(m.role, m.content) for m in (await store.get_path(fork.trace.trace_id))[1:]] == [
+        ("user", "q"),
+        ("assistant", "forked"),
+    ]
+    assert fork.trace.forked_from is not None and fork.trace.forked_from.sequence == 2
+
+
 async def test_bad_cuts_are_refused_before_anything_changes(store):
     model = ScriptedModel([reply(None, call("add", "k1", a=1, b=1), call("add", "k2", a=2, b=2)), reply("x")])
     runner = make_runner(store, model)

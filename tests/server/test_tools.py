@@ -400,6 +400,13 @@ async def test_errors_are_one_sentence_naming_the_argument_and_change_nothing(cl
     )  # a lone string is a list
     assert "nosuch_tool" in text and "read_file" in text and "agent_info" in text
     assert "prompt" in await call_error(client, "create_trace")
+    assert await call_error(client, "create_trace", prompt=" \n\t") == (
+        "prompt is empty (only whitespace); give the task as text."
+    )
+    text = await call_error(client, "create_trace", messages=[{"role": "user", "content": "   "}])
+    assert "Message 1 (user) needs text content" in text
+    text = await call_error(client, "get_trace", trace_id="T", wait_seconds=-1, view="x")
+    assert text.count(". ") == 0 and text.endswith("(and 2 more problems).")
     assert "cursor" in await call_error(client, "list_traces", cursor="bogus")
     text = await call_error(client, "create_trace", prompt="x", name="n" * 5000)
     assert "name" in text and "200" in text
