@@ -28,6 +28,18 @@ class TraceRunning(TraceError):
         self.trace_id = trace_id
 
 
+class TraceMoved(TraceRunning):
+    """Another run went first: the head this request was prepared from is no longer the trace's head."""
+
+    def __init__(self, trace_id: str, head: int | None):
+        TraceError.__init__(
+            self,
+            f"Trace '{trace_id}' was run by another call while this one was starting (its head is now message "
+            f"{head}); read it with get_trace and send run_trace again if it still applies.",
+        )
+        self.trace_id = trace_id
+
+
 class InvalidMessages(TraceError):
     """Messages that are not valid OpenAI chat messages, or that leave the conversation invalid."""
 

@@ -38,7 +38,7 @@ from agent.core.run import (
     Run,
     Segment,
 )
-from agent.errors import ModelCallError, TraceRunning
+from agent.errors import ModelCallError, TraceMoved, TraceRunning
 from agent.llm.base import Model, resolve_model
 from agent.llm.windows import context_window
 from agent.tools.registry import ToolRegistry, openai_tool_schema
@@ -253,6 +253,7 @@ class AgentRunner:
                     model=trace.model,
                     config=trace.config,
                     messages=closing,
+                    read_head=trace.head_sequence,
                 )
             except TraceRunning:
                 return False
@@ -519,7 +520,10 @@ class AgentRunner:
                         model=trace.model,
                         config=trace.config,
                         messages=request.messages,
+                        read_head=trace.head_sequence,
                     )
+                except TraceMoved:
+                    raise  # another run went first: this request was made for a head that is gone
                 except TraceRunning:
                     current = await self.store.get_trace(trace.trace_id)
                     if current.status is Status.RUNNING:

@@ -26,7 +26,7 @@ import anyio
 import asyncpg
 
 from agent import defaults
-from agent.errors import TraceError, TraceNotFound, TraceRunning
+from agent.errors import TraceError, TraceMoved, TraceNotFound, TraceRunning
 from agent.trace.backends import redact_url
 from agent.trace.models import Message, NewMessage, RunHandle, Status, StopReason, Trace, TraceConfig
 from agent.trace.pg_migrations import Db, migrate
@@ -185,6 +185,7 @@ UPDATE traces SET status = 'running', stop_reason = NULL, error = NULL, question
     lease_until = clock_timestamp() + make_interval(secs => $6), stop_requested = false,
     updated_at = iso_utc(clock_timestamp()), started_at = iso_utc(clock_timestamp())
 WHERE trace_id = $7 AND (run_token IS NULL OR run_token = $5 OR lease_until < clock_timestamp() OR owner = $8)
+    AND ($9::bigint IS NULL OR head_sequence = $9)
 RETURNING {TRACE_COLUMNS}
 """
 
@@ -488,23 +489,28 @@ class PostgresTraceStore:
         model: str,
         config: TraceConfig,
         messages: Sequence[NewMessage] = (),
+        read_head: int | None = None,
     ) -> tuple[Trace, list[Message]]:
         async def take(db: Db, holder: str | None) -> bool:
             rows = await db.fetch(
                 _CLAIM,
                 *_clean([
                     head, model, config.model_dump_json(), self.owner, token, self._lease_seconds, trace_id,
-                    holder,
+                    holder, read_head,
                 ]),
             )  # fmt: skip
             return bool(rows)
 
         async def body(db: Db) -> tuple[Trace, list[Message]]:
             if not await take(db, None):
-                row = await db.fetchrow("SELECT owner FROM traces WHERE trace_id = $1", *_clean([trace_id]))
+                row = await db.fetchrow(
+                    "SELECT owner, head_sequence FROM traces WHERE trace_id = $1", *_clean([trace_id])
+                )
                 if row is None:
                     raise TraceNotFound(trace_id)
                 holder = row["owner"]
+                if read_head is not None and row["head_sequence"] != read_head and not owner_alive(holder):
+                    raise TraceMoved(trace_id, row["head_sequence"])
                 # its owner is dead on this host: take the claim over at once (compare-and-set on the owner)
                 if holder is None or owner_alive(holder) or not await take(db, holder):
                     raise TraceRunning(trace_id)

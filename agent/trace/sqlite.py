@@ -28,7 +28,7 @@ import aiosqlite
 import anyio
 
 from agent import defaults
-from agent.errors import TraceNotFound, TraceRunning
+from agent.errors import TraceMoved, TraceNotFound, TraceRunning
 from agent.trace.migrations import migrate
 from agent.trace.models import (
     Message,
@@ -353,14 +353,19 @@ class SQLiteTraceStore:
         model: str,
         config: TraceConfig,
         messages: Sequence[NewMessage] = (),
+        read_head: int | None = None,
     ) -> tuple[Trace, list[Message]]:
         async def take(db: aiosqlite.Connection, holder: str | None) -> Trace | None:
             now = time.time()
-            condition = "run_token IS NULL OR run_token = ? OR lease_until < ?"
+            condition = "(run_token IS NULL OR run_token = ? OR lease_until < ?"
             params: list[Any] = [token, now]
             if holder is not None:  # its owner is dead on this host: take the claim over at once
                 condition += " OR owner = ?"
                 params.append(holder)
+            condition += ")"
+            if read_head is not None:
+                condition += " AND head_sequence = ?"
+                params.append(read_head)
             stamp = utc_now()
             rows = await db.execute_fetchall(
                 "UPDATE traces SET status = 'running', stop_reason = NULL, error = NULL, question = NULL, "
@@ -383,11 +388,15 @@ class SQLiteTraceStore:
         async def body(db: aiosqlite.Connection) -> tuple[Trace, list[Message]]:
             if await take(db, None) is None:
                 rows = list(
-                    await db.execute_fetchall("SELECT owner FROM traces WHERE trace_id = ?", (trace_id,))
+                    await db.execute_fetchall(
+                        "SELECT owner, head_sequence FROM traces WHERE trace_id = ?", (trace_id,)
+                    )
                 )
                 if not rows:
                     raise TraceNotFound(trace_id)
-                holder = rows[0][0]
+                holder, now_at = rows[0]
+                if read_head is not None and now_at != read_head and not owner_alive(holder):
+                    raise TraceMoved(trace_id, now_at)
                 if owner_alive(holder) or await take(db, holder) is None:
                     raise TraceRunning(trace_id)
             stored: list[Message] = []

@@ -84,10 +84,12 @@ class TraceStore(Protocol):
         model: str,
         config: TraceConfig,
         messages: Sequence[NewMessage] = (),
+        read_head: int | None = None,
     ) -> tuple[Trace, list[Message]]:
         """Compare-and-set: mark the trace running under ``token`` at ``head`` and append ``messages``
         after it, in one transaction; raises TraceRunning when a live owner holds it (``token`` itself may
-        re-claim), TraceNotFound when it does not exist."""
+        re-claim), TraceMoved when ``read_head`` (the head the request was prepared from) is no longer the
+        trace's head, TraceNotFound when it does not exist."""
         ...
 
     async def append(

@@ -254,6 +254,50 @@ async def test_two_runners_on_one_database_share_claims_stops_and_events(tmp_pat
         assert result.answer == "resumed"
 
 
+class ClaimAfter(RealStore):
+    """A real store whose ``claim`` waits for an event first: a request prepared, then overtaken."""
+
+    def __init__(self, store, go: anyio.Event):
+        super().__init__(store)
+        self._go = go
+
+    async def claim(self, *args, **kw):
+        await self._go.wait()
+        return await self._store.claim(*args, **kw)
+
+
+async def test_a_continuation_overtaken_by_another_process_is_refused_not_branched(tmp_path):
+    """B reads the trace at head 3, then A's continuation runs to its end before B claims: B must be told,
+    not silently continue from head 3 (which would drop A's turn off the path)."""
+    path = tmp_path / "traces.db"
+    store_a, store_b = await open_store(path), await open_store(path)
+    try:
+        a = make_runner(store_a, ScriptedModel([reply("from A")]))
+        tid = (await a.run_result([user("q")], RunConfig())).trace.trace_id
+        go = anyio.Event()
+        b = make_runner(ClaimAfter(store_b, go), ScriptedModel([reply("from B")]))
+        async with a, b, anyio.create_task_group() as tg:
+            refused: list[Exception] = []
+
+            async def b_continues() -> None:
+                try:
+                    await b.start([user("B asks")], RunConfig(trace_id=tid))
+                except TraceRunning as exc:
+                    refused.append(exc)
+
+            tg.start_soon(b_continues)
+            await anyio.sleep(0.05)  # B has read the trace and waits to claim
+            await a.start([user("A asks")], RunConfig(trace_id=tid))
+            await a.wait(tid)
+            go.set()
+        assert len(refused) == 1 and "was run by another call" in str(refused[0])
+        assert [m.content for m in await store_a.get_path(tid)][-2:] == ["A asks", "from A"]
+        assert all(m.content != "B asks" for m in await store_a.get_tree(tid))
+    finally:
+        await store_a.close()
+        await store_b.close()
+
+
 async def test_a_run_whose_lease_was_taken_stops_writing(tmp_path):
     """A paused owner whose lease lapsed: another process resumed the trace, so the old run must not
     write another message."""

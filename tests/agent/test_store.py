@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from agent import defaults
-from agent.errors import TraceError, TraceNotFound, TraceRunning
+from agent.errors import TraceError, TraceMoved, TraceNotFound, TraceRunning
 from agent.trace.models import (
     FunctionCall,
     MessageUsage,
@@ -137,6 +137,33 @@ async def test_a_claim_is_a_compare_and_set(store):
     assert again.status is Status.RUNNING
     with pytest.raises(TraceRunning):
         await store.claim("t1", new_token(), head=2, model="offline", config=TraceConfig())
+
+
+async def test_a_claim_for_a_head_another_run_moved_is_refused(store):
+    """Two callers read head 1; the first runs and moves it: the second's claim must not branch off 1."""
+    _, first = await new_trace(store, "t1", user())
+    await store.finish("t1", first, status=Status.COMPLETED, stop_reason=StopReason.END_TURN, error=None)
+    winner = new_token()
+    await store.claim(
+        "t1", winner, head=1, model="offline", config=TraceConfig(), messages=[user("x")], read_head=1
+    )
+    await store.finish("t1", winner, status=Status.COMPLETED, stop_reason=StopReason.END_TURN, error=None)
+    before = (await store.get_trace("t1"), await store.get_tree("t1"))
+    with pytest.raises(TraceMoved, match="head is now message 2"):
+        await store.claim(
+            "t1",
+            new_token(),
+            head=1,
+            model="offline",
+            config=TraceConfig(),
+            messages=[user("y")],
+            read_head=1,
+        )
+    assert (await store.get_trace("t1"), await store.get_tree("t1")) == before
+    trace, _ = await store.claim(
+        "t1", new_token(), head=2, model="offline", config=TraceConfig(), read_head=2
+    )
+    assert trace.status is Status.RUNNING
 
 
 async def test_a_refused_claim_changes_nothing(store):
