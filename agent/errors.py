@@ -40,6 +40,16 @@ class TraceMoved(TraceRunning):
         self.trace_id = trace_id
 
 
+class SchemaTooNew(TraceError):
+    """A database a newer agent-trace-mcp migrated: this one must not read or write it."""
+
+    def __init__(self, version: int, understood: int):
+        super().__init__(
+            f"The trace database has schema version {version}, newer than this agent-trace-mcp understands "
+            f"({understood}); upgrade agent-trace-mcp."
+        )
+
+
 class InvalidMessages(TraceError):
     """Messages that are not valid OpenAI chat messages, or that leave the conversation invalid."""
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from agent import defaults
 from agent.llm.base import canonical_model_spec
 from agent.settings import EngineSettings
-from agent.trace.backends import is_postgres_url
+from agent.trace.backends import is_postgres_url, redact_url
 
 T = TypeVar("T")
 
@@ -171,6 +173,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+_URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
+"""A scheme and a slash: a database URL (a drive letter, one character, is a path)."""
+
+
+def db_problem(db: str) -> str | None:
+    """Why ``--db`` names no store: a URL of another scheme (it would silently become a file path) or a
+    PostgreSQL URL that does not parse."""
+    if is_postgres_url(db):
+        try:
+            parts = urlsplit(db)
+            parts.port  # noqa: B018  (parsing the port is the check)
+        except ValueError as exc:
+            return f"is not a valid PostgreSQL URL ({exc})"
+        return None
+    if _URL_LIKE.match(db):
+        shown = redact_url(db)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return f"must be a SQLite file path or a postgresql://… URL; got {shown!r}"
+    return None
+
+
 def _or(value: T | None, default: T) -> T:
     return default if value is None else value
 
@@ -196,10 +219,13 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
     def path_or(flag: str, default: Path) -> Path:
         return Path(values[flag]).expanduser() if values[flag] else default
 
+    variables = {flag: variable for flag, variable, _, _ in OPTIONS}
     db: Path | str = (
         values["--db"] if is_postgres_url(values["--db"] or "") else path_or("--db", data_dir / "traces.db")
     )
-    variables = {flag: variable for flag, variable, _, _ in OPTIONS}
+    if problem := db_problem(values["--db"] or ""):
+        named = "--db" if getattr(args, "db", None) is not None else variables["--db"]
+        raise SystemExit(f"agent-trace-mcp: {named} {problem}.")
     for flag, low in LOWEST.items():
         if values[flag] is not None and values[flag] < low:
             given = getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None

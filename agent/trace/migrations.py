@@ -8,6 +8,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
+from agent.errors import SchemaTooNew
+
 
 def _run_script(db: sqlite3.Connection, script: str) -> None:
     """Statement by statement: ``executescript`` would commit the migration's transaction early.
@@ -266,10 +268,7 @@ def migrate(db: sqlite3.Connection) -> int:
     """Bring a database to the newest schema, each step in its own transaction; returns the version."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
-        raise RuntimeError(
-            f"The trace database has schema version {version}, newer than this agent-trace-mcp "
-            f"understands ({len(MIGRATIONS)}); upgrade agent-trace-mcp."
-        )
+        raise SchemaTooNew(version, len(MIGRATIONS))
     for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
         db.execute("BEGIN IMMEDIATE")
         try:

@@ -12,6 +12,8 @@ from typing import TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from agent.errors import SchemaTooNew
+
 Db: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 """A connection of its own or one lent by the pool."""
 
@@ -292,10 +294,7 @@ async def migrate(db: Db, schema: str, *, upto: int | None = None) -> int:
             await _lock(db, schema)
             version = await db.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
             if version > len(MIGRATIONS):
-                raise RuntimeError(
-                    f"The trace database has schema version {version}, newer than this agent-trace-mcp "
-                    f"understands ({len(MIGRATIONS)}); upgrade agent-trace-mcp."
-                )
+                raise SchemaTooNew(version, len(MIGRATIONS))
             if version >= number:
                 continue
             step = MIGRATIONS[number - 1]

@@ -20,7 +20,7 @@ from tests.store_backends import PG_SKIP_REASON, PG_URL, fresh_pg_url, require_p
 if PG_URL is None:
     pytest.skip(PG_SKIP_REASON, allow_module_level=True)
 
-from agent.errors import TraceError, TraceRunning
+from agent.errors import SchemaTooNew, TraceError, TraceRunning
 from agent.trace import pg_migrations
 from agent.trace.backends import open_store, redact_url
 from agent.trace.models import NewMessage, Status, StopReason, Trace, TraceConfig
@@ -84,7 +84,7 @@ async def test_a_newer_schema_is_refused_with_a_sentence(pg_url):
         await db.execute(f"INSERT INTO \"{schema_of(pg_url)}\".schema_migrations VALUES (99, 'm099_future')")
     finally:
         await db.close()
-    with pytest.raises(RuntimeError, match="newer than this agent-trace-mcp"):
+    with pytest.raises(SchemaTooNew, match="newer than this agent-trace-mcp"):
         await PostgresTraceStore.open(pg_url)
 
 

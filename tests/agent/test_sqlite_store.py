@@ -14,6 +14,7 @@ import time
 import anyio
 import pytest
 
+from agent.errors import SchemaTooNew
 from agent.trace import migrations
 from agent.trace.models import MessageUsage, NewMessage, Status, StopReason, Trace
 from agent.trace.sqlite import SQLiteTraceStore
@@ -60,7 +61,7 @@ async def test_a_newer_schema_is_refused_with_a_sentence(tmp_path):
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version = 99")
     db.close()
-    with pytest.raises(RuntimeError, match="newer than this agent-trace-mcp"):
+    with pytest.raises(SchemaTooNew, match="newer than this agent-trace-mcp"):
         await SQLiteTraceStore.open(path)
 
 

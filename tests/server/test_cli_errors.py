@@ -31,6 +31,22 @@ def test_an_unreachable_database_is_one_sentence(tmp_path, transport):
     )
 
 
+def test_a_database_from_a_newer_version_is_one_sentence(tmp_path):
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "traces.db") as db:
+        db.execute("PRAGMA user_version = 999")
+    done = run_cli(tmp_path, "--in-process", "--db", str(tmp_path / "traces.db"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "agent-trace-mcp: The trace database has schema version 999, newer than this agent-trace-mcp"
+        )
+    )
+
+
 def test_the_relay_shows_why_the_shared_server_could_not_start(tmp_path):
     done = run_cli(tmp_path, "--db", UNREACHABLE)
     assert done.returncode != 0 and "Traceback" not in done.stderr

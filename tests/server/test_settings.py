@@ -102,6 +102,22 @@ def test_a_value_out_of_range_is_named_as_it_was_given():
         settings_for(["--port", "99999"], {})
 
 
+def test_a_db_that_is_neither_a_file_nor_a_postgresql_url_is_refused_not_made_a_folder(tmp_path):
+    """A mistyped URL used to become a relative SQLite path: replicas then each kept a private store."""
+    for wrong in ("mysql://root:secret@127.0.0.1/x", "postgresql:/postgres@h/x", "postgresql+asyncpg://h/x"):
+        with pytest.raises(
+            SystemExit, match=r"^agent-trace-mcp: --db must be a SQLite file path or a postgresql"
+        ) as refused:
+            settings_for(["--db", wrong], {})
+        assert "secret" not in str(refused.value)
+    with pytest.raises(SystemExit, match=r"^agent-trace-mcp: AGENT_TRACE_DB must be"):
+        settings_for([], {"AGENT_TRACE_DB": "http://127.0.0.1:5432/x"})
+    with pytest.raises(SystemExit, match=r"--db is not a valid PostgreSQL URL \(Invalid IPv6 URL\)\.$"):
+        settings_for(["--db", "postgresql://postgres@[::1:5432/x"], {})
+    assert settings_for(["--db", str(tmp_path / "t.db")], {}).db == tmp_path / "t.db"
+    assert settings_for(["--db", "postgres://u@h/d"], {}).db == "postgres://u@h/d"
+
+
 def test_a_flag_of_the_wrong_type_is_one_line(capsys):
     with pytest.raises(SystemExit) as exited:
         parser().parse_args(["--max-wait", "abc"])
