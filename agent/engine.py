@@ -364,13 +364,20 @@ class Engine:
         reflections under way; True if none is left.
 
         A ``reflect=true`` run shows its answer before it reflects, so a host that asks for the lessons right
-        after reading the answer would otherwise miss them. (Reflections in other processes are not waited
-        for: with the shared server, every run of a data directory is in its process.)"""
+        after reading the answer would otherwise miss them. Reflections of other processes on the store
+        (replicas, a second server on the data directory) are waited for through the store: a run that
+        reflects keeps its claim until its lessons are written."""
         limit = (
             min(defaults.REFLECTION_SETTLE_SECONDS, self.settings.max_wait) if seconds is None else seconds
         )
         with anyio.move_on_after(limit):
             await self._runner.wait_reflections()
+            async with self._events.subscribe() as events:
+                while held := set(await self._store.reflecting_ids()):
+                    with anyio.move_on_after(0.5):  # a missed wake-up costs half a second, not the wait
+                        async for event in events:
+                            if isinstance(event, TraceChanged) and event.trace_id in held:
+                                break
             return True
         return False
 

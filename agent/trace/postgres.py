@@ -785,6 +785,12 @@ class PostgresTraceStore:
         rows = await self._fetch("SELECT trace_id FROM traces WHERE status = 'running' ORDER BY created_at")
         return [r["trace_id"] for r in rows]
 
+    async def reflecting_ids(self) -> list[str]:
+        rows = await self._fetch(
+            "SELECT trace_id FROM traces WHERE run_token IS NOT NULL AND status <> 'running'"
+        )
+        return [r["trace_id"] for r in rows]
+
     async def stops_requested(self) -> list[str]:
         rows = await self._fetch(
             "SELECT trace_id FROM traces WHERE owner = $1 AND run_token IS NOT NULL AND stop_requested",

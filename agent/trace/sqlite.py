@@ -725,6 +725,12 @@ class SQLiteTraceStore:
         )
         return [r[0] for r in rows]
 
+    async def reflecting_ids(self) -> list[str]:
+        rows = await self._reader.execute_fetchall(
+            "SELECT trace_id FROM traces WHERE run_token IS NOT NULL AND status <> 'running'"
+        )
+        return [r[0] for r in rows]
+
     async def stops_requested(self) -> list[str]:
         rows = await self._reader.execute_fetchall(
             "SELECT trace_id FROM traces WHERE owner = ? AND run_token IS NOT NULL AND stop_requested",

@@ -179,6 +179,11 @@ class TraceStore(Protocol):
         cursor: str | None = None,
     ) -> TracePage: ...
     async def running_ids(self) -> list[str]: ...
+    async def reflecting_ids(self) -> list[str]:
+        """Traces whose run has ended but still holds its claim, in any process: a ``reflect=true`` run
+        reflecting on its answer (its lessons are on the way)."""
+        ...
+
     async def stops_requested(self) -> list[str]:
         """The traces this process holds a claim on whose stop another process asked for (a backstop for a
         stop request the change feed did not deliver)."""

@@ -185,6 +185,17 @@ async def test_a_lesson_reflected_on_a_is_recalled_on_b(replicas, fake_openai):
     assert lesson in system  # B recalled A's lesson into its new trace's prompt
 
 
+async def test_lessons_asked_for_on_b_wait_for_the_automatic_reflection_running_on_a(replicas, fake_openai):
+    a, b = replicas
+    lesson = "Check the changelog before naming a version"
+    fake_openai.script = [("json", completion("Version 3.")), ("slow", (2.0, completion(f"- {lesson}")))]
+    async with Client(a.url) as on_a, Client(b.url) as on_b:
+        tid = (await call(on_a, "create_trace", prompt="Which version is this?", reflect=True))["trace_id"]
+        await wait_done(on_b, tid)  # the answer is out; A is still reflecting on it
+        found = await call(on_b, "get_experiences", query="changelog version")
+    assert [(l["text"], l["trace_id"]) for l in found["lessons"]] == [(lesson, tid)]
+
+
 async def test_the_experiences_resource_on_b_renders_a_lesson_reflected_on_a(replicas, fake_openai):
     a, b = replicas
     fake_openai.script = [("json", completion("Done.")), ("json", completion("- Keep answers short"))]
