@@ -62,6 +62,10 @@ class ModelCallError(TraceError):
     """A provider error that survived the SDK's retries; ends the run ``failed``."""
 
 
+class ContextTooLong(ModelCallError):
+    """The provider refused the request as longer than the model's context window."""
+
+
 class UnknownToolError(TraceError):
     """A tool whitelist naming tools or servers that do not exist."""
 

@@ -218,7 +218,12 @@ class Requests:
         if nothing_new and ends_in_answer(path):
             head, path = path[-1].parent_sequence, path[:-1]  # a fork with nothing new regenerates the answer
         fields = {"role", "content", "tool_calls", "tool_call_id", "name"}
-        return source, [NewMessage.model_validate(m.model_dump(include=fields)) for m in path], head
+        copies = [  # compaction records name the source's sequences: the fork compacts on its own
+            NewMessage.model_validate(m.model_dump(include=fields))
+            for m in path
+            if compaction.compaction_of(m) is None
+        ]
+        return source, copies, head
 
     async def _existing(self, messages: list[NewMessage], config: RunConfig, action: str) -> Request:
         trace_id = config.trace_id

@@ -33,7 +33,7 @@ from agent import defaults
 from agent.core.messages import open_tool_calls
 from agent.core.patterns import MATCH_BUDGET_SECONDS, PatternTimeout
 from agent.core.typed import MAX_REASKS, parse_result, reask
-from agent.errors import ModelCallError, ToolCallError, TraceNotFound
+from agent.errors import ContextTooLong, ModelCallError, ToolCallError, TraceNotFound
 from agent.llm.base import Model, ModelResponse
 from agent.tools.ask import ASK_HOST, question_of
 from agent.tools.registry import Tool, ToolRegistry, openai_tool_schema
@@ -75,6 +75,8 @@ INTERRUPTED = Outcome(Status.INTERRUPTED, StopReason.INTERRUPTED)
 MAX_ITERATIONS = Outcome(Status.COMPLETED, StopReason.MAX_ITERATIONS)
 TOKEN_BUDGET = Outcome(Status.STOPPED, StopReason.TOKEN_BUDGET)
 TIMEOUT = Outcome(Status.STOPPED, StopReason.TIMEOUT)
+MAX_OVERFLOW_RETRIES = 3
+"""Requests a step may have refused as too long (each time counted more carefully) before the run fails."""
 
 
 class EmptyReply(Exception):
@@ -242,7 +244,7 @@ class Run:
         if segment.timeout_seconds is not None:
             segment.deadline = anyio.current_time() + segment.timeout_seconds
         try:
-            iterations = empty = reasks = tokens = 0
+            iterations = empty = reasks = tokens = overflows = 0
             while True:
                 pending = pending_calls(segment.context)
                 if pending:
@@ -268,7 +270,15 @@ class Run:
                 if (ending := self._ending(tokens)) is not None:
                     outcome = ending
                     break
-                response = await self._call_model()
+                try:
+                    response = await self._call_model()
+                except ContextTooLong:
+                    if overflows >= MAX_OVERFLOW_RETRIES:
+                        raise
+                    overflows += 1
+                    self._recount()
+                    continue  # compact (and cut) again, counting more carefully
+                overflows = 0
                 cut_short = self.timed_out or self.stop_requested  # what came is partial streamed text
                 iterations += 1
                 if response is None:  # stopped (or out of time) before the model said anything
@@ -451,7 +461,6 @@ class Run:
                 self._built_chars = (wire, self._built_chars[1] + sum(self._size(m) for m in extra_items))
                 return wire
         wire = compaction.build_context(
-            self.trace_id,
             context,
             convert=self._convert,
             extra_elided=extra,
@@ -475,7 +484,8 @@ class Run:
         self._schemas()
         assert self._tool_schemas is not None
         tools = math.ceil(self._tool_schemas[2] * self.tokens_per_char)
-        return self.segment.context_tokens - compaction.REPLY_RESERVE_TOKENS - tools
+        budget = self.segment.context_tokens
+        return budget - compaction.reply_reserve(budget, self.segment.model) - tools
 
     def _chars(self, wire: list[dict[str, Any]]) -> int:
         if wire is self._built_chars[0]:
@@ -513,13 +523,12 @@ class Run:
             saved = max(0, self._guess(wire) - after)  # both guessed alike: what elision took out
             events.append(await self._append(compaction.record(plan, saved=saved)))
             before = after
-        if before > room and (summary_plan := compaction.plan_summary(self.segment.context)) is not None:
+        summary_plan = compaction.plan_summary(self.segment.context) if before > room else None
+        if summary_plan is not None and self._resummarising(summary_plan, room):
+            summary_plan = None
+        if summary_plan is not None:
             request = compaction.summary_request(
-                self.trace_id,
-                self.segment.context,
-                summary_plan,
-                self.segment.context_tokens,
-                self.tokens_per_char,
+                self.segment.context, summary_plan, room, self.tokens_per_char, convert=self._convert
             )
             response: ModelResponse | None = None  # stays None when stop or the deadline cancels the call
             try:
@@ -535,14 +544,45 @@ class Run:
                 summary.usage = response.usage
                 would_be = Message(**summary.model_dump(), sequence=0, parent_sequence=None, created_at="")
                 after = self._estimate(
-                    compaction.build_context(
-                        self.trace_id, [*self.segment.context, would_be], convert=self._convert
-                    )
+                    compaction.build_context([*self.segment.context, would_be], convert=self._convert)
                 )
                 assert summary.meta is not None
                 summary.meta["compaction"]["tokens_saved"] = max(0, before - after)
                 events.append(await self._append(summary))
         return events
+
+    def _recount(self) -> None:
+        """The provider refused a request the estimate let through: its window is smaller than the budget
+        (a wrong --context-tokens) or its tokenizer dearer than the estimate (a script it splits finely).
+        Either way: a budget below what that request was thought to take, bytes counted dearer, and no
+        anchor (the count that misled us)."""
+        sent = self._estimate(self._sent) if self._sent is not None else self.segment.context_tokens
+        budget = self.segment.context_tokens
+        thought = sent + (
+            budget - self._room()
+        )  # the request as the budget counts it: reply room and tools too
+        self.segment.context_tokens = max(1000, min(budget, int(thought * 0.85)))
+        self.tokens_per_char = min(1.0, self.tokens_per_char * 1.25)
+        self._anchor = None
+        self._ready = None
+        log.warning(
+            "the provider refused trace %s's request as too long (about %d tokens by our count): fitting it "
+            "into %d tokens and trying again",
+            self.trace_id,
+            thought,
+            self.segment.context_tokens,
+        )
+
+    def _resummarising(self, plan: compaction.Plan, room: int) -> bool:
+        """Whether a summary would be asked for in vain: one is on the path already and what a new one
+        would leave (the task, the latest turns) is over the room by itself, so every step would summarise
+        again and still be cut. Then the cut alone does it."""
+        if compaction.View.of(self.segment.context).covers is None:
+            return False
+        assert plan.covers is not None
+        first, last = plan.covers
+        kept = [m for m in self.segment.context if not first <= m.sequence <= last]
+        return self._guess(compaction.build_context(kept, convert=self._convert)) > room
 
     def _calibrate(self, prompt_tokens: int) -> None:
         """Learn the provider's tokens-per-character from what it reported (only ever more careful), and

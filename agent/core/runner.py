@@ -379,14 +379,15 @@ class AgentRunner:
         stored = list(branch)
         error = None
         schemas = [openai_tool_schema(t) for t in tools]
+        budget = compaction.budget_for(self._context_tokens, context_window(model.name))
         room = (
-            compaction.budget_for(self._context_tokens, context_window(model.name))
-            - compaction.REPLY_RESERVE_TOKENS
+            budget
+            - compaction.reply_reserve(budget, model)
             - compaction.estimate([], schemas, ratio=compaction.INITIAL_TOKENS_PER_CHAR)
         )
         try:
             response = await model.complete(
-                compaction.build_context(trace_id, [*path, *branch], clamp_to=room),
+                compaction.build_context([*path, *branch], clamp_to=room),
                 schemas,
                 temperature=trace.config.temperature,
                 tool_choice="none",

@@ -16,9 +16,9 @@ import httpx2  # the SDKs' HTTP client (agent.llm.common needs it too)
 from anthropic import AsyncAnthropic, transform_schema
 
 from agent import defaults
-from agent.errors import ModelCallError, ModelConfigError
+from agent.errors import ModelConfigError
 from agent.llm.base import ModelResponse, TextSink, ToolChoice
-from agent.llm.common import LLMSettings, error_kind, provider_error_sentence
+from agent.llm.common import LLMSettings, call_error, error_kind, provider_error_sentence
 from agent.llm.redact import install_redaction
 from agent.trace.models import FunctionCall, MessageUsage, ToolCall
 
@@ -458,7 +458,7 @@ class AnthropicModel:
                 base_url=self.base_url,
                 secrets=(self._api_key,),
             )
-            raise ModelCallError(sentence) from None
+            raise call_error(sentence, exc) from None
         if tool_choice == "none" and response.tool_calls:  # the contract is a text answer
             response = response.model_copy(update={"tool_calls": []})
         return response

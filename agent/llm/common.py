@@ -3,6 +3,7 @@ error into a sentence that names the problem and never carries the API key."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -11,7 +12,7 @@ from urllib.parse import urlsplit
 import httpx2
 
 from agent import defaults
-from agent.errors import ModelConfigError
+from agent.errors import ContextTooLong, ModelCallError, ModelConfigError
 from agent.llm.redact import redact
 
 _MESSAGE_LIMIT = 300
@@ -80,6 +81,24 @@ def _provider_message(exc: Exception) -> str:
         if isinstance(message, str) and message.strip():
             return message
     return str(getattr(exc, "message", None) or exc)
+
+
+_OVERFLOW = re.compile(
+    r"context[_ ]length|context window|maximum context|context limit|prompt is too long|too many (input )?tokens",
+    re.IGNORECASE,
+)
+
+
+def call_error(sentence: str, exc: Exception) -> ModelCallError:
+    """The error a provider's failure raises: ContextTooLong when it refused the request's length (the run
+    can compact harder and try again), else ModelCallError."""
+    body = getattr(exc, "body", None)
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    overflow = getattr(exc, "status_code", None) in (400, 413) and (
+        code == "context_length_exceeded" or _OVERFLOW.search(_provider_message(exc)) is not None
+    )
+    return (ContextTooLong if overflow else ModelCallError)(sentence)
 
 
 def _retries_taken(exc: Exception) -> int | None:

@@ -10,9 +10,9 @@ import openai
 from openai import AsyncOpenAI
 
 from agent import defaults
-from agent.errors import ModelCallError, ModelConfigError
+from agent.errors import ModelConfigError
 from agent.llm.base import ModelResponse, TextSink, ToolChoice
-from agent.llm.common import LLMSettings, error_kind, provider_error_sentence, url_origin
+from agent.llm.common import LLMSettings, call_error, error_kind, provider_error_sentence, url_origin
 from agent.llm.redact import install_redaction
 from agent.trace.models import FunctionCall, MessageUsage, ToolCall
 
@@ -103,7 +103,7 @@ class OpenAIModel:
             sentence = provider_error_sentence(
                 exc, self.name, kind=error_kind(exc, openai), base_url=self.base_url, secrets=(self._api_key,)
             )
-            raise ModelCallError(sentence) from None
+            raise call_error(sentence, exc) from None
         if tool_choice == "none" and response.tool_calls:
             # some OpenAI-compatible servers ignore tool_choice; the contract is a text answer
             response = response.model_copy(update={"tool_calls": []})

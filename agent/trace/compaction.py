@@ -4,15 +4,16 @@ The model sees ``build_context(path)``: the stored messages as OpenAI chat messa
 every compaction record on the path applied. A compaction record is itself a stored message (role
 ``system``, ``meta["compaction"]``), appended at the head when the next call would pass the budget:
 
-1. **elide**: old tool results become a one-line stub naming ``trace://{id}/messages/{seq}`` (most of
-   the bytes, no model call);
+1. **elide**: old tool results become a one-line stub (most of the bytes, no model call; the stored
+   result stays whole, ``trace://{id}/messages/{seq}`` for a host);
 2. **summarise**: if that is not enough, the oldest turns (after the task) are replaced by one summary the
    trace's own model wrote.
 
-The system prompt and the task (the first user message) are always sent verbatim, and so are the latest
-turns. Records are read in path order, so a rewind to before one leaves it off the new branch, and a
+The system prompt, the task (the first user message) and the latest user message are sent verbatim
+(unless nothing else can make room), and the latest turns are never elided or summarised. Records are read in path order, so a rewind to before one leaves it off the new branch, and a
 continued trace resumes with its compactions. If even that does not fit (one giant message), the longest
-contents still in view are cut in what is sent — never in what is stored — so no request passes the budget.
+contents still in view are cut in what is sent — never in what is stored. A provider that still refuses
+the request as too long makes the run recount more carefully and try again (``agent.core.run``).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from agent.trace.models import Message, NewMessage
 KEEP_TURNS = 2
 """The latest assistant turns (with their tool results) always sent verbatim."""
 REPLY_RESERVE_TOKENS = 4096
-"""Room left for the model's reply."""
+"""Room left for the model's reply, unless the model says how long its reply may be (Anthropic's max_tokens)."""
 LOW_WATER = 0.6
 """A compaction aims at this share of the room, so the next one is many steps away, not the next step."""
 INITIAL_TOKENS_PER_CHAR = 0.3
-"""Until a provider reports its count, a conservative guess (≈3.3 characters a token)."""
+"""Until a provider reports its count, a conservative guess (≈3.3 characters a token). Sizes are counted in
+UTF-8 bytes, so a CJK character weighs three: tokenizers spend about a token on one, a quarter on ASCII."""
 CLAMP_MARKER_CHARS = 40
 """About what the marker of a message cut to fit adds (cutting one shorter than that saves nothing)."""
 SUMMARY_PROMPT = (
@@ -48,16 +50,25 @@ def budget_for(context_tokens: int | None, window: int | None) -> int:
     return context_tokens or window or defaults.CONTEXT_TOKENS
 
 
+def reply_reserve(budget: int, model: object) -> int:
+    """Room kept for the reply: what the model may write (its ``max_tokens``, when it sends one), else
+    REPLY_RESERVE_TOKENS; never more than a quarter of a small budget."""
+    limit = getattr(model, "max_tokens", None)
+    wanted = limit if isinstance(limit, int) and limit > 0 else REPLY_RESERVE_TOKENS
+    return min(wanted, budget // 4)
+
+
 def compaction_of(message: Message) -> dict[str, Any] | None:
     record = (message.meta or {}).get("compaction")
     return record if isinstance(record, dict) else None
 
 
-def stub(trace_id: str, message: Message) -> str:
+def stub(message: Message) -> str:
+    """What the model sees of an elided result: enough to know it existed and how to get it back."""
     size = len(message.content or "")
     return (
-        f"[tool result elided to fit the context: {size:,} characters; read trace://{trace_id}/messages/"
-        f"{message.sequence} for it]"
+        f"[tool result elided to fit the context: {size:,} characters (message {message.sequence}); "
+        "call the tool again if you need it]"
     )
 
 
@@ -85,7 +96,6 @@ class View:
 
 
 def build_context(
-    trace_id: str,
     path: Sequence[Message],
     *,
     convert: Callable[[Message], dict[str, Any]] = Message.to_openai,
@@ -113,7 +123,7 @@ def build_context(
             continue
         item = convert(message)
         if message.role == "tool" and message.sequence in view.elided:
-            item = {**item, "content": stub(trace_id, message)}
+            item = {**item, "content": stub(message)}
         wire.append(item)
     if clamp_to is not None:
         _clamp(wire, clamp_to, tokens_per_char)
@@ -121,13 +131,23 @@ def build_context(
 
 
 def _clamp(wire: list[dict[str, Any]], budget: int, ratio: float) -> None:
-    """Last resort: cut the longest contents (not the system prompt or the task) to one common length, the
-    longest that fits, so a path of many middling messages fits as surely as one with a huge one.
+    """Last resort: cut the longest contents to one common length, the longest that fits, so a path of many
+    middling messages fits as surely as one with a huge one. The system prompt, the task and the latest user
+    message are cut only if the rest cannot make room (the system prompt last of all).
 
-    Savings are counted as the estimate counts: in JSON characters (a newline or a quote weighs two)."""
-    protected = {0, next((i for i, m in enumerate(wire) if m["role"] == "user"), 0)}
+    Savings are counted as the estimate counts: in JSON's UTF-8 bytes (a newline or a quote weighs two)."""
+    users = [i for i, m in enumerate(wire) if m["role"] == "user"]
+    for protected in ({0, *users[:1], *users[-1:]}, {0}, set()):
+        if _cut_longest(wire, budget, ratio, protected):
+            return
+
+
+def _cut_longest(wire: list[dict[str, Any]], budget: int, ratio: float, protected: set[int]) -> bool:
+    """Cut the longest contents outside ``protected``; True once the estimate fits."""
     for _ in range(8):  # each pass recounts: the weights are averages and the estimate rounds
         over = estimate(wire, ratio=ratio) - budget
+        if over <= 0:
+            return True
         candidates = [
             i
             for i, m in enumerate(wire)
@@ -135,8 +155,8 @@ def _clamp(wire: list[dict[str, Any]], budget: int, ratio: float) -> None:
             and isinstance(m.get("content"), str)
             and len(m["content"]) > CLAMP_MARKER_CHARS
         ]
-        if over <= 0 or not candidates:
-            return
+        if not candidates:
+            return False
         lengths = [len(wire[i]["content"]) for i in candidates]
         weights = [chars_of(wire[i]["content"]) / n for i, n in zip(candidates, lengths, strict=True)]
         keep = _common_length(lengths, weights, math.ceil(over / ratio))
@@ -144,6 +164,7 @@ def _clamp(wire: list[dict[str, Any]], budget: int, ratio: float) -> None:
             text = wire[i]["content"]
             if len(text) > keep:
                 wire[i] = {**wire[i], "content": f"{text[:keep]}… [cut to fit: {len(text):,} chars]"}
+    return estimate(wire, ratio=ratio) <= budget
 
 
 def _common_length(lengths: list[int], weights: list[float], excess: int) -> int:
@@ -168,7 +189,8 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False)  # made once: json.dumps with op
 
 
 def chars_of(item: Any) -> int:
-    return len(_ENCODER.encode(item))
+    """The item's size as the estimate counts it: its JSON in UTF-8 bytes (see INITIAL_TOKENS_PER_CHAR)."""
+    return len(_ENCODER.encode(item).encode())
 
 
 def estimate(
@@ -238,12 +260,23 @@ def plan_summary(path: Sequence[Message]) -> Plan | None:
 
 
 def summary_request(
-    trace_id: str, path: Sequence[Message], plan: Plan, budget: int, ratio: float
+    path: Sequence[Message],
+    plan: Plan,
+    room: int,
+    ratio: float,
+    convert: Callable[[Message], dict[str, Any]] = Message.to_openai,
 ) -> list[dict[str, Any]]:
-    """What the trace's model is asked to summarise: the path up to the covered range's end, compacted."""
+    """What the trace's model is asked to summarise: the path up to the covered range's end, with the
+    results themselves rather than their elision stubs (an earlier summary stands for what it covers), cut
+    to ``room`` tokens if need be."""
     assert plan.covers is not None
-    upto = [m for m in path if m.sequence <= plan.covers[1] or compaction_of(m) is not None]
-    wire = build_context(trace_id, upto, clamp_to=budget - REPLY_RESERVE_TOKENS, tokens_per_char=ratio)
+    upto = [
+        m
+        for m in path
+        if (m.sequence <= plan.covers[1] and compaction_of(m) is None)
+        or (compaction_of(m) or {}).get("covers")
+    ]
+    wire = build_context(upto, convert=convert, clamp_to=room - 200, tokens_per_char=ratio)
     return [*wire, {"role": "user", "content": SUMMARY_PROMPT}]
 
 

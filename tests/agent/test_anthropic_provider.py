@@ -13,7 +13,7 @@ import anyio
 import httpx2
 import pytest
 
-from agent.errors import ModelCallError
+from agent.errors import ContextTooLong, ModelCallError
 from agent.llm.anthropic import AnthropicModel
 from tests.fake_anthropic import FakeAnthropic, events, message, serving_anthropic, text, tool_use
 
@@ -241,6 +241,17 @@ async def test_persistent_server_error_is_a_sentence_without_the_key(fake):
         "The model provider returned HTTP 500 for anthropic:claude-test after 2 retries:"
     )
     assert "Internal failure" in sentence and SECRET not in sentence
+
+
+@pytest.mark.anyio
+async def test_a_prompt_refused_as_too_long_is_told_apart(fake):
+    fake.script = [
+        ("error", (400, "invalid_request_error", "prompt is too long: 210000 tokens > 200000 maximum"))
+    ]
+    model = make_model(fake, stream=False)
+    with pytest.raises(ContextTooLong, match="prompt is too long"):
+        await model.complete([{"role": "user", "content": "hi"}], [], temperature=0)
+    await model.aclose()
 
 
 @pytest.mark.anyio

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from agent import AgentRunner, RunConfig, Status
-from agent.errors import ModelCallError
+from agent.errors import ContextTooLong, ModelCallError
 from agent.llm.base import ModelResponse
 from agent.tools.files import workspace_tools
 from agent.tools.registry import ToolRegistry
@@ -140,7 +140,7 @@ async def test_a_chat_heavy_run_is_summarised_by_its_own_model(store, workspace)
     assert 2 in stages
     summary = next(m for m in path if (compaction_of(m) or {}).get("stage") == 2)
     assert "option B" in summary.content and summary.role == "system"
-    wire = build_context(tid, path)
+    wire = build_context(path)
     assert (
         wire[1]["content"] == "Discuss the design."
         and "[Summary of the earlier conversation" in wire[2]["content"]
@@ -244,3 +244,76 @@ async def test_clamping_counts_what_escaping_adds_and_cuts_no_more_than_it_must(
     batches = [m["content"] for m in summary_request if (m.get("content") or "").startswith("Batch")]
     assert len(batches) == 19 and all(len(b) > 400 for b in batches)  # the first one is the task: whole
     assert model.sizes[0] > BUDGET * 0.6  # the request was filled, not emptied
+
+
+class SmallerWindow(SizeLimitedModel):
+    """A model whose real window is smaller than the budget it was configured with: an over-long request
+    is refused the way providers do, as a ContextTooLong the run can act on."""
+
+    async def complete(self, messages, tools, **kw):
+        size = (len(json.dumps(messages)) + len(json.dumps(tools))) // self.chars_per_token
+        if size > self.limit:
+            self.sizes.append(size)
+            self.refused += 1
+            raise ContextTooLong(f"HTTP 400 for scripted: maximum context length is {self.limit} tokens")
+        return await super().complete(messages, tools, **kw)
+
+
+async def test_a_request_refused_as_too_long_is_fitted_again_not_failed(store, workspace):
+    """--context-tokens says 15,000 but the model takes 9,000: the first refusal teaches the run a smaller
+    budget, and it goes on to its answer instead of failing."""
+    reads: list[str] = []
+
+    def step(messages, tools):  # counts its own reads: a summary takes old tool messages out of view
+        if "summarise the conversation so far" in (messages[-1].get("content") or "").lower():
+            return reply("Summary: read many handler files; each returns status 200.")
+        if messages[-1]["role"] == "tool" and messages[-1]["tool_call_id"] not in reads:
+            reads.append(messages[-1]["tool_call_id"])
+        if len(reads) >= 40:
+            return reply("Read 40 files; every handler returns 200.")
+        return reply(None, call("read_file", f"r{len(reads)}", path=f"src/mod{len(reads)}.py"))
+
+    model = SmallerWindow([step], limit=9_000)
+    result = await runner_for(store, model, workspace).run_result(
+        [{"role": "user", "content": "Audit src/"}], RunConfig()
+    )
+    assert result.trace.status is Status.COMPLETED, result.trace.error
+    assert result.answer == "Read 40 files; every handler returns 200."
+    assert 1 <= model.refused <= 3 and max(s for s in model.sizes if s <= 9_000) <= 9_000
+
+
+async def test_a_fork_of_a_compacted_trace_copies_the_messages_not_the_compaction_records(store, workspace):
+    model = SizeLimitedModel([reader(40)], limit=BUDGET)
+    runner = runner_for(store, model, workspace)
+    source = (await runner.run_result([{"role": "user", "content": "Audit src/"}], RunConfig())).trace
+    path = await store.get_path(source.trace_id)
+    assert any(compaction_of(m) for m in path)
+    fork = await runner.run_result(
+        [{"role": "user", "content": "Now sum it up."}], RunConfig(from_trace=source.trace_id)
+    )
+    copied = await store.get_path(fork.trace.trace_id)
+    originals = [m for m in path if compaction_of(m) is None]
+    assert [(m.role, m.content) for m in copied[: len(originals)]] == [(m.role, m.content) for m in originals]
+    assert all(
+        compaction_of(m) for m in copied[1:] if m.role == "system"
+    )  # its own records, none copied bare
+    assert fork.trace.status is Status.COMPLETED and model.refused == 0
+
+
+def test_an_elided_result_tells_the_model_how_to_get_it_back_with_its_tools():
+    from agent.trace.compaction import stub
+    from agent.trace.models import Message
+
+    text = stub(Message(sequence=7, parent_sequence=6, role="tool", content="x" * 5000, created_at=""))
+    assert "5,000 characters" in text and "call the tool again" in text and "trace://" not in text
+
+
+def test_the_reply_keeps_the_room_its_model_may_write_within_a_small_budget():
+    from agent.trace.compaction import REPLY_RESERVE_TOKENS, reply_reserve
+
+    class Long:
+        max_tokens = 16_000
+
+    assert reply_reserve(200_000, Long()) == 16_000
+    assert reply_reserve(200_000, object()) == REPLY_RESERVE_TOKENS
+    assert reply_reserve(8_000, object()) == 2_000  # a quarter of a small budget at most

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from agent.errors import ModelCallError, ModelConfigError
+from agent.errors import ContextTooLong, ModelCallError, ModelConfigError
 from agent.llm.base import resolve_model
 from agent.llm.openai import OpenAIModel
 from agent.llm.redact import RedactingFilter, redact
@@ -161,6 +161,21 @@ async def test_client_error_is_not_retried(fake):
         await model.complete(USER, [], temperature=0)
     await model.aclose()
     assert len(fake.requests) == 1
+
+
+@pytest.mark.anyio
+async def test_a_request_refused_as_too_long_is_told_apart_so_the_run_can_compact_harder(fake):
+    fake.script = [
+        ("error", (400, "This model's maximum context length is 8192 tokens. However, you requested 9001.")),
+        ("error", (400, "bad request: messages is empty")),
+    ]
+    model = await make_model(fake, stream=False)
+    with pytest.raises(ContextTooLong, match=r"HTTP 400 for openai:gpt-test: This model's maximum context"):
+        await model.complete(USER, [], temperature=0)
+    with pytest.raises(ModelCallError) as other:
+        await model.complete(USER, [], temperature=0)
+    await model.aclose()
+    assert not isinstance(other.value, ContextTooLong)
 
 
 @pytest.mark.anyio
