@@ -148,11 +148,21 @@ def _truthy(value: Any) -> bool:
 
 
 def detailed_task(
-    trace: Trace, tail: Sequence[Message], last_text: Message | None, ttl_ms: int | None
+    trace: Trace,
+    tail: Sequence[Message],
+    last_text: Message | None,
+    ttl_ms: int | None,
+    *,
+    elicits: bool = True,
 ) -> dict[str, Any]:
     """The DetailedTask of SEP-2663 for a trace: what ``tasks/get`` and ``notifications/tasks`` carry
-    (``tail``: the path's last messages; ``last_text``: the latest assistant text, however far back)."""
+    (``tail``: the path's last messages; ``last_text``: the latest assistant text, however far back).
+
+    A client that cannot elicit cannot answer ``inputRequests``: for it a question completes the task, its
+    result the summary with the question and how to answer it (run_trace)."""
     status = task_status(trace)
+    if status == "input_required" and not elicits:
+        status = "completed"
     task = task_fields(trace.trace_id, status, trace.created_at, trace.updated_at, ttl_ms)
     if status == "working":
         names: dict[str, str] = {}

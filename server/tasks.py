@@ -137,6 +137,7 @@ class _Listener:
 
     task_ids: frozenset[str]
     send: MemoryObjectSendStream[ServerEvent | dict[str, Any]]
+    elicits: bool = True
     last: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def offer(self, task: dict[str, Any], *, initial: bool = False) -> None:
@@ -165,8 +166,9 @@ class _Runtime:
 
     # -- reading tasks -----------------------------------------------------------------------------
 
-    async def detailed(self, task_id: str) -> dict[str, Any]:
-        """The task as ``tasks/get`` answers it; MCPError -32602 when there is no such task."""
+    async def detailed(self, task_id: str, elicits: bool = True) -> dict[str, Any]:
+        """The task as ``tasks/get`` answers it; MCPError -32602 when there is no such task. For a client
+        that cannot elicit (``elicits`` false), a question ends the task (see ``detailed_task``)."""
         if len(task_id) > MAX_TASK_ID_CHARS:
             raise not_found(task_id)
         trace_id, _, sequence = task_id.partition(REFLECTION)
@@ -183,9 +185,10 @@ class _Runtime:
         except TraceError:
             raise not_found(task_id) from None
         tail = await self.engine.tail(trace_id, TAIL_MESSAGES)
-        ended = task_status(trace) in TERMINAL  # only a final result shows last_text: polls stay cheap
-        last_text = await self.engine.last_text(trace_id, tail) if ended else None
-        task = detailed_task(trace, tail, last_text, self.ttl_ms)
+        status = task_status(trace)
+        ended = status in TERMINAL or (status == "input_required" and not elicits)
+        last_text = await self.engine.last_text(trace_id, tail) if ended else None  # polls stay cheap
+        task = detailed_task(trace, tail, last_text, self.ttl_ms, elicits=elicits)
         if handle is not None and task_id != trace_id:
             task |= {"taskId": task_id, "createdAt": handle.created_at}
         return task
@@ -465,16 +468,25 @@ class _Runtime:
 
     async def announce(self, *task_ids: str) -> None:
         for task_id in task_ids:
-            try:
-                task = await self.detailed(task_id)
-            except MCPError:
-                continue  # deleted meanwhile
-            except Exception:
-                log.exception("could not read task %s for its listeners", task_id)
-                continue
-            for listener in list(self.listeners):
-                if task_id in listener.task_ids:
-                    listener.offer(task)
+            listening = [listener for listener in self.listeners if task_id in listener.task_ids]
+            for elicits in {listener.elicits for listener in listening}:
+                try:
+                    task = await self.detailed(task_id, elicits)
+                except MCPError:
+                    break  # deleted meanwhile
+                except Exception:
+                    log.exception("could not read task %s for its listeners", task_id)
+                    break
+                for listener in listening:
+                    if listener.elicits == elicits:
+                        listener.offer(task)
+
+
+def client_elicits(ctx: ServerRequestContext[Any, Any]) -> bool:
+    """Whether the request's client declared elicitation: only then may a task ask it through
+    ``inputRequests`` (the Inspector declares none, and would wait on an input_required task forever)."""
+    capabilities = ctx.session.client_capabilities
+    return bool(capabilities and capabilities.elicitation is not None)
 
 
 class TasksExtension(Extension):
@@ -545,14 +557,15 @@ class TasksExtension(Extension):
     def _check(self, ctx: ServerRequestContext[Any, Any], task_id: str) -> _Runtime:
         require_client_extension(ctx, TASKS)
         headers = getattr(ctx.request, "headers", None)
-        if headers is not None and decode_header_value(headers.get(MCP_NAME_HEADER)) != task_id:
+        named = headers.get(MCP_NAME_HEADER) if headers is not None else None
+        if named is not None and decode_header_value(named) != task_id:  # fastmcp-tasks sends none
             raise MCPError(
                 code=types.HEADER_MISMATCH, message="The Mcp-Name header must be the request's taskId."
             )
         return self._runtime(ctx)
 
     async def _get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
-        return await self._check(ctx, params.task_id).detailed(params.task_id)
+        return await self._check(ctx, params.task_id).detailed(params.task_id, client_elicits(ctx))
 
     async def _update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:
         await self._check(ctx, params.task_id).update(params.task_id, params.input_responses)
@@ -619,7 +632,7 @@ class TasksExtension(Extension):
         )
         uris = frozenset(standard.resource_subscriptions or ())
         send, receive = anyio.create_memory_object_stream[ServerEvent | dict[str, Any]](STREAM_BUFFER)
-        listener = _Listener(frozenset(requested), send)
+        listener = _Listener(frozenset(requested), send, elicits=client_elicits(ctx))
 
         def deliver(event: ServerEvent) -> None:
             if event_matches(standard, uris, event):
@@ -637,7 +650,7 @@ class TasksExtension(Extension):
             snapshots: dict[str, dict[str, Any]] = {}
             for task_id in requested:  # honoured: the ids that are tasks
                 with contextlib.suppress(MCPError):
-                    snapshots[task_id] = await runtime.detailed(task_id)
+                    snapshots[task_id] = await runtime.detailed(task_id, listener.elicits)
             honored = standard.model_copy(update={"taskIds": list(snapshots)})
             await ctx.session.send_notification(
                 types.SubscriptionsAcknowledgedNotification(
