@@ -109,12 +109,14 @@ class BearerToken:
 
     def __init__(self, app: ASGIApp, token: str):
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, credentials = given.strip().partition(b" ")
+            bearer = scheme.lower() == b"bearer"  # RFC 7235: the scheme is case-insensitive
+            if not (hmac.compare_digest(credentials.strip(), self.expected) and bearer):
                 body = {"error": "unauthorized", "error_description": "Send 'Authorization: Bearer <token>'."}
                 await _reply(send, 401, body, ((b"www-authenticate", b'Bearer realm="agent-trace-mcp"'),))
                 return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import stat
 import sys
 from collections.abc import AsyncIterator
@@ -117,6 +118,23 @@ def _readable_id(value: Any) -> bool:
     return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
+_ID_MEMBER = re.compile(rb'^\s*\{[^{}\[\]]*?"id"\s*:\s*(-?\d{1,18}|"(?:[^"\\\x00-\x1f]|\\.){0,200}")\s*[,}]')
+"""An ``"id"`` member before any nested object or array: the request's own id, not a tool call's."""
+
+
+def _salvaged_id(text: bytes) -> types.RequestId | None:
+    """The id of a frame that is not valid JSON, when it can still be read (a truncated or mis-encoded
+    request): its client waits on that id, and an error with ``id: null`` would leave it waiting."""
+    found = _ID_MEMBER.match(text)
+    if found is None:
+        return None
+    try:
+        value = json.loads(found.group(1))
+    except ValueError:
+        return None
+    return value if _readable_id(value) else None
+
+
 def parse_frame(line: bytes) -> tuple[types.JSONRPCMessage | None, bytes | None]:
     """The message a frame carries, or the error reply it deserves (neither for a blank line, a broken
     response or a broken notification, which never get replies)."""
@@ -126,7 +144,7 @@ def parse_frame(line: bytes) -> tuple[types.JSONRPCMessage | None, bytes | None]
     try:
         data = json.loads(text)
     except ValueError:  # UnicodeDecodeError included
-        return None, error_frame(None, PARSE_ERROR, "Parse error: the frame is not valid JSON.")
+        return None, error_frame(_salvaged_id(text), PARSE_ERROR, "Parse error: the frame is not valid JSON.")
     if isinstance(data, list):
         ids = [item.get("id") for item in data if isinstance(item, dict) and _readable_id(item.get("id"))]
         return None, b"".join(error_frame(i, INVALID_REQUEST, BATCH) for i in ids or [None])

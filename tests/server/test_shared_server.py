@@ -455,6 +455,8 @@ INVALID_FRAMES = [
     (b'{"jsonrpc":"1.0","id":4,"method":"ping"}', 4, -32600),
     (b'{"jsonrpc":"2.0","id":null,"method":"ping"}', None, -32600),
     (b'{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":5}}', 6, -32602),
+    (b'{"jsonrpc":"2.0","id":8,"method":"tools/list"', 8, -32700),  # cut short: its id is still read
+    (b'{"jsonrpc":"2.0","id":"nine","method":"ping","params":{"x":"\xff"}}', "nine", -32700),  # not UTF-8
 ]
 INITIALIZE = {
     "jsonrpc": "2.0",

@@ -196,6 +196,14 @@ async def test_http_token_is_required_when_set(tmp_path, workspace):
                 server.url, json=INIT, headers={**HEADERS, "authorization": "Bearer s3cret-token"}
             )
             assert right.status_code == 200
+            for spelled in ("bearer s3cret-token", "BEARER  s3cret-token"):  # the scheme is case-insensitive
+                also = await http.post(server.url, json=INIT, headers={**HEADERS, "authorization": spelled})
+                assert also.status_code == 200, spelled
+            for wrong_scheme in ("Basic s3cret-token", "s3cret-token", "Bearer s3cret-token-and-more"):
+                refused = await http.post(
+                    server.url, json=INIT, headers={**HEADERS, "authorization": wrong_scheme}
+                )
+                assert refused.status_code == 401, wrong_scheme
         async with httpx2.AsyncClient(headers={"authorization": "Bearer s3cret-token"}) as http:
             async with Client(streamable_http_client(server.url, http_client=http), mode="legacy") as client:
                 assert "create_trace" in {t.name for t in (await client.list_tools()).tools}
