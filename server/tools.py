@@ -38,6 +38,7 @@ from server.arguments import (
     check_messages_size,
     is_trace_id,
 )
+from server.progress import Progress, ProgressLines
 from server.state import ServerState, state_of
 from server.views import (
     MESSAGES_VIEW_CHARS,
@@ -620,22 +621,18 @@ def register_tools(mcp: MCPServer) -> None:
                 optional=("more_done",),
             )  # type: ignore[return-value]
         seconds, note = capped(engine, wait_seconds)
-        lines = ProgressLines(engine)
-        sent = 0
+        lines, reports = ProgressLines(engine), Progress(ctx)
 
         async def progress(trace_id: str, message: Message) -> None:
-            nonlocal sent
-            sent += 1
-            await ctx.report_progress(sent, None, f"{trace_id[:8]}: {await lines.line(trace_id, message)}")
+            await reports.send(f"{trace_id[:8]}: {await lines.line(trace_id, message)}")
 
         async def beat() -> None:
-            nonlocal sent
-            sent += 1
-            await ctx.report_progress(sent, None, "still waiting on traces")
+            await reports.send("still waiting on traces")
 
         traces = await engine.await_traces(
             ids, every=mode == "all", seconds=seconds, on_message=progress, on_idle=beat
         )
+        await reports.settle()
         running = [t.trace_id for t in traces if t.status is Status.RUNNING]
         finished = [t for t in traces if t.status is not Status.RUNNING]
         done: list[dict[str, Any]] = []
@@ -823,45 +820,21 @@ async def targets(
     return list(dict.fromkeys(ids))
 
 
-class ProgressLines:
-    """The progress line for each message a wait hears, a tool result named by its tool: when the wait did
-    not hear the call (it was stored before the wait listened), the call is looked up, once per turn."""
-
-    def __init__(self, engine: Engine):
-        self._engine = engine
-        self._names: dict[str, dict[str, str]] = {}  # per trace: tool-call id -> tool name
-
-    async def line(self, trace_id: str, message: Message) -> str:
-        names = self._names.setdefault(trace_id, {})
-        call = message
-        while call.role == "tool" and message.tool_call_id not in names and call.parent_sequence:
-            found = await self._engine.message(trace_id, call.parent_sequence)  # past parallel results
-            if found is None:
-                break
-            call = found
-        if call is not message:
-            one_line(call, names)
-        return one_line(message, names)
-
-
 async def wait_with_progress(
     engine: Engine, ctx: Context, trace_id: str, wait_seconds: float, after_sequence: int | None
 ) -> Trace:
     """Wait for the trace to stop running, reporting each stored message as progress (and a heartbeat)."""
-    lines = ProgressLines(engine)
-    sent = 0
+    lines, reports = ProgressLines(engine), Progress(ctx)
 
     async def progress(message: Message) -> None:
-        nonlocal sent
-        sent += 1
-        await ctx.report_progress(sent, None, await lines.line(trace_id, message))
+        await reports.send(await lines.line(trace_id, message))
 
     async def beat() -> None:
-        nonlocal sent
-        sent += 1
-        await ctx.report_progress(sent, None, "still running")
+        await reports.send("still running")
 
-    return await engine.wait(trace_id, wait_seconds, progress, after_sequence=after_sequence, on_idle=beat)
+    trace = await engine.wait(trace_id, wait_seconds, progress, after_sequence=after_sequence, on_idle=beat)
+    await reports.settle()
+    return trace
 
 
 async def patch_tools_list(result: Any, state: ServerState) -> Any:

@@ -11,6 +11,7 @@ from mcp import Client
 
 from agent import defaults
 from server.app import build_server
+from server.progress import PROGRESS_SETTLE_SECONDS
 from server.settings import Settings
 from tests.fakes import call as tool_call
 from tests.fakes import models_for, reply, slow_reflection, turn_script
@@ -275,6 +276,20 @@ async def test_waiting_reports_messages_stored_before_it_began_and_a_heartbeat(
         "read_file returned"
     )
     assert "still running" in progress
+
+
+async def test_the_last_progress_of_a_wait_is_kept_apart_from_its_answer(client, slow_model):
+    """Sent together, the TypeScript SDK reads the answer first and drops the progress: a pause between."""
+    slow_model.steps, slow_model.delay = [reply("done")], 0.3
+    heard: list[float] = []
+
+    async def on_progress(value, total, message):
+        heard.append(anyio.current_time())
+
+    tid = (await call(client, "create_trace", prompt="think", model="slow"))["trace_id"]
+    await client.call_tool("get_trace", {"trace_id": tid, "wait_seconds": 20}, progress_callback=on_progress)
+    answered = anyio.current_time()
+    assert heard and answered - heard[-1] >= PROGRESS_SETTLE_SECONDS * 0.9
 
 
 async def test_a_wait_beats_while_other_traces_are_busy_and_await_traces_reports_messages(
