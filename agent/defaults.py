@@ -37,6 +37,9 @@ reset their timeout on progress wait on."""
 
 # -- processes --------------------------------------------------------------------------------------
 IDLE_EXIT_SECONDS = 600.0
+EOF_DRAIN_SECONDS = 60.0
+"""After a client's end of input, how long requests it already sent may take to be answered (a wait is at
+most --max-wait): ``printf '…create_trace…' | agent-trace-mcp`` gets its answer and starts its run."""
 LEASE_SECONDS = 20.0
 """A run's claim lapses this long after its owner last renewed it: then the owner counts as dead."""
 LEASE_RENEW_SECONDS = 5.0

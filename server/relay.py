@@ -28,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from agent import defaults
 from agent.pids import pid_alive
 from server.settings import IN_PROCESS_VARIABLE, OPTIONS, Settings
 from server.version import running_version
@@ -41,8 +42,9 @@ CONTROL_KEY = "agent_trace"
 """A connection's first line holding this key is a control request; anything else starts MCP at once."""
 HELLO_SECONDS = 10.0
 START_SECONDS = 30.0
-EOF_GRACE_SECONDS = 2.0
-"""After the host closes stdin, how long the relay waits for the server to end the session."""
+EOF_GRACE_SECONDS = defaults.EOF_DRAIN_SECONDS + 5
+"""After the host closes stdin, how long the relay waits for the server to answer what it was sent and end
+the session (a host that also sends SIGTERM ends the relay at once)."""
 LOG_ROTATE_BYTES = 8 * 1024 * 1024
 CHUNK = 64 * 1024
 

@@ -27,11 +27,15 @@ from mcp.server.runner import serve_dual_era_loop
 from mcp.shared.message import SessionMessage
 from pydantic import ValidationError
 
+from agent import defaults
+
 log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 32 * 1024 * 1024
 """A longer line is skipped (and answered -32600): it would otherwise grow the buffer without bound."""
 READ_CHUNK = 64 * 1024
+ENDLESS_METHODS = frozenset({"subscriptions/listen"})
+"""Requests answered only when the client goes: never waited for at its end of input."""
 
 PARSE_ERROR, INVALID_REQUEST, INVALID_PARAMS = -32700, -32600, -32602
 NOT_AN_OBJECT = "Invalid request: a frame must be one JSON-RPC message object."
@@ -191,6 +195,8 @@ async def serve_session(
     to_client, from_server = anyio.create_memory_object_stream[SessionMessage](0)
     sending = anyio.Lock()
     gone = False
+    unanswered: set[types.RequestId] = set()
+    answered = anyio.Event()
 
     async def write(frame: bytes) -> None:
         nonlocal gone
@@ -213,10 +219,15 @@ async def serve_session(
                     )
                     continue
                 if line is None:
+                    with anyio.move_on_after(defaults.EOF_DRAIN_SECONDS):
+                        while unanswered and not gone:
+                            await answered.wait()
                     return
                 message, reply = parse_frame(line)
                 if reply is not None:
                     await write(reply)
+                if isinstance(message, types.JSONRPCRequest) and message.method not in ENDLESS_METHODS:
+                    unanswered.add(message.id)
                 if message is not None:
                     try:
                         await to_server.send(SessionMessage(message))
@@ -224,10 +235,15 @@ async def serve_session(
                         return  # the session ended first
 
     async def write_frames() -> None:
+        nonlocal answered
         async with from_server:
             async for item in from_server:
                 wire = item.message.model_dump_json(by_alias=True, exclude_unset=True)
                 await write(wire.encode() + b"\n")
+                if isinstance(item.message, types.JSONRPCResponse | types.JSONRPCError):
+                    unanswered.discard(item.message.id)
+                    answered.set()
+                    answered = anyio.Event()
 
     async with anyio.create_task_group() as group:
         group.start_soon(write_frames)

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 from contextlib import suppress
@@ -505,6 +506,34 @@ async def test_every_frame_with_an_id_gets_a_reply(tmp_path, workspace, how):
         await process.stdin.aclose()
         with anyio.fail_after(20):
             assert await process.wait() == 0
+
+
+@pytest.mark.parametrize("how", ["in-process", "relay"])
+async def test_requests_piped_in_before_the_end_of_input_are_all_answered(tmp_path, workspace, how):
+    """``printf '…' | agent-trace-mcp``: stdin ends right after the requests, yet each gets its answer and
+    the trace it created is stored (through the relay, it runs to its end in the shared server)."""
+    params = stdio_params(tmp_path, workspace) if how == "in-process" else relay_params(tmp_path, workspace)
+    frames = [
+        INITIALIZE,
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "create_trace", "arguments": {"prompt": "hi"}},
+        },
+        {"jsonrpc": "2.0", "id": 3, "method": "tools/list"},
+    ]
+    piped = b"".join(json.dumps(f).encode() + b"\n" for f in frames)
+    with anyio.fail_after(60):
+        done = await anyio.run_process(
+            [params.command, *params.args], input=piped, env=params.env, stderr=subprocess.DEVNULL
+        )
+    replies = {m["id"]: m for m in map(json.loads, done.stdout.splitlines()) if "id" in m}
+    assert sorted(replies) == [1, 2, 3] and "result" in replies[2], replies
+    trace_id = json.loads(replies[2]["result"]["content"][0]["text"])["trace_id"]
+    with sqlite3.connect(tmp_path / "data" / "traces.db") as db:
+        assert db.execute("SELECT count(*) FROM traces WHERE trace_id = ?", (trace_id,)).fetchone() == (1,)
 
 
 async def test_the_relay_exits_cleanly_on_eof_and_on_sigterm(tmp_path, workspace):
