@@ -147,7 +147,7 @@ def parse_frame(line: bytes) -> tuple[types.JSONRPCMessage | None, bytes | None]
         return None, None
     try:
         data = json.loads(text)
-    except ValueError:  # UnicodeDecodeError included
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; brackets nested past the parser
         return None, error_frame(_salvaged_id(text), PARSE_ERROR, "Parse error: the frame is not valid JSON.")
     if isinstance(data, list):
         ids = [item.get("id") for item in data if isinstance(item, dict) and _readable_id(item.get("id"))]

@@ -98,6 +98,8 @@ def parse_result(text: str | None, schema: dict[str, Any]) -> tuple[Any, str | N
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         return None, f"it is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+    except RecursionError:
+        return None, "it nests brackets too deeply to read"
     errors = sorted(bounded_validator(schema).iter_errors(value), key=lambda e: e.path)
     error = errors[0] if errors else None
     if error is None:

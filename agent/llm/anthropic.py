@@ -81,7 +81,7 @@ def _parse_arguments(arguments: Any) -> dict[str, Any]:
         return arguments
     try:
         value = json.loads(arguments or "{}")
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -39,7 +39,7 @@ def question_of(arguments: str) -> str:
     """The question an ask_host call asks (its ``question`` argument, or its raw arguments), bounded."""
     try:
         value = json.loads(arguments or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         value = arguments  # not JSON: the raw text is the best guess at what it asks
     if isinstance(value, dict):
         value = value.get("question")

@@ -79,7 +79,10 @@ class FunctionCall(BaseModel):
 
     def parsed_arguments(self) -> dict[str, Any]:
         """The arguments as a dict; raises ValueError when the model produced something else."""
-        value = json.loads(self.arguments or "{}")
+        try:
+            value = json.loads(self.arguments or "{}")
+        except RecursionError:  # a model may nest brackets past the parser's depth
+            raise ValueError("tool arguments are nested too deeply to read") from None
         if not isinstance(value, dict):
             raise ValueError("tool arguments must be a JSON object")
         return value

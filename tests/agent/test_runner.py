@@ -180,12 +180,14 @@ async def test_unknown_tool_and_bad_arguments_become_tool_messages(store):
     from agent.trace.models import FunctionCall, ToolCall
 
     bad = ToolCall(id="b", function=FunctionCall(name="add", arguments="{not json"))
-    model = ScriptedModel([reply(None, call("nosuch", "n"), bad), reply("ok")])
+    deep = ToolCall(id="d", function=FunctionCall(name="add", arguments="[" * 100_000 + "]" * 100_000))
+    model = ScriptedModel([reply(None, call("nosuch", "n"), bad, deep), reply("ok")])
     runner = make_runner(store, model)
     result = await runner.run_result([user("x")], RunConfig())
     contents = [m.content for m in result.messages if m.role == "tool"]
     assert "no tool named 'nosuch'" in contents[0] and "Tools offered: add" in contents[0]
     assert "not a valid JSON object" in contents[1]
+    assert "nested too deeply" in contents[2] and result.answer == "ok"  # the run goes on
 
 
 async def test_a_second_run_of_a_running_trace_is_refused_and_changes_nothing(store):

@@ -458,6 +458,11 @@ INVALID_FRAMES = [
     (b'{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":5}}', 6, -32602),
     (b'{"jsonrpc":"2.0","id":8,"method":"tools/list"', 8, -32700),  # cut short: its id is still read
     (b'{"jsonrpc":"2.0","id":"nine","method":"ping","params":{"x":"\xff"}}', "nine", -32700),  # not UTF-8
+    (
+        b'{"jsonrpc":"2.0","id":10,"method":"ping","params":{"x":' + b"[" * 5000 + b"]" * 5000 + b"}}",
+        10,
+        -32700,
+    ),
 ]
 INITIALIZE = {
     "jsonrpc": "2.0",
