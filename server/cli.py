@@ -57,11 +57,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+LOG_RECORD_CHARS = 8_000
+"""A log line past this is cut: the SDK logs what clients send (a 1 MB resource URI made 2 MB lines)."""
+
+
+class ClippedFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if len(text) <= LOG_RECORD_CHARS:
+            return text
+        return f"{text[:LOG_RECORD_CHARS]}… [log line cut: {len(text):,} characters]"
+
+
 def _configure_logging(args: argparse.Namespace, settings: Settings) -> None:
     quiet = args.command not in ("serve", "server")  # these print for people, not logs
     logging.basicConfig(
         stream=sys.stderr, level=logging.WARNING if quiet else logging.INFO, format=LOG_FORMAT
     )
+    for root_handler in logging.getLogger().handlers:
+        root_handler.setFormatter(ClippedFormatter(LOG_FORMAT))
     if args.command == "server" and not args.spawned:  # a spawned server's stderr is the log already
         from server.relay import ServerAddress, open_log
 
@@ -69,7 +83,7 @@ def _configure_logging(args: argparse.Namespace, settings: Settings) -> None:
         address.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         stream = open(open_log(address), "a", encoding="utf-8")  # noqa: SIM115 - open while we log
         handler = logging.StreamHandler(stream)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(ClippedFormatter(LOG_FORMAT))
         logging.getLogger().addHandler(handler)
 
 

@@ -68,7 +68,7 @@ def register_resources(mcp: MCPServer, settings: Settings, current: Callable[[],
     )
     async def trace_message(trace_id: str, sequence: str, ctx: Context) -> str:
         engine = _engine(ctx)
-        if not sequence.isdigit():
+        if not sequence.isdigit() or len(sequence) > 18:  # past 2^63 a database cannot hold it either
             raise ResourceNotFoundError(f"{elide(sequence, 20)} is not a message sequence (1, 2, 3…).")
         try:
             await engine.get(trace_id)

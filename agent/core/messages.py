@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.errors import InvalidMessages
-from agent.trace.models import Message, NewMessage
+from agent.trace.models import Message, NewMessage, ToolCall
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -49,7 +49,7 @@ def parse_messages(raw: Sequence[Any]) -> list[NewMessage]:
         role = item.get("role")
         if role not in ROLES:
             raise InvalidMessages(
-                f"Message {index} has role {role!r}; use one of system, user, assistant, tool."
+                f"Message {index} has role {shown(role)}; use one of system, user, assistant, tool."
             )
         data = {
             k: v for k, v in item.items() if k not in ("usage", "meta")
@@ -61,6 +61,24 @@ def parse_messages(raw: Sequence[Any]) -> list[NewMessage]:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             raise InvalidMessages(f"Message {index} is malformed at '{where}': {first['msg']}.") from None
+        too_long = [
+            what
+            for what, value in (
+                ("name", message.name),
+                ("tool_call_id", message.tool_call_id),
+                *(("a tool call's id", c.id) for c in message.tool_calls or []),
+                *(("a tool call's function name", c.function.name) for c in message.tool_calls or []),
+            )
+            if value is not None and len(value) > MAX_NAME_CHARS
+        ]
+        if too_long:
+            raise InvalidMessages(
+                f"Message {index} has {too_long[0]} longer than {MAX_NAME_CHARS} characters."
+            )
+        if len(message.tool_calls or []) > MAX_TOOL_CALLS:
+            raise InvalidMessages(
+                f"Message {index} has {len(message.tool_calls or []):,} tool calls; at most {MAX_TOOL_CALLS}."
+            )
         if role in ("system", "user") and not (message.content or "").strip():
             raise InvalidMessages(f"Message {index} ({role}) needs text content, not only whitespace.")
         if role == "tool" and not message.tool_call_id:
@@ -101,6 +119,45 @@ def open_tool_calls(path: Sequence[Message | NewMessage]) -> list[str]:
     return []
 
 
+MAX_NAME_CHARS = 200
+"""Ids and names (a message's ``name``, a tool call's id and function name): no real one comes near."""
+MAX_TOOL_CALLS = 128
+"""Tool calls one assistant message may carry from a caller."""
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A caller's value as an error sentence may quote it: repr, elided past ``limit`` with its length."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}… ({len(text):,} characters)"
+
+
+def listed(ids: Sequence[str], limit: int = 5) -> str:
+    """Ids for a sentence: the first few, each elided, and how many more."""
+    head = ", ".join(shown(i, 60) for i in ids[:limit])
+    return head + (f" and {len(ids) - limit:,} more" if len(ids) > limit else "")
+
+
+def bounded_calls(calls: Sequence[ToolCall]) -> list[ToolCall]:
+    """A model's tool calls as they may be stored: ids and names cut to MAX_NAME_CHARS, repeated ids made
+    distinct (a provider refuses a conversation whose ids repeat)."""
+    seen: set[str] = set()
+    bounded: list[ToolCall] = []
+    for call in calls:
+        call_id = call.id[:MAX_NAME_CHARS] or "call"
+        base, n = call_id, 1
+        while call_id in seen:
+            n += 1
+            call_id = f"{base[: MAX_NAME_CHARS - 8]}-{n}"
+        seen.add(call_id)
+        name = call.function.name[:MAX_NAME_CHARS]
+        if call_id != call.id or name != call.function.name:
+            call = call.model_copy(
+                update={"id": call_id, "function": call.function.model_copy(update={"name": name})}
+            )
+        bounded.append(call)
+    return bounded
+
+
 def ends_in_answer(path: Sequence[Message]) -> bool:
     """The path ends in the model's answer: running it with nothing new would only answer that answer."""
     return bool(path) and path[-1].role == "assistant" and not path[-1].tool_calls
@@ -121,14 +178,14 @@ def check_placement(
         if message.role == "tool":
             if message.tool_call_id not in open_ids:
                 raise InvalidMessages(
-                    f"Message {index} answers tool call {message.tool_call_id!r}, which is not an open call of the "
+                    f"Message {index} answers tool call {shown(message.tool_call_id)}, which is not an open call of the "
                     "assistant message before it."
                 )
             open_ids.remove(message.tool_call_id)
             continue
         if open_ids:
             raise InvalidMessages(
-                f"Message {index} comes before the results of tool call(s) {', '.join(open_ids)}; "
+                f"Message {index} comes before the results of tool call(s) {listed(open_ids)}; "
                 "add a tool message for each call first."
             )
         if message.role == "assistant":
@@ -136,6 +193,6 @@ def check_placement(
             caller_calls = bool(open_ids)
     if caller_calls and open_ids:
         raise InvalidMessages(
-            f"The assistant message calls tool(s) {', '.join(open_ids)} without their results; add a tool message "
+            f"The assistant message calls tool(s) {listed(open_ids)} without their results; add a tool message "
             "for each call: tools run only when the model calls them."
         )

@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 
 from agent import defaults
-from agent.core.messages import open_tool_calls
+from agent.core.messages import bounded_calls, open_tool_calls
 from agent.core.patterns import MATCH_BUDGET_SECONDS, PatternTimeout
 from agent.core.typed import MAX_REASKS, parse_result, reask
 from agent.errors import ContextTooLong, ModelCallError, ToolCallError, TraceNotFound
@@ -75,6 +75,8 @@ INTERRUPTED = Outcome(Status.INTERRUPTED, StopReason.INTERRUPTED)
 MAX_ITERATIONS = Outcome(Status.COMPLETED, StopReason.MAX_ITERATIONS)
 TOKEN_BUDGET = Outcome(Status.STOPPED, StopReason.TOKEN_BUDGET)
 TIMEOUT = Outcome(Status.STOPPED, StopReason.TIMEOUT)
+MAX_PARALLEL_TOOL_CALLS = 16
+"""Tool calls of one reply that run at the same time; the rest wait their turn, results in call order."""
 MAX_OVERFLOW_RETRIES = 3
 """Requests a step may have refused as too long (each time counted more carefully) before the run fails."""
 
@@ -300,7 +302,7 @@ class Run:
                 assistant = NewMessage(
                     role="assistant",
                     content=response.content,
-                    tool_calls=response.tool_calls or None,
+                    tool_calls=bounded_calls(response.tool_calls) or None,
                     usage=response.usage or MessageUsage(),  # a model reply, counted as a step
                 )
                 yield await self._append(assistant)
@@ -641,6 +643,7 @@ class Run:
         results: list[str | None] = [None] * len(calls)
         stored: list[MessageStored] = []
         lock = anyio.Lock(fast_acquire=True)
+        at_once = anyio.CapacityLimiter(MAX_PARALLEL_TOOL_CALLS)
 
         async def flush() -> None:
             async with lock:
@@ -650,7 +653,8 @@ class Run:
                     stored.append(await self._append(message))
 
         async def run_one(index: int, call: ToolCall) -> None:
-            results[index] = await self._call_tool(call)
+            async with at_once:  # a reply of 5,000 calls must not start 5,000 downstream calls at once
+                results[index] = await self._call_tool(call)
             with anyio.CancelScope(shield=True):
                 await flush()
 
@@ -676,7 +680,7 @@ class Run:
         tool = next((t for t in self.segment.tools if t.name == name), None)
         if tool is None or self.registry.get(name) is None:
             offered = ", ".join(t.name for t in self.segment.tools) or "none"
-            return f"Error: there is no tool named '{name}' for this trace. Tools offered: {offered}."
+            return f"Error: there is no tool named '{_short(name, 100)}' for this trace. Tools offered: {offered}."
         try:
             arguments = call.function.parsed_arguments()
         except ValueError as exc:

@@ -7,6 +7,7 @@ import pytest
 
 from agent import AgentRunner, EventBus, MessageStored, RunConfig, Status, StopReason, TraceChanged
 from agent.core.messages import open_tool_calls
+from agent.core.run import MAX_PARALLEL_TOOL_CALLS
 from agent.errors import (
     InvalidMessages,
     ModelCallError,
@@ -17,7 +18,7 @@ from agent.errors import (
 )
 from agent.tools.registry import ToolRegistry
 from agent.trace.backends import open_store
-from tests.fakes import ScriptedModel, add_tool, call, fail_tool, models_for, reply, slow_tool
+from tests.fakes import FuncTool, ScriptedModel, add_tool, call, fail_tool, models_for, reply, slow_tool
 
 pytestmark = pytest.mark.anyio
 
@@ -404,3 +405,47 @@ async def test_open_calls_left_by_a_crash_run_when_continued(store):
     await runner.run_result([user("never mind")], RunConfig(trace_id="crashed2"))
     path = await store.get_path("crashed2")
     assert path[2].role == "tool" and path[2].content.startswith("Not run")
+
+
+async def test_a_reply_of_many_calls_runs_sixteen_at_a_time_in_call_order(store):
+    running = peak = 0
+
+    async def count(**_: object) -> str:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.01)
+        running -= 1
+        return "counted"
+
+    calls = [call("count", f"c{i}") for i in range(50)]
+    model = ScriptedModel([reply(None, *calls), reply("done")])
+    runner = AgentRunner(
+        store,
+        tools=ToolRegistry([FuncTool("count", count)]),
+        models=models_for(scripted=model),
+        default_model="scripted",
+    )
+    result = await runner.run_result([user("go")], RunConfig())
+    results = [m.tool_call_id for m in result.messages if m.role == "tool"]
+    assert results == [f"c{i}" for i in range(50)] and peak == MAX_PARALLEL_TOOL_CALLS
+
+
+async def test_a_models_repeated_or_huge_call_ids_and_names_are_stored_bounded_and_distinct(store):
+    from agent.trace.models import FunctionCall, ToolCall
+
+    huge = ToolCall(id="x" * 2_000_000, function=FunctionCall(name="n" * 2_000_000, arguments="{}"))
+    model = ScriptedModel(
+        [reply(None, call("add", "same", a=1, b=2), call("add", "same", a=3, b=4), huge), reply("ok")]
+    )
+    result = await make_runner(store, model).run_result([user("x")], RunConfig())
+    stored = next(m for m in result.messages if m.tool_calls)
+    ids = [c.id for c in stored.tool_calls]
+    assert (
+        ids[:2] == ["same", "same-2"]
+        and len(ids[2]) == 200
+        and len(stored.tool_calls[2].function.name) == 200
+    )
+    results = {m.tool_call_id: m.content for m in result.messages if m.role == "tool"}
+    assert results["same"] == "3" and results["same-2"] == "7" and len(results[ids[2]]) < 400
+    assert result.answer == "ok"

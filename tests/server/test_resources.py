@@ -89,10 +89,12 @@ async def test_one_message_resource_is_whole_and_unknown_ones_are_errors(client)
     for bad in (
         f"trace://{tid}/messages/99",
         f"trace://{tid}/messages/abc",
+        f"trace://{tid}/messages/99999999999999999999",  # past 2^63: once an OverflowError
         "trace://" + "f" * 32 + "/messages/1",
     ):
-        with pytest.raises(MCPError):
+        with pytest.raises(MCPError) as refused:
             await client.read_resource(bad)
+        assert "Traceback" not in str(refused.value) and "Overflow" not in str(refused.value)
 
 
 async def test_resource_list_pages(server, monkeypatch):

@@ -126,3 +126,13 @@ def test_a_flag_of_the_wrong_type_is_one_line(capsys):
         "agent-trace-mcp: argument --max-wait: invalid float value: 'abc' "
         "(agent-trace-mcp --help lists the options).\n"
     )
+
+
+def test_a_log_line_is_cut_however_long_what_a_client_sent():
+    import logging
+
+    from server.cli import LOG_RECORD_CHARS, ClippedFormatter
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "Resource %s", ("U" * 1_000_000,), None)
+    line = ClippedFormatter("%(message)s").format(record)
+    assert len(line) < LOG_RECORD_CHARS + 100 and line.endswith("[log line cut: 1,000,009 characters]")

@@ -405,6 +405,30 @@ async def test_errors_are_one_sentence_naming_the_argument_and_change_nothing(cl
     assert "insert_after" in text and "at most" in text
     text = await call_error(client, "run_trace", trace_id=tid, messages=[{"role": "robot", "content": "hi"}])
     assert "role 'robot'" in text
+    text = await call_error(
+        client, "run_trace", trace_id=tid, messages=[{"role": "r" * 500_000, "content": "x"}]
+    )
+    assert len(text) < 300 and "500,002 characters" in text
+    text = await call_error(
+        client,
+        "run_trace",
+        trace_id=tid,
+        messages=[{"role": "tool", "tool_call_id": "i" * 900_000, "content": "x"}],
+    )
+    assert text == "Message 1 has tool_call_id longer than 200 characters."
+    calls = [
+        {"id": f"c{i}", "type": "function", "function": {"name": "read_file", "arguments": "{}"}}
+        for i in range(9000)
+    ]
+    text = await call_error(
+        client, "run_trace", trace_id=tid, messages=[{"role": "assistant", "tool_calls": calls}]
+    )
+    assert text == "Message 1 has 9,000 tool calls; at most 128."
+    calls = calls[:100]
+    text = await call_error(
+        client, "run_trace", trace_id=tid, messages=[{"role": "assistant", "tool_calls": calls}]
+    )
+    assert len(text) < 400 and "and 95 more" in text
     text = await call_error(client, "run_trace", trace_id=tid, messages=["not a message"])
     assert "messages" in text and "http" not in text and "\n" not in text
     assert "Unknown model provider 'nosuch'" in await call_error(
