@@ -276,22 +276,22 @@ class StreamAccumulator:
             block = _get(event, "content_block")
             self._blocks[int(_get(event, "index"))] = {
                 "type": _get(block, "type"),
-                "text": str(_get(block, "text") or ""),
+                "text": [str(_get(block, "text") or "")],  # pieces, joined once: += here is quadratic
                 "id": _get(block, "id"),
                 "name": _get(block, "name"),
-                "json": "",
+                "json": [],
             }
         elif kind == "content_block_delta":
             slot = self._blocks.setdefault(
-                int(_get(event, "index")), {"type": "text", "text": "", "json": ""}
+                int(_get(event, "index")), {"type": "text", "text": [], "json": []}
             )
             delta = _get(event, "delta")
             if _get(delta, "type") == "text_delta":
                 text = str(_get(delta, "text") or "")
-                slot["text"] += text
+                slot["text"].append(text)
                 return text
             if _get(delta, "type") == "input_json_delta":
-                slot["json"] += str(_get(delta, "partial_json") or "")
+                slot["json"].append(str(_get(delta, "partial_json") or ""))
         elif kind == "message_delta":
             usage = _get(event, "usage")
             if usage is not None:
@@ -304,14 +304,14 @@ class StreamAccumulator:
         content: list[dict[str, Any]] = []
         for _, slot in sorted(self._blocks.items()):
             if slot["type"] == "text":
-                content.append({"type": "text", "text": slot["text"]})
+                content.append({"type": "text", "text": "".join(slot["text"])})
             elif slot["type"] == "tool_use":
                 content.append(
                     {
                         "type": "tool_use",
                         "id": slot["id"],
                         "name": slot["name"],
-                        "input": _parse_arguments(slot["json"]),
+                        "input": _parse_arguments("".join(slot["json"])),
                     }
                 )
         result = from_anthropic_message({"content": content})

@@ -149,7 +149,9 @@ class StreamAccumulator:
 
     def __init__(self) -> None:
         self._parts: list[str] = []
-        self._calls: dict[int, dict[str, str]] = {}
+        self._calls: dict[
+            int, dict[str, list[str]]
+        ] = {}  # pieces, joined once: += on a dict value is quadratic
         self._usage: MessageUsage | None = None
 
     def add(self, chunk: Any) -> str:
@@ -169,22 +171,24 @@ class StreamAccumulator:
                 self._parts.append(text)
                 added += text
             for call in delta.tool_calls or []:
-                slot = self._calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+                slot = self._calls.setdefault(call.index, {"id": [], "name": [], "arguments": []})
                 if call.id:
-                    slot["id"] = call.id
+                    slot["id"] = [call.id]
                 function = call.function
                 if function is not None:
-                    if function.name and function.name != slot["name"]:
-                        slot["name"] += function.name
+                    if function.name and function.name != "".join(slot["name"]):
+                        slot["name"].append(function.name)
                     if function.arguments:
-                        slot["arguments"] += function.arguments
+                        slot["arguments"].append(function.arguments)
         return added
 
     def response(self) -> ModelResponse:
         calls = [
             ToolCall(
-                id=slot["id"] or f"call_{uuid.uuid4().hex[:24]}",
-                function=FunctionCall(name=slot["name"], arguments=slot["arguments"] or "{}"),
+                id="".join(slot["id"]) or f"call_{uuid.uuid4().hex[:24]}",
+                function=FunctionCall(
+                    name="".join(slot["name"]), arguments="".join(slot["arguments"]) or "{}"
+                ),
             )
             for _, slot in sorted(self._calls.items())
         ]
