@@ -424,7 +424,11 @@ def system_prompt_builder(settings: EngineSettings, experiences: Experiences) ->
     async def build(task: str, config: RunConfig) -> SystemPrompt:
         text = await skills_system_prompt(settings.skills_dir)
         limit = settings.experience_recall if config.recall is None else config.recall
-        lessons = await experiences.recall(task, limit) if limit > 0 else []
+        try:
+            lessons = await experiences.recall(task, limit) if limit > 0 else []
+        except OSError as exc:  # an unreadable experiences file costs the lessons, not the trace
+            log.warning("no lessons recalled for a new trace: %s", exc)
+            lessons = []
         if lessons:
             text = f"{text}\n\n{format_lessons_block(lessons)}"
         return SystemPrompt(text, [lesson.text for lesson in lessons])

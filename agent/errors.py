@@ -50,6 +50,10 @@ class SchemaTooNew(TraceError):
         )
 
 
+class ExperiencesUnreadable(TraceError, OSError):
+    """The experiences path is not a file that can be read (a FIFO, a device): a sentence, never a hang."""
+
+
 class InvalidMessages(TraceError):
     """Messages that are not valid OpenAI chat messages, or that leave the conversation invalid."""
 

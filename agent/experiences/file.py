@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import anyio
 
+from agent.errors import ExperiencesUnreadable
 from agent.experiences.limits import MAX_LABEL_CHARS, MAX_PREAMBLE_CHARS, MAX_SCAN_BYTES, MAX_VIEW_CHARS
 from agent.experiences.markdown import TITLE, cut, normalize, render_section, split
 from agent.experiences.view import FileKey, Window, bounded_view
@@ -140,16 +142,20 @@ class ExperienceFile:
 
     def _rewrite_sync(self, transform: Callable[[str], str | None], backup: bool) -> Rewrite:
         with self._flocked(exclusive=True, create=True) as fd:
-            old = _read_fd(fd)
+            raw = _read_raw(fd)
+            old = raw.decode("utf-8", "replace")
             new = transform(old)
             if new is None or new == old:
                 return Rewrite(old, old, None, False)
-            backup_path = self._write_backup(old) if backup and old else None
+            lossy = old.encode("utf-8") != raw  # not UTF-8 (a file kept by hand in Latin-1, say)
+            if lossy:
+                log.warning("%s is not UTF-8: keeping a copy of it as it was before rewriting it", self.path)
+            backup_path = self._write_backup(raw) if (backup and old) or lossy else None
             self._sweep_stale_temps()
             self._write_atomic(new, os.fstat(fd).st_mode & 0o777)
             return Rewrite(old, new, backup_path, True)
 
-    def _write_backup(self, text: str) -> Path:
+    def _write_backup(self, data: bytes) -> Path:
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
         candidate = self.path.with_name(f"{self.path.stem}.{stamp}{self.path.suffix}")
         counter = 1
@@ -158,7 +164,7 @@ class ExperienceFile:
             counter += 1
         fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            _write_all(fd, text.encode("utf-8"))
+            _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -206,8 +212,15 @@ class ExperienceFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         flags = (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY
         while True:
-            fd = os.open(self.path, flags, 0o600)
+            fd = os.open(self.path, flags | getattr(os, "O_NONBLOCK", 0), 0o600)  # a FIFO must not hang us
             try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise ExperiencesUnreadable(
+                        f"The experiences file {self.path} is not a regular file (--experiences names a "
+                        "FIFO, a device or a folder); point it at a markdown file."
+                    )
+                os.set_blocking(fd, True)
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
                 st = os.fstat(fd)
@@ -273,12 +286,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _read_fd(fd: int) -> str:
+def _read_raw(fd: int) -> bytes:
     os.lseek(fd, 0, os.SEEK_SET)
     chunks = []
     while chunk := os.read(fd, 1 << 16):
         chunks.append(chunk)
-    return b"".join(chunks).decode("utf-8", "replace")
+    return b"".join(chunks)
+
+
+def _read_fd(fd: int) -> str:
+    return _read_raw(fd).decode("utf-8", "replace")
 
 
 def _write_all(fd: int, data: bytes) -> None:
