@@ -50,7 +50,7 @@ CHUNK = 64 * 1024
 
 # Settings that say how one process serves, not what the server does: never a mismatch.
 _NOT_SERVER_SETTINGS = {
-    "data_dir", "transport", "host", "port", "allowed_hosts", "auth_token", "idle_exit", "in_process",
+    "data_dir", "transport", "host", "port", "allowed_hosts", "auth_token", "in_process",
 }  # fmt: skip
 _PROVIDER_VARIABLES = ("OPENAI_", "ANTHROPIC_", "AGENT_TRACE_LLM_", "AGENT_TRACE_MAX_TOKENS")
 
@@ -207,7 +207,7 @@ def settings_digests(settings: Settings, env: Mapping[str, str] | None = None) -
         if item.name in _NOT_SERVER_SETTINGS:
             continue
         value = getattr(settings, item.name)
-        text = str(value.absolute() if isinstance(value, Path) else value)
+        text = str(value.resolve() if isinstance(value, Path) else value)  # a symlinked path is the same
         if item.name == "mcp_config" and isinstance(value, Path):
             with suppress(OSError):  # an edited file is another setting, though its path is the same
                 text += ":" + hashlib.sha256(value.read_bytes()).hexdigest()
@@ -561,7 +561,13 @@ def format_status(reply: Mapping[str, Any]) -> str:
         f"Log: {reply.get('log')}",
         f"Running traces: {len(running)}",
     ]
-    lines += [f"  {run.get('trace_id')}  {run.get('name') or ''}".rstrip() for run in running]
+    for run in running:
+        parts = [
+            str(run.get("trace_id")),
+            run.get("name") or "",
+            "(run by another process)" if run.get("elsewhere") else "",
+        ]
+        lines.append("  " + "  ".join(part for part in parts if part))
     lines += [f"Note: {note}" for note in reply.get("notes") or []]
     return "\n".join(lines)
 

@@ -337,12 +337,16 @@ class SharedServer:
     async def _status(self) -> dict[str, Any]:
         running: list[dict[str, Any]] = []
         engine = self._state.engine if self._state else None
-        for trace_id in engine.local_runs() if engine else []:
+        here = set(engine.local_runs()) if engine else set()
+        every = await engine.running() if engine else []  # other processes' runs on the store too
+        for trace_id in [*here, *(t for t in every if t not in here)]:
             try:
                 name = (await engine.get(trace_id)).name if engine else None
             except Exception:
                 name = None
-            running.append({"trace_id": trace_id, "name": name})
+            running.append(
+                {"trace_id": trace_id, "name": name} | ({} if trace_id in here else {"elsewhere": True})
+            )
         return {
             "state": self.mode.value,
             "uptime_seconds": round(time.time() - self.info.started_at, 1),

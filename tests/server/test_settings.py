@@ -136,3 +136,18 @@ def test_a_log_line_is_cut_however_long_what_a_client_sent():
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "Resource %s", ("U" * 1_000_000,), None)
     line = ClippedFormatter("%(message)s").format(record)
     assert len(line) < LOG_RECORD_CHARS + 100 and line.endswith("[log line cut: 1,000,009 characters]")
+
+
+def test_a_data_dir_reached_through_a_symlink_has_the_same_settings_and_idle_exit_counts(tmp_path):
+    """Hosts compare their settings with the shared server's: the same folder spelled through a symlink is
+    no difference; another --idle-exit is one (the later host is told it does not apply)."""
+    from server.relay import differing, settings_digests
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    one = settings_for(["--data-dir", str(real), "--workspace", str(real)], {})
+    other = settings_for(["--data-dir", str(tmp_path / "link"), "--workspace", str(tmp_path / "link")], {})
+    assert differing(settings_digests(one, {}), settings_digests(other, {})) == []
+    shorter = settings_for(["--data-dir", str(real), "--workspace", str(real), "--idle-exit", "2"], {})
+    assert differing(settings_digests(one, {}), settings_digests(shorter, {})) == ["--idle-exit"]

@@ -388,6 +388,12 @@ async def test_status_and_stop_server(tmp_path, workspace, fake_openai):
             "looker",
         ):
             assert part in shown.stdout
+        in_process = model_host(tmp_path, workspace, fake_openai, "--in-process")
+        async with Client(in_process, mode="legacy") as other:  # a run the shared server does not own
+            elsewhere = (await call(other, "create_trace", prompt="Also look"))["trace_id"]
+            await wait_until(lambda: len(fake_openai.requests) == 2)
+            shown = run_cli(tmp_path, "status").stdout
+            assert "Running traces: 2" in shown and f"{elsewhere}  (run by another process)" in shown
     stopped = run_cli(tmp_path, "stop-server", "--now")
     assert stopped.returncode == 0 and "has stopped" in stopped.stdout
     assert not pid_alive(pid)
