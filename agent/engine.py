@@ -135,9 +135,9 @@ class Engine:
         """Stop a running trace wherever it runs; False when it is not running."""
         if self._runner.stop(trace_id):
             return True
-        if await self._store.request_stop(trace_id):
+        if await self._runner.stop_unattended(trace_id):
             return True
-        return await self._runner.cancel_paused(trace_id)
+        return await self._store.request_stop(trace_id)
 
     async def reflect(self, trace_id: str, focus: str | None = None) -> Reflection:
         reflection = await reflect_on_trace(self._runner, self.experiences, trace_id, focus)

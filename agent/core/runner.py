@@ -232,10 +232,13 @@ class AgentRunner:
         while self._active:
             await next(iter(self._active.values())).done.wait()
 
-    async def cancel_paused(self, trace_id: str) -> bool:
-        """Stop a trace that waits for input: its pending calls are closed as cancelled, it ends ``stopped``."""
+    async def stop_unattended(self, trace_id: str) -> bool:
+        """Stop a trace no live run attends to: one waiting for input, or one still marked running whose
+        owner died (its claim is taken over at once, rather than read ``interrupted`` once its lease
+        lapses). Its pending calls are closed as cancelled and it ends ``stopped``; False when a live
+        owner holds it (it is asked through the store instead) or it is not running."""
         trace = await self.store.get_trace(trace_id)
-        if trace.status is not Status.NEEDS_INPUT:
+        if trace.status not in (Status.NEEDS_INPUT, Status.RUNNING):
             return False
         context = await self.store.get_path(trace_id)
         closing = [

@@ -327,6 +327,39 @@ async def test_a_run_whose_lease_was_taken_stops_writing(tmp_path):
         await store_b.close()
 
 
+async def test_a_stop_for_a_run_whose_owner_is_gone_ends_it_stopped_at_once(tmp_path):
+    """Its owner's lease lapsed (frozen, or dead): a stop from another process takes the claim over and
+    ends the trace ``stopped`` with its open call closed, instead of saying "stopping" and leaving it to
+    read ``interrupted`` a lease later."""
+    path = tmp_path / "traces.db"
+    started = anyio.Event()
+    store_a = await open_store(path, lease_seconds=0.0)
+    store_b = await open_store(path)
+    try:
+        a = make_runner(
+            store_a, ScriptedModel([reply(None, call("slow", "s1"))]), slow_tool(started, seconds=0.5)
+        )
+        async with a:
+            trace = await a.start([user("go")], RunConfig())
+            with anyio.fail_after(5):
+                await started.wait()
+            b = make_runner(store_b, ScriptedModel([reply("unused")]))
+            assert await b.stop_unattended(trace.trace_id) is True
+            with anyio.fail_after(5):
+                await a.wait(trace.trace_id)
+        final = await store_b.get_trace(trace.trace_id)
+        assert (final.status, final.stop_reason) == (Status.STOPPED, StopReason.STOPPED)
+        closing = (await store_b.get_path(trace.trace_id))[-1]
+        assert (
+            closing.role == "tool"
+            and closing.tool_call_id == "s1"
+            and "slow done" not in (closing.content or "")
+        )
+    finally:
+        await store_a.close()
+        await store_b.close()
+
+
 async def test_a_run_that_lost_its_claim_tells_its_own_process_how_the_trace_stands(tmp_path):
     """The sweep that interrupts a lapsed run writes under that run's token, which the owner's feed skips
     as its own: the lost run itself announces the trace, so waits in its process do not hang on."""

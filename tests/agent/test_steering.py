@@ -348,7 +348,7 @@ async def test_a_running_trace_cannot_be_deleted_and_a_paused_one_can_be_stopped
         model.steps = [reply(None, call("ask_host", "q", question="ok?"))]
         paused = await runner.run_result([user("x")], RunConfig())
         assert paused.trace.status is Status.NEEDS_INPUT
-        assert await runner.cancel_paused(paused.trace.trace_id) is True
+        assert await runner.stop_unattended(paused.trace.trace_id) is True
         stopped = await store.get_trace(paused.trace.trace_id)
         assert (
             stopped.status is Status.STOPPED and open_tool_calls(await store.get_path(stopped.trace_id)) == []
