@@ -4,6 +4,8 @@ The server maps any TraceError to a tool error with ``str(error)`` as its text, 
 written for the people (and models) calling the tools.
 """
 
+import errno
+
 
 class TraceError(Exception):
     """Base of every error the engine raises on purpose; its text is safe to show to a client."""
@@ -76,3 +78,21 @@ class UnknownToolError(TraceError):
 
 class ToolCallError(Exception):
     """Raised by a tool to report a failure the model should read (not a crash)."""
+
+
+def storage_trouble(exc: BaseException) -> str | None:
+    """A sentence for the storage failures a host can do something about (a full disk, a database another
+    process holds locked), whatever backend raised them; None for anything else."""
+    text = str(exc).lower()
+    if (
+        (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+        or "disk is full" in text
+        or "no space" in text
+    ):
+        return "the disk holding the trace database is full; free some space and try again (what is stored is intact)."
+    if "database is locked" in text or "database is busy" in text:
+        return (
+            "the trace database stayed locked by another process for too long; try again in a moment "
+            "(what is stored is intact)."
+        )
+    return None

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent import Message, RunConfig, Trace, TraceError, defaults
 from agent.engine import Engine
+from agent.errors import storage_trouble
 from agent.trace.models import Status
 from server.arguments import (
     MAX_MESSAGES,
@@ -207,10 +208,12 @@ def tool_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise ToolError(str(exc)) from None
         except ToolError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("tool %s failed", fn.__name__)
             raise ToolError(
-                f"{fn.__name__} failed with an internal error; the server log has the details."
+                f"{fn.__name__} failed: {cause}"
+                if (cause := storage_trouble(exc))
+                else f"{fn.__name__} failed with an internal error; the server log has the details."
             ) from None
 
     wrapper.__doc__ = inspect.cleandoc(fn.__doc__ or "")  # the description a calling model reads

@@ -33,7 +33,7 @@ from agent import defaults
 from agent.core.messages import bounded_calls, open_tool_calls
 from agent.core.patterns import MATCH_BUDGET_SECONDS, PatternTimeout
 from agent.core.typed import MAX_REASKS, parse_result, reask
-from agent.errors import ContextTooLong, ModelCallError, ToolCallError, TraceNotFound
+from agent.errors import ContextTooLong, ModelCallError, ToolCallError, TraceNotFound, storage_trouble
 from agent.llm.base import Model, ModelResponse
 from agent.tools.ask import ASK_HOST, question_of
 from agent.tools.registry import Tool, ToolRegistry, openai_tool_schema
@@ -353,8 +353,11 @@ class Run:
             raise
         except Exception as exc:
             log.exception("run of trace %s failed", self.trace_id)
+            trouble = storage_trouble(exc)
             outcome = Outcome.failed(
-                f"The run failed with an internal error ({type(exc).__name__}); the server log has the details."
+                f"The run stopped: {trouble}"
+                if trouble
+                else f"The run failed with an internal error ({type(exc).__name__}); the server log has the details."
             )
         finally:
             if self.stop_requested and outcome.status is Status.COMPLETED:

@@ -856,3 +856,15 @@ async def test_an_empty_question_reads_as_no_question(client, model):
     model.steps = [reply(None, tool_call("ask_host", "q1", question=""))]
     tid = (await call(client, "create_trace", prompt="ask"))["trace_id"]
     assert (await wait_done(client, tid))["question"] == "(no question given)"
+
+
+def test_storage_failures_a_host_can_act_on_are_sentences():
+    import errno
+    import sqlite3
+
+    from agent.errors import storage_trouble
+
+    assert "disk holding the trace database is full" in storage_trouble(OSError(errno.ENOSPC, "No space left"))
+    assert "disk holding" in storage_trouble(sqlite3.OperationalError("database or disk is full"))
+    assert "locked by another process" in storage_trouble(sqlite3.OperationalError("database is locked"))
+    assert storage_trouble(ValueError("something else")) is None
