@@ -23,6 +23,12 @@ from agent.errors import ToolCallError
 logger = logging.getLogger(__name__)
 
 SKILL_FILE = "SKILL.md"
+MAX_SKILL_BYTES = 256 * 1024
+"""A bigger SKILL.md is skipped: skills are read on every new trace, and a body is a tool result."""
+MAX_SKILLS = 100
+MAX_NAME_CHARS = 100
+MAX_DESCRIPTION_CHARS = 500
+"""What one skill may add to every system prompt and to agent_info."""
 
 BASE_SYSTEM_PROMPT = (
     "You are an agent that completes tasks by using the tools available to you. "
@@ -42,6 +48,10 @@ class Skill:
 def _parse_skill(path: Path) -> Skill | None:
     """One SKILL.md, or None (with a warning naming the file) when it is malformed."""
     try:
+        size = path.stat().st_size
+        if size > MAX_SKILL_BYTES:
+            logger.warning("Skipping skill %s: it is %d bytes, over %d.", path, size, MAX_SKILL_BYTES)
+            return None
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         logger.warning("Skipping skill %s: it cannot be read (%s).", path, exc)
@@ -75,9 +85,14 @@ def _parse_skill(path: Path) -> Skill | None:
         )
         return None
     body = "".join(lines[end + 1 :]).strip("\n")
-    return Skill(
-        name=meta["name"].strip(), description=" ".join(meta["description"].split()), body=body, path=path
-    )
+    name = meta["name"].strip()
+    if len(name) > MAX_NAME_CHARS:
+        logger.warning("Skipping skill %s: its name is over %d characters.", path, MAX_NAME_CHARS)
+        return None
+    description = " ".join(meta["description"].split())
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        description = description[: MAX_DESCRIPTION_CHARS - 1] + "…"
+    return Skill(name=name, description=description, body=body, path=path)
 
 
 def load_skills(skills_dir: str | Path | None) -> list[Skill]:
@@ -106,6 +121,11 @@ def load_skills(skills_dir: str | Path | None) -> list[Skill]:
                 skills[skill.name].path,
             )
             continue
+        if len(skills) >= MAX_SKILLS:
+            logger.warning(
+                "Skipping skill %s and any after it: at most %d skills are offered.", path, MAX_SKILLS
+            )
+            break
         skills[skill.name] = skill
     return sorted(skills.values(), key=lambda s: s.name)
 

@@ -151,3 +151,23 @@ async def test_refresh_updates_the_schema_names(skills_dir: Path) -> None:
     write_skill(skills_dir, "new", "---\nname: new\ndescription: A new skill.\n---\nNew.\n")
     assert [s.name for s in await tool.refresh()] == ["csv", "new", "pdf-forms"]
     assert tool.input_schema["properties"]["name"]["enum"] == ["csv", "new", "pdf-forms"]
+
+
+def test_a_huge_skill_costs_no_prompt_and_no_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 3 MB description made every system prompt 450 KB and agent_info 3 MB; a 57 MB body was read on
+    every create_trace. Descriptions are cut, oversized files and names skipped, skills counted."""
+    from agent.skills import MAX_DESCRIPTION_CHARS, MAX_SKILL_BYTES, MAX_SKILLS
+
+    write_skill(tmp_path, "a-wordy", f"---\nname: wordy\ndescription: {'very ' * 100_000}long\n---\nbody\n")
+    write_skill(tmp_path, "heavy", "---\nname: heavy\ndescription: big\n---\n" + "x" * (MAX_SKILL_BYTES + 1))
+    write_skill(tmp_path, "named", f"---\nname: {'n' * 500}\ndescription: d\n---\n")
+    for i in range(MAX_SKILLS + 5):
+        write_skill(tmp_path, f"s{i:03}", f"---\nname: s{i:03}\ndescription: skill {i}\n---\n")
+    with caplog.at_level(logging.WARNING):
+        skills = load_skills(tmp_path)
+    assert len(skills) == MAX_SKILLS and "heavy" not in {s.name for s in skills}
+    assert all(len(s.name) <= 100 for s in skills)
+    wordy = next(s for s in skills if s.name == "wordy")  # its folder sorts first: within the count
+    assert len(wordy.description) == MAX_DESCRIPTION_CHARS
+    assert "over" in caplog.text and f"at most {MAX_SKILLS} skills" in caplog.text
+    assert len(build_system_prompt(skills)) < MAX_SKILLS * (MAX_DESCRIPTION_CHARS + 120)
