@@ -158,7 +158,7 @@ def test_a_huge_skill_costs_no_prompt_and_no_read(tmp_path: Path, caplog: pytest
     every create_trace. Descriptions are cut, oversized files and names skipped, skills counted."""
     from agent.skills import MAX_DESCRIPTION_CHARS, MAX_SKILL_BYTES, MAX_SKILLS
 
-    write_skill(tmp_path, "a-wordy", f"---\nname: wordy\ndescription: {'very ' * 100_000}long\n---\nbody\n")
+    write_skill(tmp_path, "a-wordy", f"---\nname: wordy\ndescription: {'very ' * 20_000}long\n---\nbody\n")
     write_skill(tmp_path, "heavy", "---\nname: heavy\ndescription: big\n---\n" + "x" * (MAX_SKILL_BYTES + 1))
     write_skill(tmp_path, "named", f"---\nname: {'n' * 500}\ndescription: d\n---\n")
     for i in range(MAX_SKILLS + 5):

@@ -864,7 +864,9 @@ def test_storage_failures_a_host_can_act_on_are_sentences():
 
     from agent.errors import storage_trouble
 
-    assert "disk holding the trace database is full" in storage_trouble(OSError(errno.ENOSPC, "No space left"))
+    assert "disk holding the trace database is full" in storage_trouble(
+        OSError(errno.ENOSPC, "No space left")
+    )
     assert "disk holding" in storage_trouble(sqlite3.OperationalError("database or disk is full"))
     assert "locked by another process" in storage_trouble(sqlite3.OperationalError("database is locked"))
     assert storage_trouble(ValueError("something else")) is None
