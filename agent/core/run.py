@@ -563,9 +563,8 @@ class Run:
         anchor (the count that misled us)."""
         sent = self._estimate(self._sent) if self._sent is not None else self.segment.context_tokens
         budget = self.segment.context_tokens
-        thought = sent + (
-            budget - self._room()
-        )  # the request as the budget counts it: reply room and tools too
+        # the request as the budget counts it: its messages, the reply's room and the tool schemas
+        thought = sent + budget - self._room()
         self.segment.context_tokens = max(1000, min(budget, int(thought * 0.85)))
         self.tokens_per_char = min(1.0, self.tokens_per_char * 1.25)
         self._anchor = None

@@ -10,9 +10,10 @@ every compaction record on the path applied. A compaction record is itself a sto
    trace's own model wrote.
 
 The system prompt, the task (the first user message) and the latest user message are sent verbatim
-(unless nothing else can make room), and the latest turns are never elided or summarised. Records are read in path order, so a rewind to before one leaves it off the new branch, and a
-continued trace resumes with its compactions. If even that does not fit (one giant message), the longest
-contents still in view are cut in what is sent — never in what is stored. A provider that still refuses
+(unless nothing else can make room), and the latest turns are never elided or summarised. Records are
+read in path order, so a rewind to before one leaves it off the new branch, and a continued trace resumes
+with its compactions. If even that does not fit (one giant message), the longest contents still in view
+are cut in what is sent — never in what is stored. A provider that still refuses
 the request as too long makes the run recount more carefully and try again (``agent.core.run``).
 """
 
