@@ -198,8 +198,10 @@ WITH doomed AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE traces t SET
-    status = CASE WHEN t.status = 'running' THEN 'interrupted' ELSE t.status END,
-    stop_reason = CASE WHEN t.status = 'running' THEN 'interrupted' ELSE t.stop_reason END,
+    status = CASE WHEN t.status <> 'running' THEN t.status WHEN t.stop_requested THEN 'stopped'
+        ELSE 'interrupted' END,
+    stop_reason = CASE WHEN t.status <> 'running' THEN t.stop_reason WHEN t.stop_requested THEN 'stopped'
+        ELSE 'interrupted' END,
     owner = NULL, run_token = NULL, lease_until = NULL, stop_requested = false,
     updated_at = iso_utc(clock_timestamp())
 FROM doomed WHERE t.trace_id = doomed.trace_id
@@ -608,7 +610,8 @@ class PostgresTraceStore:
 
         rows = await self._write(body, idempotent=True)
         await self._prune_changes()
-        return [row["trace_id"] for row in rows if row["status"] == Status.INTERRUPTED.value]
+        ended = (Status.INTERRUPTED.value, Status.STOPPED.value)
+        return [row["trace_id"] for row in rows if row["status"] in ended]
 
     async def _prune_changes(self) -> None:
         async def body(db: Db) -> None:

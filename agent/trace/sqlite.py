@@ -514,8 +514,11 @@ class SQLiteTraceStore:
         dead_clause = f" OR owner IN ({marks})" if dead else ""
         rows = await self._write(
             "UPDATE traces SET "
-            "status = CASE WHEN status = 'running' THEN 'interrupted' ELSE status END, "
-            "stop_reason = CASE WHEN status = 'running' THEN 'interrupted' ELSE stop_reason END, "
+            # a stop asked for before its owner died is honoured: stopped, not interrupted
+            "status = CASE WHEN status <> 'running' THEN status WHEN stop_requested THEN 'stopped' "
+            "ELSE 'interrupted' END, "
+            "stop_reason = CASE WHEN status <> 'running' THEN stop_reason WHEN stop_requested THEN 'stopped' "
+            "ELSE 'interrupted' END, "
             "owner = NULL, run_token = NULL, lease_until = NULL, stop_requested = 0, updated_at = ? "
             # two indexed lookups (claimed traces, running ones), not a scan of every trace ever stored
             "WHERE trace_id IN (SELECT trace_id FROM traces WHERE run_token IS NOT NULL AND "
@@ -525,7 +528,8 @@ class SQLiteTraceStore:
             (utc_now(), time.time(), *dead),
         )
         await self._prune_changes()
-        return [trace_id for trace_id, status in rows if status == Status.INTERRUPTED.value]
+        ended = (Status.INTERRUPTED.value, Status.STOPPED.value)
+        return [trace_id for trace_id, status in rows if status in ended]
 
     async def _prune_changes(self) -> None:
         await self._write(

@@ -129,7 +129,7 @@ class TraceStore(Protocol):
 
     async def sweep(self) -> list[str]:
         """Claims whose owner is dead (lapsed lease, or a gone pid on this host) are released; their
-        running traces become interrupted. Returns those trace ids."""
+        running traces become interrupted, or stopped when a stop was asked for. Returns those trace ids."""
         ...
 
     async def note_change(self, kind: ChangeKind, trace_id: str = "") -> None:

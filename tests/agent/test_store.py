@@ -254,6 +254,20 @@ async def test_a_lapsed_lease_is_swept_and_the_trace_reads_interrupted(store_url
         await store.close()
 
 
+async def test_a_stop_asked_for_before_the_owner_died_is_honoured_by_the_sweep(store_url):
+    store = await open_test_store(store_url, lease_seconds=0.0)
+    try:
+        await new_trace(store, "t1", user())
+        await new_trace(store, "t2", user())
+        assert await store.request_stop("t1") is True  # its owner never acted on it
+        assert sorted(await store.sweep()) == ["t1", "t2"]
+        stopped, interrupted = await store.get_trace("t1"), await store.get_trace("t2")
+        assert (stopped.status, stopped.stop_reason) == (Status.STOPPED, StopReason.STOPPED)
+        assert (interrupted.status, interrupted.stop_reason) == (Status.INTERRUPTED, StopReason.INTERRUPTED)
+    finally:
+        await store.close()
+
+
 async def test_renewing_keeps_a_lease_past_its_first_term(store_url):
     """A 2 s lease renewed at 1.2 s has not lapsed at 2.4 s (its first term is over); left alone, it lapses."""
     store = await open_test_store(store_url, lease_seconds=2.0)
