@@ -41,6 +41,7 @@ PARSE_ERROR, INVALID_REQUEST, INVALID_PARAMS = -32700, -32600, -32602
 NOT_AN_OBJECT = "Invalid request: a frame must be one JSON-RPC message object."
 BATCH = "Invalid request: batches are not supported; send one JSON-RPC message at a time."
 BAD_ID = "Invalid request: 'id' must be a string or an integer."
+NESTED_TOO_DEEP = "Parse error: the frame nests brackets too deeply to read."
 
 
 def lowlevel(mcp: MCPServer) -> Server[Any]:
@@ -147,8 +148,10 @@ def parse_frame(line: bytes) -> tuple[types.JSONRPCMessage | None, bytes | None]
         return None, None
     try:
         data = json.loads(text)
-    except (ValueError, RecursionError):  # UnicodeDecodeError included; brackets nested past the parser
+    except ValueError:  # UnicodeDecodeError included
         return None, error_frame(_salvaged_id(text), PARSE_ERROR, "Parse error: the frame is not valid JSON.")
+    except RecursionError:
+        return None, error_frame(_salvaged_id(text), PARSE_ERROR, NESTED_TOO_DEEP)
     if isinstance(data, list):
         ids = [item.get("id") for item in data if isinstance(item, dict) and _readable_id(item.get("id"))]
         return None, b"".join(error_frame(i, INVALID_REQUEST, BATCH) for i in ids or [None])
