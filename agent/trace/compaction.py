@@ -191,7 +191,8 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False)  # made once: json.dumps with op
 
 def chars_of(item: Any) -> int:
     """The item's size as the estimate counts it: its JSON in UTF-8 bytes (see INITIAL_TOKENS_PER_CHAR)."""
-    return len(_ENCODER.encode(item).encode())
+    text = _ENCODER.encode(item)
+    return len(text) if text.isascii() else len(text.encode())  # isascii is a flag check: no copy for ASCII
 
 
 def estimate(
