@@ -35,6 +35,7 @@ MAX_FRAME_BYTES = 32 * 1024 * 1024
 """A longer line is skipped (and answered -32600): it would otherwise grow the buffer without bound."""
 READ_CHUNK = 64 * 1024
 ENDLESS_METHODS = frozenset({"subscriptions/listen"})
+CANCELLED = "notifications/cancelled"
 """Requests answered only when the client goes: never waited for at its end of input."""
 
 PARSE_ERROR, INVALID_REQUEST, INVALID_PARAMS = -32700, -32600, -32602
@@ -198,8 +199,16 @@ async def serve_session(
     to_client, from_server = anyio.create_memory_object_stream[SessionMessage](0)
     sending = anyio.Lock()
     gone = False
-    unanswered: set[types.RequestId] = set()
+    unanswered: set[str] = set()  # ids as text: a cancellation may name 3 as "3"
     answered = anyio.Event()
+
+    def settled(request_id: object) -> None:
+        """An id that needs no more waiting for at the end of input: answered, or cancelled by the client
+        (the SDK never answers a request its client cancelled)."""
+        nonlocal answered
+        unanswered.discard(str(request_id))
+        answered.set()
+        answered = anyio.Event()
 
     async def write(frame: bytes) -> None:
         nonlocal gone
@@ -210,6 +219,7 @@ async def serve_session(
                 await stream.send(frame)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 gone = True
+                answered.set()  # no one to answer any more
 
     async def read_frames() -> None:
         async with to_server:
@@ -230,7 +240,9 @@ async def serve_session(
                 if reply is not None:
                     await write(reply)
                 if isinstance(message, types.JSONRPCRequest) and message.method not in ENDLESS_METHODS:
-                    unanswered.add(message.id)
+                    unanswered.add(str(message.id))
+                elif isinstance(message, types.JSONRPCNotification) and message.method == CANCELLED:
+                    settled((message.params or {}).get("requestId"))
                 if message is not None:
                     try:
                         await to_server.send(SessionMessage(message))
@@ -238,15 +250,12 @@ async def serve_session(
                         return  # the session ended first
 
     async def write_frames() -> None:
-        nonlocal answered
         async with from_server:
             async for item in from_server:
                 wire = item.message.model_dump_json(by_alias=True, exclude_unset=True)
                 await write(wire.encode() + b"\n")
                 if isinstance(item.message, types.JSONRPCResponse | types.JSONRPCError):
-                    unanswered.discard(item.message.id)
-                    answered.set()
-                    answered = anyio.Event()
+                    settled(item.message.id)
 
     async with anyio.create_task_group() as group:
         group.start_soon(write_frames)

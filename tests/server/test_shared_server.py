@@ -547,6 +547,42 @@ async def test_requests_piped_in_before_the_end_of_input_are_all_answered(tmp_pa
         assert db.execute("SELECT count(*) FROM traces WHERE trace_id = ?", (trace_id,)).fetchone() == (1,)
 
 
+async def test_a_request_its_client_cancelled_is_not_waited_for_at_the_end_of_input(
+    tmp_path, workspace, fake_openai
+):
+    """The SDK never answers a cancelled request: the end of input must not wait the drain out for it."""
+    fake_openai.script = [("hang", None)]
+    params = model_host(tmp_path, workspace, fake_openai, "--in-process")
+    create = {"name": "create_trace", "arguments": {"prompt": "think"}}
+    frames = [
+        INITIALIZE,
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": create},
+    ]
+    async with await anyio.open_process(
+        [params.command, *params.args], env=params.env, stderr=subprocess.DEVNULL
+    ) as process:
+        assert process.stdin is not None and process.stdout is not None
+        await process.stdin.send(b"".join(json.dumps(f).encode() + b"\n" for f in frames))
+        seen = b""
+        with anyio.fail_after(30):
+            while b'"id":2' not in seen:
+                seen += await process.stdout.receive()
+        created = next(m for m in map(json.loads, seen.splitlines()) if m.get("id") == 2)
+        trace_id = json.loads(created["result"]["content"][0]["text"])["trace_id"]
+        wait = {"name": "get_trace", "arguments": {"trace_id": trace_id, "wait_seconds": 40}}
+        await process.stdin.send(
+            json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": wait}).encode() + b"\n"
+        )
+        await anyio.sleep(0.5)
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 3}}
+        await process.stdin.send(json.dumps(cancel).encode() + b"\n")
+        await process.stdin.aclose()
+        with anyio.fail_after(15):  # not the 60 s drain, nor the 40 s wait
+            await process.wait()
+    fake_openai.release.set()
+
+
 async def test_the_relay_exits_cleanly_on_eof_and_on_sigterm(tmp_path, workspace):
     params = relay_params(tmp_path, workspace)
     for ending in ("eof", "sigterm"):
