@@ -266,10 +266,11 @@ class _Runtime:
     # -- tools/call as a task ----------------------------------------------------------------------
 
     async def trace_handle(
-        self, tool: str, arguments: Mapping[str, Any], result: HandlerResult
+        self, tool: str, arguments: Mapping[str, Any], result: HandlerResult, elicits: bool = True
     ) -> HandlerResult:
         """create_trace / run_trace have stored and started the trace: answer with its task handle (the
-        trace id for create_trace; the task it answers for an answer or approval; else a new one)."""
+        trace id for create_trace; the task it answers for an answer or approval from a client that can
+        elicit; else a new one: the task a non-eliciting client saw complete stays complete)."""
         if not started(result):
             return result  # a refusal stays the plain tool error it always was
         assert isinstance(result, types.CallToolResult)
@@ -277,26 +278,31 @@ class _Runtime:
         if not isinstance(trace_id, str):
             return result
         task_id = trace_id if tool == "create_trace" else None
-        if tool == "run_trace" and answers(arguments):
+        if tool == "run_trace" and answers(arguments) and elicits:
             task_id = await self.current_task(trace_id)
         if task_id is None:
             task_id = f"{trace_id}{RUN}{secrets.token_hex(4)}"
             await self.engine.add_handle(task_id, trace_id)
-        return task_handle(await self.detailed(task_id))
+        return task_handle(await self.detailed(task_id, elicits))
 
     async def new_run(
-        self, ctx: ServerRequestContext[Any, Any], call_next: CallNext, arguments: Mapping[str, Any]
+        self,
+        ctx: ServerRequestContext[Any, Any],
+        call_next: CallNext,
+        arguments: Mapping[str, Any],
+        elicits: bool = True,
     ) -> HandlerResult:
         """Any client's run_trace that is not an answer starts a new run: the task the trace had ends
-        with the view it has now (a paused or racing one reads ``cancelled``), and stays so."""
+        with the view it has now (a paused or racing one reads ``cancelled``; to a client that cannot
+        elicit, a paused one read ``completed`` already, and an answer from it is a new run too)."""
         trace_id = arguments.get("trace_id")
-        if answers(arguments) or not isinstance(trace_id, str):
+        if (answers(arguments) and elicits) or not isinstance(trace_id, str):
             return await call_next(ctx)
         current = await self.current_task(trace_id) if is_trace_id(trace_id) else None
         before: dict[str, Any] | None = None
         if current is not None:
             with contextlib.suppress(MCPError):
-                before = await self.detailed(current)
+                before = await self.detailed(current, elicits)
         result = await call_next(ctx)
         if current is not None and before is not None and started(result):
             final = before if before["status"] in TERMINAL else superseded(before)
@@ -434,8 +440,8 @@ class _Runtime:
         except Exception:
             log.exception("could not deliver a deferred answer to trace %s", trace_id)
 
-    async def cancel(self, task_id: str) -> None:
-        task = await self.detailed(task_id)
+    async def cancel(self, task_id: str, elicits: bool = True) -> None:
+        task = await self.detailed(task_id, elicits)
         if task["status"] in TERMINAL:
             return
         record = self.reflections.get(task_id)
@@ -546,11 +552,11 @@ class TasksExtension(Extension):
         runtime = self._runtime(ctx)
         if params.name == "reflect_trace":
             return await runtime.reflect(ctx, call_next, params.arguments or {})
+        elicits = client_elicits(ctx)
         if params.name == "run_trace":
-            return await runtime.trace_handle(
-                params.name, arguments, await runtime.new_run(ctx, call_next, arguments)
-            )
-        return await runtime.trace_handle(params.name, arguments, await call_next(ctx))
+            started_run = await runtime.new_run(ctx, call_next, arguments, elicits)
+            return await runtime.trace_handle(params.name, arguments, started_run, elicits)
+        return await runtime.trace_handle(params.name, arguments, await call_next(ctx), elicits)
 
     # -- tasks/* -----------------------------------------------------------------------------------
 
@@ -572,7 +578,7 @@ class TasksExtension(Extension):
         return {}
 
     async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
-        await self._check(ctx, params.task_id).cancel(params.task_id)
+        await self._check(ctx, params.task_id).cancel(params.task_id, client_elicits(ctx))
         return {}
 
     # -- subscriptions/listen with taskIds ---------------------------------------------------------

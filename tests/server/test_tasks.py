@@ -237,6 +237,13 @@ async def test_a_client_that_cannot_elicit_gets_the_question_as_the_tasks_result
         body = done["result"]["structuredContent"]
         assert body["question"] == "Which file should I read?" and body["trace"]["outcome"] == "needs_input"
         assert "run_trace" in body["next"] and not done["result"]["isError"]
+        answered = await start_task(client, "run_trace", trace_id=handle.task_id, answer="notes.txt")
+        assert answered.task_id != handle.task_id  # a new task: the one it saw complete stays complete
+        assert (await get_task(client.session, handle.task_id)) == done
+        finished = await poll_until(client, answered.task_id, "completed")
+        assert finished["result"]["structuredContent"]["answer"] == "I read notes.txt, as you said."
+        await cancel_task(client.session, handle.task_id)  # terminal: nothing to cancel
+        assert (await get_task(client.session, handle.task_id)) == done
         final = await client.call_tool("create_trace", {"prompt": "Summarise another file"})
         assert final.structured_content["question"] == "Which file should I read?"
 
