@@ -373,7 +373,8 @@ class Engine:
         with anyio.move_on_after(limit):
             await self._runner.wait_reflections()
             async with self._events.subscribe() as events:
-                while held := set(await self._store.reflecting_ids()):
+                held = set(await self._store.reflecting_ids())  # those under way now, not later ones
+                while held := held & set(await self._store.reflecting_ids()):
                     with anyio.move_on_after(0.5):  # a missed wake-up costs half a second, not the wait
                         async for event in events:
                             if isinstance(event, TraceChanged) and event.trace_id in held:

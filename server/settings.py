@@ -183,9 +183,10 @@ def db_problem(db: str) -> str | None:
     if is_postgres_url(db):
         try:
             parts = urlsplit(db)
-            parts.port  # noqa: B018  (parsing the port is the check)
-        except ValueError as exc:
-            return f"is not a valid PostgreSQL URL ({exc})"
+            if "," not in parts.netloc:  # several hosts (h1:5432,h2:5433) are for the driver to read
+                parts.port  # noqa: B018  (parsing the port is the check)
+        except ValueError:  # its text may quote part of a password: never shown
+            return "is not a valid PostgreSQL URL (its host or port cannot be read)"
         return None
     if _URL_LIKE.match(db):
         shown = redact_url(db)

@@ -139,7 +139,9 @@ def _clamp(wire: list[dict[str, Any]], budget: int, ratio: float) -> None:
     Savings are counted as the estimate counts: in JSON's UTF-8 bytes (a newline or a quote weighs two)."""
     users = [i for i, m in enumerate(wire) if m["role"] == "user"]
     for protected in ({0, *users[:1], *users[-1:]}, {0}, set()):
-        if _cut_longest(wire, budget, ratio, protected):
+        attempt = list(wire)  # a tier that cannot fit leaves nothing cut: the next one starts afresh
+        if _cut_longest(attempt, budget, ratio, protected) or not protected:
+            wire[:] = attempt
             return
 
 

@@ -790,7 +790,8 @@ class PostgresTraceStore:
 
     async def reflecting_ids(self) -> list[str]:
         rows = await self._fetch(
-            "SELECT trace_id FROM traces WHERE run_token IS NOT NULL AND status <> 'running'"
+            "SELECT trace_id FROM traces WHERE run_token IS NOT NULL AND status <> 'running' "
+            "AND lease_until >= clock_timestamp()"
         )
         return [r["trace_id"] for r in rows]
 

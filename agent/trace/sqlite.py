@@ -731,7 +731,8 @@ class SQLiteTraceStore:
 
     async def reflecting_ids(self) -> list[str]:
         rows = await self._reader.execute_fetchall(
-            "SELECT trace_id FROM traces WHERE run_token IS NOT NULL AND status <> 'running'"
+            "SELECT trace_id FROM traces WHERE run_token IS NOT NULL AND status <> 'running' AND lease_until >= ?",
+            (time.time(),),
         )
         return [r[0] for r in rows]
 

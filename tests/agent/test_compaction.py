@@ -317,3 +317,17 @@ def test_the_reply_keeps_the_room_its_model_may_write_within_a_small_budget():
     assert reply_reserve(200_000, Long()) == 16_000
     assert reply_reserve(200_000, object()) == REPLY_RESERVE_TOKENS
     assert reply_reserve(8_000, object()) == 2_000  # a quarter of a small budget at most
+
+
+def test_a_latest_message_too_big_for_the_budget_does_not_wipe_the_history_first():
+    """Cutting only the older turns cannot fit a 400 KB latest message: that tier must leave them whole,
+    so the cut that does fit (the latest message too) shares the room out evenly."""
+    from agent.trace.compaction import _clamp, estimate
+
+    turns = [{"role": "assistant" if i % 2 else "user", "content": f"turn {i} " + "t" * 3000} for i in range(20)]
+    wire = [{"role": "system", "content": "sys"}, {"role": "user", "content": "the task"}, *turns]
+    wire.append({"role": "user", "content": "L" * 400_000})
+    _clamp(wire, 20_000, 0.3)
+    assert estimate(wire, ratio=0.3) <= 20_000
+    assert all(len(m["content"]) > 100 for m in wire[2:-1])  # the turns kept a share, not nothing
+    assert len(wire[-1]["content"]) < 60_000

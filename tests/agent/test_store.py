@@ -217,9 +217,12 @@ async def test_finish_can_keep_the_claim_until_release(store):
     assert done.status is Status.COMPLETED
     with pytest.raises(TraceRunning):  # held: a reflection runs inside the claim
         await store.claim("t1", new_token(), head=1, model="offline", config=TraceConfig())
+    assert await store.reflecting_ids() == ["t1"]  # its lessons are on the way
     assert await store.release("t1", token) is not None
+    assert await store.reflecting_ids() == []
     trace, _ = await store.claim("t1", new_token(), head=1, model="offline", config=TraceConfig())
     assert trace.status is Status.RUNNING
+    assert await store.reflecting_ids() == []  # running is not reflecting
 
 
 async def test_stop_requests_are_stored_for_the_owner(store):

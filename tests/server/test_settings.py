@@ -112,8 +112,12 @@ def test_a_db_that_is_neither_a_file_nor_a_postgresql_url_is_refused_not_made_a_
         assert "secret" not in str(refused.value)
     with pytest.raises(SystemExit, match=r"^agent-trace-mcp: AGENT_TRACE_DB must be"):
         settings_for([], {"AGENT_TRACE_DB": "http://127.0.0.1:5432/x"})
-    with pytest.raises(SystemExit, match=r"--db is not a valid PostgreSQL URL \(Invalid IPv6 URL\)\.$"):
-        settings_for(["--db", "postgresql://postgres@[::1:5432/x"], {})
+    for broken in ("postgresql://postgres@[::1:5432/x", "postgresql://u:se/cret@h/db"):
+        with pytest.raises(SystemExit, match=r"--db is not a valid PostgreSQL URL \(its host or port") as bad:
+            settings_for(["--db", broken], {})
+        assert "se" not in str(bad.value).split("(")[1]  # nothing of the password
+    several = "postgresql://u:p@h1:5432,h2:5433/db"  # multi-host, as libpq and asyncpg take it
+    assert settings_for(["--db", several], {}).db == several
     assert settings_for(["--db", str(tmp_path / "t.db")], {}).db == tmp_path / "t.db"
     assert settings_for(["--db", "postgres://u@h/d"], {}).db == "postgres://u@h/d"
 
