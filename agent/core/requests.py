@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from agent import defaults
 from agent.core.messages import check_placement, ends_in_answer, open_tool_calls, parse_messages
 from agent.core.rewind import cut_point
-from agent.core.run import UNFINISHED_TOOL_RESULT, Run, Segment, pending_calls
+from agent.core.run import CANCELLED_TOOL_RESULT, UNFINISHED_TOOL_RESULT, Run, Segment, pending_calls
 from agent.core.typed import check_schema
 from agent.errors import InvalidMessages, SequenceError
 from agent.llm.base import Model
@@ -255,9 +255,15 @@ class Requests:
             head, context = context[-1].parent_sequence, context[:-1]  # regenerate that answer
         check_placement(context, [*replies, *messages])
         messages = [*replies, *messages]
-        if messages and open_tool_calls(context) and messages[0].role != "tool":
+        stopped = trace.status is Status.STOPPED  # a call the host stopped is not run again by going on
+        if (
+            open_tool_calls(context)
+            and (messages or stopped)
+            and (not messages or messages[0].role != "tool")
+        ):
+            text = CANCELLED_TOOL_RESULT if stopped else UNFINISHED_TOOL_RESULT
             closing = [
-                NewMessage(role="tool", tool_call_id=call_id, content=UNFINISHED_TOOL_RESULT)
+                NewMessage(role="tool", tool_call_id=call_id, content=text)
                 for call_id in open_tool_calls(context)
             ]
             messages = closing + messages

@@ -324,7 +324,9 @@ def test_a_latest_message_too_big_for_the_budget_does_not_wipe_the_history_first
     so the cut that does fit (the latest message too) shares the room out evenly."""
     from agent.trace.compaction import _clamp, estimate
 
-    turns = [{"role": "assistant" if i % 2 else "user", "content": f"turn {i} " + "t" * 3000} for i in range(20)]
+    turns = [
+        {"role": "assistant" if i % 2 else "user", "content": f"turn {i} " + "t" * 3000} for i in range(20)
+    ]
     wire = [{"role": "system", "content": "sys"}, {"role": "user", "content": "the task"}, *turns]
     wire.append({"role": "user", "content": "L" * 400_000})
     _clamp(wire, 20_000, 0.3)

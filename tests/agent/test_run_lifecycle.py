@@ -19,7 +19,7 @@ from agent.reflection import reflect_on_trace
 from agent.tools.registry import ToolRegistry
 from agent.trace.backends import open_store
 from agent.trace.models import MessageUsage, Trace
-from tests.fakes import ScriptedModel, add_tool, call, models_for, reply, slow_tool
+from tests.fakes import FuncTool, ScriptedModel, add_tool, call, models_for, reply, slow_tool
 
 pytestmark = pytest.mark.anyio
 
@@ -590,3 +590,40 @@ async def test_a_runner_that_cannot_start_its_feed_raises_the_cause_and_leaves_n
     async with make_runner(store, ScriptedModel([reply("fine")])) as healthy:
         trace = await healthy.start([user("x")], RunConfig())
         assert (await wait_status(store, trace.trace_id, Status.COMPLETED)).status is Status.COMPLETED
+
+
+async def test_going_on_from_a_stopped_trace_does_not_run_the_call_that_was_stopped(store):
+    """A trace the sweep ended ``stopped`` (its owner died after the stop was asked) may still hold an open
+    call: a later run closes it as cancelled, it does not run the tool the host stopped."""
+    from agent.trace.models import NewMessage, TraceConfig
+    from agent.trace.store import new_token
+
+    ran: list[str] = []
+
+    async def risky(**_: object) -> str:
+        ran.append("risky")
+        return "done"
+
+    model = ScriptedModel([reply("ok")])
+    runner = AgentRunner(
+        store,
+        tools=ToolRegistry([FuncTool("risky", risky)]),
+        models=models_for(scripted=model),
+        default_model="scripted",
+    )
+    token = new_token()
+    trace = Trace(trace_id="s" * 32, model="scripted", config=TraceConfig())
+    created, _ = await store.create(
+        trace, [NewMessage(role="system", content="s"), NewMessage(role="user", content="go")], token
+    )
+    await store.append(
+        created.trace_id, NewMessage(role="assistant", tool_calls=[call("risky", "r1")]), 2, token=token
+    )
+    await store.finish(
+        created.trace_id, token, status=Status.STOPPED, stop_reason=StopReason.STOPPED, error=None
+    )
+    async with runner:
+        await runner.run_result([], RunConfig(trace_id=created.trace_id))
+    path = await store.get_path(created.trace_id)
+    assert ran == [] and path[3].role == "tool" and path[3].content.startswith("Cancelled")
+    assert path[-1].content == "ok"
