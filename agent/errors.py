@@ -82,15 +82,17 @@ class ToolCallError(Exception):
 
 def storage_trouble(exc: BaseException) -> str | None:
     """A sentence for the storage failures a host can do something about (a full disk, a database another
-    process holds locked), whatever backend raised them; None for anything else."""
-    text = str(exc).lower()
-    if (
-        (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
-        or "disk is full" in text
-        or "no space" in text
-    ):
+    process holds locked), told by their types and codes, whatever backend raised them; None otherwise."""
+    kind, text = type(exc).__name__, str(exc).lower()
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or kind == "DiskFullError"
+    if kind == "OperationalError":  # sqlite3's: its message is the only code it gives
+        full = full or "database or disk is full" in text
+    if full:
         return "the disk holding the trace database is full; free some space and try again (what is stored is intact)."
-    if "database is locked" in text or "database is busy" in text:
+    locked = kind in ("LockNotAvailableError", "DeadlockDetectedError") or (
+        kind == "OperationalError" and "database is locked" in text
+    )
+    if locked:
         return (
             "the trace database stayed locked by another process for too long; try again in a moment "
             "(what is stored is intact)."

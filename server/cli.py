@@ -62,11 +62,14 @@ LOG_RECORD_CHARS = 8_000
 
 
 class ClippedFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        if len(text) <= LOG_RECORD_CHARS:
-            return text
-        return f"{text[:LOG_RECORD_CHARS]}… [log line cut: {len(text):,} characters]"
+    """Cuts a record's message, never its traceback (the end of one names the error)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        if len(record.message) > LOG_RECORD_CHARS:
+            record.message = (
+                f"{record.message[:LOG_RECORD_CHARS]}… [log line cut: {len(record.message):,} characters]"
+            )
+        return super().formatMessage(record)
 
 
 def _configure_logging(args: argparse.Namespace, settings: Settings) -> None:

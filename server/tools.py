@@ -390,7 +390,7 @@ def register_tools(mcp: MCPServer) -> None:
         """
         check_messages_size(messages)
         all_messages = list(messages or [])
-        if prompt is not None and not prompt.strip() and not all_messages:
+        if prompt is not None and not prompt.strip() and not all_messages and from_trace is None:
             raise ToolError("prompt is empty (only whitespace); give the task as text.")
         if prompt:
             all_messages.append({"role": "user", "content": prompt})

@@ -205,6 +205,12 @@ class ExperienceFile:
                     os.unlink(entry.path)
                     log.info("removed %s, left by a writer that died mid-write", entry.name)
 
+    def _not_a_file(self) -> ExperiencesUnreadable:
+        return ExperiencesUnreadable(
+            f"The experiences file {self.path} is not a regular file (--experiences names a FIFO, a device "
+            "or a folder); point it at a markdown file."
+        )
+
     @contextmanager
     def _flocked(self, *, exclusive: bool, create: bool) -> Iterator[int]:
         """An fd on the current file, flocked; retried if the file was replaced while we waited."""
@@ -212,14 +218,16 @@ class ExperienceFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         flags = (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY
         while True:
-            fd = os.open(self.path, flags | getattr(os, "O_NONBLOCK", 0), 0o600)  # a FIFO must not hang us
+            try:
+                fd = os.open(
+                    self.path, flags | getattr(os, "O_NONBLOCK", 0), 0o600
+                )  # a FIFO must not hang us
+            except IsADirectoryError:
+                raise self._not_a_file() from None
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
-                    raise ExperiencesUnreadable(
-                        f"The experiences file {self.path} is not a regular file (--experiences names a "
-                        "FIFO, a device or a folder); point it at a markdown file."
-                    )
+                    raise self._not_a_file()
                 os.set_blocking(fd, True)
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)

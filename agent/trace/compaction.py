@@ -52,11 +52,13 @@ def budget_for(context_tokens: int | None, window: int | None) -> int:
 
 
 def reply_reserve(budget: int, model: object) -> int:
-    """Room kept for the reply: what the model may write (its ``max_tokens``, when it sends one), else
-    REPLY_RESERVE_TOKENS; never more than a quarter of a small budget."""
+    """Room kept for the reply: what the model may write when it sends a ``max_tokens`` (the provider
+    counts it against the window: input + max_tokens must fit), at most three quarters of the budget;
+    else REPLY_RESERVE_TOKENS, at most a quarter of a small budget."""
     limit = getattr(model, "max_tokens", None)
-    wanted = limit if isinstance(limit, int) and limit > 0 else REPLY_RESERVE_TOKENS
-    return min(wanted, budget // 4)
+    if isinstance(limit, int) and limit > 0:
+        return min(limit, budget * 3 // 4)
+    return min(REPLY_RESERVE_TOKENS, budget // 4)
 
 
 def compaction_of(message: Message) -> dict[str, Any] | None:

@@ -45,3 +45,11 @@ async def test_a_file_that_is_not_utf8_keeps_its_bytes_in_a_backup_when_rewritte
     assert (
         len([p for p in tmp_path.iterdir() if p.name != "experiences.md"]) == 1
     )  # UTF-8 now: no more copies
+
+
+async def test_a_folder_at_the_experiences_path_is_a_sentence_when_written_too(tmp_path):
+    (tmp_path / "experiences.md").mkdir()
+    with pytest.raises(ExperiencesUnreadable, match="is not a regular file"):
+        await ExperienceFile(tmp_path / "experiences.md").append_section(
+            "t" * 32, ["x"], datetime.now(UTC), "t"
+        )

@@ -314,7 +314,12 @@ def test_the_reply_keeps_the_room_its_model_may_write_within_a_small_budget():
     class Long:
         max_tokens = 16_000
 
+    class Longest:
+        max_tokens = 64_000
+
     assert reply_reserve(200_000, Long()) == 16_000
+    assert reply_reserve(200_000, Longest()) == 64_000  # sent with the request: input + it must fit
+    assert reply_reserve(50_000, Longest()) == 37_500
     assert reply_reserve(200_000, object()) == REPLY_RESERVE_TOKENS
     assert reply_reserve(8_000, object()) == 2_000  # a quarter of a small budget at most
 

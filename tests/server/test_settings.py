@@ -140,6 +140,13 @@ def test_a_log_line_is_cut_however_long_what_a_client_sent():
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "Resource %s", ("U" * 1_000_000,), None)
     line = ClippedFormatter("%(message)s").format(record)
     assert len(line) < LOG_RECORD_CHARS + 100 and line.endswith("[log line cut: 1,000,009 characters]")
+    try:
+        raise ValueError("the end of the traceback")
+    except ValueError:
+        import sys
+
+        failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "%s", ("V" * 100_000,), sys.exc_info())
+    assert ClippedFormatter("%(message)s").format(failed).endswith("ValueError: the end of the traceback")
 
 
 def test_a_data_dir_reached_through_a_symlink_has_the_same_settings_and_idle_exit_counts(tmp_path):

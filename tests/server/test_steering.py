@@ -109,6 +109,8 @@ async def test_typed_result_overrides_fork_tags_and_delete(client, fake_openai):
     assert forked["trace"]["forked_from"] == {"trace_id": tid, "sequence": 2}
     assert [m["role"] for m in (await full(client, fork))["messages"]][:3] == ["system", "user", "user"]
 
+    again = (await call(client, "create_trace", from_trace=tid, prompt=""))["trace_id"]  # "" is no prompt
+    assert (await wait_done(client, again))["trace"]["forked_from"]["trace_id"] == tid
     assert (await call(client, "delete_trace", trace_id=fork)) == {"trace_id": fork, "deleted": True}
     assert "There is no trace" in await call_error(client, "get_trace", trace_id=fork)
     text = await call_error(client, "create_trace", prompt="x", output_schema={"type": "bogus"})

@@ -870,3 +870,5 @@ def test_storage_failures_a_host_can_act_on_are_sentences():
     assert "disk holding" in storage_trouble(sqlite3.OperationalError("database or disk is full"))
     assert "locked by another process" in storage_trouble(sqlite3.OperationalError("database is locked"))
     assert storage_trouble(ValueError("something else")) is None
+    assert storage_trouble(FileNotFoundError(2, "no such file: /data/no space left/x")) is None  # words alone
+    assert storage_trouble(RuntimeError("database is locked")) is None
