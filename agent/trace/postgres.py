@@ -239,7 +239,7 @@ WITH RECURSIVE path AS (
 _PRUNE = f"""
 DELETE FROM traces WHERE trace_id IN (
     SELECT trace_id FROM traces
-    WHERE run_token IS NULL AND status <> 'running' AND updated_at < $1
+    WHERE run_token IS NULL AND status NOT IN ('running', 'needs_input') AND updated_at < $1
     LIMIT {defaults.PRUNE_TRACES_BATCH} FOR UPDATE SKIP LOCKED
 ) RETURNING trace_id
 """

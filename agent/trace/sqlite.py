@@ -660,15 +660,15 @@ class SQLiteTraceStore:
         return await self._transaction(body)
 
     async def prune(self, finished_before: str) -> int:
-        """Delete finished traces (unclaimed, not running) last updated before ``finished_before``, a batch
-        per transaction."""
+        """Delete finished traces (unclaimed, not running, not waiting for an answer) last updated before
+        ``finished_before``, a batch per transaction."""
 
         async def batch(db: aiosqlite.Connection) -> int:
             ids = [
                 row[0]
                 for row in await db.execute_fetchall(
-                    "SELECT trace_id FROM traces WHERE run_token IS NULL AND status != 'running' "
-                    "AND updated_at < ? LIMIT ?",
+                    "SELECT trace_id FROM traces WHERE run_token IS NULL "
+                    "AND status NOT IN ('running', 'needs_input') AND updated_at < ? LIMIT ?",
                     (finished_before, defaults.PRUNE_TRACES_BATCH),
                 )
             ]
