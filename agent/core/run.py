@@ -159,6 +159,8 @@ class Run:
     _built: tuple[int, list[dict[str, Any]]] | None = None
     _built_chars: tuple[list[dict[str, Any]] | None, int] = (None, 0)
     _tool_schemas: tuple[Segment, list[dict[str, Any]], int] | None = None
+    _unstored_tokens: int = 0
+    """Spent on a model call with nothing to store (an empty summary): counted against max_tokens."""
 
     @property
     def trace_id(self) -> str:
@@ -269,6 +271,7 @@ class Run:
                     if (used := compacted.message.usage) is not None:  # a summary call spends the budget too
                         tokens += used.prompt_tokens + used.completion_tokens
                     yield compacted
+                tokens, self._unstored_tokens = tokens + self._unstored_tokens, 0
                 if (ending := self._ending(tokens)) is not None:
                     outcome = ending
                     break
@@ -544,6 +547,10 @@ class Run:
             except ModelCallError:
                 log.warning("summarising trace %s to fit its context failed; cutting instead", self.trace_id)
                 return events
+            if response is not None and not response.content:
+                log.warning("summarising trace %s gave an empty summary; cutting instead", self.trace_id)
+                if response.usage is not None:  # nothing to store it on, but the budget paid for it
+                    self._unstored_tokens += response.usage.prompt_tokens + response.usage.completion_tokens
             if response is not None and response.content:
                 summary = compaction.record(summary_plan, saved=0, summary=response.content)
                 summary.usage = response.usage

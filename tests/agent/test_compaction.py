@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agent import AgentRunner, RunConfig, Status
+from agent import AgentRunner, RunConfig, Status, StopReason
 from agent.errors import ContextTooLong, ModelCallError
 from agent.llm.base import ModelResponse
 from agent.tools.files import workspace_tools
@@ -338,3 +338,24 @@ def test_a_latest_message_too_big_for_the_budget_does_not_wipe_the_history_first
     assert estimate(wire, ratio=0.3) <= 20_000
     assert all(len(m["content"]) > 100 for m in wire[2:-1])  # the turns kept a share, not nothing
     assert len(wire[-1]["content"]) < 60_000
+
+
+async def test_an_empty_summary_still_spends_the_token_budget(store, workspace):
+    """Nothing is stored for an empty summary, yet the provider billed it: max_tokens counts it."""
+    long_text = "I considered the design carefully. " * 250
+
+    def talk(messages, tools):
+        if "summarise the conversation so far" in (messages[-1].get("content") or "").lower():
+            return ModelResponse(content="")  # billed as the fake counts it: thousands of tokens
+        return reply(long_text)
+
+    model = SizeLimitedModel([talk], limit=8_000)
+    runner = runner_for(store, model, workspace, budget=8_000)
+    tid = (await runner.run_result([{"role": "user", "content": "Discuss."}], RunConfig())).trace.trace_id
+    for turn in range(6):
+        result = await runner.run_result(
+            [{"role": "user", "content": f"Go on ({turn})."}], RunConfig(trace_id=tid, max_tokens=1_000)
+        )
+        if any("summarise" in (c["messages"][-1].get("content") or "").lower() for c in model.calls):
+            break
+    assert (result.trace.status, result.trace.stop_reason) == (Status.STOPPED, StopReason.TOKEN_BUDGET)
