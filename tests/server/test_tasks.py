@@ -118,6 +118,11 @@ async def never_asked(context: Any, params: Any) -> types.ElicitResult:
     raise AssertionError("the server sent an elicitation request of its own")
 
 
+def tasks_client(target: Any, **options: Any) -> Client:
+    """A client that speaks Tasks and declares elicitation (so questions reach it as inputRequests)."""
+    return Client(target, extensions=[Tasks()], elicitation_callback=never_asked, **options)
+
+
 async def get_task(session: Any, task_id: str) -> dict[str, Any]:
     got = await session.send_request(GetTask(params=TaskIdParams(task_id=task_id)), Wire)
     return got.model_dump(by_alias=True)
@@ -164,7 +169,7 @@ ASKS_OVER_HTTP = [
 
 async def test_a_declaring_modern_client_gets_a_task_and_the_final_summary(server, model):
     model.delay = 0.3  # the handle comes back at once, while the run still works
-    async with Client(server, extensions=[Tasks()], elicitation_callback=never_asked) as client:
+    async with tasks_client(server) as client:
         handle = await start_task(client, "create_trace", prompt="What does the README say?")
         assert len(handle.task_id) == 32 and handle.status == "working" and handle.poll_interval_ms
         final = await client.call_tool("create_trace", {"prompt": "What does the README say?"})
@@ -180,9 +185,7 @@ async def test_a_declaring_modern_client_gets_a_task_and_the_final_summary(serve
 
 
 async def test_legacy_and_undeclared_clients_see_todays_answers(server):
-    async with Client(
-        server, mode="legacy", extensions=[Tasks()], elicitation_callback=never_asked
-    ) as legacy:
+    async with tasks_client(server, mode="legacy") as legacy:
         started = await call(legacy, "create_trace", prompt="hello")
         assert started["status"] == "started"
         with pytest.raises(MCPError) as refused:
@@ -200,7 +203,7 @@ async def test_legacy_and_undeclared_clients_see_todays_answers(server):
 
 async def test_a_question_is_an_elicitation_answered_with_tasks_update(server, model):
     model.steps = [ASKS]
-    async with Client(server, extensions=[Tasks()], elicitation_callback=never_asked) as client:
+    async with tasks_client(server) as client:
         handle = await start_task(client, "create_trace", prompt="Summarise a file")
         waiting = await poll_until(client, handle.task_id, "input_required")
         ((key, request),) = waiting["inputRequests"].items()
@@ -252,7 +255,7 @@ async def test_a_tool_approval_approved_then_declined(server, model):
     model.steps = [
         turn_script(reply(None, tool_call("read_file", "r1", path="README.md")), reply("Done reading."))
     ]
-    async with Client(server, extensions=[Tasks()], elicitation_callback=never_asked) as client:
+    async with tasks_client(server) as client:
         handle = await start_task(client, "create_trace", prompt="read it", confirm_tools=["read_file"])
         waiting = await poll_until(client, handle.task_id, "input_required")
         ((key, request),) = waiting["inputRequests"].items()
@@ -301,7 +304,7 @@ async def test_a_tool_approval_approved_then_declined(server, model):
 
 
 async def test_tasks_cancel_stops_the_trace(server):
-    async with Client(server, extensions=[Tasks()], elicitation_callback=never_asked) as client:
+    async with tasks_client(server) as client:
         handle = await start_task(client, "create_trace", prompt="take your time", model="slow")
         assert (await cancel_task(client.session, handle.task_id))["resultType"] == "complete"
         cancelled = await poll_until(client, handle.task_id, "cancelled")
@@ -315,7 +318,7 @@ async def test_tasks_cancel_stops_the_trace(server):
 
 
 async def test_unknown_tasks_and_refused_calls(server):
-    async with Client(server, extensions=[Tasks()], elicitation_callback=never_asked) as client:
+    async with tasks_client(server) as client:
         for task_id in ("0" * 32, "x" * 5000, f"{'0' * 32}.reflection.7"):
             with pytest.raises(MCPError) as unknown:
                 await get_task(client.session, task_id)
@@ -330,9 +333,7 @@ async def test_unknown_tasks_and_refused_calls(server):
 
 async def test_a_reflection_runs_as_a_task_and_reads_back_after_a_restart(settings, model, slow_model):
     models = models_for(scripted=model, slow=slow_model)
-    async with Client(
-        build_server(settings, models=models), extensions=[Tasks()], elicitation_callback=never_asked
-    ) as client:
+    async with tasks_client(build_server(settings, models=models)) as client:
         tid = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
         await poll_until(client, tid, "completed")
         handle = await start_task(client, "reflect_trace", trace_id=tid)
@@ -342,9 +343,7 @@ async def test_a_reflection_runs_as_a_task_and_reads_back_after_a_restart(settin
         assert lessons and "read_file" in lessons[0]
         refused = await client.session.call_tool("reflect_trace", {"trace_id": "f" * 32}, allow_claimed=True)
         assert isinstance(refused, types.CallToolResult) and refused.is_error
-    async with Client(
-        build_server(settings, models=models), extensions=[Tasks()], elicitation_callback=never_asked
-    ) as client:
+    async with tasks_client(build_server(settings, models=models)) as client:
         again = await get_task(client.session, handle.task_id)
         assert again["status"] == "completed" and again["result"]["structuredContent"]["lessons"] == lessons
 
@@ -358,29 +357,21 @@ async def reflecting_for_an_hour(client: Client) -> tuple[str, TaskHandle]:
 
 async def test_a_cancelled_reflection_reads_cancelled_after_a_restart(settings):
     models = models_for(scripted=ScriptedModel([slow_reflection("answer", "- A lesson.", 3600)]))
-    async with Client(
-        build_server(settings, models=models), extensions=[Tasks()], elicitation_callback=never_asked
-    ) as client:
+    async with tasks_client(build_server(settings, models=models)) as client:
         _, handle = await reflecting_for_an_hour(client)
         await cancel_task(client.session, handle.task_id)
         cancelled = await poll_until(client, handle.task_id, "cancelled")
-    async with Client(
-        build_server(settings, models=models), extensions=[Tasks()], elicitation_callback=never_asked
-    ) as client:
+    async with tasks_client(build_server(settings, models=models)) as client:
         assert await get_task(client.session, handle.task_id) == cancelled  # not "working" for minutes
 
 
 async def test_a_reflection_cut_off_by_its_server_ending_reads_ended_at_once_after_a_restart(settings):
     """Its process is gone, so nobody can finish it: not 'working' for the minutes another might need."""
     models = models_for(scripted=ScriptedModel([slow_reflection("answer", "- A lesson.", 3600)]))
-    async with Client(
-        build_server(settings, models=models), extensions=[Tasks()], elicitation_callback=never_asked
-    ) as client:
+    async with tasks_client(build_server(settings, models=models)) as client:
         tid, handle = await reflecting_for_an_hour(client)
         assert (await get_task(client.session, handle.task_id))["status"] == "working"
-    async with Client(
-        build_server(settings, models=models), extensions=[Tasks()], elicitation_callback=never_asked
-    ) as client:
+    async with tasks_client(build_server(settings, models=models)) as client:
         cut = await get_task(client.session, handle.task_id)
         assert cut["status"] == "completed" and cut["result"]["isError"] is True
         assert "did not finish" in cut["statusMessage"]
@@ -390,9 +381,7 @@ async def test_a_reflection_cut_off_by_its_server_ending_reads_ended_at_once_aft
 async def test_a_failed_reflection_says_so_and_stays_ended_after_a_restart(settings):
     failing = ScriptedModel([reply("answer"), ModelCallError("the provider is down")])
     models = models_for(scripted=failing)
-    async with Client(
-        build_server(settings, models=models), extensions=[Tasks()], elicitation_callback=never_asked
-    ) as client:
+    async with tasks_client(build_server(settings, models=models)) as client:
         tid = (await call(client, "create_trace", prompt="x"))["trace_id"]
         await poll_until(client, tid, "completed")
         handle = await start_task(client, "reflect_trace", trace_id=tid)
@@ -401,18 +390,14 @@ async def test_a_failed_reflection_says_so_and_stays_ended_after_a_restart(setti
         assert failed["statusMessage"].startswith("Failed: The reflection on trace") and (
             "the provider is down" in failed["statusMessage"]
         )
-    async with Client(
-        build_server(settings, models=models), extensions=[Tasks()], elicitation_callback=never_asked
-    ) as client:
+    async with tasks_client(build_server(settings, models=models)) as client:
         assert await get_task(client.session, handle.task_id) == failed  # not "working" for minutes
 
 
 async def test_two_reflections_at_once_are_two_tasks(settings):
     """Same trace, same focus, same moment: each task names its own side question."""
     models = models_for(scripted=ScriptedModel([slow_reflection("answer", "- A lesson.", 0.3)]))
-    async with Client(
-        build_server(settings, models=models), extensions=[Tasks()], elicitation_callback=never_asked
-    ) as client:
+    async with tasks_client(build_server(settings, models=models)) as client:
         tid = (await call(client, "create_trace", prompt="x"))["trace_id"]
         await poll_until(client, tid, "completed")
         handles: list[TaskHandle] = []
@@ -439,15 +424,11 @@ async def test_a_task_outlives_its_server(settings, model, slow_model):
     after another restart; a run cut by a restart reads as an interrupted (error) result."""
     model.steps = [ASKS]
     models = models_for(scripted=model, slow=slow_model)
-    async with Client(
-        build_server(settings, models=models), extensions=[Tasks()], elicitation_callback=never_asked
-    ) as client:
+    async with tasks_client(build_server(settings, models=models)) as client:
         asking = await start_task(client, "create_trace", prompt="Summarise a file")
         before = await poll_until(client, asking.task_id, "input_required")
         slow = await start_task(client, "create_trace", prompt="slowly", model="slow")
-    async with Client(
-        build_server(settings, models=models), extensions=[Tasks()], elicitation_callback=never_asked
-    ) as client:
+    async with tasks_client(build_server(settings, models=models)) as client:
         after = await get_task(client.session, asking.task_id)
         assert after["inputRequests"] == before["inputRequests"] and after["createdAt"] == before["createdAt"]
         (key,) = after["inputRequests"]
@@ -458,9 +439,7 @@ async def test_a_task_outlives_its_server(settings, model, slow_model):
         assert answered["result"]["isError"] is False
         again = await start_task(client, "run_trace", trace_id=asking.task_id, messages=[USER_AGAIN])
         ran = await poll_until(client, again.task_id, "input_required")
-    async with Client(
-        build_server(settings, models=models), extensions=[Tasks()], elicitation_callback=never_asked
-    ) as client:
+    async with tasks_client(build_server(settings, models=models)) as client:
         assert await get_task(client.session, asking.task_id) == answered  # ended, and stays so
         assert (await get_task(client.session, again.task_id))["inputRequests"] == ran["inputRequests"]
         cut = await get_task(client.session, slow.task_id)
@@ -574,7 +553,7 @@ async def test_over_http_a_paused_task_survives_a_server_restart(tmp_path, works
     args = ("--model", "openai:gpt-test")
     first = HttpServer(tmp_path, workspace, *args, env=env)
     try:
-        async with Client(first.url, extensions=[Tasks()], elicitation_callback=never_asked) as client:
+        async with tasks_client(first.url) as client:
             handle = await start_task(client, "create_trace", prompt="Summarise a file")
             waiting = await poll_until(client, handle.task_id, "input_required")
             await assert_mcp_name_is_required(first.url, handle.task_id)
@@ -582,7 +561,7 @@ async def test_over_http_a_paused_task_survives_a_server_restart(tmp_path, works
         first.close()
     second = HttpServer(tmp_path, workspace, *args, env=env)
     try:
-        async with Client(second.url, extensions=[Tasks()], elicitation_callback=never_asked) as client:
+        async with tasks_client(second.url) as client:
             assert (await get_task(client.session, handle.task_id))["inputRequests"] == waiting[
                 "inputRequests"
             ]
@@ -604,15 +583,13 @@ async def test_through_the_relay_a_paused_task_survives_a_restart_of_the_shared_
     env = fake_openai.env
     host = relay_params(tmp_path, workspace, "--model", "openai:gpt-test", **env)
     try:
-        async with Client(host, extensions=[Tasks()], elicitation_callback=never_asked) as client:
+        async with tasks_client(host) as client:
             assert client.protocol_version == "2026-07-28"
             handle = await start_task(client, "create_trace", prompt="Summarise a file")
             waiting = await poll_until(client, handle.task_id, "input_required")
         stopped = run_cli(tmp_path, "stop-server")
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        async with Client(
-            host, extensions=[Tasks()], elicitation_callback=never_asked
-        ) as client:  # a new shared server on the same data dir
+        async with tasks_client(host) as client:  # a new shared server on the same data dir
             assert (await get_task(client.session, handle.task_id))["inputRequests"] == waiting[
                 "inputRequests"
             ]
