@@ -2,7 +2,8 @@
 of every shared-server socket connection.
 
 Unlike the SDK's stdio transport, every frame with an id gets an answer, an invalid one included (bad JSON,
-a batch, a wrong ``params`` type): a 1.x client otherwise waits forever. Frames go out as soon as they exist.
+a batch, a wrong ``params`` type): a 1.x client otherwise waits forever. Frames go out as soon as they exist,
+and requests sent before the client's end of input are still answered before the session ends.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ MAX_FRAME_BYTES = 32 * 1024 * 1024
 """A longer line is skipped (and answered -32600): it would otherwise grow the buffer without bound."""
 READ_CHUNK = 64 * 1024
 ENDLESS_METHODS = frozenset({"subscriptions/listen"})
-CANCELLED = "notifications/cancelled"
 """Requests answered only when the client goes: never waited for at its end of input."""
+CANCELLED = "notifications/cancelled"
 
 PARSE_ERROR, INVALID_REQUEST, INVALID_PARAMS = -32700, -32600, -32602
 NOT_AN_OBJECT = "Invalid request: a frame must be one JSON-RPC message object."

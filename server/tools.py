@@ -729,8 +729,8 @@ def register_tools(mcp: MCPServer) -> None:
             Field(max_length=200, description="Model to merge lessons with; none: the server default"),
         ] = None,
     ) -> Consolidated:
-        """Merge duplicate lessons and drop contradicted ones now (the prior lessons are kept: a dated backup
-        file, or with PostgreSQL a prior version in the database)."""
+        """Merge duplicate lessons and drop contradicted ones now (the prior lessons are kept: a dated
+        backup, or on PostgreSQL a prior version)."""
         result = await engine_of(ctx).consolidate(model)
         return compact(
             Consolidated(  # type: ignore[return-value]
