@@ -22,7 +22,7 @@ from agent import defaults
 from agent.engine import open_engine
 from agent.llm.base import Model, resolve_model
 from agent.trace.backends import store_name
-from server.arguments import validation_sentence
+from server.arguments import bool_as_number, validation_sentence
 from server.completions import completion_middleware
 from server.notify import Notifier, subscriptions_middleware
 from server.prompts import register_prompts
@@ -73,6 +73,8 @@ class TraceServer(MCPServer):
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             takes = f"its arguments are {', '.join(known)}" if known else "it takes no arguments"
             raise ToolError(f"{name} has no argument {elide(unknown[0], 40)}{hint}{more}; {takes}.")
+        if problem := bool_as_number(arguments or {}, tool.parameters or {}, name):
+            raise ToolError(problem)
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:

@@ -144,3 +144,26 @@ def validation_sentence(exc: ValidationError, tool: str) -> str:
     if not rest:
         return first
     return f"{first.rstrip('.')} (and {rest} more problem{'s' if rest > 1 else ''})."
+
+
+def bool_as_number(arguments: dict[str, Any], schema: dict[str, Any], tool: str) -> str | None:
+    """The refusal for a true/false given where a number belongs (pydantic's lax mode would read it as
+    1 or 0: ``max_iterations=true`` would quietly become one step), or None."""
+    properties = schema.get("properties") or {}
+    for key, value in arguments.items():
+        if isinstance(value, bool) and _numeric(properties.get(key) or {}):
+            kind = "an integer" if "integer" in _types(properties[key]) else "a number"
+            return f"Argument '{key}' of {tool} must be {kind}; got {value!r}."
+    return None
+
+
+def _types(prop: dict[str, Any]) -> set[str]:
+    kinds = {prop["type"]} if isinstance(prop.get("type"), str) else set(prop.get("type") or [])
+    for option in prop.get("anyOf") or []:
+        kinds |= _types(option)
+    return kinds
+
+
+def _numeric(prop: dict[str, Any]) -> bool:
+    kinds = _types(prop)
+    return bool(kinds & {"integer", "number"}) and "boolean" not in kinds

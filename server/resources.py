@@ -18,15 +18,13 @@ from agent.experiences import ExperienceFile
 from agent.trace.models import Message, Trace
 from server.settings import Settings
 from server.state import ServerState, state_of
-from server.views import elide, shown_message
+from server.views import ANSWER_BYTES, elide, shown_message
 
 PAGE_SIZE = 50
 
 
-RESOURCE_BYTES = 900_000
-"""A resource stays under the 1 MiB message limit of common clients: whole when it fits, else every message
-listed with long contents cut."""
 _CUTS: tuple[int | None, ...] = (None, 16_000, 2_000, 200, 0)
+"""A trace resource is whole when it fits ANSWER_BYTES, else every message listed with long contents cut."""
 
 
 def _engine(ctx: Context) -> Engine:
@@ -41,7 +39,7 @@ def trace_body(trace: Trace, messages: list[Message]) -> str:
     for limit in _CUTS:
         dumped = [shown_message(message, trace.trace_id, limit, nulls=True) for message in messages]
         text = json.dumps({"trace": trace.model_dump(mode="json"), "messages": dumped}, ensure_ascii=False)
-        if len(text.encode()) <= RESOURCE_BYTES:
+        if len(text.encode()) <= ANSWER_BYTES:
             break
     return text
 

@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from agent.tools.ask import ASK_HOST, question_of
-from agent.trace.models import Message, Outcome, Status, ToolCall, Trace, utc_now
-from server.views import one_line, summary
+from agent.tools.ask import ASK_HOST, call_shown, question_of
+from agent.trace.models import Message, Outcome, Status, Trace, utc_now
+from server.views import one_line, open_calls, summary
 
 TaskStatus = Literal["working", "input_required", "completed", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
@@ -22,7 +22,6 @@ WORKING_POLL_MS = 1000
 """How often a host should poll a running trace: a step of an agent takes about this long at best."""
 WAITING_POLL_MS = 2000
 STATUS_MESSAGE_CHARS = 300
-APPROVAL_ARGUMENT_CHARS = 300
 ERROR_OUTCOMES = frozenset({Outcome.FAILED, Outcome.INTERRUPTED})
 """Outcomes whose final tool result is an error (still a ``completed`` task: ``failed`` is for JSON-RPC errors)."""
 
@@ -83,19 +82,6 @@ def task_status(trace: Trace) -> TaskStatus:
     return "completed"
 
 
-def open_calls(tail: Sequence[Message]) -> tuple[Message | None, list[ToolCall]]:
-    """The last assistant message with tool calls and those of its calls that have no result yet."""
-    answered: set[str] = set()
-    for message in reversed(tail):
-        if message.role == "tool":
-            answered.add(message.tool_call_id or "")
-            continue
-        if message.role == "assistant" and message.tool_calls:
-            return message, [c for c in message.tool_calls if c.id not in answered]
-        break
-    return None, []
-
-
 def pending_requests(trace: Trace, tail: Sequence[Message]) -> list[InputRequest]:
     """What a ``needs_input`` trace waits for: its questions (one answer serves them all, as run_trace does)
     and its tool approvals (approved or declined together)."""
@@ -109,10 +95,7 @@ def pending_requests(trace: Trace, tail: Sequence[Message]) -> list[InputRequest
         text = "\n".join(question_of(c.function.arguments) for c in asks)
         requests.append(InputRequest(f"question-{asking.sequence}", "question", text))
     if asking is not None and approvals:
-        listed = "; ".join(
-            f"{c.function.name}({_cut(c.function.arguments or '', APPROVAL_ARGUMENT_CHARS)})"
-            for c in approvals
-        )
+        listed = "; ".join(call_shown(c.function.name, c.function.arguments) for c in approvals)
         requests.append(
             InputRequest(
                 f"approval-{asking.sequence}", "approval", f"The agent wants to call {listed}. Approve?"

@@ -51,6 +51,7 @@ from server.views import (
     messages_view,
     one_line,
     row_answer_chars,
+    row_result_chars,
     row_with_answer,
     shorten,
     size_of,
@@ -640,10 +641,12 @@ def register_tools(mcp: MCPServer) -> None:
         finished = [t for t in traces if t.status is not Status.RUNNING]
         done: list[dict[str, Any]] = []
         more: list[str] = []  # finished, past the answer's budget: named only
-        answer_chars, budget = row_answer_chars(len(finished)), RowBudget()
+        answer_chars, result_chars = row_answer_chars(len(finished)), row_result_chars(len(finished))
+        budget = RowBudget()
         for trace in finished:
             if not budget.full:
-                row = row_with_answer(trace, await engine.tail(trace.trace_id, 1), answer_chars)
+                tail = await engine.tail(trace.trace_id, TAIL_MESSAGES if trace.question else 1)
+                row = row_with_answer(trace, tail, answer_chars, result_chars)
                 if budget.take(row):
                     done.append(row)
                     continue

@@ -13,16 +13,20 @@ from typing import Any
 
 from agent import defaults
 from agent.trace.compaction import compaction_of
-from agent.trace.models import Message, Outcome, Trace
+from agent.trace.models import Message, Outcome, ToolCall, Trace
 
 SUMMARY_BYTES = 4000
 """The most a default get_trace answer may weigh, whatever the trace's length (issue target: ≤ 4 KB)."""
-MESSAGES_VIEW_CHARS = 60_000
-"""The most message text one ``view=messages`` page carries (≈15k tokens, under Claude Code's 25k cap)."""
-FULL_VIEW_BYTES = 900_000
-"""``view=full`` pages stay under the 1 MiB message limit of common clients."""
+MESSAGES_VIEW_CHARS = 40_000
+"""The most one ``view=messages`` page weighs, in characters of its JSON (≈10k tokens): under Claude Code's
+25k-token cap and its 50,000-character spill to a file."""
+ANSWER_BYTES = 900_000
+"""``view=full`` pages and trace resources stay under the 1 MiB message limit of common clients (counted in
+UTF-8 bytes)."""
 ANSWER_CHARS = 1500
 ROW_ANSWER_CHARS = 1000
+ROW_RESULT_CHARS = 8000
+"""A typed result is what a program came for: a row carries up to this much of its JSON whole."""
 ROWS_BYTES = 24_000
 """The most the rows of one await_traces or list_running answer weigh (≈6k tokens) however many traces
 there are; traces past it are named by id only."""
@@ -122,16 +126,23 @@ def answer_of(trace: Trace, tail: Sequence[Message]) -> Message | None:
 
 
 def row_with_answer(
-    trace: Trace, tail: Sequence[Message], answer_chars: int = ROW_ANSWER_CHARS
+    trace: Trace,
+    tail: Sequence[Message],
+    answer_chars: int = ROW_ANSWER_CHARS,
+    result_chars: int = ROW_RESULT_CHARS,
 ) -> dict[str, Any]:
     """A compact row plus what the caller came for: the answer, the typed result and the question, each
-    null when there is none (as in the summary). A result too long for the row is left out (null); the
-    answer, its JSON text, is then cut with its marker."""
+    null when there is none (as in the summary). A result too long for the row is left out (null) and a
+    ``note`` says where it is; the answer, its JSON text, is cut with its marker. ``tail`` ends the active
+    path (a waiting trace's should reach back to the message that asks, for a long question's marker)."""
     row = compact_row(trace)
     answer = answer_of(trace, tail)
     row["answer"] = cut(answer.content, answer_chars, trace.trace_id, answer.sequence) if answer else None
-    row["result"] = _bounded_result(trace, answer_chars) if trace.config.output_schema is not None else None
-    row["question"] = _cut_plain(trace.question, QUESTION_CHARS) if trace.question else None
+    has_schema = trace.config.output_schema is not None
+    row["result"] = _bounded_result(trace, max(answer_chars, result_chars)) if has_schema else None
+    if row["result"] is None and trace.result is not None:
+        row["note"] = _result_left_out(trace, answer).strip()
+    row["question"] = question_shown(trace, tail, QUESTION_CHARS)
     return row
 
 
@@ -158,6 +169,11 @@ def row_answer_chars(finished: int) -> int:
     return max(MIN_ROW_ANSWER_CHARS, min(ROW_ANSWER_CHARS, ROWS_BYTES // (2 * max(1, finished))))
 
 
+def row_result_chars(finished: int) -> int:
+    """How much of each typed result's JSON await_traces shows whole when ``finished`` traces share it."""
+    return max(MIN_ROW_ANSWER_CHARS, min(ROW_RESULT_CHARS, ROWS_BYTES // (2 * max(1, finished))))
+
+
 def shorten(text: str, limit: int) -> str:
     """``text`` cut at a word to about ``limit`` characters with an ellipsis."""
     if len(text) <= limit:
@@ -165,8 +181,27 @@ def shorten(text: str, limit: int) -> str:
     return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + "…"
 
 
-def _cut_plain(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + f"… [cut: {len(text):,} characters in all]"
+def open_calls(tail: Sequence[Message]) -> tuple[Message | None, list[ToolCall]]:
+    """The last assistant message with tool calls and those of its calls that have no result yet."""
+    answered: set[str] = set()
+    for message in reversed(tail):
+        if message.role == "tool":
+            answered.add(message.tool_call_id or "")
+            continue
+        if message.role == "assistant" and message.tool_calls:
+            return message, [c for c in message.tool_calls if c.id not in answered]
+        break
+    return None, []
+
+
+def question_shown(trace: Trace, tail: Sequence[Message], limit: int) -> str | None:
+    """The pending question, cut at ``limit`` with a marker naming the message whose calls ask it whole."""
+    question = trace.question
+    if not question or len(question) <= limit:
+        return question
+    asking, _ = open_calls(tail)
+    where = message_uri(trace.trace_id, asking.sequence) if asking else f"trace://{trace.trace_id}"
+    return f"{question[:limit]}… [cut: {len(question):,} characters in all; read {where} for the whole call]"
 
 
 def _bounded_result(trace: Trace, limit: int) -> Any:
@@ -257,7 +292,7 @@ def summary(
             "trace": row,
             "answer": cut(answer.content, answer_chars, tid, answer.sequence) if answer else None,
             "result": result,
-            "question": _cut_plain(trace.question, question_chars) if trace.question else None,
+            "question": question_shown(trace, tail, question_chars),
             "last_text": cut(last_text.content, last_chars, tid, last_text.sequence) if last_text else None,
             "recent": [f"#{m.sequence} {one_line(m, names)}" for m in steps[-lines:]],
             "last_sequence": last_sequence,
@@ -273,7 +308,7 @@ def summary(
 def _result_left_out(trace: Trace, answer: Message | None) -> str:
     where = message_uri(trace.trace_id, answer.sequence) if answer else "view='full'"
     size = len(json.dumps(trace.result, ensure_ascii=False))
-    return f"The result ({size:,} characters of JSON) is too long for this summary: read {where} for it. "
+    return f"The result ({size:,} characters of JSON) is too long to show here: read {where} for it. "
 
 
 def shown_message(
@@ -297,12 +332,13 @@ def shown_message(
     return item
 
 
-def _text_chars(item: dict[str, Any]) -> int:
-    calls = item.get("tool_calls") or []
-    return len(item.get("content") or "") + sum(len(c["function"]["arguments"] or "") for c in calls)
+def json_chars(value: Any) -> int:
+    """Characters of ``value`` as the compact JSON text a host reads."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
 
 def size_of(value: Any) -> int:
+    """UTF-8 bytes of ``value`` as compact JSON: what a client's message limit counts."""
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
 
 
@@ -311,19 +347,21 @@ def messages_view(
 ) -> dict[str, Any]:
     """Active-path messages after ``after``, each cut at ``max_chars`` (``full``: uncut), a page at a time."""
     shown: list[dict[str, Any]] = []
-    budget = FULL_VIEW_BYTES if full else MESSAGES_VIEW_CHARS
+    budget = ANSWER_BYTES if full else MESSAGES_VIEW_CHARS
     used = 0
     more_after: int | None = None
     for message in path:
         if after is not None and message.sequence <= after:
             continue
         item = shown_message(message, trace.trace_id, None if full else max_chars)
-        weight = size_of(item) if full else _text_chars(item) + 200
+        weight = size_of(item) if full else json_chars(item)
         if shown and used + weight > budget:
             more_after = shown[-1]["sequence"]
             break
-        if full and weight > budget:  # one message bigger than a page: its start, and where the rest is
-            item = shown_message(message, trace.trace_id, budget // (2 + 2 * len(message.tool_calls or [])))
+        limit = budget // (2 + 2 * len(message.tool_calls or []))
+        while full and weight > budget:  # one message bigger than a page: its start, and where the rest is
+            item = shown_message(message, trace.trace_id, limit)
+            weight, limit = size_of(item), limit // 2  # multi-byte text weighs up to 4 bytes a character
         shown.append(item)
         used += weight
     body: dict[str, Any] = {

@@ -35,7 +35,7 @@ from agent.core.patterns import MATCH_BUDGET_SECONDS, PatternTimeout
 from agent.core.typed import MAX_REASKS, parse_result, reask
 from agent.errors import ContextTooLong, ModelCallError, ToolCallError, TraceNotFound, storage_trouble
 from agent.llm.base import Model, ModelResponse
-from agent.tools.ask import ASK_HOST, question_of
+from agent.tools.ask import ASK_HOST, call_shown, question_of
 from agent.tools.registry import Tool, ToolRegistry, openai_tool_schema
 from agent.trace import compaction
 from agent.trace.events import MessageStored, TraceChanged, TraceEvent
@@ -615,7 +615,7 @@ class Run:
         approvals = [c for c in waiting if c.function.name != ASK_HOST]
         parts = list(asked)
         if approvals:
-            listed = "; ".join(f"{c.function.name}({_short(c.function.arguments, 300)})" for c in approvals)
+            listed = "; ".join(call_shown(c.function.name, c.function.arguments) for c in approvals)
             parts.append(
                 f"The agent wants to call {listed}. Approve with run_trace(approve=true), or decline with "
                 "approve=false and answer='why'."

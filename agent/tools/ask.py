@@ -14,6 +14,9 @@ from agent.errors import ToolCallError
 
 ASK_HOST = "ask_host"
 MAX_QUESTION_CHARS = 4000
+APPROVAL_ARGUMENT_CHARS = 2000
+"""How much of a call's arguments an approval question shows: enough to judge it by (the asking message
+holds the call whole)."""
 
 
 class AskHostTool:
@@ -45,3 +48,11 @@ def question_of(arguments: str) -> str:
         value = value.get("question")
     text = " ".join(str(value or "").split()) or "(no question given)"
     return text if len(text) <= MAX_QUESTION_CHARS else text[:MAX_QUESTION_CHARS] + "…"
+
+
+def call_shown(name: str, arguments: str | None) -> str:
+    """A tool call as an approval question names it: ``name(arguments)``, the arguments on one line, cut."""
+    flat = " ".join((arguments or "").split())
+    if len(flat) > APPROVAL_ARGUMENT_CHARS:
+        flat = flat[: APPROVAL_ARGUMENT_CHARS - 1] + "…"
+    return f"{name}({flat})"

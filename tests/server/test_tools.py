@@ -663,7 +663,7 @@ async def test_a_typed_result_too_long_for_the_summary_says_where_it_is(client, 
     tid = (await call(client, "create_trace", prompt="sum up", output_schema=schema))["trace_id"]
     view = await wait_done(client, tid)
     assert view["trace"]["outcome"] == "answered" and view["result"] is None
-    assert f"trace://{tid}/messages/" in view["next"] and "too long for this summary" in view["next"]
+    assert f"trace://{tid}/messages/" in view["next"] and "too long to show here" in view["next"]
     assert (await call(client, "get_trace", trace_id=tid, view="full"))["trace"]["result"] == big
 
 

@@ -1,0 +1,105 @@
+"""Long values in what a host reads: questions, typed results, big messages and number-shaped arguments.
+
+Each answer is bounded for the host, and whatever it leaves out it says where to read whole.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mcp import Client
+
+from tests.fakes import call as tool_call
+from tests.fakes import reply, turn_script
+from tests.server.helpers import call, call_error, full, wait_done
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["legacy", "auto"])
+async def client(request, server):
+    async with Client(server, mode=request.param) as c:
+        yield c
+
+
+async def test_a_long_question_is_cut_with_a_marker_naming_the_asking_message(client, model):
+    question = "Which of these files should I read first? " + "option " * 220  # ≈ 1,580 characters
+    model.steps = [turn_script(reply(None, tool_call("ask_host", "q1", question=question)), reply("ok"))]
+    tid = (await call(client, "create_trace", prompt="read something"))["trace_id"]
+    view = await wait_done(client, tid)
+    assert view["trace"]["outcome"] == "needs_input"
+    marker = f"read trace://{tid}/messages/3 for the whole call"
+    assert view["question"].startswith("Which of these files") and marker in view["question"]
+    row = (await call(client, "await_traces", trace_ids=[tid]))["done"][0]
+    assert marker in row["question"]
+    asking = await client.read_resource(f"trace://{tid}/messages/3")
+    assert (
+        question.strip()
+        in json.loads(json.loads(asking.contents[0].text)["tool_calls"][0]["function"]["arguments"])[
+            "question"
+        ]
+    )
+
+
+async def test_an_approval_question_shows_the_calls_arguments_a_host_judges_by(client, model):
+    note = "a" * 1200
+    model.steps = [
+        turn_script(reply(None, tool_call("read_file", "c1", path="README.md", note=note)), reply("read"))
+    ]
+    tid = (await call(client, "create_trace", prompt="read", confirm_tools=["read_file"]))["trace_id"]
+    view = await call(client, "get_trace", trace_id=tid, view="full")
+    while view["trace"]["status"] == "running":
+        view = await call(client, "get_trace", trace_id=tid, view="full", wait_seconds=5)
+    assert note in view["trace"]["question"] and "read_file(" in view["trace"]["question"]
+
+
+async def test_await_traces_returns_a_typed_result_whole_or_says_where_it_is(client, model):
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    mid, big = {"text": "m" * 1800}, {"text": "b" * 9000}
+    model.steps = [turn_script(reply(json.dumps(mid)))]
+    first = (await call(client, "create_trace", prompt="mid", output_schema=schema))["trace_id"]
+    await wait_done(client, first)
+    model.steps = [turn_script(reply(json.dumps(big)))]
+    second = (await call(client, "create_trace", prompt="big", output_schema=schema))["trace_id"]
+    await wait_done(client, second)
+    rows = {r["trace_id"]: r for r in (await call(client, "await_traces", trace_ids=[first]))["done"]}
+    assert rows[first]["result"] == mid and "note" not in rows[first]
+    row = (await call(client, "await_traces", trace_ids=[second]))["done"][0]
+    assert row["result"] is None and f"trace://{second}/messages/3" in row["note"]
+    assert "9,012 characters of JSON" in row["note"]
+
+
+async def test_a_full_page_stays_under_a_mebibyte_in_multi_byte_text(client, model):
+    model.steps = [turn_script(reply("中" * 600_000))]  # 1.8 MB of UTF-8 in one answer
+    tid = (await call(client, "create_trace", prompt="write a lot"))["trace_id"]
+    await wait_done(client, tid)
+    first = await client.call_tool("get_trace", {"trace_id": tid, "view": "full"})
+    assert first.structured_content["next_after_sequence"] == 2  # the answer starts the next page
+    result = await client.call_tool("get_trace", {"trace_id": tid, "view": "full", "after_sequence": 2})
+    assert len(result.content[0].text.encode()) < 1_000_000
+    answer = result.structured_content["messages"][0]
+    assert answer["content"].startswith("中" * 1000) and f"trace://{tid}/messages/3" in answer["content"]
+
+
+async def test_a_messages_page_stays_under_the_hosts_spill_size(client, model, workspace):
+    (workspace / "big.txt").write_text("x" * 9000, encoding="utf-8")
+    read = reply(None, tool_call("read_file", "c1", path="big.txt"))
+    model.steps = [turn_script(*[read] * 20, reply("read"))]
+    tid = (await call(client, "create_trace", prompt="read big.txt often"))["trace_id"]
+    await wait_done(client, tid)
+    result = await client.call_tool("get_trace", {"trace_id": tid, "view": "messages", "max_chars": 9000})
+    assert len(result.content[0].text) < 50_000
+    page = result.structured_content
+    assert page["next_after_sequence"] and "after_sequence=" in page["next"]
+
+
+async def test_true_or_false_is_no_number(client):
+    text = await call_error(client, "create_trace", prompt="x", max_iterations=True)
+    assert text == "Argument 'max_iterations' of create_trace must be an integer; got True."
+    text = await call_error(client, "create_trace", prompt="x", temperature=False)
+    assert text == "Argument 'temperature' of create_trace must be a number; got False."
+    assert "wait_seconds" in await call_error(client, "get_trace", trace_id="a" * 32, wait_seconds=True)
+    assert (await call(client, "list_traces"))["traces"] == []
+    tid = (await call(client, "create_trace", prompt="x", max_iterations=3, temperature=1))["trace_id"]
+    assert (await full(client, tid))["trace"]["config"]["max_iterations"] == 3
