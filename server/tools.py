@@ -315,6 +315,12 @@ def check_sizes(
         )
 
 
+def shown_default(value: Any) -> Any:
+    """The default a host reads in the schema, for an argument left None in the call when not given: a new
+    trace takes the default (the engine's, from agent.defaults), a fork its source's value."""
+    return Field(json_schema_extra={"default": value})
+
+
 def register_tools(mcp: MCPServer) -> None:
     @mcp.tool(title="Create trace", annotations=RUNS_AGENT)
     @tool_errors
@@ -335,11 +341,15 @@ def register_tools(mcp: MCPServer) -> None:
             ),
         ] = None,
         temperature: Annotated[
-            float, Field(ge=0, le=2, description="Sampling temperature")
-        ] = defaults.TEMPERATURE,
+            float | None,
+            Field(ge=0, le=2, description="Sampling temperature"),
+            shown_default(defaults.TEMPERATURE),
+        ] = None,
         max_iterations: Annotated[
-            int, Field(ge=1, le=defaults.MAX_ITERATIONS_LIMIT, description="Most model calls in one run")
-        ] = defaults.MAX_ITERATIONS,
+            int | None,
+            Field(ge=1, le=defaults.MAX_ITERATIONS_LIMIT, description="Most model calls in one run"),
+            shown_default(defaults.MAX_ITERATIONS),
+        ] = None,
         system_prompt: Annotated[
             str | None, Field(description="System prompt; none: built from skills and recalled lessons")
         ] = None,
@@ -357,8 +367,10 @@ def register_tools(mcp: MCPServer) -> None:
             Field(ge=0, le=50, description="Lessons from experience to recall into the prompt (0: none)"),
         ] = None,
         reflect: Annotated[
-            bool, Field(description="Reflect automatically when the run completes or fails")
-        ] = False,
+            bool | None,
+            Field(description="Reflect automatically when the run completes or fails"),
+            shown_default(False),
+        ] = None,
         max_tokens: MaxTokens = None,
         timeout_seconds: TimeoutSeconds = None,
         output_schema: Annotated[
@@ -368,16 +380,20 @@ def register_tools(mcp: MCPServer) -> None:
             ),
         ] = None,
         ask_host: Annotated[
-            bool,
+            bool | None,
             Field(description="Give the agent an ask_host(question) tool: it pauses the run as needs_input"),
-        ] = True,
+            shown_default(True),
+        ] = None,
         confirm_tools: Annotated[
             StrList | None,
             Field(description="Tools or servers whose calls wait for your approval (run_trace(approve=...))"),
         ] = None,
         from_trace: Annotated[
             TraceId | None,
-            Field(description="Fork: start from a copy of this trace's path (the source is unchanged)"),
+            Field(
+                description="Fork: start from a copy of this trace's path and settings (arguments given here "
+                "override them; the source is unchanged)"
+            ),
         ] = None,
         from_sequence: Annotated[
             Sequence_ | None,

@@ -164,6 +164,9 @@ class Requests:
         self._tools.check_whitelist(config.confirm_tools, argument="confirm_tools")
         if config.output_schema is not None:
             check_schema(config.output_schema)
+        if source is not None:  # a call left open in the source is closed before the fork's own messages
+            at_head = fork_head == source.head_sequence
+            copied.extend(closing_results(copied, messages, at_head and source.status is Status.STOPPED))
         check_placement(copied, messages)
         base = source.config if source is not None else TraceConfig()
         given = {
@@ -256,17 +259,7 @@ class Requests:
         check_placement(context, [*replies, *messages])
         messages = [*replies, *messages]
         stopped = trace.status is Status.STOPPED  # a call the host stopped is not run again by going on
-        if (
-            open_tool_calls(context)
-            and (messages or stopped)
-            and (not messages or messages[0].role != "tool")
-        ):
-            text = CANCELLED_TOOL_RESULT if stopped else UNFINISHED_TOOL_RESULT
-            closing = [
-                NewMessage(role="tool", tool_call_id=call_id, content=text)
-                for call_id in open_tool_calls(context)
-            ]
-            messages = closing + messages
+        messages = [*closing_results(context, messages, stopped), *messages]
         return Request(
             self.segment(trace, model, context, approved), head=head, messages=messages, behind=behind
         )
@@ -307,7 +300,15 @@ class Requests:
                     f"Trace '{tid}' has no tool call waiting for approval; answer its question instead."
                 )
             if config.approve:
-                return [], frozenset(c.id for c in approvals)
+                if config.answer is None:
+                    return [], frozenset(c.id for c in approvals)
+                if not asks:  # an answer with approve=true would be lost: say so rather than drop it
+                    raise InvalidMessages(
+                        f"Trace '{tid}' asks no question, so approve=true takes no answer (answer is the "
+                        "reason only with approve=false)."
+                    )
+                answered = [NewMessage(role="tool", tool_call_id=c.id, content=config.answer) for c in asks]
+                return answered, frozenset(c.id for c in approvals)
             reason = (config.answer or "").strip() or "no reason given"
             declined = [
                 NewMessage(role="tool", tool_call_id=c.id, content=f"declined: {reason}") for c in approvals
@@ -319,3 +320,16 @@ class Requests:
             )
         answer = config.answer or ""
         return [NewMessage(role="tool", tool_call_id=c.id, content=answer) for c in asks], frozenset()
+
+
+def closing_results(
+    context: Sequence[Message | NewMessage], messages: list[NewMessage], stopped: bool
+) -> list[NewMessage]:
+    """Tool results for the calls ``context`` leaves open, when going on would otherwise leave them
+    dangling (new messages follow, or the host stopped them: a stopped call is not run again). None when
+    the new messages are themselves tool results, or when nothing new comes and the calls may still run."""
+    open_ids = open_tool_calls(context)
+    if not open_ids or not (messages or stopped) or (messages and messages[0].role == "tool"):
+        return []
+    text = CANCELLED_TOOL_RESULT if stopped else UNFINISHED_TOOL_RESULT
+    return [NewMessage(role="tool", tool_call_id=call_id, content=text) for call_id in open_ids]

@@ -117,3 +117,61 @@ async def test_typed_result_overrides_fork_tags_and_delete(client, fake_openai):
     assert "output_schema" in text and "http" not in text
     text = await call_error(client, "create_trace", from_trace=tid, from_sequence=999, prompt="x")
     assert "no message with sequence 999" in text
+
+
+async def test_a_fork_of_a_paused_trace_closes_the_open_call_and_keeps_the_sources_settings(
+    client, fake_openai
+):
+    fake_openai.script = [("json", completion(None, [tool_call("read_file", "r1", path="README.md")]))]
+    source = (
+        await call(
+            client,
+            "create_trace",
+            prompt="read the README",
+            confirm_tools=["read_file"],
+            ask_host=False,
+            temperature=1.2,
+            max_iterations=5,
+        )
+    )["trace_id"]
+    assert (await wait_done(client, source))["trace"]["outcome"] == "needs_input"
+    fake_openai.script = [("json", completion("Hi."))]
+    fork = (await call(client, "create_trace", from_trace=source, prompt="Never mind: say hi."))["trace_id"]
+    assert (await wait_done(client, fork))["answer"] == "Hi."
+    body = fake_openai.requests[-1]["body"]
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "tool", "user"]
+    closed = body["messages"][3]
+    assert closed["tool_call_id"] == "r1" and closed["content"].startswith("Not run")
+    assert body["temperature"] == 1.2 and all(t["function"]["name"] != "ask_host" for t in body["tools"])
+    config = (await full(client, fork))["trace"]["config"]
+    assert config["max_iterations"] == 5 and config["ask_host"] is False
+    assert (await wait_done(client, source))["trace"]["outcome"] == "needs_input"  # the source is as it was
+
+
+async def test_approve_with_an_answer_answers_the_question_asked_beside_the_approval(client, fake_openai):
+    fake_openai.script = [
+        (
+            "json",
+            completion(
+                None,
+                [
+                    tool_call("ask_host", "q1", question="Which part?"),
+                    tool_call("read_file", "r1", path="README.md"),
+                ],
+            ),
+        ),
+        ("json", completion("Read the intro.")),
+    ]
+    tid = (await call(client, "create_trace", prompt="read", confirm_tools=["read_file"]))["trace_id"]
+    assert (await wait_done(client, tid))["trace"]["outcome"] == "needs_input"
+    await call(client, "run_trace", trace_id=tid, approve=True, answer="the intro")
+    assert (await wait_done(client, tid))["answer"] == "Read the intro."
+    sent = fake_openai.requests[-1]["body"]["messages"]
+    results = {m["tool_call_id"]: m["content"] for m in sent if m["role"] == "tool"}
+    assert results["q1"] == "the intro" and "The answer is 42." in results["r1"]
+
+    fake_openai.script = [("json", completion(None, [tool_call("read_file", "r2", path="notes.txt")]))]
+    await call(client, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "and the notes"}])
+    assert (await wait_done(client, tid))["trace"]["outcome"] == "needs_input"
+    text = await call_error(client, "run_trace", trace_id=tid, approve=True, answer="lost")
+    assert "asks no question, so approve=true takes no answer" in text
