@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent import defaults
+from agent.tools.ask import ASK_HOST
 from agent.trace.compaction import compaction_of
 from agent.trace.models import Message, Outcome, ToolCall, Trace
 
@@ -219,8 +220,14 @@ def suggested_wait(max_wait: float = defaults.MAX_WAIT_SECONDS) -> int | float:
     return int(wait) if wait >= 1 else wait
 
 
-def next_step(trace: Trace, last_sequence: int | None, max_wait: float = defaults.MAX_WAIT_SECONDS) -> str:
-    """The one call a host should make next, in words (waits suggested stay within --max-wait and 45 s)."""
+def next_step(
+    trace: Trace,
+    last_sequence: int | None,
+    max_wait: float = defaults.MAX_WAIT_SECONDS,
+    waiting: Sequence[ToolCall] = (),
+) -> str:
+    """The one call a host should make next, in words (waits suggested stay within --max-wait and 45 s).
+    ``waiting``: the calls a paused trace waits on, to name the reply they need."""
     wait = suggested_wait(max_wait)
     tid = trace.trace_id
     outcome = trace.outcome
@@ -231,8 +238,23 @@ def next_step(trace: Trace, last_sequence: int | None, max_wait: float = default
             "or await_traces for several traces at once."
         )
     if outcome is Outcome.NEEDS_INPUT:
+        asks = any(c.function.name == ASK_HOST for c in waiting)
+        approvals = any(c.function.name != ASK_HOST for c in waiting)
+        reply = f"run_trace(trace_id='{tid}'"
+        if approvals and not asks:
+            return (
+                f"Waiting for your approval. Reply with {reply}, approve=true) to run the call, or approve=false "
+                "with answer='why' to decline it."
+            )
+        if approvals:
+            return (
+                f"Waiting for you. Reply with {reply}, answer='...', approve=true) to answer and run the call "
+                "that waits too (approve=false with answer='why' declines the call)."
+            )
+        if asks:
+            return f"Waiting for you. Reply with {reply}, answer='...')."
         return (
-            f"Waiting for you. Reply with run_trace(trace_id='{tid}', answer='...'); for a tool approval pass "
+            f"Waiting for you. Reply with {reply}, answer='...'); for a tool approval pass "
             "approve=true or approve=false (with answer as the reason)."
         )
     if outcome is Outcome.ANSWERED:
@@ -275,6 +297,7 @@ def summary(
         one_line(message, names)  # learn the tool names of calls whose results are in the tail
     answer = answer_of(trace, tail)
     last_sequence = tail[-1].sequence if tail else None
+    waiting = open_calls(tail)[1] if trace.outcome is Outcome.NEEDS_INPUT else []
     steps = [m for m in tail if m.role != "system" or m.sequence != 1]  # the host wrote the system prompt
     limits = [  # tighter and tighter until it fits (multi-byte text weighs more than its characters)
         (ANSWER_CHARS, LAST_TEXT_CHARS, RECENT_LINES, QUESTION_CHARS, None),
@@ -298,7 +321,7 @@ def summary(
             "last_sequence": last_sequence,
             "next": (f"{note} " if note else "")
             + (_result_left_out(trace, answer) if result is None and trace.result is not None else "")
-            + next_step(trace, last_sequence, max_wait),
+            + next_step(trace, last_sequence, max_wait, waiting),
         }
         if size_of(body) <= SUMMARY_BYTES:
             break

@@ -32,7 +32,7 @@ async def test_ask_answer_and_complete(client, fake_openai):
     tid = (await call(client, "create_trace", prompt="Summarise a file"))["trace_id"]
     paused = await wait_done(client, tid)
     assert paused["trace"]["outcome"] == "needs_input" and paused["question"] == "Which file?"
-    assert "run_trace" in paused["next"] and "answer" in paused["next"]
+    assert paused["next"] == f"Waiting for you. Reply with run_trace(trace_id='{tid}', answer='...')."
     assert "asks nothing" not in await call_error(client, "run_trace", trace_id=tid, approve=True)
     await call(client, "run_trace", trace_id=tid, answer="notes.txt")
     done = await wait_done(client, tid)
@@ -52,6 +52,7 @@ async def test_approve_a_confirmed_tool_then_decline_one(client, fake_openai):
     ]
     paused = await wait_done(client, tid)
     assert paused["trace"]["outcome"] == "needs_input" and "read_file" in paused["question"]
+    assert paused["next"].startswith("Waiting for your approval.") and "approve=true) to run" in paused["next"]
     await call(client, "run_trace", trace_id=tid, approve=True)
     assert (await wait_done(client, tid))["answer"] == "Read it."
     steps = (await full(client, tid))["messages"]
@@ -163,7 +164,8 @@ async def test_approve_with_an_answer_answers_the_question_asked_beside_the_appr
         ("json", completion("Read the intro.")),
     ]
     tid = (await call(client, "create_trace", prompt="read", confirm_tools=["read_file"]))["trace_id"]
-    assert (await wait_done(client, tid))["trace"]["outcome"] == "needs_input"
+    paused = await wait_done(client, tid)
+    assert paused["trace"]["outcome"] == "needs_input" and "answer='...', approve=true)" in paused["next"]
     await call(client, "run_trace", trace_id=tid, approve=True, answer="the intro")
     assert (await wait_done(client, tid))["answer"] == "Read the intro."
     sent = fake_openai.requests[-1]["body"]["messages"]
