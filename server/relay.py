@@ -41,6 +41,8 @@ MAX_SOCKET_PATH = 103
 CONTROL_KEY = "agent_trace"
 """A connection's first line holding this key is a control request; anything else starts MCP at once."""
 HELLO_SECONDS = 10.0
+STUCK_TERM_SECONDS = 5.0
+"""stop-server --now gives a server that does not answer this long to exit on SIGTERM before SIGKILL."""
 START_SECONDS = 30.0
 EOF_GRACE_SECONDS = defaults.EOF_DRAIN_SECONDS + 5
 """After the host closes stdin, how long the relay waits for the server to answer what it was sent and end
@@ -532,12 +534,47 @@ def stop_command(data_dir: Path) -> str:
     return shlex.join([console_script(), "stop-server", "--data-dir", str(data_dir)])
 
 
-def _no_server(address: ServerAddress) -> str:
-    sentence = f"No shared server is running for {address.data_dir}."
+def _stuck_pid(address: ServerAddress) -> int | None:
+    """The pid of the server the record names while that process is alive and a server holds the lock
+    (so a pid the system has since given to another program is never taken for it)."""
     pid = read_record(address).get("pid")
-    if isinstance(pid, int) and pid_alive(pid):
-        sentence += f" (pid {pid}, named in {address.record}, runs but does not answer.)"
-    return sentence
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return None
+    fd = try_lock(address.lock) if address.lock.exists() else None
+    if fd is not None:  # no server holds it: that pid is not one
+        os.close(fd)
+        return None
+    return pid if address.lock.exists() else None
+
+
+def _no_server(address: ServerAddress) -> str:
+    pid = _stuck_pid(address)
+    if pid is None:
+        return f"No shared server is running for {address.data_dir}."
+    return (
+        f"The shared server for {address.data_dir} (pid {pid}) runs but does not answer (stuck or "
+        f"paused); `{stop_command(address.data_dir)} --now` ends it."
+    )
+
+
+def _end_stuck(pid: int) -> None:
+    """End a server that answers nothing: SIGTERM (it stops its runs, if its loop still turns; SIGCONT
+    wakes a paused one), then SIGKILL (its runs read interrupted, and can be resumed)."""
+    print(f"The shared server (pid {pid}) does not answer: ending it…", flush=True)
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + STUCK_TERM_SECONDS
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        while pid_alive(pid):
+            time.sleep(0.05)
+        print(f"The shared server (pid {pid}) was killed; its running traces read interrupted.")
+    else:
+        print(f"The shared server (pid {pid}) has stopped.")
 
 
 def _duration(seconds: float) -> str:
@@ -618,8 +655,13 @@ def stop_server(settings: Settings, now: bool = False) -> int:
     draining = [record["pid"] for record in address.draining()]
     channel = open_channel(address) if address.socket.exists() else None
     code = 0 if channel is None else _stop_listening_server(address, channel, now)
-    if channel is None and not draining:
+    stuck = _stuck_pid(address) if channel is None or code else None
+    if stuck is not None and now:
+        _end_stuck(stuck)
+        code = 0
+    elif channel is None and not draining:
         print(_no_server(address))
+        code = 1 if stuck is not None else code
     for pid in draining:
         if now:
             with suppress(ProcessLookupError):

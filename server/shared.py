@@ -57,6 +57,9 @@ STOP_RUNS_SECONDS = 15.0
 BIND_WAIT_SECONDS = 10.0
 """How long a new server waits for the lock of one that no longer answers (it is exiting)."""
 CLOSE_SECONDS = 5.0
+ANSWER_GRACE_SECONDS = 10.0
+"""Winding down, host sessions get this long to answer what they were asked (a wait on a run that just
+ended answers within a second) before their connections are closed."""
 ACCEPT_RETRY_SECONDS = 0.1
 """After a failed accept (EMFILE): the connections already open go on meanwhile."""
 DRAINED, STOP_NOW = "drained", "stop-server --now"  # shutdown reasons a control request gives
@@ -127,6 +130,7 @@ class SharedServer:
         # anyio primitives exist only inside the event loop
         self._ready = anyio.Event()
         self._shutdown = anyio.Event()
+        self._closing = anyio.Event()
 
     # -- the socket ----------------------------------------------------------------------------------
 
@@ -301,7 +305,7 @@ class SharedServer:
         self._sessions += 1
         log.info("a host connected (%d session(s))", self._sessions)
         try:
-            await serve_session(self._server, reader, stream, lifespan_state=state)
+            await serve_session(self._server, reader, stream, lifespan_state=state, closing=self._closing)
         finally:
             self._sessions -= 1
             if note is not None:
@@ -416,6 +420,10 @@ class SharedServer:
             await engine.wait_local_idle()
 
     async def _close_connections(self) -> None:
+        self._closing.set()  # each session ends once it has answered what it was asked
+        with anyio.move_on_after(ANSWER_GRACE_SECONDS):
+            while self._sessions:
+                await anyio.sleep(0.01)
         for scope in list(self._connections):
             scope.cancel()
         with anyio.move_on_after(CLOSE_SECONDS):

@@ -194,8 +194,12 @@ async def serve_session(
     stream: ByteSendStream,
     *,
     lifespan_state: Any,
+    closing: anyio.Event | None = None,
 ) -> None:
-    """Serve one MCP session (the client's first request picks its protocol era) on an entered lifespan."""
+    """Serve one MCP session (the client's first request picks its protocol era) on an entered lifespan.
+
+    Once ``closing`` is set (the server winds down), the session ends as soon as every request it was
+    asked is answered: a host waiting on a run the server let finish (or stopped) gets its answer."""
     to_server, from_client = anyio.create_memory_object_stream[SessionMessage | Exception](0)
     to_client, from_server = anyio.create_memory_object_stream[SessionMessage](0)
     sending = anyio.Lock()
@@ -258,10 +262,19 @@ async def serve_session(
                 if isinstance(item.message, types.JSONRPCResponse | types.JSONRPCError):
                     settled(item.message.id)
 
+    async def end_when_answered(scope: anyio.CancelScope) -> None:
+        assert closing is not None
+        await closing.wait()
+        while unanswered and not gone:
+            await answered.wait()
+        scope.cancel()
+
     async with anyio.create_task_group() as group:
         group.start_soon(write_frames)
         async with anyio.create_task_group() as reading:
             reading.start_soon(read_frames)
+            if closing is not None:
+                reading.start_soon(end_when_answered, group.cancel_scope)
             await serve_dual_era_loop(
                 server,
                 from_client,

@@ -426,6 +426,41 @@ async def test_stop_server_drains_by_default(tmp_path, workspace, fake_openai):
         assert (await call(reader, "get_trace", trace_id=tid))["trace"]["status"] == "completed"
 
 
+async def test_a_host_waiting_when_the_server_stops_gets_its_answer_first(tmp_path, workspace, fake_openai):
+    fake_openai.script = [("hang", None)]
+    async with Client(model_host(tmp_path, workspace, fake_openai), mode="legacy") as host:
+        tid = (await call(host, "create_trace", prompt="Look around"))["trace_id"]
+        await wait_until(lambda: len(fake_openai.requests) == 1)
+        answers: list[dict] = []
+
+        async def wait_on_it() -> None:
+            answers.append(await call(host, "get_trace", trace_id=tid, wait_seconds=30))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(wait_on_it)
+            await anyio.sleep(0.5)
+            stopped = await anyio.to_thread.run_sync(lambda: run_cli(tmp_path, "stop-server", "--now"))
+        assert stopped.returncode == 0 and "has stopped" in stopped.stdout
+        assert answers[0]["trace"]["status"] == "stopped"  # answered before the session closed
+
+
+async def test_a_server_that_does_not_answer_is_named_and_stop_server_now_ends_it(tmp_path, workspace):
+    async with Client(relay_params(tmp_path, workspace), mode="legacy") as host:
+        await call(host, "list_traces")
+        pid = status(tmp_path)["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        shown = await anyio.to_thread.run_sync(lambda: run_cli(tmp_path, "status"))
+        assert shown.returncode == 1 and f"(pid {pid}) runs but does not answer" in shown.stdout
+        assert "No shared server" not in shown.stdout and "--now` ends it" in shown.stdout
+        stopped = await anyio.to_thread.run_sync(lambda: run_cli(tmp_path, "stop-server", "--now"))
+        assert stopped.returncode == 0 and "does not answer: ending it" in stopped.stdout
+        await wait_gone(pid, 10)
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
 # -- the relay as a transport ---------------------------------------------------------------------------
 
 

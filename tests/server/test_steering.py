@@ -52,7 +52,9 @@ async def test_approve_a_confirmed_tool_then_decline_one(client, fake_openai):
     ]
     paused = await wait_done(client, tid)
     assert paused["trace"]["outcome"] == "needs_input" and "read_file" in paused["question"]
-    assert paused["next"].startswith("Waiting for your approval.") and "approve=true) to run" in paused["next"]
+    assert (
+        paused["next"].startswith("Waiting for your approval.") and "approve=true) to run" in paused["next"]
+    )
     await call(client, "run_trace", trace_id=tid, approve=True)
     assert (await wait_done(client, tid))["answer"] == "Read it."
     steps = (await full(client, tid))["messages"]
