@@ -30,6 +30,8 @@ MAX_MESSAGES_CHARS = 4_000_000
 """All the messages of one call together (as JSON): what the HTTP transport's 4 MiB body cap admits."""
 MAX_SEQUENCE = 10**12
 TRACE_ID_PATTERN = r"^[0-9a-f]{32}$"
+TAG_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+"""Tags hold no control characters (a NUL would cut one short in the store's JSON functions)."""
 _TRACE_ID = re.compile(TRACE_ID_PATTERN)
 
 
@@ -122,6 +124,8 @@ def sentence(error: ErrorDetails, tool: str) -> str:
     if kind == "string_pattern_mismatch":
         if ctx.get("pattern") == TRACE_ID_PATTERN:
             return f"{name} must be a trace id (32 hex characters, as create_trace returned it); got {got}."
+        if ctx.get("pattern") == TAG_PATTERN:
+            return f"{name} must be a tag without control characters; got {got}."
         return f"{name} has the wrong form; got {got}."
     if kind in ("literal_error", "enum"):
         allowed = ctx.get("expected", "")

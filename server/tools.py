@@ -33,6 +33,7 @@ from server.arguments import (
     MAX_TOOL_NAME_CHARS,
     MAX_TOOLS,
     MAX_UID_CHARS,
+    TAG_PATTERN,
     Sequence_,
     StrList,
     TraceId,
@@ -295,6 +296,7 @@ def check_sizes(
     tags: list[str] | None,
     tools: list[str] | None,
     system_prompt: str | None,
+    confirm_tools: list[str] | None = None,
 ) -> None:
     """Oversized fields are refused at creation, so one record can never poison shared listings."""
     if name is not None and len(name) > MAX_NAME_CHARS:
@@ -304,11 +306,15 @@ def check_sizes(
     for tag in tags or []:
         if not tag or len(tag) > MAX_TAG_CHARS:
             raise ToolError(f"Each tag must be 1 to {MAX_TAG_CHARS} characters; one is {len(tag):,}.")
-    if tools is not None:
-        if len(tools) > MAX_TOOLS:
-            raise ToolError(f"tools lists {len(tools):,} names; at most {MAX_TOOLS} are allowed.")
-        if any(len(t) > MAX_TOOL_NAME_CHARS for t in tools):
-            raise ToolError(f"A name in tools is longer than {MAX_TOOL_NAME_CHARS} characters.")
+        if re.fullmatch(TAG_PATTERN, tag) is None:
+            raise ToolError(f"A tag cannot hold control characters; got {elide(tag)}.")
+    for argument, names in (("tools", tools), ("confirm_tools", confirm_tools)):
+        if names is None:
+            continue
+        if len(names) > MAX_TOOLS:
+            raise ToolError(f"{argument} lists {len(names):,} names; at most {MAX_TOOLS} are allowed.")
+        if any(len(t) > MAX_TOOL_NAME_CHARS for t in names):
+            raise ToolError(f"A name in {argument} is longer than {MAX_TOOL_NAME_CHARS} characters.")
     if system_prompt is not None and len(system_prompt) > MAX_SYSTEM_PROMPT_CHARS:
         raise ToolError(
             f"system_prompt is {len(system_prompt):,} characters; at most {MAX_SYSTEM_PROMPT_CHARS:,} are allowed."
@@ -413,7 +419,7 @@ def register_tools(mcp: MCPServer) -> None:
             all_messages.append({"role": "user", "content": prompt})
         if not all_messages and from_trace is None:
             raise ToolError("Give the task as prompt (a string) or messages (OpenAI chat messages).")
-        check_sizes(name, uid, tags, tools, system_prompt)
+        check_sizes(name, uid, tags, tools, system_prompt, confirm_tools)
         config = RunConfig(
             model=model,
             temperature=temperature,
@@ -513,7 +519,12 @@ def register_tools(mcp: MCPServer) -> None:
             StrList | None, Field(max_length=500, description="Several traces to stop")
         ] = None,
         tag: Annotated[
-            str | None, Field(max_length=MAX_TAG_CHARS, description="Stop every running trace with this tag")
+            str | None,
+            Field(
+                max_length=MAX_TAG_CHARS,
+                pattern=TAG_PATTERN,
+                description="Stop every running trace with this tag",
+            ),
         ] = None,
     ) -> Stopping:
         """Stop running traces promptly (a model call in flight included); each ends 'stopped', wherever it runs."""
@@ -623,7 +634,10 @@ def register_tools(mcp: MCPServer) -> None:
             StrList | None, Field(max_length=500, description="The traces to wait on")
         ] = None,
         tag: Annotated[
-            str | None, Field(max_length=MAX_TAG_CHARS, description="Wait on every trace with this tag")
+            str | None,
+            Field(
+                max_length=MAX_TAG_CHARS, pattern=TAG_PATTERN, description="Wait on every trace with this tag"
+            ),
         ] = None,
         mode: Annotated[
             Literal["any", "all"],
@@ -690,7 +704,8 @@ def register_tools(mcp: MCPServer) -> None:
             str | None, Field(max_length=MAX_UID_CHARS, description="Only traces created with this uid")
         ] = None,
         tag: Annotated[
-            str | None, Field(max_length=MAX_TAG_CHARS, description="Only traces with this tag")
+            str | None,
+            Field(max_length=MAX_TAG_CHARS, pattern=TAG_PATTERN, description="Only traces with this tag"),
         ] = None,
         limit: Annotated[int, Field(ge=1, le=200, description="Traces per page")] = 20,
         cursor: Annotated[

@@ -103,3 +103,15 @@ async def test_true_or_false_is_no_number(client):
     assert (await call(client, "list_traces"))["traces"] == []
     tid = (await call(client, "create_trace", prompt="x", max_iterations=3, temperature=1))["trace_id"]
     assert (await full(client, tid))["trace"]["config"]["max_iterations"] == 3
+
+
+async def test_confirm_tools_is_bounded_and_tags_hold_no_control_characters(client):
+    text = await call_error(client, "create_trace", prompt="x", confirm_tools=["read_file"] * 201)
+    assert text == "confirm_tools lists 201 names; at most 200 are allowed."
+    text = await call_error(client, "create_trace", prompt="x", tags=["prod\x00evil"])
+    assert text == "A tag cannot hold control characters; got 'prod\\x00evil'."
+    tid = (await call(client, "create_trace", prompt="x", tags=["prod"]))["trace_id"]
+    for tool, extra in (("list_traces", {}), ("stop_trace", {}), ("await_traces", {"wait_seconds": 0})):
+        text = await call_error(client, tool, tag="prod\x00x", **extra)
+        assert text == f"Argument 'tag' of {tool} must be a tag without control characters; got 'prod\\x00x'."
+    assert [t["trace_id"] for t in (await call(client, "list_traces", tag="prod"))["traces"]] == [tid]
