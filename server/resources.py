@@ -35,13 +35,37 @@ def _engine(ctx: Context) -> Engine:
 
 def trace_body(trace: Trace, messages: list[Message]) -> str:
     """JSON {trace, messages}: uncut when it fits, else contents cut (with a marker naming the message's own
-    resource) until it does."""
+    resource) until it does; a trace of so many messages that even markers do not fit keeps its latest
+    ones, and a note says where the rest are."""
+    head = trace.model_dump(mode="json")
     for limit in _CUTS:
         dumped = [shown_message(message, trace.trace_id, limit, nulls=True) for message in messages]
-        text = json.dumps({"trace": trace.model_dump(mode="json"), "messages": dumped}, ensure_ascii=False)
-        if len(text.encode()) <= ANSWER_BYTES:
+        text = _dumps({"trace": head, "messages": dumped})
+        if _escaped_size(text) <= ANSWER_BYTES:
+            return text
+    room = ANSWER_BYTES - _escaped_size(_dumps({"trace": head, "messages": [], "note": "x" * 300}))
+    kept: list[dict[str, Any]] = []
+    for item in reversed(dumped):
+        room -= _escaped_size(_dumps(item)) + 2
+        if room < 0:
             break
-    return text
+        kept.append(item)
+    kept.reverse()
+    left = len(dumped) - len(kept)
+    note = (
+        f"The first {left:,} of {len(dumped):,} messages are left out to stay under 1 MiB; "
+        f"get_trace(trace_id='{trace.trace_id}', view='full') pages through every one."
+    )
+    return _dumps({"trace": head, "messages": kept, "note": note})
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _escaped_size(text: str) -> int:
+    """UTF-8 bytes of ``text`` as the JSON string a resources/read answer carries it in."""
+    return len(json.dumps(text, ensure_ascii=False).encode())
 
 
 async def _trace_json(ctx: Context, trace_id: str, whole_tree: bool) -> str:

@@ -23,7 +23,7 @@ MESSAGES_VIEW_CHARS = 40_000
 25k-token cap and its 50,000-character spill to a file."""
 ANSWER_BYTES = 900_000
 """``view=full`` pages and trace resources stay under the 1 MiB message limit of common clients (counted in
-UTF-8 bytes)."""
+UTF-8 bytes on the wire: see wire_size)."""
 ANSWER_CHARS = 1500
 ROW_ANSWER_CHARS = 1000
 ROW_RESULT_CHARS = 8000
@@ -361,8 +361,15 @@ def json_chars(value: Any) -> int:
 
 
 def size_of(value: Any) -> int:
-    """UTF-8 bytes of ``value`` as compact JSON: what a client's message limit counts."""
+    """UTF-8 bytes of ``value`` as compact JSON."""
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def wire_size(value: Any) -> int:
+    """UTF-8 bytes ``value`` weighs in a tool result on the wire, what a client's 1 MiB message limit
+    counts: once as structured content, and again as the text's JSON string (its quotes escaped)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return len(text.encode()) + len(json.dumps(text, ensure_ascii=False).encode())
 
 
 def messages_view(
@@ -370,25 +377,26 @@ def messages_view(
 ) -> dict[str, Any]:
     """Active-path messages after ``after``, each cut at ``max_chars`` (``full``: uncut), a page at a time."""
     shown: list[dict[str, Any]] = []
-    budget = ANSWER_BYTES if full else MESSAGES_VIEW_CHARS
+    head = trace.model_dump(mode="json") if full else compact_row(trace)
+    budget = ANSWER_BYTES - wire_size(head) if full else MESSAGES_VIEW_CHARS
     used = 0
     more_after: int | None = None
     for message in path:
         if after is not None and message.sequence <= after:
             continue
         item = shown_message(message, trace.trace_id, None if full else max_chars)
-        weight = size_of(item) if full else json_chars(item)
+        weight = wire_size(item) if full else json_chars(item)
         if shown and used + weight > budget:
             more_after = shown[-1]["sequence"]
             break
         limit = budget // (2 + 2 * len(message.tool_calls or []))
         while full and weight > budget:  # one message bigger than a page: its start, and where the rest is
             item = shown_message(message, trace.trace_id, limit)
-            weight, limit = size_of(item), limit // 2  # multi-byte text weighs up to 4 bytes a character
+            weight, limit = wire_size(item), limit // 2  # multi-byte or escaped text weighs more
         shown.append(item)
         used += weight
     body: dict[str, Any] = {
-        "trace": trace.model_dump(mode="json") if full else compact_row(trace),
+        "trace": head,
         "messages": shown,
         "last_sequence": path[-1].sequence if path else None,
     }

@@ -115,3 +115,29 @@ async def test_confirm_tools_is_bounded_and_tags_hold_no_control_characters(clie
         text = await call_error(client, tool, tag="prod\x00x", **extra)
         assert text == f"Argument 'tag' of {tool} must be a tag without control characters; got 'prod\\x00x'."
     assert [t["trace_id"] for t in (await call(client, "list_traces", tag="prod"))["traces"]] == [tid]
+
+
+async def test_a_trace_of_many_small_messages_is_read_under_a_mebibyte_on_the_wire(client):
+    history = [
+        {"role": "user" if n % 2 == 0 else "assistant", "content": f'message "{n}" of a long chat'}
+        for n in range(6000)
+    ]
+    history.append({"role": "user", "content": "sum up"})
+    tid = (await call(client, "create_trace", messages=history))["trace_id"]
+    await wait_done(client, tid)
+    after, seen = None, []
+    while True:
+        arguments = {"trace_id": tid, "view": "full"} | ({"after_sequence": after} if after else {})
+        result = await client.call_tool("get_trace", arguments)
+        assert len(result.model_dump_json(by_alias=True).encode()) < 1_000_000  # text and structured copy
+        page = result.structured_content
+        seen += [m["sequence"] for m in page["messages"]]
+        if "next_after_sequence" not in page:
+            break
+        after = page["next_after_sequence"]
+    assert seen == list(range(1, page["last_sequence"] + 1)) and len(seen) > len(history)
+    for uri in (f"trace://{tid}", f"trace://{tid}/tree"):
+        text = (await client.read_resource(uri)).contents[0].text
+        assert len(json.dumps(text).encode()) < 1_000_000
+        body = json.loads(text)
+        assert body["messages"][-1]["sequence"] == seen[-1] and "pages through every one" in body["note"]
