@@ -585,15 +585,23 @@ class Run:
         )
 
     def _resummarising(self, plan: compaction.Plan, room: int) -> bool:
-        """Whether a summary would be asked for in vain: one is on the path already and what a new one
-        would leave (the task, the latest turns) is over the room by itself, so every step would summarise
-        again and still be cut. Then the cut alone does it."""
-        if compaction.View.of(self.segment.context).covers is None:
+        """Whether a new summary would be asked for in vain: one is on the path already, and the turns a new
+        one would fold in weigh less than RESUMMARY_SHARE of the room as they are sent now (results elided
+        or cut), so the call would buy next to nothing. (Latest turns over the room by themselves are cut to
+        fit instead.) Past that share, folding in the residue of old turns is what keeps a long run under
+        a small window."""
+        view = compaction.View.of(self.segment.context)
+        if view.covers is None:
             return False
         assert plan.covers is not None
-        first, last = plan.covers
-        kept = [m for m in self.segment.context if not first <= m.sequence <= last]
-        return self._guess(compaction.build_context(kept, convert=self._convert)) > room
+        done, last = view.covers[1], plan.covers[1]
+        new = [
+            m
+            for m in self.segment.context
+            if done < m.sequence <= last and compaction.compaction_of(m) is None
+        ]
+        wire = compaction.build_context(new, convert=self._convert, extra_elided=view.elided)
+        return self._guess(wire) < compaction.RESUMMARY_SHARE * room
 
     def _calibrate(self, prompt_tokens: int) -> None:
         """Learn the provider's tokens-per-character from what it reported (only ever more careful), and

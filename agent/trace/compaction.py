@@ -10,7 +10,8 @@ every compaction record on the path applied. A compaction record is itself a sto
    trace's own model wrote.
 
 The system prompt, the task (the first user message) and the latest user message are sent verbatim
-(unless nothing else can make room), and the latest turns are never elided or summarised. Records are
+(unless nothing else can make room: a summary that covers the latest user message follows it), and the
+latest turns are never elided or summarised. Records are
 read in path order, so a rewind to before one leaves it off the new branch, and a continued trace resumes
 with its compactions. If even that does not fit (one giant message), the longest contents still in view
 are cut in what is sent — never in what is stored. A provider that still refuses
@@ -33,6 +34,8 @@ KEEP_TURNS = 2
 REPLY_RESERVE_TOKENS = 4096
 """Room left for the model's reply, unless the model says how long its reply may be (Anthropic's max_tokens)."""
 LOW_WATER = 0.6
+RESUMMARY_SHARE = 0.2
+"""A path that has a summary is summarised again only when that folds in at least this share of the room."""
 """A compaction aims at this share of the room, so the next one is many steps away, not the next step."""
 INITIAL_TOKENS_PER_CHAR = 0.3
 """Until a provider reports its count, a conservative guess (≈3.3 characters a token). Sizes are counted in
@@ -110,12 +113,15 @@ def build_context(
     longest remaining contents cut until the estimate fits). ``convert`` may cache; it is never mutated."""
     view = View.of(path)
     view.elided.update(extra_elided)
+    latest = latest_user(path)
     wire: list[dict[str, Any]] = []
     for message in path:
         if compaction_of(message) is not None:
             continue
         if view.covers is not None and view.covers[0] <= message.sequence <= view.covers[1]:
             if message.sequence == view.covers[0]:
+                if latest is not None and view.covers[0] <= latest.sequence <= view.covers[1]:
+                    wire.append(convert(latest))  # the host's latest word stays verbatim, before the summary
                 wire.append(
                     {
                         "role": "user",
@@ -225,6 +231,15 @@ def protected_from(path: Sequence[Message]) -> int:
     if len(turns) <= KEEP_TURNS:
         return turns[0] if turns else len(path)
     return turns[-KEEP_TURNS]
+
+
+def latest_user(path: Sequence[Message]) -> Message | None:
+    """The latest user message after the task (the host's latest word), if there is one."""
+    task = task_index(path)
+    for message in reversed(path[task + 1 :]):
+        if message.role == "user" and not message.side and compaction_of(message) is None:
+            return message
+    return None
 
 
 def task_index(path: Sequence[Message]) -> int:

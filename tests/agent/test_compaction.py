@@ -359,3 +359,63 @@ async def test_an_empty_summary_still_spends_the_token_budget(store, workspace):
         if any("summarise" in (c["messages"][-1].get("content") or "").lower() for c in model.calls):
             break
     assert (result.trace.status, result.trace.stop_reason) == (Status.STOPPED, StopReason.TOKEN_BUDGET)
+
+
+async def test_a_long_run_in_a_4k_window_folds_old_turns_in_again_and_never_passes_it(store, workspace):
+    """Each step's 7 KB result is most of a 4,096-token window: the residue of old turns (calls, stubs)
+    must be summarised again now and then, or it alone would outgrow the window."""
+    steps = 0
+
+    def read_on(messages, tools):  # counts its own steps: a summary hides the earlier results from it
+        nonlocal steps
+        if "summarise the conversation so far" in (messages[-1].get("content") or "").lower():
+            return reply("Summary: read many handler files; each returns status 200.")
+        steps += 1
+        if steps > 60:
+            return reply("Read 60 files; every handler returns 200.")
+        return reply(None, call("read_file", f"r{steps}", path=f"src/mod{steps - 1}.py"))
+
+    model = SizeLimitedModel([read_on], limit=4096)
+    result = await runner_for(store, model, workspace, budget=4096).run_result(
+        [{"role": "user", "content": "Audit src/"}], RunConfig()
+    )
+    assert (
+        result.trace.status is Status.COMPLETED
+        and result.answer == "Read 60 files; every handler returns 200."
+    )
+    assert model.refused == 0 and max(model.sizes) <= 4096
+    path = await store.get_path(result.trace.trace_id)
+    summaries = [m for m in path if (compaction_of(m) or {}).get("stage") == 2]
+    assert len(summaries) >= 2  # folded in again as the residue grew
+    summary_calls = sum(
+        "summarise the conversation so far" in (c["messages"][-1].get("content") or "").lower()
+        for c in model.calls
+    )
+    assert summary_calls <= 60 // 3  # not a summary every step
+
+
+async def test_the_latest_user_message_is_sent_verbatim_even_when_a_summary_covers_it(store, workspace):
+    long_text = "I considered the design carefully. " * 250
+    steps = 0
+
+    def talk(messages, tools):  # thinks aloud at length, looking around between thoughts
+        nonlocal steps
+        if "summarise the conversation so far" in (messages[-1].get("content") or "").lower():
+            return reply("Summary: we discussed the design.")
+        steps += 1
+        return reply(long_text, call("list_files", f"l{steps}", path="src")) if steps % 8 else reply("Done.")
+
+    model = SizeLimitedModel([talk], limit=8_000)
+    runner = runner_for(store, model, workspace, budget=8_000)
+    tid = (await runner.run_result([{"role": "user", "content": "Discuss."}], RunConfig())).trace.trace_id
+    before = len(model.calls)
+    await runner.run_result(
+        [{"role": "user", "content": "LATEST: prefer option B."}], RunConfig(trace_id=tid)
+    )
+    path = await store.get_path(tid)
+    summary = [m for m in path if (compaction_of(m) or {}).get("stage") == 2][-1]
+    latest = next(m for m in path if m.content == "LATEST: prefer option B.")
+    assert summary.meta["compaction"]["covers"][1] > latest.sequence  # the summary covers it…
+    for sent in model.calls[before:]:  # …and every request since still carries it, word for word
+        if "summarise the conversation" not in (sent["messages"][-1].get("content") or "").lower():
+            assert {"role": "user", "content": "LATEST: prefer option B."} in sent["messages"]
