@@ -89,7 +89,7 @@ def storage_trouble(exc: BaseException) -> str | None:
         full = full or "database or disk is full" in text
     if full:
         return "the disk holding the trace database is full; free some space and try again (what is stored is intact)."
-    locked = kind in ("LockNotAvailableError", "DeadlockDetectedError") or (
+    locked = kind in ("LockNotAvailableError", "DeadlockDetectedError", "QueryCanceledError") or (
         kind == "OperationalError" and "database is locked" in text
     )
     if locked:

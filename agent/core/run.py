@@ -33,7 +33,14 @@ from agent import defaults
 from agent.core.messages import bounded_calls, open_tool_calls
 from agent.core.patterns import MATCH_BUDGET_SECONDS, PatternTimeout
 from agent.core.typed import MAX_REASKS, parse_result, reask
-from agent.errors import ContextTooLong, ModelCallError, ToolCallError, TraceNotFound, storage_trouble
+from agent.errors import (
+    ContextTooLong,
+    ModelCallError,
+    ToolCallError,
+    TraceError,
+    TraceNotFound,
+    storage_trouble,
+)
 from agent.llm.base import Model, ModelResponse
 from agent.tools.ask import ASK_HOST, call_shown, question_of
 from agent.tools.registry import Tool, ToolRegistry, openai_tool_schema
@@ -356,7 +363,7 @@ class Run:
             raise
         except Exception as exc:
             log.exception("run of trace %s failed", self.trace_id)
-            trouble = storage_trouble(exc)
+            trouble = storage_trouble(exc) or (str(exc) if isinstance(exc, TraceError) else None)
             outcome = Outcome.failed(
                 f"The run stopped: {trouble}"
                 if trouble

@@ -63,6 +63,8 @@ STATEMENT_TIMEOUT_SECONDS = 30.0
 IDLE_IN_TRANSACTION_SECONDS = 60.0
 """A client stuck inside a transaction would hold the change log's lock; the server ends it after this."""
 RETRY_SECONDS = 30.0
+UNKNOWN_OUTCOME_ATTEMPTS = 5
+"""An append whose COMMIT is cut off is looked for and written again at most this many times in all."""
 """How long a read or write keeps retrying while the database cannot be reached (a restart, a failover)."""
 FEED_COALESCE_SECONDS = 0.01
 """After a NOTIFY the feed waits this long for the rest of a burst, so a busy cluster costs a read per
@@ -108,6 +110,8 @@ def _retryable(exc: BaseException) -> bool:
     server rolled the transaction back to break a deadlock."""
     if isinstance(exc, asyncpg.InterfaceError):
         return "closed" in str(exc)
+    if _broken(exc):
+        return True
     return isinstance(
         exc,
         OSError
@@ -120,6 +124,13 @@ def _retryable(exc: BaseException) -> bool:
         | asyncpg.DeadlockDetectedError
         | asyncpg.SerializationError,
     )
+
+
+def _broken(exc: BaseException) -> bool:
+    """A pooled connection whose server ended it while it sat idle (pg_terminate_backend, a restart):
+    asyncpg has read the FATAL notice but not yet the close, and refuses the next query with
+    InternalClientError ("cannot switch to state …"). Nothing was sent: a new connection may run it."""
+    return isinstance(exc, asyncpg.InternalClientError)
 
 
 def _settings(url: str, statement_timeout: float) -> tuple[str, dict[str, str]]:
@@ -364,8 +375,8 @@ class PostgresTraceStore:
             except Exception as exc:
                 if not _retryable(exc):
                     raise
-                if stage[0] == "committing" and not idempotent:
-                    raise WriteOutcomeUnknown(trace_id, what=what) from exc
+                if stage[0] == "committing" and not idempotent and not _broken(exc):
+                    raise WriteOutcomeUnknown(trace_id, what=what) from exc  # (a broken one never sent it)
                 if time.monotonic() + delay > deadline:
                     raise DatabaseUnreachable(self._url, exc) from exc
                 log.warning("the trace database connection failed (%s); retrying", _reason(exc))
@@ -374,18 +385,23 @@ class PostgresTraceStore:
 
     async def _attempt(self, body: Callable[[Db], Awaitable[T]], transaction: bool, stage: list[str]) -> T:
         async with self._pool.acquire() as db:
-            if not transaction:
-                return await body(db)
-            tx = db.transaction()
-            await tx.start()
             try:
-                result = await body(db)
-            except BaseException:
-                await _rollback(tx)
+                if not transaction:
+                    return await body(db)
+                tx = db.transaction()
+                await tx.start()
+                try:
+                    result = await body(db)
+                except BaseException:
+                    await _rollback(tx)
+                    raise
+                stage[0] = "committing"
+                await tx.commit()
+                return result
+            except Exception as exc:
+                if _broken(exc):
+                    db.terminate()  # the pool replaces a closed connection rather than lend it again
                 raise
-            stage[0] = "committing"
-            await tx.commit()
-            return result
 
     async def _read(self, body: Callable[[Db], Awaitable[T]]) -> T:
         return await self._retrying(body, transaction=False, idempotent=True)
@@ -530,7 +546,44 @@ class PostgresTraceStore:
         async def body(db: Db) -> Message:
             return await self._insert_message(db, trace_id, message, parent, token, side)
 
-        return await self._write(body, trace_id=trace_id)
+        for attempt in range(UNKNOWN_OUTCOME_ATTEMPTS):
+            try:
+                return await self._write(body, trace_id=trace_id)
+            except (
+                WriteOutcomeUnknown
+            ):  # the COMMIT was cut off: look, and write again only if it is not there
+                stored = await self._appended(trace_id, message, parent, side)
+                if stored is not None:
+                    return stored
+                if attempt + 1 == UNKNOWN_OUTCOME_ATTEMPTS:
+                    raise
+                log.warning(
+                    "a write to trace %s was cut off before it was stored; writing it again", trace_id
+                )
+        raise AssertionError("unreachable")
+
+    async def _appended(
+        self, trace_id: str, message: NewMessage, parent: int | None, side: bool
+    ) -> Message | None:
+        """The trace's latest message when it is ``message`` (only the claim's holder appends, so a commit
+        that went through left it last), else None."""
+        rows = await self._fetch(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE trace_id = $1 AND sequence = "
+            "(SELECT last_sequence FROM traces WHERE trace_id = $1)",
+            trace_id,
+        )
+        if not rows:
+            return None
+        last = _message(rows[0])
+        same = (
+            last.parent_sequence == parent
+            and last.side == side
+            and last.role == message.role
+            and last.content == message.content
+            and last.tool_calls == message.tool_calls
+            and last.tool_call_id == message.tool_call_id
+        )
+        return last if same else None
 
     async def finish(
         self,

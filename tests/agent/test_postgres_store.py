@@ -296,6 +296,43 @@ async def test_dropped_pool_connections_do_not_fail_an_idle_run(pg_url):
         await store.close()
 
 
+async def test_backends_terminated_under_busy_writers_fail_no_write_and_store_none_twice(pg_url):
+    """pg_terminate_backend again and again while ten runs append: a connection ended while idle is
+    refused by asyncpg before anything is sent (InternalClientError), one ended during a COMMIT leaves
+    its outcome unknown; both are retried, each message stored exactly once."""
+    name = f"busy-{os.getpid()}"
+    store = await PostgresTraceStore.open(with_params(pg_url, application_name=name), pool_size=4)
+    try:
+        tokens = {f"t{n}": new_token() for n in range(10)}
+        for tid, token in tokens.items():
+            await store.create(Trace(trace_id=tid, model="offline"), [user()], token)
+
+        async def write(tid: str) -> None:
+            parent = 1
+            for step in range(40):
+                message = NewMessage(role="assistant", content=f"{tid} step {step}")
+                parent = (await store.append(tid, message, parent, token=tokens[tid])).sequence
+
+        db = await admin()
+        try:
+            async with anyio.create_task_group() as group:
+                for tid in tokens:
+                    group.start_soon(write, tid)
+                for _ in range(15):
+                    await anyio.sleep(0.05)
+                    await db.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                        name,
+                    )
+        finally:
+            await db.close()
+        for tid in tokens:
+            path = await store.get_path(tid)
+            assert [m.content for m in path[1:]] == [f"{tid} step {n}" for n in range(40)]
+    finally:
+        await store.close()
+
+
 class Proxy:
     """A TCP relay to the test server that can cut every connection and turn new ones away: an outage
     (a restart, a failover) with nothing faked past the socket."""
