@@ -53,6 +53,11 @@ def parser() -> argparse.ArgumentParser:
         help="stop-server: stop the running traces (they end 'stopped') instead of letting them finish",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="status: print it as JSON")
+    p.add_argument(
+        "--as-of", type=int, metavar="VERSION", dest="as_of",
+        help="experiences export, PostgreSQL: write the lessons as of this version (each consolidation or "
+        "import keeps the one before it)",
+    )  # fmt: skip
     p.add_argument("--spawned", action="store_true", help=argparse.SUPPRESS)  # started by a relay
     return p
 
@@ -155,7 +160,7 @@ def _main(argv: list[str] | None) -> int:
             return 2
         from server.maintenance import transfer
 
-        return anyio.run(transfer, settings, args.action, args.file)
+        return anyio.run(transfer, settings, args.action, args.file, args.as_of)
     if args.command == "status":
         from server.relay import show_status
 

@@ -157,7 +157,11 @@ class Consolidated(BaseModel):
     merged: int = 0
     dropped: list[dict[str, Any]] = Field(default_factory=list)
     backup_path: str | None = Field(None, description="the dated copy of the file before this pass")
-    prior_version: int | None = Field(None, description="PostgreSQL: the version this pass replaced")
+    prior_version: int | None = Field(
+        None,
+        description="PostgreSQL: the version this pass replaced (`agent-trace-mcp experiences export FILE "
+        "--as-of N` writes it out)",
+    )
     skipped_reason: str | None = None
 
 

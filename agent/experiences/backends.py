@@ -47,9 +47,17 @@ def _in_database(store: TraceStore, path: str | Path) -> DatabaseExperiences:
     return DatabaseExperiences(store, path)
 
 
-async def export_experiences(db: str | Path, path: str | Path, target: str | Path) -> TransferResult:
-    """Write the experiences markdown to ``target`` (an existing file there is kept as a dated backup);
-    TraceError, before anything is opened, for a target in a folder that does not exist or a folder."""
+async def export_experiences(
+    db: str | Path, path: str | Path, target: str | Path, *, version: int | None = None
+) -> TransferResult:
+    """Write the experiences markdown (``version``: as of that database version) to ``target`` (an existing
+    file there is kept as a dated backup); TraceError, before anything is opened, for a target in a folder
+    that does not exist or a folder, or a version asked of the file store (it keeps dated backups)."""
+    if version is not None and not is_postgres_url(db):
+        raise TraceError(
+            f"only a PostgreSQL store keeps versions; the file store keeps a dated backup beside {path} "
+            "before each consolidation or import."
+        )
     target = Path(target)
     if target.is_dir():
         raise TraceError(f"{target} is a folder; give a file name.")
@@ -58,7 +66,7 @@ async def export_experiences(db: str | Path, path: str | Path, target: str | Pat
     store = await open_store(db)
     try:
         if is_postgres_url(db):
-            return await _in_database(store, path).export(target)
+            return await _in_database(store, path).export(target, version=version)
         text = await ExperienceFile(path).read_text()
         await ExperienceFile(target).replace(text, backup=True)
         return await _counted(text)

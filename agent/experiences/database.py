@@ -457,7 +457,7 @@ class DatabaseExperiences(Experiences):
             return await _preamble(db, version), [_section(row) for row in rows]
 
         if version is not None and not await self._version_exists(version):
-            raise TraceError(f"The experiences have no version {version}; see versions().")
+            raise TraceError(f"The experiences have no version {version}.")
         return await self._store.read_with(body)
 
     async def _version_exists(self, version: int) -> bool:
