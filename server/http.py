@@ -5,7 +5,7 @@ What an adversary tried and these guards stop: a web page reaching a loopback se
 stay on whatever the bind address, token or not); thousands of ``initialize`` POSTs never closed (sessions
 expire when idle, each peer has a cap, the oldest idle session is evicted first, so a flood cannot lock
 real clients out); POSTs that are not an ``initialize`` opening sessions; half-sent requests held open
-(a deadline for headers, and for each chunk of a body).
+(a deadline for headers, for each chunk of a body and for the whole body).
 """
 
 from __future__ import annotations
@@ -43,6 +43,9 @@ MAX_SESSIONS = 1024
 SESSIONS_PER_PEER = 64
 HEADER_TIMEOUT_SECONDS = 10.0
 BODY_CHUNK_TIMEOUT_SECONDS = 30.0
+BODY_TIMEOUT_SECONDS = 120.0
+"""The whole body, however it trickles in (4 MiB at this pace is 35 KB/s): one byte every few seconds
+cannot hold a connection open for days."""
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
@@ -124,24 +127,27 @@ class BearerToken:
 
 
 class BodyDeadline:
-    """ASGI middleware: a body that stops arriving is a gone client (each chunk has a deadline)."""
+    """ASGI middleware: a body that stops arriving, or trickles past its whole deadline, is a gone client
+    (each chunk has a deadline, and so has the whole body)."""
 
-    def __init__(self, app: ASGIApp, seconds: float | None = None):
+    def __init__(self, app: ASGIApp, seconds: float | None = None, total: float | None = None):
         self.app = app
-        self.seconds = seconds
+        self.seconds = seconds or BODY_CHUNK_TIMEOUT_SECONDS
+        self.total = total or BODY_TIMEOUT_SECONDS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         complete = False
+        deadline = anyio.current_time() + self.total
 
         async def timed_receive() -> Message:
             nonlocal complete
             if complete:
                 return await receive()
             message: Message = {"type": "http.disconnect"}
-            with anyio.move_on_after(self.seconds or BODY_CHUNK_TIMEOUT_SECONDS):
+            with anyio.move_on_after(min(self.seconds, max(0.0, deadline - anyio.current_time()))):
                 message = await receive()
             if message["type"] != "http.request" or not message.get("more_body", False):
                 complete = True

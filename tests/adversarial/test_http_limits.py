@@ -121,11 +121,44 @@ async def test_a_half_sent_request_is_dropped(settings, monkeypatch):
         assert waited < 3  # headers never finished: dropped after the header deadline
         body_start = b'{"jsonrpc": "2.0", '
         request = (
-            b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+            + b"Content-Type: application/json\r\n"
             b"Accept: application/json, text/event-stream\r\nContent-Length: 500\r\n\r\n" + body_start
         )
         waited = await anyio.to_thread.run_sync(half, request)
-        assert waited < 3  # the body stopped arriving: given up after the chunk deadline
+        assert 0.4 < waited < 3  # the body stopped arriving: given up after the chunk deadline
+
+
+async def test_a_body_trickled_in_is_dropped_at_its_whole_deadline(settings, monkeypatch):
+    monkeypatch.setattr(http, "BODY_CHUNK_TIMEOUT_SECONDS", 1.0)
+    monkeypatch.setattr(http, "BODY_TIMEOUT_SECONDS", 2.0)
+    async with serving(settings) as (url, _):
+        port = int(url.split(":")[2].split("/")[0])
+
+        def trickle() -> float:
+            """A byte every 0.3 s (each within the chunk deadline); seconds until the server gives up."""
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(
+                    f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
+                    + b"Content-Type: application/json\r\n"
+                    b"Accept: application/json, text/event-stream\r\nContent-Length: 100000\r\n\r\n"
+                )
+                start = time.monotonic()
+                s.settimeout(0.3)
+                while time.monotonic() - start < 10:
+                    try:
+                        s.sendall(b" ")
+                        answer = s.recv(4096)
+                        assert answer == b"" or b" 408 " in answer or b" 400 " in answer, answer
+                        break  # closed, or an answer: given up on
+                    except TimeoutError:
+                        continue
+                    except OSError:
+                        break
+                return time.monotonic() - start
+
+        waited = await anyio.to_thread.run_sync(trickle)
+        assert 1.5 < waited < 5  # past the chunk deadline many times over, cut at the whole one
 
 
 def test_a_token_on_a_public_bind_keeps_the_host_and_origin_checks(tmp_path):
