@@ -59,7 +59,7 @@ def _take_lines(f: io.BufferedReader, offset: int, limit: int) -> tuple[bytearra
             break
         if len(out) + len(line) > READ_CAP_BYTES:
             if count == 0:
-                out += line[:READ_CAP_BYTES]
+                out += _whole_characters(line[:READ_CAP_BYTES])
                 note = f"[Line {offset} is longer than the 256 KiB read cap; only its start is shown.]"
             else:
                 note = (
@@ -128,3 +128,15 @@ def read_small(fd: int, size: int, most: int) -> bytes | None:
 
 def _size(size: int) -> str:
     return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def _whole_characters(data: bytes) -> bytes:
+    """``data`` without the first bytes of a UTF-8 character its cut left unfinished (no U+FFFD at the end)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:  # ASCII: nothing is unfinished
+            return data
+        if byte >= 0xC0:  # a lead byte: whole if its sequence fits in what is left
+            needed = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return data if back >= needed else data[:-back]
+    return data

@@ -203,6 +203,13 @@ async def test_read_single_line_longer_than_cap(root: Path, tools: dict[str, Too
     assert "longer than the 256 KiB" in note
 
 
+async def test_a_line_cut_at_the_cap_ends_on_a_whole_character(root: Path, tools: dict[str, Tool]) -> None:
+    (root / "wide.txt").write_text("中" * (READ_CAP_BYTES // 3 + 10), encoding="utf-8")  # 3 bytes each
+    body, note = (await call(tools, "read_file", path="wide.txt")).rsplit("\n", 1)
+    assert body == "中" * (READ_CAP_BYTES // 3) and "\ufffd" not in body  # 262,144 is no multiple of 3
+    assert "longer than the 256 KiB" in note
+
+
 async def test_read_refuses_binary(root: Path, tools: dict[str, Tool]) -> None:
     (root / "blob.bin").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     msg = await refused(tools, "read_file", path="blob.bin")
