@@ -52,6 +52,9 @@ from agent.trace.store import ClaimLost, TraceStore
 log = logging.getLogger(__name__)
 
 CANCELLED_TOOL_RESULT = "Cancelled: the trace was stopped before this tool call finished."
+TIMED_OUT_TOOL_RESULT = (
+    "Cancelled: the run's time limit (timeout_seconds) ran out before this tool call finished."
+)
 UNFINISHED_TOOL_RESULT = "Not run: the previous run ended before this tool call finished."
 WAITING_TOOL_RESULT = "Not answered yet: the run is waiting for the host to reply to this call."
 EMPTY_REPLY_ERROR = "The model gave an empty reply (no text and no tool calls) twice in a row."
@@ -418,7 +421,10 @@ class Run:
         events: list[TraceEvent] = []
         try:
             if open_tool_calls(self.segment.context) and outcome.status is not Status.NEEDS_INPUT:
-                text = CANCELLED_TOOL_RESULT if outcome.status is Status.STOPPED else UNFINISHED_TOOL_RESULT
+                text = UNFINISHED_TOOL_RESULT
+                if outcome.status is Status.STOPPED:
+                    timed_out = outcome.stop_reason is StopReason.TIMEOUT
+                    text = TIMED_OUT_TOOL_RESULT if timed_out else CANCELLED_TOOL_RESULT
                 for call_id in open_tool_calls(self.segment.context):
                     events.append(
                         await self._append(NewMessage(role="tool", tool_call_id=call_id, content=text))
@@ -694,7 +700,7 @@ class Run:
             with anyio.CancelScope(shield=True):
                 for index in range(len(calls)):
                     if results[index] is None:
-                        results[index] = CANCELLED_TOOL_RESULT
+                        results[index] = TIMED_OUT_TOOL_RESULT if self.timed_out else CANCELLED_TOOL_RESULT
                 await flush()
         return stored
 

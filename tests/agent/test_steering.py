@@ -9,6 +9,7 @@ import pytest
 
 from agent import AgentRunner, RunConfig, Status, StopReason
 from agent.core.messages import open_tool_calls
+from agent.core.run import TIMED_OUT_TOOL_RESULT
 from agent.errors import InvalidMessages, SequenceError, TraceRunning
 from agent.llm.base import ModelResponse
 from agent.tools.registry import ToolRegistry
@@ -185,7 +186,7 @@ async def test_a_timeout_cancels_the_tool_in_flight(store):
         Outcome.HIT_LIMIT,
     )
     path = await store.get_path(trace.trace_id)
-    assert open_tool_calls(path) == [] and path[-1].content.startswith("Cancelled")
+    assert open_tool_calls(path) == [] and path[-1].content == TIMED_OUT_TOOL_RESULT  # not 'stopped'
 
 
 SCHEMA = {"type": "object", "properties": {"files": {"type": "integer"}}, "required": ["files"]}
