@@ -389,10 +389,14 @@ def messages_view(
         if shown and used + weight > budget:
             more_after = shown[-1]["sequence"]
             break
-        limit = budget // (2 + 2 * len(message.tool_calls or []))
-        while full and weight > budget:  # one message bigger than a page: its start, and where the rest is
-            item = shown_message(message, trace.trace_id, limit)
-            weight, limit = wire_size(item), limit // 2  # multi-byte or escaped text weighs more
+        if full and weight > budget:  # one message bigger than a page: its start, and where the rest is
+            limit = budget // (2 + 2 * len(message.tool_calls or []))
+            while True:  # multi-byte or escaped text weighs more than its characters: halve until it fits
+                item = shown_message(message, trace.trace_id, limit)
+                weight = wire_size(item)
+                if weight <= budget or limit == 0:
+                    break
+                limit //= 2
         shown.append(item)
         used += weight
     body: dict[str, Any] = {

@@ -122,7 +122,7 @@ def open_tool_calls(path: Sequence[Message | NewMessage]) -> list[str]:
 MAX_NAME_CHARS = 200
 """Ids and names (a message's ``name``, a tool call's id and function name): no real one comes near."""
 MAX_TOOL_CALLS = 128
-"""Tool calls one assistant message may carry from a caller."""
+"""Tool calls one assistant message may carry, from a caller or a model (a model's past it are dropped)."""
 
 
 def shown(value: Any, limit: int = 80) -> str:
@@ -138,11 +138,11 @@ def listed(ids: Sequence[str], limit: int = 5) -> str:
 
 
 def bounded_calls(calls: Sequence[ToolCall]) -> list[ToolCall]:
-    """A model's tool calls as they may be stored: ids and names cut to MAX_NAME_CHARS, repeated ids made
-    distinct (a provider refuses a conversation whose ids repeat)."""
+    """A model's tool calls as they may be stored: the first MAX_TOOL_CALLS, ids and names cut to
+    MAX_NAME_CHARS, repeated ids made distinct (a provider refuses a conversation whose ids repeat)."""
     seen: set[str] = set()
     bounded: list[ToolCall] = []
-    for call in calls:
+    for call in calls[:MAX_TOOL_CALLS]:
         call_id = call.id[:MAX_NAME_CHARS] or "call"
         base, n = call_id, 1
         while call_id in seen:

@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 
 from agent import defaults
-from agent.core.messages import bounded_calls, open_tool_calls
+from agent.core.messages import MAX_TOOL_CALLS, bounded_calls, open_tool_calls
 from agent.core.patterns import MATCH_BUDGET_SECONDS, PatternTimeout
 from agent.core.typed import MAX_REASKS, parse_result, reask
 from agent.errors import (
@@ -312,6 +312,13 @@ class Run:
                     iterations -= 1  # an empty reply is asked again once, not counted as a step
                     continue
                 empty = 0
+                if len(response.tool_calls or []) > MAX_TOOL_CALLS:
+                    log.warning(
+                        "trace %s: the model made %d tool calls in one reply; the first %d are kept",
+                        self.trace_id,
+                        len(response.tool_calls or []),
+                        MAX_TOOL_CALLS,
+                    )
                 assistant = NewMessage(
                     role="assistant",
                     content=response.content,

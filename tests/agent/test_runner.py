@@ -449,3 +449,17 @@ async def test_a_models_repeated_or_huge_call_ids_and_names_are_stored_bounded_a
     results = {m.tool_call_id: m.content for m in result.messages if m.role == "tool"}
     assert results["same"] == "3" and results["same-2"] == "7" and len(results[ids[2]]) < 400
     assert result.answer == "ok"
+
+
+async def test_a_reply_of_thousands_of_calls_keeps_the_first_128_and_answers_each(store):
+    from agent.core.messages import MAX_TOOL_CALLS
+
+    calls = [call("add", f"c{i}", a=i, b=1) for i in range(3000)]
+    model = ScriptedModel([reply(None, *calls), reply("ok")])
+    result = await make_runner(store, model).run_result([user("x")], RunConfig())
+    stored = next(m for m in result.messages if m.tool_calls)
+    assert [c.id for c in stored.tool_calls] == [f"c{i}" for i in range(MAX_TOOL_CALLS)]
+    assert [m.tool_call_id for m in result.messages if m.role == "tool"] == [
+        f"c{i}" for i in range(MAX_TOOL_CALLS)
+    ]
+    assert result.answer == "ok"
