@@ -117,7 +117,8 @@ def _wire(result: HandlerResult) -> dict[str, Any]:
 
 
 async def subscriptions_middleware(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
-    """Answer legacy ``resources/subscribe``/``unsubscribe`` and advertise them in ``initialize``."""
+    """Answer legacy ``resources/subscribe``/``unsubscribe``; advertise them in ``initialize`` and what
+    changes (resources) and what does not (tools, prompts) in both eras' capabilities."""
     notifier: Notifier | None = getattr(ctx.lifespan_context, "notifier", None)
     if notifier is None:  # before the lifespan has produced the engine
         return await call_next(ctx)
@@ -138,11 +139,14 @@ async def subscriptions_middleware(ctx: ServerRequestContext[Any, Any], call_nex
         return {}
     result = await call_next(ctx)
     notifier.seen(ctx.session)
-    if ctx.method == "initialize":
+    if ctx.method in ("initialize", "server/discover"):
         wire = _wire(result)
         capabilities = wire.setdefault("capabilities", {})
         resources = capabilities.get("resources") or {}
         resources.update(subscribe=True, listChanged=True)
         capabilities["resources"] = resources
+        for fixed in ("tools", "prompts"):  # they never change: both eras say so alike
+            if isinstance(capabilities.get(fixed), dict):
+                capabilities[fixed]["listChanged"] = False
         return wire
     return result

@@ -12,6 +12,14 @@ from tests.server.helpers import call, wait_done
 pytestmark = [pytest.mark.anyio, pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed")]
 
 
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_both_eras_say_alike_what_changes(server, mode):
+    async with Client(server, mode=mode) as client:
+        caps = client.server_capabilities
+        assert caps.resources.subscribe is True and caps.resources.list_changed is True
+        assert caps.tools.list_changed is False and caps.prompts.list_changed is False  # they never change
+
+
 async def test_legacy_subscriber_gets_updates_during_a_run_and_list_changed(server):
     got: list = []
 
