@@ -1,8 +1,9 @@
 """The stdio relay hosts launch, and the client side of the shared server: where it listens, how it is
 started exactly once, and its control requests (hello, status, drain, stop).
 
-Synchronous and standard library only: the relay copies bytes between the host's pipes and the socket with
-one blocking thread per direction, so nothing is buffered and nothing waits behind an event loop.
+Synchronous and standard library only: the relay copies frames between the host's pipes and the socket with
+one blocking thread per direction, so nothing waits behind an event loop; it reads them only enough to
+take the host's session to a new server should this one go away (``server.relay_session``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 from agent import defaults
 from agent.pids import pid_alive
+from server.relay_session import HostSession, Lines
 from server.settings import IN_PROCESS_VARIABLE, OPTIONS, Settings
 from server.version import running_version
 
@@ -41,6 +43,10 @@ MAX_SOCKET_PATH = 103
 CONTROL_KEY = "agent_trace"
 """A connection's first line holding this key is a control request; anything else starts MCP at once."""
 HELLO_SECONDS = 10.0
+RECONNECTS_PER_WINDOW = 3
+RECONNECT_WINDOW_SECONDS = 60.0
+"""A relay takes its host's session to a new shared server at most this often (a server that keeps
+crashing at start is given up on)."""
 STUCK_TERM_SECONDS = 5.0
 """stop-server --now gives a server that does not answer this long to exit on SIGTERM before SIGKILL."""
 START_SECONDS = 30.0
@@ -435,21 +441,25 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def pump(channel: Channel, stdin: int = 0, stdout: int = 1) -> int:
-    """Copy bytes host → server and server → host as they come, until either side closes."""
-    sock = channel.sock
+def pump(channel: Channel, settings: Settings | None = None, stdin: int = 0, stdout: int = 1) -> int:
+    """Relay the host's frames to the server and the server's to the host, until the host closes. When
+    the server goes away under the host (an upgrade drained it, or it crashed) and ``settings`` are given,
+    connect to the next one and replay the session there (``server.relay_session``)."""
+    session = HostSession()
+    link = _Link(channel)
     finished = threading.Event()
-    server_closed = threading.Event()
     host_closed = threading.Event()
     answered = threading.Event()
 
     def upstream() -> None:
+        lines = Lines()
         try:
             while data := os.read(stdin, CHUNK):
-                sock.sendall(data)
+                for line in lines.feed(data):
+                    link.send(line, session)
             host_closed.set()
-            sock.shutdown(socket.SHUT_WR)  # the server ends the session; it may still answer meanwhile
-            server_closed.wait(EOF_GRACE_SECONDS)
+            link.close_writing()  # the server ends the session; it may still answer meanwhile
+            link.server_gone.wait(EOF_GRACE_SECONDS)
         except OSError:
             pass
         finally:
@@ -457,15 +467,16 @@ def pump(channel: Channel, stdin: int = 0, stdout: int = 1) -> int:
 
     def downstream() -> None:
         try:
-            if channel.pending:
-                _write_all(stdout, channel.pending)
-            while data := sock.recv(CHUNK):
-                answered.set()
-                _write_all(stdout, data)
+            while True:
+                link.relay_from_server(session, stdout, answered)
+                if host_closed.is_set() or settings is None or not answered.is_set():
+                    return
+                if not session.reconnect or not link.reconnect(settings, session, stdout):
+                    return
         except OSError:
             pass
         finally:
-            server_closed.set()
+            link.server_gone.set()
             finished.set()
 
     previous = signal.getsignal(signal.SIGTERM)
@@ -480,14 +491,14 @@ def pump(channel: Channel, stdin: int = 0, stdout: int = 1) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-        sock.close()
+        link.close()
     if host_closed.is_set():
         return 0
-    if channel.server is not None:  # it died: reap it, or its pid looks alive to the next server's sweep
+    if link.channel.server is not None:  # it died: reap it, or its pid looks alive to the next server's sweep
         with suppress(subprocess.TimeoutExpired):
-            channel.server.wait(0.5)
+            link.channel.server.wait(0.5)
     if not answered.is_set():  # it never got going: say why
-        address = ServerAddress.of(channel.data_dir)
+        address = ServerAddress.of(link.channel.data_dir)
         log.error(
             "the shared server closed this session at once; the end of %s:\n%s",
             address.log,
@@ -495,10 +506,83 @@ def pump(channel: Channel, stdin: int = 0, stdout: int = 1) -> int:
         )
         return 1
     log.warning(
-        "the shared server ended this session (it was stopped, upgraded or crashed; see its log); "
-        "the host should restart this MCP server"
+        "the shared server ended this session (%s; see its log); the host should restart this MCP server",
+        "it was stopped" if not session.reconnect else "it went away and no new one could take over",
     )
     return 1
+
+
+class _Link:
+    """The relay's connection to the shared server, replaced under the host when that server goes away."""
+
+    def __init__(self, channel: Channel):
+        self.channel = channel
+        self.sending = threading.Lock()  # a frame goes whole to one server; a reconnection waits for it
+        self.server_gone = threading.Event()
+        self.writing_closed = False
+        self.reconnects: list[float] = []
+
+    def send(self, line: bytes, session: HostSession) -> None:
+        with self.sending:
+            session.from_host(line)
+            with suppress(OSError):  # the server went away: the reconnection answers this with an error
+                self.channel.sock.sendall(line)
+
+    def close_writing(self) -> None:
+        with self.sending:
+            self.writing_closed = True
+            with suppress(OSError):
+                self.channel.sock.shutdown(socket.SHUT_WR)
+
+    def relay_from_server(self, session: HostSession, stdout: int, answered: threading.Event) -> None:
+        """Server frames to the host (those for the relay alone kept back), until the server closes."""
+        lines = Lines()
+        if self.channel.pending:
+            data, self.channel.pending = self.channel.pending, b""
+            self._forward(lines.feed(data), session, stdout, answered)
+        while data := self.channel.sock.recv(CHUNK):
+            self._forward(lines.feed(data), session, stdout, answered)
+
+    @staticmethod
+    def _forward(lines: list[bytes], session: HostSession, stdout: int, answered: threading.Event) -> None:
+        shown = [line for line in lines if session.from_server(line)]
+        if lines:
+            answered.set()
+        if shown:
+            _write_all(stdout, b"".join(shown))
+
+    def reconnect(self, settings: Settings, session: HostSession, stdout: int) -> bool:
+        """Take the session to the next shared server (started if none answers); False when none can."""
+        now = time.monotonic()
+        self.reconnects = [t for t in self.reconnects if now - t < RECONNECT_WINDOW_SECONDS] + [now]
+        if len(self.reconnects) > RECONNECTS_PER_WINDOW:
+            log.error("the shared server keeps going away: giving up on it")
+            return False
+        with self.sending:
+            if self.writing_closed:
+                return False
+            old = self.channel
+            log.warning("the shared server went away under this host; taking the session to the next one")
+            try:
+                channel = connect(settings)
+            except (ServerUnavailable, OSError) as exc:
+                log.error("no shared server could take this session over: %s", exc)
+                return False
+            with suppress(OSError):
+                old.sock.close()
+            self.channel = channel
+            try:
+                channel.sock.sendall(b"".join(session.replay()))
+            except OSError:
+                return False
+            orphans = session.orphans()
+        if orphans:
+            _write_all(stdout, b"".join(orphans))
+        return True
+
+    def close(self) -> None:
+        with suppress(OSError):
+            self.channel.sock.close()
 
 
 def relay(settings: Settings) -> int:
@@ -516,7 +600,7 @@ def relay(settings: Settings) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    return pump(channel)
+    return pump(channel, settings)
 
 
 # -- status and stop-server -------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from server.relay import (
     try_lock,
     write_json,
 )
+from server.relay_session import closing_note
 from server.settings import Settings
 from server.state import ServerState
 from server.stream_transport import FrameTooLarge, LineReader, lowlevel, serve_session
@@ -63,6 +64,8 @@ ended answers within a second) before their connections are closed."""
 ACCEPT_RETRY_SECONDS = 0.1
 """After a failed accept (EMFILE): the connections already open go on meanwhile."""
 DRAINED, STOP_NOW = "drained", "stop-server --now"  # shutdown reasons a control request gives
+UPGRADE = "drained for a relay of another version"
+"""A drain a newer relay asked for: the relays still connected take their hosts to the next server."""
 
 
 class AlreadyRunning(Exception):
@@ -273,6 +276,7 @@ class SharedServer:
     async def _converse(self, stream: SocketStream) -> None:
         reader = LineReader(stream)
         differ: list[str] = []  # the settings in which this host differs from the server, once a session
+        relayed = False  # a relay asked for this session (a client may also speak MCP to the socket at once)
         while (line := await self._next_line(reader)) is not None:
             request = _control_request(line)
             if request is None:  # MCP from the first line: a client that speaks to the socket directly
@@ -287,6 +291,7 @@ class SharedServer:
                 await stream.send(json.dumps(reply).encode() + b"\n")
             if then == "session":
                 differ = list(reply.get("differ") or [])
+                relayed = True
                 break
             if then == "close":
                 return
@@ -306,6 +311,9 @@ class SharedServer:
         log.info("a host connected (%d session(s))", self._sessions)
         try:
             await serve_session(self._server, reader, stream, lifespan_state=state, closing=self._closing)
+            if relayed and self._closing.is_set():  # why, so the relay knows whether to take its host on
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                    await stream.send(closing_note(reconnect=self.reason == UPGRADE, reason=self.reason))
         finally:
             self._sessions -= 1
             if note is not None:
@@ -333,7 +341,7 @@ class SharedServer:
             reply |= {
                 "state": (Mode.STOPPING if now else Mode.DRAINING).value,
                 "running": running,
-                "shutdown": STOP_NOW if now else DRAINED,
+                "shutdown": STOP_NOW if now else DRAINED if op == "stop" else UPGRADE,
             }
             return reply, "hold" if request.get("wait") else "close"
         return {"ok": False, "error": f"Unknown control request {str(op)[:40]!r}."}, "more"
@@ -394,12 +402,12 @@ class SharedServer:
                 self._stop_runs_asked, self.mode, self.reason = True, Mode.STOPPING, reason
                 self._group.start_soon(self._stop_runs, self._state.engine)
             return
-        if reason == DRAINED:
-            log.info("draining: taking no new hosts, exiting once the runs have finished")
+        if reason in (DRAINED, UPGRADE):
+            log.info("draining (%s): taking no new hosts, exiting once the runs have finished", reason)
         else:
             log.info("shutting down: %s", reason)
         self.reason, self._stop_runs_asked = reason, stop_runs
-        self.mode = Mode.DRAINING if reason == DRAINED else Mode.STOPPING
+        self.mode = Mode.DRAINING if reason in (DRAINED, UPGRADE) else Mode.STOPPING
         self._stop_listening()
         self._shutdown.set()
 

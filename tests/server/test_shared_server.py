@@ -177,6 +177,65 @@ async def test_a_killed_server_is_replaced_and_its_runs_read_interrupted_and_res
     assert view["answer"] == "Back on track."
 
 
+async def test_a_host_goes_on_when_its_server_crashes_and_keeps_its_subscriptions(
+    tmp_path, workspace, fake_openai
+):
+    """The relay takes the session to a new server and replays it there: the handshake and the
+    subscription go again; the request the dead server never answered gets an error saying so."""
+    fake_openai.script = [("json", completion("First.")), ("hang", None), ("json", completion("Again."))]
+    updates: list[str] = []
+    params = model_host(tmp_path, workspace, fake_openai)
+    async with Client(params, mode="legacy", message_handler=updated_uris(updates)) as host:
+        tid = (await call(host, "create_trace", prompt="Look around"))["trace_id"]
+        assert (await wait_done(host, tid))["answer"] == "First."
+        await host.session.subscribe_resource(f"trace://{tid}")
+        first = status(tmp_path)["pid"]
+        await call(host, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "more"}])
+        await wait_until(lambda: len(fake_openai.requests) == 2)
+        outcome: list[str] = []
+
+        async def wait_on_it() -> None:
+            try:
+                await host.call_tool("get_trace", {"trace_id": tid, "wait_seconds": 30})
+                outcome.append("answered")
+            except Exception as exc:  # the JSON-RPC error the relay sends in the dead server's place
+                outcome.append(str(exc))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(wait_on_it)
+            await anyio.sleep(0.5)
+            os.kill(first, signal.SIGKILL)
+        assert "restarted before answering" in outcome[0] and "call again" in outcome[0]
+        second = status(tmp_path)["pid"]
+        assert second != first
+        fake_openai.release.set()  # the dead server's call is still parked on the fake: let it go
+        with anyio.fail_after(30):
+            while (await call(host, "get_trace", trace_id=tid))["trace"]["status"] == "running":
+                await anyio.sleep(0.1)
+        assert (await call(host, "get_trace", trace_id=tid))["trace"]["status"] == "interrupted"
+        updates.clear()
+        await call(host, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "go on"}])
+        assert (await wait_done(host, tid))["answer"] == "Again."
+        await wait_until(lambda: f"trace://{tid}" in updates)  # the subscription was replayed
+
+
+async def test_a_host_on_a_server_a_newer_relay_drained_goes_on_with_the_new_one(
+    tmp_path, workspace, fake_openai
+):
+    fake_openai.script = [("json", completion("Done."))]
+    old_host = model_host(tmp_path, workspace, fake_openai, AGENT_TRACE_TEST_VERSION="0.0.1")
+    async with Client(old_host, mode="auto") as host_a:
+        await call(host_a, "list_traces")
+        old = status(tmp_path)["pid"]
+        async with Client(model_host(tmp_path, workspace, fake_openai), mode="legacy") as host_b:
+            await wait_gone(old)  # no runs: drained at once
+            tid = (await call(host_a, "create_trace", prompt="Look around"))["trace_id"]  # host A goes on
+            assert (await wait_done(host_a, tid))["answer"] == "Done."
+            new = status(tmp_path)
+            assert new["pid"] != old and new["sessions"] == 2  # both hosts on the new server
+            assert tid in [t["trace_id"] for t in (await call(host_b, "list_traces"))["traces"]]
+
+
 # -- exits ----------------------------------------------------------------------------------------
 
 
@@ -442,6 +501,8 @@ async def test_a_host_waiting_when_the_server_stops_gets_its_answer_first(tmp_pa
             stopped = await anyio.to_thread.run_sync(lambda: run_cli(tmp_path, "stop-server", "--now"))
         assert stopped.returncode == 0 and "has stopped" in stopped.stdout
         assert answers[0]["trace"]["status"] == "stopped"  # answered before the session closed
+        await anyio.sleep(1)  # a stop is meant: the relay does not start another server in its place
+        assert ask_once(ServerAddress.of(tmp_path / "data"), {CONTROL_KEY: "status"}) is None
 
 
 async def test_a_server_that_does_not_answer_is_named_and_stop_server_now_ends_it(tmp_path, workspace):
