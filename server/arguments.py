@@ -30,8 +30,8 @@ MAX_MESSAGES_CHARS = 4_000_000
 """All the messages of one call together (as JSON): what the HTTP transport's 4 MiB body cap admits."""
 MAX_SEQUENCE = 10**12
 TRACE_ID_PATTERN = r"^[0-9a-f]{32}$"
-TAG_PATTERN = r"^[^\x00-\x1f\x7f]*$"
-"""Tags hold no control characters (a NUL would cut one short in the store's JSON functions)."""
+TAG_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+"""Tags hold no control characters nor line breaks (a NUL would cut one short in the store's JSON functions)."""
 _TRACE_ID = re.compile(TRACE_ID_PATTERN)
 
 

@@ -24,6 +24,8 @@ MESSAGES_VIEW_CHARS = 40_000
 ANSWER_BYTES = 900_000
 """``view=full`` pages and trace resources stay under the 1 MiB message limit of common clients (counted in
 UTF-8 bytes on the wire: see wire_size)."""
+PAGE_FIELDS_CHARS = 400
+"""What a page carries besides its trace and messages (last_sequence, next_after_sequence, next)."""
 ANSWER_CHARS = 1500
 ROW_ANSWER_CHARS = 1000
 ROW_RESULT_CHARS = 8000
@@ -378,22 +380,23 @@ def messages_view(
     """Active-path messages after ``after``, each cut at ``max_chars`` (``full``: uncut), a page at a time."""
     shown: list[dict[str, Any]] = []
     head = trace.model_dump(mode="json") if full else compact_row(trace)
-    budget = ANSWER_BYTES - wire_size(head) if full else MESSAGES_VIEW_CHARS
+    weigh = wire_size if full else json_chars
+    budget = (ANSWER_BYTES if full else MESSAGES_VIEW_CHARS) - weigh(head) - PAGE_FIELDS_CHARS
     used = 0
     more_after: int | None = None
     for message in path:
         if after is not None and message.sequence <= after:
             continue
         item = shown_message(message, trace.trace_id, None if full else max_chars)
-        weight = wire_size(item) if full else json_chars(item)
+        weight = weigh(item)
         if shown and used + weight > budget:
             more_after = shown[-1]["sequence"]
             break
-        if full and weight > budget:  # one message bigger than a page: its start, and where the rest is
+        if weight > budget:  # one message bigger than a page: its start, and where the rest is
             limit = budget // (2 + 2 * len(message.tool_calls or []))
             while True:  # multi-byte or escaped text weighs more than its characters: halve until it fits
                 item = shown_message(message, trace.trace_id, limit)
-                weight = wire_size(item)
+                weight = weigh(item)
                 if weight <= budget or limit == 0:
                     break
                 limit //= 2

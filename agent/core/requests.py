@@ -216,7 +216,7 @@ class Requests:
         if config.from_sequence is None:
             head = source.head_sequence
         else:
-            head = await cut_point(self._store, source, config.from_sequence)
+            head = await cut_point(self._store, source, config.from_sequence, "from_sequence")
         path = await self._store.get_path(source.trace_id, head) if head is not None else []
         if nothing_new and ends_in_answer(path):
             head, path = path[-1].parent_sequence, path[:-1]  # a fork with nothing new regenerates the answer

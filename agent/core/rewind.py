@@ -11,11 +11,14 @@ from agent.trace.models import Message, Trace
 from agent.trace.store import TraceStore
 
 
-async def cut_point(store: TraceStore, trace: Trace, insert_after: int) -> int:
-    """Where a rewind to ``insert_after`` really cuts: past an assistant message's tool results."""
+async def cut_point(
+    store: TraceStore, trace: Trace, insert_after: int, argument: str = "insert_after"
+) -> int:
+    """Where a rewind to ``insert_after`` (or a fork at ``from_sequence``: ``argument`` names which the
+    caller gave) really cuts: past an assistant message's tool results."""
     if insert_after < 1:
         raise SequenceError(
-            f"insert_after must be a message sequence of trace '{trace.trace_id}' (1 or more), not {insert_after}."
+            f"{argument} must be a message sequence of trace '{trace.trace_id}' (1 or more), not {insert_after}."
         )
     message = await store.get_message(trace.trace_id, insert_after)
     if message is None:
@@ -35,7 +38,7 @@ async def cut_point(store: TraceStore, trace: Trace, insert_after: int) -> int:
         if results[-1].sequence != message.sequence:
             raise SequenceError(
                 f"Cutting trace '{trace.trace_id}' after sequence {insert_after} would split the tool results of "
-                f"assistant message {group.sequence}; use insert_after={group.sequence} "
+                f"assistant message {group.sequence}; use {argument}={group.sequence} "
                 f"(which keeps all its results) or {results[-1].sequence}."
             )
     return message.sequence

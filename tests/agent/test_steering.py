@@ -322,6 +322,13 @@ async def test_a_fork_copies_the_path_and_runs_beside_its_running_source(store):
         await runner2.run_result([user("x")], RunConfig(from_trace=sid, from_sequence=99))
 
 
+async def test_a_fork_inside_a_group_of_tool_results_names_from_sequence_in_its_refusal(store):
+    model = ScriptedModel([reply(None, call("add", "k1", a=1, b=1), call("add", "k2", a=2, b=2)), reply("6")])
+    sid = (await make_runner(store, model).run_result([user("add")], RunConfig())).trace.trace_id
+    with pytest.raises(SequenceError, match=r"use from_sequence=3 \(which keeps all its results\) or 5"):
+        await make_runner(store, model).run_result([user("x")], RunConfig(from_trace=sid, from_sequence=4))
+
+
 async def test_run_overrides_reach_the_provider_and_are_stored(store):
     a = ScriptedModel([reply("from a")], name="a")
     b = ScriptedModel([reply("from b")], name="b")

@@ -88,10 +88,25 @@ async def test_a_messages_page_stays_under_the_hosts_spill_size(client, model, w
     model.steps = [turn_script(*[read] * 20, reply("read"))]
     tid = (await call(client, "create_trace", prompt="read big.txt often"))["trace_id"]
     await wait_done(client, tid)
-    result = await client.call_tool("get_trace", {"trace_id": tid, "view": "messages", "max_chars": 9000})
-    assert len(result.content[0].text) < 50_000
+    for max_chars in (0, 1, 2000, 9000):
+        result = await client.call_tool(
+            "get_trace", {"trace_id": tid, "view": "messages", "max_chars": max_chars}
+        )
+        assert len(result.content[0].text) <= 40_000
     page = result.structured_content
     assert page["next_after_sequence"] and "after_sequence=" in page["next"]
+
+
+async def test_one_message_bigger_than_a_messages_page_is_cut_to_fit_it(client, model):
+    wide = [tool_call("read_file", f"c{n}", path="README.md", note="w" * 30_000) for n in range(3)]
+    model.steps = [turn_script(reply("t" * 30_000, *wide), reply("read"))]
+    tid = (await call(client, "create_trace", prompt="read"))["trace_id"]
+    await wait_done(client, tid)
+    arguments = {"trace_id": tid, "view": "messages", "max_chars": 40_000, "after_sequence": 2}
+    result = await client.call_tool("get_trace", arguments)
+    assert len(result.content[0].text) <= 40_000
+    first = result.structured_content["messages"][0]
+    assert first["sequence"] == 3 and f"trace://{tid}/messages/3" in first["content"]
 
 
 async def test_true_or_false_is_no_number(client):
