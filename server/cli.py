@@ -191,14 +191,15 @@ def _main(argv: list[str] | None) -> int:
             return _refused(exc)
         return 0
     if not settings.in_process:
-        from server.relay import relay, unix_sockets_available
+        from server.relay import SERVE_IN_PROCESS, relay, unix_sockets_available
 
-        if unix_sockets_available():
-            return relay(settings)
-        log.warning(
-            "Unix sockets are not available here: serving in this process (as --in-process), so runs end "
-            "when the host closes it"
-        )
+        if not unix_sockets_available():
+            log.warning(
+                "Unix sockets are not available here: serving in this process (as --in-process), so runs end "
+                "when the host closes it"
+            )
+        elif (code := relay(settings)) != SERVE_IN_PROCESS:
+            return code
     from server.app import build_server
 
     try:

@@ -67,6 +67,15 @@ class ServerUnavailable(Exception):
     """The shared server could not be reached or started; the message is a sentence for the user."""
 
 
+class ServerStuck(ServerUnavailable):
+    """A shared server listens but does not answer (stuck, or paused with SIGSTOP): no other can start on
+    its data directory while it holds the lock, so the host is served in its own process meanwhile."""
+
+
+SERVE_IN_PROCESS = -1
+"""What ``relay`` returns when the host is best served in its own process (the shared server is stuck)."""
+
+
 def unix_sockets_available() -> bool:
     return hasattr(socket, "AF_UNIX") and sys.platform != "win32"
 
@@ -350,6 +359,13 @@ def _greet(address: ServerAddress, version: str, digests: dict[str, str]) -> Cha
         if not reply.get("session"):
             channel.close()
             return None
+    except TimeoutError:  # it listens (the kernel queued us) but does not answer
+        channel.close()
+        pid = read_record(address).get("pid")
+        raise ServerStuck(
+            f"The shared server (pid {pid}) for {address.data_dir} does not answer (stuck or paused); "
+            f"`{stop_command(address.data_dir)} --now` ends it"
+        ) from None
     except (OSError, ValueError):  # it went away while we spoke (an idle exit, a crash)
         channel.close()
         return None
@@ -586,9 +602,13 @@ class _Link:
 
 
 def relay(settings: Settings) -> int:
-    """What hosts launch: relay stdio to the shared server. Exit status 1 with a sentence when it fails."""
+    """What hosts launch: relay stdio to the shared server. Exit status 1 with a sentence when it fails;
+    SERVE_IN_PROCESS when a stuck server holds the data directory (the caller serves the host itself)."""
     try:
         channel = connect(settings)
+    except ServerStuck as exc:
+        log.warning("%s; serving this host in its own process meanwhile (its runs end when it closes)", exc)
+        return SERVE_IN_PROCESS
     except ServerUnavailable as exc:
         print(f"agent-trace-mcp: {exc}", file=sys.stderr)
         return 1

@@ -514,6 +514,16 @@ async def test_a_server_that_does_not_answer_is_named_and_stop_server_now_ends_i
         shown = await anyio.to_thread.run_sync(lambda: run_cli(tmp_path, "status"))
         assert shown.returncode == 1 and f"(pid {pid}) runs but does not answer" in shown.stdout
         assert "No shared server" not in shown.stdout and "--now` ends it" in shown.stdout
+        errlog = tmp_path / "stuck-relay.stderr"
+        with (
+            errlog.open("w") as stderr,
+            anyio.fail_after(25),
+        ):  # a host launched now is served at once, itself
+            async with Client(stdio_client(relay_params(tmp_path, workspace), errlog=stderr)) as host:
+                tid = (await call(host, "create_trace", prompt="hello"))["trace_id"]
+                assert (await wait_done(host, tid))["trace"]["status"] == "completed"
+        said = errlog.read_text()
+        assert f"(pid {pid})" in said and "serving this host in its own process meanwhile" in said
         stopped = await anyio.to_thread.run_sync(lambda: run_cli(tmp_path, "stop-server", "--now"))
         assert stopped.returncode == 0 and "does not answer: ending it" in stopped.stdout
         await wait_gone(pid, 10)
