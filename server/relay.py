@@ -556,8 +556,14 @@ class _Link:
         if self.channel.pending:
             data, self.channel.pending = self.channel.pending, b""
             self._forward(lines.feed(data), session, stdout, answered)
-        while data := self.channel.sock.recv(CHUNK):
-            self._forward(lines.feed(data), session, stdout, answered)
+        while True:
+            try:
+                data = self.channel.sock.recv(CHUNK)
+            except OSError:  # a reset: it died with frames of ours unread (the same as its end, for us)
+                return
+            if not data:
+                return
+            self._forward(lines.feed(data), session, stdout, answered)  # a broken stdout: the host left
 
     @staticmethod
     def _forward(lines: list[bytes], session: HostSession, stdout: int, answered: threading.Event) -> None:

@@ -5,7 +5,7 @@ crashed. Hosts do not reconnect a stdio server on their own (Claude Desktop show
 does: it connects to the next server and replays what the session had set up — the handshake (``initialize``
 and ``notifications/initialized``), resource subscriptions, the log level and open ``subscriptions/listen``
 streams — swallowing the answers to what it replays. Requests the old server left unanswered get an error
-the host's model can act on ("call again"); nothing is sent twice, so no trace is created twice.
+the host's model can act on (check, then call again); nothing is sent twice, so no trace is created twice.
 
 The server says why it closes a relay's session in a last ``CLOSING`` notification (swallowed here): a
 stop (``stop-server``, SIGTERM) means the relay exits with it; an upgrade drain, or no notice at all (a
@@ -24,7 +24,8 @@ CLOSING = "notifications/agent-trace-mcp/closing"
 REPLAYED_ID_PREFIX = "agent-trace-relay:"
 ORPHAN_CODE = -32603
 ORPHAN_MESSAGE = (
-    "The shared server restarted before answering this request; nothing of it was kept: call again."
+    "The shared server went away before answering this request, which may or may not have taken effect "
+    "(list_traces shows the traces that exist): check before calling it again."
 )
 _RESPONSE_HEAD = re.compile(rb'^\{"jsonrpc":"2\.0","id":("(?:[^"\\]|\\.)*"|-?\d+),"(?:result|error)"')
 """A response as the SDK writes it (keys in this order, no spaces): its id, read without parsing it whole."""

@@ -68,7 +68,7 @@ def test_requests_left_unanswered_get_an_error_and_cancelled_ones_none():
     error = types.JSONRPCError(jsonrpc="2.0", id="x", error=types.ErrorData(code=-1, message="no"))
     assert session.from_server(sdk_frame(error))  # an answer (an error is one too) goes to the host
     [orphan] = [json.loads(line) for line in session.orphans()]
-    assert orphan["id"] == 7 and "restarted before answering" in orphan["error"]["message"]
+    assert orphan["id"] == 7 and "went away before answering" in orphan["error"]["message"]
     assert session.orphans() == []
 
 

@@ -205,7 +205,7 @@ async def test_a_host_goes_on_when_its_server_crashes_and_keeps_its_subscription
             group.start_soon(wait_on_it)
             await anyio.sleep(0.5)
             os.kill(first, signal.SIGKILL)
-        assert "restarted before answering" in outcome[0] and "call again" in outcome[0]
+        assert "went away before answering" in outcome[0] and "check before calling it again" in outcome[0]
         second = status(tmp_path)["pid"]
         assert second != first
         fake_openai.release.set()  # the dead server's call is still parked on the fake: let it go
@@ -217,6 +217,31 @@ async def test_a_host_goes_on_when_its_server_crashes_and_keeps_its_subscription
         await call(host, "run_trace", trace_id=tid, messages=[{"role": "user", "content": "go on"}])
         assert (await wait_done(host, tid))["answer"] == "Again."
         await wait_until(lambda: f"trace://{tid}" in updates)  # the subscription was replayed
+
+
+async def test_a_server_that_dies_with_a_request_unread_is_replaced_too(tmp_path, workspace):
+    """Killed with the host's request still in its socket, the server's end reads as a reset, not an end
+    of file: the relay goes on to the next server all the same, and answers that request with the error."""
+    async with Client(relay_params(tmp_path, workspace), mode="legacy") as host:
+        await call(host, "list_traces")
+        first = status(tmp_path)["pid"]
+        os.kill(first, signal.SIGSTOP)  # it reads nothing more…
+        outcome: list[str] = []
+
+        async def ask() -> None:
+            try:
+                await host.call_tool("list_traces", {})
+                outcome.append("answered")
+            except Exception as exc:
+                outcome.append(str(exc))
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(ask)
+            await anyio.sleep(0.5)  # …so this request waits unread in its socket
+            os.kill(first, signal.SIGKILL)
+        assert "went away before answering" in outcome[0]
+        assert (await call(host, "list_traces"))["traces"] == []  # on the next server
+        assert status(tmp_path)["pid"] != first
 
 
 async def test_a_host_on_a_server_a_newer_relay_drained_goes_on_with_the_new_one(
