@@ -311,10 +311,10 @@ class SharedServer:
         log.info("a host connected (%d session(s))", self._sessions)
         try:
             await serve_session(self._server, reader, stream, lifespan_state=state, closing=self._closing)
-            if relayed and self._closing.is_set():  # why, so the relay knows whether to take its host on
-                with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                    await stream.send(closing_note(reconnect=self.reason == UPGRADE, reason=self.reason))
         finally:
+            if relayed and self._closing.is_set():  # why, so the relay knows whether to take its host on
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1), suppress(Exception):
+                    await stream.send(closing_note(reconnect=self.reason == UPGRADE, reason=self.reason))
             self._sessions -= 1
             if note is not None:
                 self._notes[note] -= 1

@@ -530,6 +530,35 @@ async def test_a_host_waiting_when_the_server_stops_gets_its_answer_first(tmp_pa
         assert ask_once(ServerAddress.of(tmp_path / "data"), {CONTROL_KEY: "status"}) is None
 
 
+async def test_a_stop_past_the_answer_grace_still_ends_the_hosts_session_for_good(
+    tmp_path, workspace, fake_openai
+):
+    """A host waiting on a run of another process does not hold a stop up past the grace; its session is
+    closed with the stop's note, so its relay exits rather than start a server in the stopped one's place."""
+    fake_openai.script = [("hang", None)]
+    in_process = model_host(tmp_path, workspace, fake_openai, "--in-process")
+    async with Client(in_process, mode="legacy") as other:
+        tid = (await call(other, "create_trace", prompt="Look around"))["trace_id"]
+        await wait_until(lambda: len(fake_openai.requests) == 1)
+        stopped: list[subprocess.CompletedProcess[str]] = []
+
+        async def wait_on_it(host: Client) -> None:
+            with suppress(Exception):  # the session closes under the wait
+                await host.call_tool("get_trace", {"trace_id": tid, "wait_seconds": 30})
+
+        with suppress(Exception):  # and the host's client with it
+            async with Client(relay_params(tmp_path, workspace), mode="legacy") as host:
+                async with anyio.create_task_group() as group:
+                    group.start_soon(wait_on_it, host)
+                    await anyio.sleep(0.5)
+                    stop = await anyio.to_thread.run_sync(lambda: run_cli(tmp_path, "stop-server", "--now"))
+                    stopped.append(stop)
+        assert stopped and stopped[0].returncode == 0
+        await anyio.sleep(1)
+        assert ask_once(ServerAddress.of(tmp_path / "data"), {CONTROL_KEY: "status"}) is None
+        fake_openai.release.set()
+
+
 async def test_a_server_that_does_not_answer_is_named_and_stop_server_now_ends_it(tmp_path, workspace):
     async with Client(relay_params(tmp_path, workspace), mode="legacy") as host:
         await call(host, "list_traces")
