@@ -648,13 +648,13 @@ def _stuck_pid(address: ServerAddress) -> int | None:
     """The pid of the server the record names while that process is alive and a server holds the lock
     (so a pid the system has since given to another program is never taken for it)."""
     pid = read_record(address).get("pid")
-    if not isinstance(pid, int) or not pid_alive(pid):
+    if not isinstance(pid, int) or not pid_alive(pid) or not address.lock.exists():
         return None
-    fd = try_lock(address.lock) if address.lock.exists() else None
+    fd = try_lock(address.lock)
     if fd is not None:  # no server holds it: that pid is not one
         os.close(fd)
         return None
-    return pid if address.lock.exists() else None
+    return pid
 
 
 def _no_server(address: ServerAddress) -> str:
