@@ -593,11 +593,13 @@ class _Link:
             with suppress(OSError):
                 old.sock.close()
             self.channel = channel
+            graceful = session.noted
+            unread = session.unread() if graceful else []
             try:
-                channel.sock.sendall(b"".join(session.replay()))
+                channel.sock.sendall(b"".join([*session.replay(), *unread]))
             except OSError:
                 return False
-            orphans = session.orphans()
+            orphans = [] if graceful else session.orphans()
         if orphans:
             _write_all(stdout, b"".join(orphans))
         return True

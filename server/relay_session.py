@@ -4,8 +4,10 @@ The shared server may go away under a connected host: a relay of a newer version
 crashed. Hosts do not reconnect a stdio server on their own (Claude Desktop shows it failed), so the relay
 does: it connects to the next server and replays what the session had set up — the handshake (``initialize``
 and ``notifications/initialized``), resource subscriptions, the log level and open ``subscriptions/listen``
-streams — swallowing the answers to what it replays. Requests the old server left unanswered get an error
-the host's model can act on (check, then call again); nothing is sent twice, so no trace is created twice.
+streams — swallowing the answers to what it replays. A server that closes with its note has answered all
+it read and read nothing after, so what it left unanswered goes to the next server as it was; after a crash
+those requests get an error the host's model can act on (check, then call again) — never sent twice, so no
+trace is created twice.
 
 The server says why it closes a relay's session in a last ``CLOSING`` notification (swallowed here): a
 stop (``stop-server``, SIGTERM) means the relay exits with it; an upgrade drain, or no notice at all (a
@@ -46,8 +48,9 @@ class HostSession:
     subscriptions: dict[str, None] = field(default_factory=dict)  # URIs in order (a dict is an ordered set)
     log_level: dict[str, Any] | None = None
     listens: dict[str, dict[str, Any]] = field(default_factory=dict)  # id key -> the listen request
-    pending: dict[str, Any] = field(default_factory=dict)  # id key -> the raw id, awaiting an answer
+    pending: dict[str, tuple[Any, bytes]] = field(default_factory=dict)  # id key -> (raw id, its frame)
     reconnect: bool = True  # until the server says it is stopping on purpose
+    noted: bool = False  # the server closed with its note: it answered all it read, read nothing after
     _replayed: int = 0
 
     def from_host(self, line: bytes) -> None:
@@ -64,7 +67,7 @@ class HostSession:
             if method == "subscriptions/listen":
                 self.listens[key] = message
             else:
-                self.pending[key] = message["id"]
+                self.pending[key] = (message["id"], line)
         if method == "initialize":
             self.initialize = message
         elif method == "notifications/initialized":
@@ -102,6 +105,7 @@ class HostSession:
         if isinstance(message, dict) and message.get("method") == CLOSING:
             params = message.get("params") or {}
             self.reconnect = bool(params.get("reconnect")) if isinstance(params, dict) else False
+            self.noted = True
             return False
         return True
 
@@ -121,11 +125,18 @@ class HostSession:
         lines += [_line(listen) for listen in self.listens.values()]
         return lines
 
+    def unread(self) -> list[bytes]:
+        """After a server that closed with its note: the requests it never read, to send to the next one
+        as they were (it answered all it read, so none of these took effect)."""
+        self.noted = False
+        return [frame for _, frame in self.pending.values()]
+
     def orphans(self) -> list[bytes]:
-        """Error answers for the requests the old server left unanswered (then forgotten)."""
+        """After a server that vanished (a crash): error answers for the requests it left unanswered, which
+        it may or may not have carried out (then forgotten)."""
         errors = [
             _line({"jsonrpc": "2.0", "id": raw, "error": {"code": ORPHAN_CODE, "message": ORPHAN_MESSAGE}})
-            for raw in self.pending.values()
+            for raw, _ in self.pending.values()
         ]
         self.pending.clear()
         return errors

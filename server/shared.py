@@ -409,6 +409,8 @@ class SharedServer:
         self.reason, self._stop_runs_asked = reason, stop_runs
         self.mode = Mode.DRAINING if reason in (DRAINED, UPGRADE) else Mode.STOPPING
         self._stop_listening()
+        if reason == UPGRADE:  # its relays move their hosts to the new server once they are answered
+            self._closing.set()
         self._shutdown.set()
 
     async def _stop_runs(self, engine: Engine) -> None:

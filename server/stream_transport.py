@@ -38,6 +38,8 @@ READ_CHUNK = 64 * 1024
 ENDLESS_METHODS = frozenset({"subscriptions/listen"})
 """Requests answered only when the client goes: never waited for at its end of input."""
 CANCELLED = "notifications/cancelled"
+HAND_ON_SECONDS = 5.0
+"""How long handing a read message to the session may hold off a cancellation (it takes a moment)."""
 
 PARSE_ERROR, INVALID_REQUEST, INVALID_PARAMS = -32700, -32600, -32602
 NOT_AN_OBJECT = "Invalid request: a frame must be one JSON-RPC message object."
@@ -198,8 +200,9 @@ async def serve_session(
 ) -> None:
     """Serve one MCP session (the client's first request picks its protocol era) on an entered lifespan.
 
-    Once ``closing`` is set (the server winds down), the session ends as soon as every request it was
-    asked is answered: a host waiting on a run the server let finish (or stopped) gets its answer."""
+    Once ``closing`` is set (the server winds down), the session reads no more and ends as soon as every
+    request it read is answered: a host waiting on a run the server let finish (or stopped) gets its
+    answer, and a request it sent meanwhile is known not to have been read."""
     to_server, from_client = anyio.create_memory_object_stream[SessionMessage | Exception](0)
     to_client, from_server = anyio.create_memory_object_stream[SessionMessage](0)
     sending = anyio.Lock()
@@ -226,33 +229,41 @@ async def serve_session(
                 gone = True
                 answered.set()  # no one to answer any more
 
+    intake = anyio.CancelScope()  # cancelled as the server winds down: nothing more is read
+
     async def read_frames() -> None:
         async with to_server:
-            while True:
-                try:
-                    line = await reader.next_line()
-                except FrameTooLarge:
-                    await write(
-                        error_frame(None, INVALID_REQUEST, "Invalid request: the frame is too large.")
-                    )
-                    continue
-                if line is None:
-                    with anyio.move_on_after(defaults.EOF_DRAIN_SECONDS):
-                        while unanswered and not gone:
-                            await answered.wait()
-                    return
-                message, reply = parse_frame(line)
-                if reply is not None:
-                    await write(reply)
-                if isinstance(message, types.JSONRPCRequest) and message.method not in ENDLESS_METHODS:
-                    unanswered.add(str(message.id))
-                elif isinstance(message, types.JSONRPCNotification) and message.method == CANCELLED:
-                    settled((message.params or {}).get("requestId"))
-                if message is not None:
+            with intake:
+                while True:
                     try:
-                        await to_server.send(SessionMessage(message))
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                        return  # the session ended first
+                        line = await reader.next_line()
+                    except FrameTooLarge:
+                        await write(
+                            error_frame(None, INVALID_REQUEST, "Invalid request: the frame is too large.")
+                        )
+                        continue
+                    if line is None:
+                        break
+                    message, reply = parse_frame(line)
+                    if reply is not None:
+                        await write(reply)
+                    # a request read is one the session answers: noted and handed on together, or neither
+                    with anyio.CancelScope(shield=True, deadline=anyio.current_time() + HAND_ON_SECONDS):
+                        if (
+                            isinstance(message, types.JSONRPCRequest)
+                            and message.method not in ENDLESS_METHODS
+                        ):
+                            unanswered.add(str(message.id))
+                        elif isinstance(message, types.JSONRPCNotification) and message.method == CANCELLED:
+                            settled((message.params or {}).get("requestId"))
+                        if message is not None:
+                            try:
+                                await to_server.send(SessionMessage(message))
+                            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                                return  # the session ended first
+            with anyio.move_on_after(defaults.EOF_DRAIN_SECONDS):  # the end of input, or of intake
+                while unanswered and not gone:
+                    await answered.wait()
 
     async def write_frames() -> None:
         async with from_server:
@@ -263,8 +274,11 @@ async def serve_session(
                     settled(item.message.id)
 
     async def end_when_answered(scope: anyio.CancelScope) -> None:
+        """Once closing: read nothing more, answer what was read, end. Then whatever the client sent and
+        gets no answer for was never read (a relay may send it again elsewhere)."""
         assert closing is not None
         await closing.wait()
+        intake.cancel()
         while unanswered and not gone:
             await answered.wait()
         scope.cancel()

@@ -76,7 +76,19 @@ def test_the_servers_closing_note_is_kept_back_and_says_whether_to_go_on():
     session = HostSession()
     assert session.reconnect  # a server that vanishes without a word crashed: go on with the next
     assert not session.from_server(closing_note(reconnect=False, reason="stop-server --now"))
-    assert not session.reconnect
+    assert not session.reconnect and session.noted
+
+
+def test_after_a_closing_note_what_went_unanswered_was_never_read_and_goes_again_as_it_was():
+    session = HostSession()
+    sent = frame({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "list_traces"}})
+    session.from_host(sent)
+    assert not session.from_server(
+        closing_note(reconnect=True, reason="drained for a relay of another version")
+    )
+    assert session.reconnect and session.unread() == [sent] and not session.noted
+    assert session.from_server(sdk_frame(types.JSONRPCResponse(jsonrpc="2.0", id=9, result={})))
+    assert session.orphans() == []  # answered by the next server
     other = {"jsonrpc": "2.0", "method": "notifications/message", "params": {"data": CLOSING}}
     assert session.from_server(frame(other))  # a log line that merely names it is the host's
 

@@ -247,18 +247,22 @@ async def test_a_server_that_dies_with_a_request_unread_is_replaced_too(tmp_path
 async def test_a_host_on_a_server_a_newer_relay_drained_goes_on_with_the_new_one(
     tmp_path, workspace, fake_openai
 ):
-    fake_openai.script = [("json", completion("Done."))]
+    fake_openai.script = [("hang", None), ("json", completion("Done."))]
     old_host = model_host(tmp_path, workspace, fake_openai, AGENT_TRACE_TEST_VERSION="0.0.1")
     async with Client(old_host, mode="auto") as host_a:
-        await call(host_a, "list_traces")
+        first = (await call(host_a, "create_trace", prompt="Take your time"))["trace_id"]
+        await wait_until(lambda: len(fake_openai.requests) == 1)
         old = status(tmp_path)["pid"]
         async with Client(model_host(tmp_path, workspace, fake_openai), mode="legacy") as host_b:
-            await wait_gone(old)  # no runs: drained at once
-            tid = (await call(host_a, "create_trace", prompt="Look around"))["trace_id"]  # host A goes on
+            await wait_until(lambda: status(tmp_path)["sessions"] == 2)  # host A moved, its run still going
+            assert pid_alive(old)  # draining: the old server finishes the run it has
+            tid = (await call(host_a, "create_trace", prompt="Look around"))["trace_id"]  # on the new one
             assert (await wait_done(host_a, tid))["answer"] == "Done."
-            new = status(tmp_path)
-            assert new["pid"] != old and new["sessions"] == 2  # both hosts on the new server
+            assert status(tmp_path)["pid"] != old
             assert tid in [t["trace_id"] for t in (await call(host_b, "list_traces"))["traces"]]
+            fake_openai.release.set()
+            assert (await wait_done(host_a, first))["trace"]["status"] == "completed"  # finished by the old
+            await wait_gone(old)
 
 
 # -- exits ----------------------------------------------------------------------------------------
