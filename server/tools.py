@@ -47,10 +47,12 @@ from server.views import (
     ROWS_BYTES,
     TAIL_MESSAGES,
     RowBudget,
+    answer_of,
     compact_row,
     elide,
     messages_view,
     one_line,
+    result_left_out,
     row_answer_chars,
     row_result_chars,
     row_with_answer,
@@ -676,16 +678,18 @@ def register_tools(mcp: MCPServer) -> None:
         done: list[dict[str, Any]] = []
         more: list[str] = []  # finished, past the answer's budget: named only
         answer_chars, result_chars = row_answer_chars(len(finished)), row_result_chars(len(finished))
-        budget = RowBudget()
+        budget, left_out = RowBudget(), []
         for trace in finished:
             if not budget.full:
                 tail = await engine.tail(trace.trace_id, TAIL_MESSAGES if trace.question else 1)
                 row = row_with_answer(trace, tail, answer_chars, result_chars)
                 if budget.take(row):
                     done.append(row)
+                    if row["result"] is None and trace.result is not None:
+                        left_out.append(result_left_out(trace, answer_of(trace, tail), named=True))
                     continue
             more.append(trace.trace_id)
-        hints = [note] if note and running else []
+        hints = [*([note] if note and running else []), *left_out]
         if more:
             hints.append(
                 f"{len(more)} more finished traces are in more_done, left out to keep this answer short: "

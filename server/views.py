@@ -135,16 +135,15 @@ def row_with_answer(
     result_chars: int = ROW_RESULT_CHARS,
 ) -> dict[str, Any]:
     """A compact row plus what the caller came for: the answer, the typed result and the question, each
-    null when there is none (as in the summary). A result too long for the row is left out (null) and a
-    ``note`` says where it is; the answer, its JSON text, is cut with its marker. ``tail`` ends the active
-    path (a waiting trace's should reach back to the message that asks, for a long question's marker)."""
+    null when there is none (as in the summary). A result too long for the row is left out (null: the
+    answer's ``next`` says where it is, see result_left_out); the answer, its JSON text, is cut with its
+    marker. ``tail`` ends the active path (a waiting trace's should reach back to the message that asks,
+    for a long question's marker)."""
     row = compact_row(trace)
     answer = answer_of(trace, tail)
     row["answer"] = cut(answer.content, answer_chars, trace.trace_id, answer.sequence) if answer else None
     has_schema = trace.config.output_schema is not None
     row["result"] = _bounded_result(trace, max(answer_chars, result_chars)) if has_schema else None
-    if row["result"] is None and trace.result is not None:
-        row["note"] = _result_left_out(trace, answer).strip()
     row["question"] = question_shown(trace, tail, QUESTION_CHARS)
     return row
 
@@ -322,7 +321,7 @@ def summary(
             "recent": [f"#{m.sequence} {one_line(m, names)}" for m in steps[-lines:]],
             "last_sequence": last_sequence,
             "next": (f"{note} " if note else "")
-            + (_result_left_out(trace, answer) if result is None and trace.result is not None else "")
+            + (result_left_out(trace, answer) + " " if result is None and trace.result is not None else "")
             + next_step(trace, last_sequence, max_wait, waiting),
         }
         if size_of(body) <= SUMMARY_BYTES:
@@ -330,10 +329,12 @@ def summary(
     return body
 
 
-def _result_left_out(trace: Trace, answer: Message | None) -> str:
+def result_left_out(trace: Trace, answer: Message | None, *, named: bool = False) -> str:
+    """The sentence saying where a typed result too long to show is (``named``: which trace's it is)."""
     where = message_uri(trace.trace_id, answer.sequence) if answer else "view='full'"
     size = len(json.dumps(trace.result, ensure_ascii=False))
-    return f"The result ({size:,} characters of JSON) is too long to show here: read {where} for it. "
+    whose = f" of {trace.trace_id}" if named else ""
+    return f"The result{whose} ({size:,} characters of JSON) is too long to show here: read {where} for it."
 
 
 def shown_message(

@@ -16,6 +16,11 @@ from tests.server.helpers import call, call_error, full, wait_done
 
 pytestmark = pytest.mark.anyio
 
+COMPACT_ROW = {
+    "trace_id", "name", "tags", "status", "outcome", "stop_reason", "model", "steps", "usage", "created_at",
+    "updated_at",
+}  # fmt: skip
+
 
 @pytest.fixture(params=["legacy", "auto"])
 async def client(request, server):
@@ -63,11 +68,13 @@ async def test_await_traces_returns_a_typed_result_whole_or_says_where_it_is(cli
     model.steps = [turn_script(reply(json.dumps(big)))]
     second = (await call(client, "create_trace", prompt="big", output_schema=schema))["trace_id"]
     await wait_done(client, second)
-    rows = {r["trace_id"]: r for r in (await call(client, "await_traces", trace_ids=[first]))["done"]}
-    assert rows[first]["result"] == mid and "note" not in rows[first]
-    row = (await call(client, "await_traces", trace_ids=[second]))["done"][0]
-    assert row["result"] is None and f"trace://{second}/messages/3" in row["note"]
-    assert "9,012 characters of JSON" in row["note"]
+    whole = await call(client, "await_traces", trace_ids=[first])
+    assert whole["done"][0]["result"] == mid and "next" not in whole
+    answer = await call(client, "await_traces", trace_ids=[second])
+    row = answer["done"][0]
+    assert row["result"] is None and f"trace://{second}/messages/3" in answer["next"]
+    assert f"The result of {second} (9,012 characters of JSON)" in answer["next"]
+    assert set(row) == {*COMPACT_ROW, "answer", "result", "question"}  # the rows as product.md names them
 
 
 async def test_a_full_page_stays_under_a_mebibyte_in_multi_byte_text(client, model):
