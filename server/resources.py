@@ -18,7 +18,7 @@ from agent.experiences import ExperienceFile
 from agent.trace.models import Message, Trace
 from server.settings import Settings
 from server.state import ServerState, state_of
-from server.views import ANSWER_BYTES, elide, shown_message
+from server.views import ANSWER_BYTES, elide, escaped_size, shown_message
 
 PAGE_SIZE = 50
 
@@ -41,12 +41,12 @@ def trace_body(trace: Trace, messages: list[Message]) -> str:
     for limit in _CUTS:
         dumped = [shown_message(message, trace.trace_id, limit, nulls=True) for message in messages]
         text = _dumps({"trace": head, "messages": dumped})
-        if _escaped_size(text) <= ANSWER_BYTES:
+        if escaped_size(text) <= ANSWER_BYTES:
             return text
-    room = ANSWER_BYTES - _escaped_size(_dumps({"trace": head, "messages": [], "note": "x" * 300}))
+    room = ANSWER_BYTES - escaped_size(_dumps({"trace": head, "messages": [], "note": "x" * 300}))
     kept: list[dict[str, Any]] = []
     for item in reversed(dumped):
-        room -= _escaped_size(_dumps(item)) + 2
+        room -= escaped_size(_dumps(item)) + 2
         if room < 0:
             break
         kept.append(item)
@@ -61,11 +61,6 @@ def trace_body(trace: Trace, messages: list[Message]) -> str:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
-
-
-def _escaped_size(text: str) -> int:
-    """UTF-8 bytes of ``text`` as the JSON string a resources/read answer carries it in."""
-    return len(json.dumps(text, ensure_ascii=False).encode())
 
 
 async def _trace_json(ctx: Context, trace_id: str, whole_tree: bool) -> str:

@@ -368,11 +368,16 @@ def size_of(value: Any) -> int:
     return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
 
 
+def escaped_size(text: str) -> int:
+    """UTF-8 bytes of ``text`` as the JSON string a message carries it in (its quotes escaped)."""
+    return len(json.dumps(text, ensure_ascii=False).encode())
+
+
 def wire_size(value: Any) -> int:
     """UTF-8 bytes ``value`` weighs in a tool result on the wire, what a client's 1 MiB message limit
-    counts: once as structured content, and again as the text's JSON string (its quotes escaped)."""
+    counts: once as structured content, and again as the text's JSON string."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return len(text.encode()) + len(json.dumps(text, ensure_ascii=False).encode())
+    return len(text.encode()) + escaped_size(text)
 
 
 def messages_view(
