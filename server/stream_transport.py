@@ -273,22 +273,20 @@ async def serve_session(
                 if isinstance(item.message, types.JSONRPCResponse | types.JSONRPCError):
                     settled(item.message.id)
 
-    async def end_when_answered(scope: anyio.CancelScope) -> None:
-        """Once closing: read nothing more, answer what was read, end. Then whatever the client sent and
-        gets no answer for was never read (a relay may send it again elsewhere)."""
+    async def stop_reading() -> None:
+        """Once closing: read nothing more; what was read is answered as at the end of input, then the
+        session ends. Whatever the client sent and gets no answer for was never read (a relay may send it
+        again elsewhere)."""
         assert closing is not None
         await closing.wait()
         intake.cancel()
-        while unanswered and not gone:
-            await answered.wait()
-        scope.cancel()
 
     async with anyio.create_task_group() as group:
         group.start_soon(write_frames)
         async with anyio.create_task_group() as reading:
             reading.start_soon(read_frames)
             if closing is not None:
-                reading.start_soon(end_when_answered, group.cancel_scope)
+                reading.start_soon(stop_reading)
             await serve_dual_era_loop(
                 server,
                 from_client,

@@ -11,19 +11,17 @@ from agent.trace.models import Message, Trace
 from agent.trace.store import TraceStore
 
 
-async def cut_point(
-    store: TraceStore, trace: Trace, insert_after: int, argument: str = "insert_after"
-) -> int:
-    """Where a rewind to ``insert_after`` (or a fork at ``from_sequence``: ``argument`` names which the
-    caller gave) really cuts: past an assistant message's tool results."""
-    if insert_after < 1:
+async def cut_point(store: TraceStore, trace: Trace, sequence: int, argument: str = "insert_after") -> int:
+    """Where a rewind after ``sequence`` (``insert_after``, or a fork's ``from_sequence``: ``argument``
+    names which the caller gave) really cuts: past an assistant message's tool results."""
+    if sequence < 1:
         raise SequenceError(
-            f"{argument} must be a message sequence of trace '{trace.trace_id}' (1 or more), not {insert_after}."
+            f"{argument} must be a message sequence of trace '{trace.trace_id}' (1 or more), not {sequence}."
         )
-    message = await store.get_message(trace.trace_id, insert_after)
+    message = await store.get_message(trace.trace_id, sequence)
     if message is None:
         raise SequenceError(
-            f"Trace '{trace.trace_id}' has no message with sequence {insert_after}; "
+            f"Trace '{trace.trace_id}' has no message with sequence {sequence}; "
             "get_trace shows the sequences that exist."
         )
     if message.role == "assistant" and message.tool_calls:
@@ -37,7 +35,7 @@ async def cut_point(
         results = await tool_results(store, trace.trace_id, group)
         if results[-1].sequence != message.sequence:
             raise SequenceError(
-                f"Cutting trace '{trace.trace_id}' after sequence {insert_after} would split the tool results of "
+                f"Cutting trace '{trace.trace_id}' after sequence {sequence} would split the tool results of "
                 f"assistant message {group.sequence}; use {argument}={group.sequence} "
                 f"(which keeps all its results) or {results[-1].sequence}."
             )

@@ -42,6 +42,7 @@ from agent.errors import (
     storage_trouble,
 )
 from agent.llm.base import Model, ModelResponse
+from agent.text import one_line
 from agent.tools.ask import ASK_HOST, call_shown, question_of
 from agent.tools.registry import Tool, ToolRegistry, openai_tool_schema
 from agent.trace import compaction
@@ -552,7 +553,7 @@ class Run:
             events.append(await self._append(compaction.record(plan, saved=saved)))
             before = after
         summary_plan = compaction.plan_summary(self.segment.context) if before > room else None
-        if summary_plan is not None and self._resummarising(summary_plan, room):
+        if summary_plan is not None and self._summary_in_vain(summary_plan, room):
             summary_plan = None
         if summary_plan is not None:
             request = compaction.summary_request(
@@ -604,7 +605,7 @@ class Run:
             self.segment.context_tokens,
         )
 
-    def _resummarising(self, plan: compaction.Plan, room: int) -> bool:
+    def _summary_in_vain(self, plan: compaction.Plan, room: int) -> bool:
         """Whether a new summary would be asked for in vain: one is on the path already, and the turns a new
         one would fold in weigh less than RESUMMARY_SHARE of the room as they are sent now (results elided
         or cut), so the call would buy next to nothing. (Latest turns over the room by themselves are cut to
@@ -717,7 +718,7 @@ class Run:
         tool = next((t for t in self.segment.tools if t.name == name), None)
         if tool is None or self.registry.get(name) is None:
             offered = ", ".join(t.name for t in self.segment.tools) or "none"
-            return f"Error: there is no tool named '{_short(name, 100)}' for this trace. Tools offered: {offered}."
+            return f"Error: there is no tool named '{one_line(name, 100)}' for this trace. Tools offered: {offered}."
         try:
             arguments = call.function.parsed_arguments()
         except ValueError as exc:
@@ -742,11 +743,6 @@ class Run:
 def _extends(wire: list[dict[str, Any]], sent: list[dict[str, Any]]) -> bool:
     """``wire`` is ``sent`` with messages added at the end (the same converted items, nothing elided)."""
     return len(wire) >= len(sent) and all(a is b for a, b in zip(wire, sent, strict=False))
-
-
-def _short(text: str, limit: int) -> str:
-    flat = " ".join((text or "").split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def pending_calls(context: list[Message]) -> list[ToolCall]:

@@ -14,6 +14,7 @@ import httpx2
 from agent import defaults
 from agent.errors import ContextTooLong, ModelCallError, ModelConfigError
 from agent.llm.redact import redact
+from agent.text import one_line
 
 _MESSAGE_LIMIT = 300
 
@@ -64,11 +65,6 @@ def _scrub(text: str, secrets: tuple[str | None, ...]) -> str:
         if secret and len(secret) >= 4:
             text = text.replace(secret, "***")
     return redact(text)
-
-
-def _short(text: str, limit: int = _MESSAGE_LIMIT) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _provider_message(exc: Exception) -> str:
@@ -131,7 +127,7 @@ def provider_error_sentence(
     """A plain sentence for an SDK error; ``kind`` is "status", "timeout", "connection" or "other"."""
     retries = _retries_taken(exc)
     after = f" after {retries} {'retry' if retries == 1 else 'retries'}" if retries else ""
-    detail = _short(_scrub(_provider_message(exc), secrets))
+    detail = one_line(_scrub(_provider_message(exc), secrets), _MESSAGE_LIMIT)
     status = getattr(exc, "status_code", None)
     if kind == "status" and isinstance(status, int) and status < 400:
         sentence = (

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from agent.errors import ToolCallError
+from agent.text import one_line
 
 ASK_HOST = "ask_host"
 MAX_QUESTION_CHARS = 4000
@@ -52,7 +53,4 @@ def question_of(arguments: str) -> str:
 
 def call_shown(name: str, arguments: str | None) -> str:
     """A tool call as an approval question names it: ``name(arguments)``, the arguments on one line, cut."""
-    flat = " ".join((arguments or "").split())
-    if len(flat) > APPROVAL_ARGUMENT_CHARS:
-        flat = flat[: APPROVAL_ARGUMENT_CHARS - 1] + "…"
-    return f"{name}({flat})"
+    return f"{name}({one_line(arguments, APPROVAL_ARGUMENT_CHARS)})"

@@ -34,9 +34,9 @@ KEEP_TURNS = 2
 REPLY_RESERVE_TOKENS = 4096
 """Room left for the model's reply, unless the model says how long its reply may be (Anthropic's max_tokens)."""
 LOW_WATER = 0.6
+"""A compaction aims at this share of the room, so the next one is many steps away, not the next step."""
 RESUMMARY_SHARE = 0.2
 """A path that has a summary is summarised again only when that folds in at least this share of the room."""
-"""A compaction aims at this share of the room, so the next one is many steps away, not the next step."""
 INITIAL_TOKENS_PER_CHAR = 0.3
 """Until a provider reports its count, a conservative guess (≈3.3 characters a token). Sizes are counted in
 UTF-8 bytes, so a CJK character weighs three: tokenizers spend about a token on one, a quarter on ASCII."""

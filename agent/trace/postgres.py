@@ -63,9 +63,9 @@ STATEMENT_TIMEOUT_SECONDS = 30.0
 IDLE_IN_TRANSACTION_SECONDS = 60.0
 """A client stuck inside a transaction would hold the change log's lock; the server ends it after this."""
 RETRY_SECONDS = 30.0
+"""How long a read or write keeps retrying while the database cannot be reached (a restart, a failover)."""
 UNKNOWN_OUTCOME_ATTEMPTS = 5
 """An append whose COMMIT is cut off is looked for and written again at most this many times in all."""
-"""How long a read or write keeps retrying while the database cannot be reached (a restart, a failover)."""
 FEED_COALESCE_SECONDS = 0.01
 """After a NOTIFY the feed waits this long for the rest of a burst, so a busy cluster costs a read per
 burst, not per commit (events of other replicas arrive this much later; a run's own events do not wait)."""
@@ -546,44 +546,43 @@ class PostgresTraceStore:
         async def body(db: Db) -> Message:
             return await self._insert_message(db, trace_id, message, parent, token, side)
 
-        for attempt in range(UNKNOWN_OUTCOME_ATTEMPTS):
+        attempts = 0
+        while True:  # a COMMIT cut off: look, and write again only if it is not there
             try:
                 return await self._write(body, trace_id=trace_id)
-            except (
-                WriteOutcomeUnknown
-            ):  # the COMMIT was cut off: look, and write again only if it is not there
-                stored = await self._appended(trace_id, message, parent, side)
-                if stored is not None:
+            except WriteOutcomeUnknown:
+                attempts += 1
+                if (stored := await self._appended(trace_id, message, parent, side)) is not None:
                     return stored
-                if attempt + 1 == UNKNOWN_OUTCOME_ATTEMPTS:
+                if attempts == UNKNOWN_OUTCOME_ATTEMPTS:
                     raise
                 log.warning(
                     "a write to trace %s was cut off before it was stored; writing it again", trace_id
                 )
-        raise AssertionError("unreachable")
 
     async def _appended(
         self, trace_id: str, message: NewMessage, parent: int | None, side: bool
     ) -> Message | None:
-        """The trace's latest message when it is ``message`` (only the claim's holder appends, so a commit
-        that went through left it last), else None."""
+        """The stored ``message`` when the cut-off COMMIT went through: the newest message with its parent
+        and branch (a side branch may have appended since, so not simply the trace's last), if it is
+        ``message``; else None."""
         rows = await self._fetch(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE trace_id = $1 AND sequence = "
-            "(SELECT last_sequence FROM traces WHERE trace_id = $1)",
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE trace_id = $1 "
+            "AND parent_sequence IS NOT DISTINCT FROM $2 AND side = $3 ORDER BY sequence DESC LIMIT 1",
             trace_id,
+            parent,
+            side,
         )
         if not rows:
             return None
-        last = _message(rows[0])
+        found = _message(rows[0])
         same = (
-            last.parent_sequence == parent
-            and last.side == side
-            and last.role == message.role
-            and last.content == message.content
-            and last.tool_calls == message.tool_calls
-            and last.tool_call_id == message.tool_call_id
+            found.role == message.role
+            and found.content == message.content
+            and found.tool_calls == message.tool_calls
+            and found.tool_call_id == message.tool_call_id
         )
-        return last if same else None
+        return found if same else None
 
     async def finish(
         self,
