@@ -29,7 +29,7 @@ async def test_a_fifo_at_the_experiences_path_is_a_sentence_not_a_hang(tmp_path)
         for read in (file.read_text, lambda: file.read_bounded()):
             with pytest.raises(ExperiencesUnreadable, match="is not a regular file"):
                 await read()
-        with pytest.raises(ExperiencesUnreadable):
+        with pytest.raises(ExperiencesUnreadable, match="is not a regular file"):
             await file.append_section("t" * 32, ["a lesson"], datetime.now(UTC), "test")
 
 

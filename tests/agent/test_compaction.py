@@ -280,6 +280,8 @@ async def test_a_request_refused_as_too_long_is_fitted_again_not_failed(store, w
     assert result.trace.status is Status.COMPLETED, result.trace.error
     assert result.answer == "Read 40 files; every handler returns 200."
     assert 1 <= model.refused <= 3 and max(s for s in model.sizes if s <= 9_000) <= 9_000
+    over = [i for i, s in enumerate(model.sizes) if s > 9_000]  # refused in one go, never again after
+    assert over == list(range(over[0], over[0] + len(over)))
 
 
 async def test_a_fork_of_a_compacted_trace_copies_the_messages_not_the_compaction_records(store, workspace):

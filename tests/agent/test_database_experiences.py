@@ -423,29 +423,32 @@ def test_the_command_refuses_a_missing_import_file_or_export_folder(tmp_path, ca
 
 def test_the_lessons_an_import_replaced_are_written_out_with_as_of(tmp_path, capsys):
     """The database keeps the version before every import and consolidation; the command names it and
-    `experiences export FILE --as-of N` brings it back. The file store keeps dated backups instead."""
+    `experiences export FILE --as-of N` brings it back."""
     from server.cli import main
 
-    data = tmp_path / "data"
-    data.mkdir()
+    require_postgres()
+    db = ["--data-dir", str(tmp_path / "data"), "--db", fresh_pg_url()]
+    (tmp_path / "data").mkdir()
     first, second = tmp_path / "first.md", tmp_path / "second.md"
     first.write_text("## " + TID_A + " (2026-11-26 14:05)\n- Keep me.\n", encoding="utf-8")
     second.write_text("## " + TID_B + " (2026-11-27 09:00)\n- Newer.\n", encoding="utf-8")
-    if PG_URL is not None:
-        db = ["--data-dir", str(data), "--db", fresh_pg_url()]
-        assert main(["experiences", "import", str(first), *db]) == 0
-        assert main(["experiences", "import", str(second), *db]) == 0
-        said = capsys.readouterr().out.splitlines()[-1]
-        assert said.endswith(
-            "the lessons before it are version 1 (experiences export FILE --as-of 1 writes them out)"
-        )
-        back = tmp_path / "back.md"
-        assert main(["experiences", "export", str(back), "--as-of", "1", *db]) == 0
-        assert "Keep me." in back.read_text(encoding="utf-8") and "Newer." not in back.read_text(
-            encoding="utf-8"
-        )
-        assert main(["experiences", "export", str(back), "--as-of", "7", *db]) == 2
-        assert "The experiences have no version 7." in capsys.readouterr().err
+    assert main(["experiences", "import", str(first), *db]) == 0
+    assert main(["experiences", "import", str(second), *db]) == 0
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said.endswith(
+        "the lessons before it are version 1 (experiences export FILE --as-of 1 writes them out)"
+    )
+    back = tmp_path / "back.md"
+    assert main(["experiences", "export", str(back), "--as-of", "1", *db]) == 0
+    text = back.read_text(encoding="utf-8")
+    assert "Keep me." in text and "Newer." not in text
+    assert main(["experiences", "export", str(back), "--as-of", "7", *db]) == 2
+    assert "The experiences have no version 7." in capsys.readouterr().err
+
+
+def test_the_file_store_says_it_keeps_dated_backups_rather_than_versions(tmp_path, capsys):
+    from server.cli import main
+
     plain = ["--data-dir", str(tmp_path / "plain")]
     (tmp_path / "plain").mkdir()
     assert main(["experiences", "export", str(tmp_path / "x.md"), "--as-of", "1", *plain]) == 2

@@ -260,8 +260,10 @@ class ClaimAfter(RealStore):
     def __init__(self, store, go: anyio.Event):
         super().__init__(store)
         self._go = go
+        self.arrived = anyio.Event()  # a request has read the trace and come to claim it
 
     async def claim(self, *args, **kw):
+        self.arrived.set()
         await self._go.wait()
         return await self._store.claim(*args, **kw)
 
@@ -275,7 +277,8 @@ async def test_a_continuation_overtaken_by_another_process_is_refused_not_branch
         a = make_runner(store_a, ScriptedModel([reply("from A")]))
         tid = (await a.run_result([user("q")], RunConfig())).trace.trace_id
         go = anyio.Event()
-        b = make_runner(ClaimAfter(store_b, go), ScriptedModel([reply("from B")]))
+        late = ClaimAfter(store_b, go)
+        b = make_runner(late, ScriptedModel([reply("from B")]))
         async with a, b, anyio.create_task_group() as tg:
             refused: list[Exception] = []
 
@@ -286,7 +289,8 @@ async def test_a_continuation_overtaken_by_another_process_is_refused_not_branch
                     refused.append(exc)
 
             tg.start_soon(b_continues)
-            await anyio.sleep(0.05)  # B has read the trace and waits to claim
+            with anyio.fail_after(5):
+                await late.arrived.wait()  # B has read the trace and waits to claim
             await a.start([user("A asks")], RunConfig(trace_id=tid))
             await a.wait(tid)
             go.set()

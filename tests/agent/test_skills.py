@@ -169,5 +169,5 @@ def test_a_huge_skill_costs_no_prompt_and_no_read(tmp_path: Path, caplog: pytest
     assert all(len(s.name) <= 100 for s in skills)
     wordy = next(s for s in skills if s.name == "wordy")  # its folder sorts first: within the count
     assert len(wordy.description) == MAX_DESCRIPTION_CHARS
-    assert "over" in caplog.text and f"at most {MAX_SKILLS} skills" in caplog.text
+    assert "bytes, over" in caplog.text and f"at most {MAX_SKILLS} skills" in caplog.text
     assert len(build_system_prompt(skills)) < MAX_SKILLS * (MAX_DESCRIPTION_CHARS + 120)
