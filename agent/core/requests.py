@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from agent import defaults
 from agent.core.messages import check_placement, ends_in_answer, open_tool_calls, parse_messages
 from agent.core.rewind import cut_point
-from agent.core.run import CANCELLED_TOOL_RESULT, UNFINISHED_TOOL_RESULT, Run, Segment, pending_calls
+from agent.core.run import Run, Segment, cut_off_result, pending_calls
 from agent.core.typed import check_schema
 from agent.errors import InvalidMessages, SequenceError
 from agent.llm.base import Model
@@ -331,5 +331,5 @@ def closing_results(
     open_ids = open_tool_calls(context)
     if not open_ids or not (messages or stopped) or (messages and messages[0].role == "tool"):
         return []
-    text = CANCELLED_TOOL_RESULT if stopped else UNFINISHED_TOOL_RESULT
+    text = cut_off_result(stopped=stopped)
     return [NewMessage(role="tool", tool_call_id=call_id, content=text) for call_id in open_ids]

@@ -61,6 +61,14 @@ WAITING_TOOL_RESULT = "Not answered yet: the run is waiting for the host to repl
 EMPTY_REPLY_ERROR = "The model gave an empty reply (no text and no tool calls) twice in a row."
 
 
+def cut_off_result(*, stopped: bool, timed_out: bool = False) -> str:
+    """The result a tool call left without one gets: cancelled (by a stop or the time limit), or not run
+    (the run ended some other way: a crash, new messages sent past it)."""
+    if not stopped:
+        return UNFINISHED_TOOL_RESULT
+    return TIMED_OUT_TOOL_RESULT if timed_out else CANCELLED_TOOL_RESULT
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How a run ended: what ``finish`` writes."""
@@ -429,10 +437,10 @@ class Run:
         events: list[TraceEvent] = []
         try:
             if open_tool_calls(self.segment.context) and outcome.status is not Status.NEEDS_INPUT:
-                text = UNFINISHED_TOOL_RESULT
-                if outcome.status is Status.STOPPED:
-                    timed_out = outcome.stop_reason is StopReason.TIMEOUT
-                    text = TIMED_OUT_TOOL_RESULT if timed_out else CANCELLED_TOOL_RESULT
+                text = cut_off_result(
+                    stopped=outcome.status is Status.STOPPED,
+                    timed_out=outcome.stop_reason is StopReason.TIMEOUT,
+                )
                 for call_id in open_tool_calls(self.segment.context):
                     events.append(
                         await self._append(NewMessage(role="tool", tool_call_id=call_id, content=text))
@@ -513,8 +521,7 @@ class Run:
         self._schemas()
         assert self._tool_schemas is not None
         tools = math.ceil(self._tool_schemas[2] * self.tokens_per_char)
-        budget = self.segment.context_tokens
-        return budget - compaction.reply_reserve(budget, self.segment.model) - tools
+        return compaction.room(self.segment.context_tokens, self.segment.model, tools)
 
     def _chars(self, wire: list[dict[str, Any]]) -> int:
         if wire is self._built_chars[0]:
@@ -708,7 +715,7 @@ class Run:
             with anyio.CancelScope(shield=True):
                 for index in range(len(calls)):
                     if results[index] is None:
-                        results[index] = TIMED_OUT_TOOL_RESULT if self.timed_out else CANCELLED_TOOL_RESULT
+                        results[index] = cut_off_result(stopped=True, timed_out=self.timed_out)
                 await flush()
         return stored
 

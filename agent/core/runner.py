@@ -29,10 +29,10 @@ from agent.core.requests import (
     Requests,
     RunConfig,
     SystemPromptBuilder,
+    closing_results,
     default_system_prompt,
 )
 from agent.core.run import (
-    CANCELLED_TOOL_RESULT,
     WAITING_TOOL_RESULT,
     Reflector,
     Run,
@@ -241,10 +241,7 @@ class AgentRunner:
         if trace.status not in (Status.NEEDS_INPUT, Status.RUNNING):
             return False
         context = await self.store.get_path(trace_id)
-        closing = [
-            NewMessage(role="tool", tool_call_id=c, content=CANCELLED_TOOL_RESULT)
-            for c in open_tool_calls(context)
-        ]
+        closing = closing_results(context, [], stopped=True)
         token = new_token()
         self._own_tokens.add(token)
         with anyio.CancelScope(shield=True):
@@ -383,11 +380,8 @@ class AgentRunner:
         error = None
         schemas = [openai_tool_schema(t) for t in tools]
         budget = compaction.budget_for(self._context_tokens, context_window(model.name))
-        room = (
-            budget
-            - compaction.reply_reserve(budget, model)
-            - compaction.estimate([], schemas, ratio=compaction.INITIAL_TOKENS_PER_CHAR)
-        )
+        tool_tokens = compaction.estimate([], schemas, ratio=compaction.INITIAL_TOKENS_PER_CHAR)
+        room = compaction.room(budget, model, tool_tokens)
         try:
             response = await model.complete(
                 compaction.build_context([*path, *branch], clamp_to=room),

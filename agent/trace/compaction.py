@@ -64,6 +64,11 @@ def reply_reserve(budget: int, model: object) -> int:
     return min(REPLY_RESERVE_TOKENS, budget // 4)
 
 
+def room(budget: int, model: object, tool_tokens: int) -> int:
+    """Tokens the messages of a request may take: the budget less the reply's room and the tool schemas."""
+    return budget - reply_reserve(budget, model) - tool_tokens
+
+
 def compaction_of(message: Message) -> dict[str, Any] | None:
     record = (message.meta or {}).get("compaction")
     return record if isinstance(record, dict) else None
