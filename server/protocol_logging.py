@@ -84,25 +84,25 @@ class _Hub:
         """The record for this request's connection (dropped when it closes), and whether it is new."""
         return self.connections.get(session)
 
-    async def standing(self, record: _Connection, related_request_id: types.RequestId | None) -> None:
-        """Send the warnings that stand (downstream servers that failed) which this connection has not had."""
+    async def standing(self, record: _Connection, ctx: ServerRequestContext[Any, Any]) -> None:
+        """Send the warnings that stand (downstream servers that failed) which this connection has not had,
+        on this request's own stream (a new connection's GET stream may not be open yet)."""
         for entry in await downstream_warnings(self.engine):
             if entry.message not in record.warned and rank(entry.level) >= rank(record.level):
                 record.warned.add(entry.message)
-                await self.send(record, entry, related_request_id)
+                await self.send(record, entry, ctx)
 
     def broadcast(self, entry: Entry) -> None:
         for record in self.connections.records():
             if rank(entry.level) >= rank(record.level):
                 record.outbox.post(partial(_send, entry, None))
 
-    async def send(
-        self, record: _Connection, entry: Entry, related_request_id: types.RequestId | None
-    ) -> None:
-        """On the request's own stream, in the request's task (a new connection's GET stream may not be open)."""
+    async def send(self, record: _Connection, entry: Entry, ctx: ServerRequestContext[Any, Any]) -> None:
+        """In the request's task, through the request's session: the connection's first one may be scoped
+        to a request long answered."""
         with anyio.move_on_after(SEND_SECONDS):
             try:
-                await _send(entry, related_request_id, record.outbox.session)
+                await _send(entry, ctx.request_id, ctx.session)
             except Exception:
                 log.debug("dropping a log listener whose stream failed", exc_info=True)
                 record.outbox.drop()
@@ -239,16 +239,17 @@ class ProtocolLog:
             if hub is not None:
                 record, _ = hub.connection(ctx.session)
                 record.level = level
-                await hub.standing(record, ctx.request_id)
+                await hub.standing(record, ctx)
             return {}
         result = await call_next(ctx)
         if ctx.method == "initialize":
             return with_capability(result, "logging")
-        hub = None if modern else self._hub(ctx)
+        # a notification (notifications/initialized) has no stream of its own: the first request brings them
+        hub = None if modern or ctx.request_id is None else self._hub(ctx)
         if hub is not None:
             record, new = hub.connection(ctx.session)
             if new:  # on this request's own stream: a fresh connection's GET stream may not be open yet
-                await hub.standing(record, ctx.request_id)
+                await hub.standing(record, ctx)
         return result
 
 

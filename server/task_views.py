@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from agent.tools.ask import ASK_HOST, call_shown, question_of
@@ -134,19 +135,30 @@ def detailed_task(
     trace: Trace,
     tail: Sequence[Message],
     last_text: Message | None,
-    ttl_ms: int | None,
+    retain_ms: int | None,
     *,
     elicits: bool = True,
+    task_id: str | None = None,
+    created_at: str | None = None,
 ) -> dict[str, Any]:
     """The DetailedTask of SEP-2663 for a trace: what ``tasks/get`` and ``notifications/tasks`` carry
-    (``tail``: the path's last messages; ``last_text``: the latest assistant text, however far back).
+    (``tail``: the path's last messages; ``last_text``: the latest assistant text, however far back;
+    ``task_id``/``created_at``: a run's own task, else the trace's).
 
     A client that cannot elicit cannot answer ``inputRequests``: for it a question completes the task, its
     result the summary with the question and how to answer it (run_trace)."""
     status = task_status(trace)
     if status == "input_required" and not elicits:
         status = "completed"
-    task = task_fields(trace.trace_id, status, trace.created_at, trace.updated_at, ttl_ms)
+    created = created_at or trace.created_at
+    kept = trace.status in (Status.RUNNING, Status.NEEDS_INPUT)  # retention spares it: no TTL yet
+    task = task_fields(
+        task_id or trace.trace_id,
+        status,
+        created,
+        max(trace.updated_at, created),  # a run's task is made just after its claim stamped the trace
+        None if kept else retain_ms,
+    )
     if status == "working":
         names: dict[str, str] = {}
         lines = [one_line(m, names) for m in tail]
@@ -168,23 +180,35 @@ def detailed_task(
 
 
 def task_fields(
-    task_id: str, status: TaskStatus, created_at: str, updated_at: str, ttl_ms: int | None
+    task_id: str, status: TaskStatus, created_at: str, updated_at: str, retain_ms: int | None
 ) -> dict[str, Any]:
-    """The fields every Task carries; ``ttlMs`` is always present (null: kept until deleted)."""
+    """The fields every Task carries. ``ttlMs`` (from creation, as SEP-2663 counts it) is always present:
+    null until the task ends (``--retain-days`` counts from a trace's end, and a paused one is kept), then
+    how long after its creation retention may delete it."""
     return {
         "taskId": task_id,
         "status": status,
         "createdAt": created_at,
         "lastUpdatedAt": updated_at,
-        "ttlMs": ttl_ms,
+        "ttlMs": ttl_ms(created_at, updated_at, retain_ms) if status in TERMINAL else None,
     }
+
+
+def ttl_ms(created_at: str, ended_at: str, retain_ms: int | None) -> int | None:
+    if retain_ms is None:
+        return None
+    try:
+        lived = datetime.fromisoformat(ended_at) - datetime.fromisoformat(created_at)
+    except ValueError:
+        return None
+    return max(0, int(lived.total_seconds() * 1000)) + retain_ms
 
 
 def superseded(detailed: Mapping[str, Any]) -> dict[str, Any]:
     """How a task a later run superseded before it ended (paused for input, or racing) stays: cancelled."""
     task = task_fields(
-        detailed["taskId"], "cancelled", detailed["createdAt"], utc_now(), detailed.get("ttlMs")
-    )
+        detailed["taskId"], "cancelled", detailed["createdAt"], utc_now(), None
+    )  # trace goes on
     return task | {
         "statusMessage": "Superseded: run_trace started a new run of the trace before this one ended."
     }

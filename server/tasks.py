@@ -35,7 +35,7 @@ from mcp.server.subscriptions import SUBSCRIPTION_ID_META_KEY, ServerEvent, Subs
 from mcp.shared.inbound import MCP_NAME_HEADER, decode_header_value
 from mcp.shared.subscriptions import event_matches, event_to_notification
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
-from pydantic import ConfigDict, Field, model_serializer
+from pydantic import ConfigDict, model_serializer
 
 from agent import RunConfig, TraceError, defaults
 from agent.engine import Engine
@@ -68,6 +68,8 @@ TASK_TOOLS = frozenset({"create_trace", "run_trace", "reflect_trace"})
 MODERN = frozenset(MODERN_PROTOCOL_VERSIONS)
 REFLECTION = ".reflection."
 RUN = ".run."
+AS_PAUSED = "#as-paused"
+"""Suffix of the handle that keeps a task as a client that cannot elicit saw it end: at its first pause."""
 MAX_TASK_ID_CHARS = 120
 MAX_LISTENED_TASKS = 100
 MAX_TASK_STREAMS = 256
@@ -80,11 +82,32 @@ REFLECTION_GRACE_SECONDS = defaults.LLM_TIMEOUT_SECONDS * (defaults.LLM_RETRIES 
 
 
 class TaskIdParams(types.RequestParams):
-    task_id: str
+    """Checked by ``task_id_of``, not the SDK, whose refusal names nothing ("Invalid request parameters")."""
+
+    task_id: Any = None
 
 
 class UpdateTaskParams(TaskIdParams):
-    input_responses: dict[str, Any] = Field(default_factory=dict)
+    input_responses: Any = None
+
+
+def task_id_of(method: str, params: TaskIdParams) -> str:
+    if not isinstance(params.task_id, str) or not params.task_id:
+        raise MCPError(
+            code=types.INVALID_PARAMS,
+            message=f"{method} needs params.taskId: the task id string the tool call answered with.",
+        )
+    return params.task_id
+
+
+def responses_of(params: UpdateTaskParams) -> Mapping[str, Any]:
+    if not isinstance(params.input_responses, Mapping):
+        raise MCPError(
+            code=types.INVALID_PARAMS,
+            message="tasks/update needs params.inputResponses: an object mapping each key of the task's "
+            "inputRequests to its elicitation result.",
+        )
+    return params.input_responses
 
 
 class _WireParams(types.NotificationParams):
@@ -160,7 +183,7 @@ class _Runtime:
         self.engine = engine
         self.group = group
         days = engine.settings.retain_days
-        self.ttl_ms = None if days is None else int(days * 86_400_000)
+        self.retain_ms = None if days is None else int(days * 86_400_000)
         self.reflections: dict[str, _Reflection] = {}
         self.listeners: set[_Listener] = set()
 
@@ -169,7 +192,7 @@ class _Runtime:
     async def detailed(self, task_id: str, elicits: bool = True) -> dict[str, Any]:
         """The task as ``tasks/get`` answers it; MCPError -32602 when there is no such task. For a client
         that cannot elicit (``elicits`` false), a question ends the task (see ``detailed_task``)."""
-        if len(task_id) > MAX_TASK_ID_CHARS:
+        if len(task_id) > MAX_TASK_ID_CHARS or AS_PAUSED in task_id:
             raise not_found(task_id)
         trace_id, _, sequence = task_id.partition(REFLECTION)
         if sequence:
@@ -180,6 +203,9 @@ class _Runtime:
             return handle.final  # superseded by a later run: as it ended
         if handle is None and task_id != trace_id:
             raise not_found(task_id)
+        paused = None if elicits else await self.engine.handle(task_id + AS_PAUSED)
+        if paused is not None and paused.final is not None:
+            return paused.final  # answered since by someone who could: still ended, to this client
         try:
             trace = await self.engine.get(trace_id)
         except TraceError:
@@ -188,10 +214,31 @@ class _Runtime:
         status = task_status(trace)
         ended = status in TERMINAL or (status == "input_required" and not elicits)
         last_text = await self.engine.last_text(trace_id, tail) if ended else None  # polls stay cheap
-        task = detailed_task(trace, tail, last_text, self.ttl_ms, elicits=elicits)
         if handle is not None and task_id != trace_id:
-            task |= {"taskId": task_id, "createdAt": handle.created_at}
-        return task
+            return detailed_task(
+                trace,
+                tail,
+                last_text,
+                self.retain_ms,
+                elicits=elicits,
+                task_id=task_id,
+                created_at=handle.created_at,
+            )
+        return detailed_task(trace, tail, last_text, self.retain_ms, elicits=elicits)
+
+    async def keep_pause(self, trace_id: str) -> None:
+        """An answer is about to resume a paused trace: its task stays ended for clients that cannot
+        elicit, which read it ``completed`` with the question (SEP-2663: terminal states are final)."""
+        current = await self.current_task(trace_id)
+        if current is None or await self.engine.handle(current + AS_PAUSED) is not None:
+            return  # kept at an earlier pause already
+        try:
+            view = await self.detailed(current, elicits=False)
+            if view["status"] in TERMINAL:
+                await self.engine.add_handle(current + AS_PAUSED, trace_id, held=True)  # never "open"
+                await self.engine.end_handle(current + AS_PAUSED, view)
+        except (MCPError, TraceError):
+            pass  # deleted meanwhile: the answer is refused for it anyway
 
     async def current_task(self, trace_id: str) -> str | None:
         """The trace's task that has not ended: the newest run handle, else the trace's own id (the task
@@ -220,10 +267,10 @@ class _Runtime:
             raise not_found(task_id)
         answer = await self._answer_to(trace_id, question.sequence)
         if answer is None and not cut_off and _age_seconds(question.created_at) < REFLECTION_GRACE_SECONDS:
-            task = task_fields(task_id, "working", question.created_at, question.created_at, self.ttl_ms)
+            task = task_fields(task_id, "working", question.created_at, question.created_at, self.retain_ms)
             return task | {"statusMessage": "reflecting", "pollIntervalMs": 2000}
         updated = answer.created_at if answer is not None else question.created_at
-        task = task_fields(task_id, "completed", question.created_at, updated, self.ttl_ms)
+        task = task_fields(task_id, "completed", question.created_at, updated, self.retain_ms)
         if answer is None:
             text = "The reflection did not finish (its process ended or the model failed); call reflect_trace again."
             result = _tool_error(text)
@@ -248,19 +295,23 @@ class _Runtime:
 
     def _reflection_wire(self, record: _Reflection) -> dict[str, Any]:
         if not record.done.is_set():
-            task = task_fields(record.task_id, "working", record.created_at, record.updated_at, self.ttl_ms)
+            task = task_fields(
+                record.task_id, "working", record.created_at, record.updated_at, self.retain_ms
+            )
             return task | {"statusMessage": "reflecting", "pollIntervalMs": 2000}
         return self._ended_wire(record)
 
     def _ended_wire(self, record: _Reflection) -> dict[str, Any]:
         if record.cancelled:
-            task = task_fields(record.task_id, "cancelled", record.created_at, record.updated_at, self.ttl_ms)
+            task = task_fields(
+                record.task_id, "cancelled", record.created_at, record.updated_at, self.retain_ms
+            )
             return task | {"statusMessage": "Cancelled; the lessons were not recorded."}
         if record.error is not None:
-            task = task_fields(record.task_id, "failed", record.created_at, record.updated_at, self.ttl_ms)
+            task = task_fields(record.task_id, "failed", record.created_at, record.updated_at, self.retain_ms)
             return task | {"statusMessage": record.error["message"], "error": record.error}
         result = record.result or {"content": []}
-        task = task_fields(record.task_id, "completed", record.created_at, record.updated_at, self.ttl_ms)
+        task = task_fields(record.task_id, "completed", record.created_at, record.updated_at, self.retain_ms)
         return task | {"statusMessage": reflection_status(result), "result": result}
 
     # -- tools/call as a task ----------------------------------------------------------------------
@@ -296,7 +347,11 @@ class _Runtime:
         with the view it has now (a paused or racing one reads ``cancelled``; to a client that cannot
         elicit, a paused one read ``completed`` already, and an answer from it is a new run too)."""
         trace_id = arguments.get("trace_id")
-        if (answers(arguments) and elicits) or not isinstance(trace_id, str):
+        if not isinstance(trace_id, str):
+            return await call_next(ctx)
+        if answers(arguments) and elicits:
+            if is_trace_id(trace_id):
+                await self.keep_pause(trace_id)
             return await call_next(ctx)
         current = await self.current_task(trace_id) if is_trace_id(trace_id) else None
         before: dict[str, Any] | None = None
@@ -411,9 +466,16 @@ class _Runtime:
         replies: dict[str, tuple[str, Reply]] = {}
         for key, response in responses.items():
             request = outstanding.get(key)
-            reply = reply_to(request, response) if request is not None else None
-            if request is not None and reply is not None:
-                replies[request.kind] = (key, reply)
+            if request is None:
+                continue  # answered already, or never asked
+            reply = reply_to(request, response)
+            if reply is None:
+                raise MCPError(
+                    code=types.INVALID_PARAMS,
+                    message=f"inputResponses[{elide(key, 40)}] is not an elicitation result: send "
+                    '{"action": "accept", "content": {…}}, or "decline" or "cancel".',
+                )
+            replies[request.kind] = (key, reply)
         approval, question = replies.get("approval"), replies.get("question")
         first = approval or question
         if first is None:
@@ -423,6 +485,7 @@ class _Runtime:
             self.group.start_soon(self._answer_when_paused, trace_id, *question)
 
     async def _resume(self, trace_id: str, reply: Reply) -> bool:
+        await self.keep_pause(trace_id)
         try:
             await self.engine.continue_(trace_id, [], RunConfig(answer=reply.answer, approve=reply.approve))
         except TraceRunning:
@@ -571,14 +634,17 @@ class TasksExtension(Extension):
         return self._runtime(ctx)
 
     async def _get(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
-        return await self._check(ctx, params.task_id).detailed(params.task_id, client_elicits(ctx))
+        task_id = task_id_of("tasks/get", params)
+        return await self._check(ctx, task_id).detailed(task_id, client_elicits(ctx))
 
     async def _update(self, ctx: ServerRequestContext[Any, Any], params: UpdateTaskParams) -> dict[str, Any]:
-        await self._check(ctx, params.task_id).update(params.task_id, params.input_responses)
+        task_id = task_id_of("tasks/update", params)
+        await self._check(ctx, task_id).update(task_id, responses_of(params))
         return {}
 
     async def _cancel(self, ctx: ServerRequestContext[Any, Any], params: TaskIdParams) -> dict[str, Any]:
-        await self._check(ctx, params.task_id).cancel(params.task_id, client_elicits(ctx))
+        task_id = task_id_of("tasks/cancel", params)
+        await self._check(ctx, task_id).cancel(task_id, client_elicits(ctx))
         return {}
 
     # -- subscriptions/listen with taskIds ---------------------------------------------------------

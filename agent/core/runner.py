@@ -246,7 +246,7 @@ class AgentRunner:
         self._own_tokens.add(token)
         with anyio.CancelScope(shield=True):
             try:
-                claimed, stored = await self.store.claim(
+                _, stored = await self.store.claim(
                     trace_id,
                     token,
                     head=trace.head_sequence,
@@ -257,7 +257,7 @@ class AgentRunner:
                 )
             except TraceRunning:
                 return False
-            self._published(TraceChanged(claimed))
+            # the claim is only how the closing results get written: it is not announced as a run
             for message in stored:
                 self._published(MessageStored(trace_id, message))
             final = await self.store.finish(

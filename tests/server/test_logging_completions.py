@@ -119,6 +119,18 @@ async def test_a_question_is_a_notice(log_server, model):
         assert asked.level == "notice" and "Which file?" in asked.data["message"]
 
 
+async def test_stopping_a_paused_trace_logs_a_stop_and_nothing_about_running(log_server, model):
+    model.steps = [turn_script(reply(None, tool_call("ask_host", "q1", question="Which file?")), reply("ok"))]
+    heard = Heard()
+    async with Client(log_server, mode="legacy", logging_callback=heard) as client:
+        await client.set_logging_level("debug")
+        tid = (await call(client, "create_trace", prompt="summarise"))["trace_id"]
+        await heard.wait_for("needs_input", tid)
+        assert (await call(client, "stop_trace", trace_id=tid))["status"] == "stopping"
+        await heard.wait_for("stopped", tid)
+        assert heard.events(tid) == ["started", "tool_called", "needs_input", "stopped"]
+
+
 async def test_the_modern_era_has_no_logging(log_server):
     async with Client(log_server) as client:
         assert client.protocol_version == "2026-07-28"
@@ -143,8 +155,9 @@ async def test_a_downstream_server_that_failed_to_start_is_a_warning(tmp_path, w
         warning = await told.wait_for("server_failed")
         assert warning.level == "warning" and "'broken'" in warning.data["message"]
     async with Client(server, mode="legacy", logging_callback=asked) as client:
-        await client.set_logging_level("error")
+        await client.set_logging_level("error")  # its first request: notifications/initialized sent nothing
         await client.list_tools()
+        assert asked.events() == []
         await client.set_logging_level("warning")  # now it passes the level: sent on this request
         assert "'broken'" in (await asked.wait_for("server_failed")).data["message"]
         assert asked.events().count("server_failed") == 1

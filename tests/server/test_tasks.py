@@ -251,6 +251,53 @@ async def test_a_client_that_cannot_elicit_gets_the_question_as_the_tasks_result
         assert final.structured_content["question"] == "Which file should I read?"
 
 
+async def test_a_task_that_ended_for_a_client_that_cannot_elicit_stays_ended_when_another_answers(
+    server, model
+):
+    """SEP-2663: a terminal state is final. The Inspector read the paused task ``completed``; an eliciting
+    client answering it (tasks/update, or run_trace(answer)) goes on with it, but not in the Inspector's eyes."""
+    model.steps = [ASKS]
+    async with Client(server, extensions=[Tasks()]) as inspector, tasks_client(server) as eliciting:
+        handle = await start_task(inspector, "create_trace", prompt="Summarise a file")
+        seen = await poll_until(inspector, handle.task_id, "completed")
+        waiting = await poll_until(eliciting, handle.task_id, "input_required")
+        (key,) = waiting["inputRequests"]
+        await update_task(
+            eliciting.session, handle.task_id, {key: {"action": "accept", "content": {"answer": "x"}}}
+        )
+        done = await poll_until(eliciting, handle.task_id, "completed")
+        assert done["result"]["structuredContent"]["answer"] == "I read notes.txt, as you said."
+        assert await get_task(inspector.session, handle.task_id) == seen
+
+
+async def test_malformed_tasks_params_are_refused_with_a_sentence(server, model):
+    model.steps = [ASKS]
+    async with tasks_client(server) as client:
+        handle = await start_task(client, "create_trace", prompt="Summarise a file")
+        (key,) = (await poll_until(client, handle.task_id, "input_required"))["inputRequests"]
+        for method, params, named in [
+            ("tasks/get", {}, "params.taskId"),
+            ("tasks/cancel", {"taskId": 5}, "params.taskId"),
+            ("tasks/update", {"taskId": handle.task_id}, "params.inputResponses"),
+            ("tasks/update", {"taskId": handle.task_id, "inputResponses": {key: "notes.txt"}}, key),
+        ]:
+            with pytest.raises(MCPError) as refused:
+                await client.session.send_request(Loose(method=method, params=LooseParams(**params)), Wire)
+            assert refused.value.error.code == types.INVALID_PARAMS and named in refused.value.error.message
+        assert (await get_task(client.session, handle.task_id))["status"] == "input_required"
+
+
+class LooseParams(types.RequestParams):
+    model_config = ConfigDict(extra="allow")
+
+
+class Loose(types.Request[LooseParams, str]):
+    """Any tasks/* request with any params, as a careless client sends it."""
+
+    method: str
+    params: LooseParams
+
+
 async def test_a_tool_approval_approved_then_declined(server, model):
     model.steps = [
         turn_script(reply(None, tool_call("read_file", "r1", path="README.md")), reply("Done reading."))
@@ -271,6 +318,7 @@ async def test_a_tool_approval_approved_then_declined(server, model):
             client, "run_trace", trace_id=handle.task_id, messages=[{"role": "user", "content": "once more"}]
         )
         assert again.task_id.startswith(handle.task_id + ".run.")  # a new run is a new task
+        assert again.last_updated_at >= again.created_at
         assert await get_task(client.session, handle.task_id) == done  # the first stays as it ended
         waiting = await poll_until(client, again.task_id, "input_required")
         (key2,) = waiting["inputRequests"]
@@ -514,6 +562,17 @@ def test_the_wire_shapes_follow_sep_2663(settings):
         result["status"] == "completed" and result["result"]["isError"] is True
     )  # failed is for JSON-RPC errors
     assert result["ttlMs"] == 86_400_000 and "The provider said no." in result["statusMessage"]
+    lived = failed.model_copy(update={"updated_at": "2026-01-01T00:00:10+00:00"})
+    lived.created_at = "2026-01-01T00:00:00+00:00"
+    assert (
+        detailed_task(lived, [], None, 86_400_000)["ttlMs"] == 86_410_000
+    )  # from creation, as SEP-2663 counts
+    paused = lived.model_copy(update={"status": Status.NEEDS_INPUT})
+    assert detailed_task(paused, [], None, 86_400_000, elicits=False)["ttlMs"] is None  # kept while it waits
+    later = detailed_task(
+        running, [], None, None, task_id="a" * 32 + ".run.1", created_at="2999-01-01T00:00:00+00:00"
+    )
+    assert later["lastUpdatedAt"] == later["createdAt"] == "2999-01-01T00:00:00+00:00"
 
 
 # -- real transports ---------------------------------------------------------------------------------
