@@ -804,18 +804,25 @@ def register_tools(mcp: MCPServer) -> None:
         state = state_from(ctx)
         info = await state.engine.agent_info()
         tools: list[dict[str, Any]] = []
-        for limit in (DESCRIPTION_CHARS, 60, 0):  # many downstream tools: shorter lines, then names alone
+        skills: list[dict[str, Any]] = []
+        for limit in (DESCRIPTION_CHARS, 60, 0):  # many tools or skills: shorter lines, then names alone
             tools = [
                 {"name": t.name, "server": t.server, "read_only": t.read_only}
                 | ({"description": shorten(t.description, limit)} if limit != 0 else {})
                 for t in info.tools
             ]
-            if size_of(tools) <= ROWS_BYTES:
+            skills = [
+                {"name": k["name"]}
+                | ({"description": shorten(k["description"], limit)} if limit != 0 else {})
+                for k in info.skills
+            ]
+            if size_of(tools) + size_of(skills) <= ROWS_BYTES:
                 break
         notes = list(state.notes)
         if limit != DESCRIPTION_CHARS:
             notes.append(
-                f"The {len(tools)} tools' descriptions are shortened to keep this answer short"
+                f"The descriptions of the {len(tools)} tools and {len(skills)} skills are shortened to keep "
+                "this answer short"
                 + (" (left out)" if limit == 0 else "")
                 + "; create_trace(tools=[...]) narrows what the agent may call."
             )
@@ -825,12 +832,17 @@ def register_tools(mcp: MCPServer) -> None:
             "default_model": info.default_model,
             "providers": info.providers,
             "workspace": info.workspace,
-            "skills": info.skills,
+            "skills": skills,
             "max_wait_seconds": state.engine.settings.max_wait,
         }
         if notes:
             body["notes"] = notes
         return compact(AgentInfoView.model_validate(body))  # type: ignore[return-value]
+
+
+TAG_PAGE = 500
+MAX_TAGGED_TRACES = 5_000
+"""The most traces a tag may name in one stop_trace / await_traces call (each is read and followed)."""
 
 
 async def targets(
@@ -860,8 +872,17 @@ async def targets(
     if tag is not None:
         statuses = [None] if every else [Status.RUNNING.value, Status.NEEDS_INPUT.value]
         for status in statuses:
-            page = await engine.list_traces(status=status, tag=tag, limit=500)
-            ids += [t.trace_id for t in page.traces]
+            cursor: str | None = None
+            while True:  # every page: a tag's oldest traces count as much as its newest
+                page = await engine.list_traces(status=status, tag=tag, limit=TAG_PAGE, cursor=cursor)
+                ids += [t.trace_id for t in page.traces]
+                if len(ids) > MAX_TAGGED_TRACES:
+                    raise ToolError(
+                        f"Tag {elide(tag)} names more than {MAX_TAGGED_TRACES:,} traces, too many for one "
+                        f"{tool} call: name them with trace_ids (up to 500 a call) instead."
+                    )
+                if (cursor := page.next_cursor) is None:
+                    break
     return list(dict.fromkeys(ids))
 
 

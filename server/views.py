@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agent import defaults
-from agent.tools.ask import ASK_HOST
+from agent.tools.ask import ASK_HOST, MAX_QUESTION_CHARS
 from agent.trace.compaction import compaction_of
 from agent.trace.models import Message, Outcome, ToolCall, Trace
 
@@ -120,6 +120,17 @@ def compact_row(trace: Trace) -> dict[str, Any]:
     return row
 
 
+def tight_row(trace: Trace) -> dict[str, Any]:
+    """The compact row with its free texts short (the summary's last resort: it must fit in 4 KB)."""
+    row = compact_row(trace)
+    row["name"] = _flat(trace.name, 40) if trace.name else None
+    row["tags"] = [_flat(t, 40) for t in trace.tags]
+    row["model"] = _flat(trace.model, 60)
+    if trace.error:
+        row["error"] = _flat(trace.error, 200)
+    return row
+
+
 def answer_of(trace: Trace, tail: Sequence[Message]) -> Message | None:
     """The final assistant message, only when the trace ended its turn with an answer."""
     if trace.outcome is not Outcome.ANSWERED or not tail:
@@ -203,7 +214,12 @@ def question_shown(trace: Trace, tail: Sequence[Message], limit: int) -> str | N
         return question
     asking, _ = open_calls(tail)
     where = message_uri(trace.trace_id, asking.sequence) if asking else f"trace://{trace.trace_id}"
-    return f"{question[:limit]}… [cut: {len(question):,} characters in all; read {where} for the whole call]"
+    size = (  # the stored question is itself capped: the call's arguments hold the rest
+        f"more than {MAX_QUESTION_CHARS:,} characters"
+        if len(question) > MAX_QUESTION_CHARS
+        else f"{len(question):,} characters in all"
+    )
+    return f"{question[:limit]}… [cut: {size}; read {where} for the whole call]"
 
 
 def _bounded_result(trace: Trace, limit: int) -> Any:
@@ -305,10 +321,11 @@ def summary(
         (600, 200, 3, 400, None),
         (200, 100, 2, 200, 5),
         (100, 60, 1, 100, 1),
+        (60, 0, 0, 60, 1),  # the trace's own long texts too: a name, tags or model of emoji, a long error
     ]
     body: dict[str, Any] = {}
     for answer_chars, last_chars, lines, question_chars, tags in limits:
-        row = compact_row(trace)
+        row = compact_row(trace) if last_chars else tight_row(trace)
         if tags is not None and len(row["tags"]) > tags:
             row["tags"] = [*row["tags"][:tags], f"… {len(trace.tags) - tags} more"]
         result = _bounded_result(trace, answer_chars)
@@ -317,8 +334,10 @@ def summary(
             "answer": cut(answer.content, answer_chars, tid, answer.sequence) if answer else None,
             "result": result,
             "question": question_shown(trace, tail, question_chars),
-            "last_text": cut(last_text.content, last_chars, tid, last_text.sequence) if last_text else None,
-            "recent": [f"#{m.sequence} {one_line(m, names)}" for m in steps[-lines:]],
+            "last_text": cut(last_text.content, last_chars, tid, last_text.sequence)
+            if last_text and last_chars
+            else None,
+            "recent": [f"#{m.sequence} {one_line(m, names)}" for m in steps[-lines:]] if lines else [],
             "last_sequence": last_sequence,
             "next": (f"{note} " if note else "")
             + (result_left_out(trace, answer) + " " if result is None and trace.result is not None else "")

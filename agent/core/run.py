@@ -56,17 +56,21 @@ CANCELLED_TOOL_RESULT = "Cancelled: the trace was stopped before this tool call 
 TIMED_OUT_TOOL_RESULT = (
     "Cancelled: the run's time limit (timeout_seconds) ran out before this tool call finished."
 )
+BUDGET_TOOL_RESULT = "Not run: the run's token budget (max_tokens) was spent before this tool call ran."
 UNFINISHED_TOOL_RESULT = "Not run: the previous run ended before this tool call finished."
 WAITING_TOOL_RESULT = "Not answered yet: the run is waiting for the host to reply to this call."
 EMPTY_REPLY_ERROR = "The model gave an empty reply (no text and no tool calls) twice in a row."
 
 
-def cut_off_result(*, stopped: bool, timed_out: bool = False) -> str:
-    """The result a tool call left without one gets: cancelled (by a stop or the time limit), or not run
-    (the run ended some other way: a crash, new messages sent past it)."""
+def cut_off_result(*, stopped: bool, reason: StopReason | None = None) -> str:
+    """The result a tool call left without one gets: cancelled (by a stop, the time limit, the token
+    budget: ``reason`` says which), or not run (the run ended some other way: a crash, new messages sent
+    past it)."""
     if not stopped:
         return UNFINISHED_TOOL_RESULT
-    return TIMED_OUT_TOOL_RESULT if timed_out else CANCELLED_TOOL_RESULT
+    if reason is StopReason.TIMEOUT:
+        return TIMED_OUT_TOOL_RESULT
+    return BUDGET_TOOL_RESULT if reason is StopReason.TOKEN_BUDGET else CANCELLED_TOOL_RESULT
 
 
 @dataclass(frozen=True)
@@ -437,10 +441,7 @@ class Run:
         events: list[TraceEvent] = []
         try:
             if open_tool_calls(self.segment.context) and outcome.status is not Status.NEEDS_INPUT:
-                text = cut_off_result(
-                    stopped=outcome.status is Status.STOPPED,
-                    timed_out=outcome.stop_reason is StopReason.TIMEOUT,
-                )
+                text = cut_off_result(stopped=outcome.status is Status.STOPPED, reason=outcome.stop_reason)
                 for call_id in open_tool_calls(self.segment.context):
                     events.append(
                         await self._append(NewMessage(role="tool", tool_call_id=call_id, content=text))
@@ -715,7 +716,9 @@ class Run:
             with anyio.CancelScope(shield=True):
                 for index in range(len(calls)):
                     if results[index] is None:
-                        results[index] = cut_off_result(stopped=True, timed_out=self.timed_out)
+                        results[index] = cut_off_result(
+                            stopped=True, reason=StopReason.TIMEOUT if self.timed_out else None
+                        )
                 await flush()
         return stored
 

@@ -163,3 +163,30 @@ async def test_a_trace_of_many_small_messages_is_read_under_a_mebibyte_on_the_wi
         assert len(json.dumps(text).encode()) < 1_000_000
         body = json.loads(text)
         assert body["messages"][-1]["sequence"] == seen[-1] and "pages through every one" in body["note"]
+
+
+def test_the_summary_fits_in_4_kb_even_when_the_traces_own_texts_are_long_and_multi_byte():
+    from agent.trace.models import Status, StopReason, Trace
+    from server.views import SUMMARY_BYTES, size_of, summary
+
+    emoji = "😀" * 193
+    trace = Trace(
+        trace_id="a" * 32,
+        model="openai:" + emoji,
+        name=emoji[:120],
+        tags=[emoji[:64]] * 5,
+        status=Status.FAILED,
+        stop_reason=StopReason.ERROR,
+        error="提供者拒绝了请求。" * 200,
+    )
+    body = summary(trace, [], None)
+    assert size_of(body) <= SUMMARY_BYTES and body["trace"]["outcome"] == "failed"
+    assert body["trace"]["error"].startswith("提供者拒绝了请求。")  # shortened, not dropped
+
+
+async def test_a_question_past_the_stored_cap_does_not_claim_a_false_length(client, model):
+    question = "Which one? " + "x" * 100_000
+    model.steps = [turn_script(reply(None, tool_call("ask_host", "q1", question=question)), reply("ok"))]
+    tid = (await call(client, "create_trace", prompt="ask"))["trace_id"]
+    view = await wait_done(client, tid)
+    assert "more than 4,000 characters" in view["question"] and "4,001" not in view["question"]

@@ -210,6 +210,26 @@ async def test_stop_trace_one_many_and_by_tag(client):
     assert "await_traces needs trace_ids or tag" in await call_error(client, "await_traces")
 
 
+async def test_a_tag_names_every_trace_that_has_it_however_many_pages(client, monkeypatch):
+    import server.tools
+
+    monkeypatch.setattr(server.tools, "TAG_PAGE", 2)
+    ids = [
+        (await call(client, "create_trace", prompt="t", model="slow", tags=["many"]))["trace_id"]
+        for _ in range(5)
+    ]
+    waited = await call(client, "await_traces", tag="many", mode="all", wait_seconds=0)
+    assert sorted(waited["running"]) == sorted(ids)  # the oldest too: not only the first page
+    monkeypatch.setattr(server.tools, "MAX_TAGGED_TRACES", 4)
+    refused = await call_error(client, "stop_trace", tag="many")
+    assert "more than 4 traces" in refused and "trace_ids" in refused
+    assert len((await call(client, "list_running"))["running"]) == 5  # refused whole: nothing stopped
+    monkeypatch.setattr(server.tools, "MAX_TAGGED_TRACES", 5)
+    assert sorted((await call(client, "stop_trace", tag="many"))["stopping"]) == sorted(ids)
+    for tid in ids:
+        await wait_done(client, tid)
+
+
 async def test_await_traces_any_and_all_in_few_calls_and_bytes(client, model, slow_model):
     ids = [
         (await call(client, "create_trace", prompt=f"task {i}", tags=["fan"]))["trace_id"] for i in range(5)
@@ -371,6 +391,27 @@ async def test_agent_info_lists_tools_servers_models_workspace(client, workspace
     for tool in info["tools"]:  # one line each, cut at a word with an ellipsis when long
         assert len(tool["description"]) <= 161 and "\n" not in tool["description"]
         assert len(tool["description"]) < 150 or tool["description"].endswith(("…", "."))
+
+
+async def test_agent_info_stays_short_with_the_most_skills(tmp_path, model, workspace):
+    skills = tmp_path / "skills"
+    for i in range(100):  # the most skills there may be, each with the longest description
+        (skills / f"skill{i}").mkdir(parents=True)
+        words = " ".join(["calibrate"] * 50)[:500]
+        (skills / f"skill{i}" / "SKILL.md").write_text(
+            f"---\nname: skill{i}\ndescription: {words}\n---\nbody\n"
+        )
+    settings = Settings.for_data_dir(
+        tmp_path / "data", model="scripted", workspace=workspace, skills_dir=skills
+    )
+    async with Client(build_server(settings, models=models_for(scripted=model))) as client:
+        result = await client.call_tool("agent_info", {})
+    info = result.structured_content
+    assert len(info["skills"]) == 100 and {s["name"] for s in info["skills"]} == {
+        f"skill{i}" for i in range(100)
+    }
+    assert len(text_of(result)) < 30_000  # one line each, as the tools are
+    assert all(len(s["description"]) <= 161 for s in info["skills"])
 
 
 async def test_agent_info_warns_when_the_workspace_is_the_filesystem_root(tmp_path, model):
