@@ -68,6 +68,12 @@ def _own_names() -> list[str]:
     names = {socket.gethostname(), socket.getfqdn()}
     with contextlib.suppress(OSError):
         names |= {str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)}
+    # where a host name resolves to loopback (Debian's 127.0.1.1), the addresses other machines reach this
+    # one by: the source address of a route out (a UDP "connect" sends nothing)
+    for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as udp:
+            udp.connect((probe, 9))
+            names.add(str(udp.getsockname()[0]))
     return sorted(n for n in names if n)
 
 

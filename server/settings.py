@@ -167,9 +167,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a Host name the HTTP server answers to (repeatable); needed behind a real hostname",
     )  # fmt: skip
     parser.add_argument(
-        "--in-process", action="store_true", default=None,
+        "--in-process", action=argparse.BooleanOptionalAction, default=None,
         help="serve stdio in this process instead of relaying to the shared server; runs then end when "
-        f"the host closes it [env {IN_PROCESS_VARIABLE}=1]",
+        f"the host closes it (--no-in-process: relay, whatever the variable says) [env {IN_PROCESS_VARIABLE}=1]",
     )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from agent import defaults
 from agent.tools.ask import ASK_HOST, MAX_QUESTION_CHARS
 from agent.trace.compaction import compaction_of
-from agent.trace.models import Message, Outcome, ToolCall, Trace
+from agent.trace.models import Message, Outcome, ToolCall, Trace, message_uri
 
 SUMMARY_BYTES = 4000
 """The most a default get_trace answer may weigh, whatever the trace's length (issue target: ≤ 4 KB)."""
@@ -40,10 +40,6 @@ RECENT_LINES = 5
 LINE_CHARS = 160
 TAIL_MESSAGES = 40
 """How far back the summary looks for the latest assistant text (a cheap walk from the head)."""
-
-
-def message_uri(trace_id: str, sequence: int) -> str:
-    return f"trace://{trace_id}/messages/{sequence}"
 
 
 def cut(text: str | None, limit: int, trace_id: str, sequence: int) -> str | None:

@@ -503,6 +503,7 @@ class Run:
             convert=self._convert,
             extra_elided=extra,
             clamp_to=self._room() if clamp else None,
+            trace_id=self.trace_id,
             tokens_per_char=self.tokens_per_char,
         )
         if not extra and not clamp:
@@ -558,7 +559,7 @@ class Run:
         if plan is not None:
             after = self._estimate(self.model_messages(plan.elided))
             saved = max(0, self._guess(wire) - after)  # both guessed alike: what elision took out
-            events.append(await self._append(compaction.record(plan, saved=saved)))
+            events.append(await self._append(compaction.record(plan, trace_id=self.trace_id, saved=saved)))
             before = after
         summary_plan = compaction.plan_summary(self.segment.context) if before > room else None
         if summary_plan is not None and self._summary_in_vain(summary_plan, room):
@@ -581,11 +582,15 @@ class Run:
                 if response.usage is not None:  # nothing to store it on, but the budget paid for it
                     self._unstored_tokens += response.usage.prompt_tokens + response.usage.completion_tokens
             if response is not None and response.content:
-                summary = compaction.record(summary_plan, saved=0, summary=response.content)
+                summary = compaction.record(
+                    summary_plan, trace_id=self.trace_id, saved=0, summary=response.content
+                )
                 summary.usage = response.usage
                 would_be = Message(**summary.model_dump(), sequence=0, parent_sequence=None, created_at="")
                 after = self._estimate(
-                    compaction.build_context([*self.segment.context, would_be], convert=self._convert)
+                    compaction.build_context(
+                        [*self.segment.context, would_be], convert=self._convert, trace_id=self.trace_id
+                    )
                 )
                 assert summary.meta is not None
                 summary.meta["compaction"]["tokens_saved"] = max(0, before - after)
@@ -629,7 +634,9 @@ class Run:
             for m in self.segment.context
             if done < m.sequence <= last and compaction.compaction_of(m) is None
         ]
-        wire = compaction.build_context(new, convert=self._convert, extra_elided=view.elided)
+        wire = compaction.build_context(
+            new, convert=self._convert, extra_elided=view.elided, trace_id=self.trace_id
+        )
         return self._guess(wire) < compaction.RESUMMARY_SHARE * room
 
     def _calibrate(self, prompt_tokens: int) -> None:

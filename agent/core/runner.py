@@ -384,7 +384,7 @@ class AgentRunner:
         room = compaction.room(budget, model, tool_tokens)
         try:
             response = await model.complete(
-                compaction.build_context([*path, *branch], clamp_to=room),
+                compaction.build_context([*path, *branch], clamp_to=room, trace_id=trace.trace_id),
                 schemas,
                 temperature=trace.config.temperature,
                 tool_choice="none",

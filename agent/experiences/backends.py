@@ -77,9 +77,15 @@ async def export_experiences(
 async def import_experiences(db: str | Path, path: str | Path, source: str | Path) -> TransferResult:
     """Load ``source`` (an experiences.md) as the current experiences, the prior ones kept (a version in
     the database, a dated backup of the file), and tell every server on the store that they changed.
-    TraceError, with nothing changed, when ``source`` is not a file (read as empty, it would erase them)."""
+    TraceError, with nothing changed, when ``source`` is not a file or holds no lessons (either would erase
+    them: a wrong file named by mistake)."""
     if not Path(source).is_file():
         raise TraceError(f"{source} is not a file (nothing was changed).")
+    if (await _counted(await ExperienceFile(source).read_text())).lessons == 0:
+        raise TraceError(
+            f"{source} holds no lessons (no '## ' section with '- ' lines), so it is not an experiences "
+            "file; nothing was changed."
+        )
     store = await open_store(db)
     try:
         if is_postgres_url(db):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from agent import defaults
 
@@ -17,20 +17,18 @@ def is_postgres_url(db: str | Path) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password (in the user part or a ``password`` parameter) replaced by ``***``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
+    """The URL as given, its password (in the user part or a ``password`` parameter) replaced by ``***``:
+    only the secret changes (rebuilding it would drop an empty host's ``//`` and re-quote the rest)."""
+    base, mark, query = url.partition("?")
+    netloc = urlsplit(base).netloc
     userinfo, at, hosts = netloc.rpartition("@")
     if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
-    query = urlencode(
-        [
-            (k, "***" if "password" in k.lower() else v)
-            for k, v in parse_qsl(parts.query, keep_blank_values=True)
-        ],
-        safe="*,",
+        base = base.replace(netloc, f"{userinfo.partition(':')[0]}:***@{hosts}", 1)
+    query = "&".join(
+        f"{key}=***" if "password" in key.lower() and eq else f"{key}{eq}{value}"
+        for key, eq, value in (item.partition("=") for item in query.split("&"))
     )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return base + mark + query
 
 
 def store_name(db: str | Path) -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import defaults
-from agent.trace.models import Message, NewMessage
+from agent.trace.models import Message, NewMessage, message_uri
 
 KEEP_TURNS = 2
 """The latest assistant turns (with their tool results) always sent verbatim."""
@@ -74,11 +74,13 @@ def compaction_of(message: Message) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def stub(message: Message) -> str:
-    """What the model sees of an elided result: enough to know it existed and how to get it back."""
+def stub(message: Message, trace_id: str | None = None) -> str:
+    """What the model sees of an elided result: enough to know it existed, where it is kept whole (for a
+    reader of the trace) and how the agent gets it back (its tools: it cannot read resources)."""
     size = len(message.content or "")
+    kept = f", kept whole at {message_uri(trace_id, message.sequence)}" if trace_id else ""
     return (
-        f"[tool result elided to fit the context: {size:,} characters (message {message.sequence}); "
+        f"[tool result elided to fit the context: {size:,} characters (message {message.sequence}){kept}; "
         "call the tool again if you need it]"
     )
 
@@ -113,9 +115,11 @@ def build_context(
     extra_elided: Iterable[int] = (),
     clamp_to: int | None = None,
     tokens_per_char: float = INITIAL_TOKENS_PER_CHAR,
+    trace_id: str | None = None,
 ) -> list[dict[str, Any]]:
     """The active path as the model receives it, every compaction applied (and, with ``clamp_to``, the
-    longest remaining contents cut until the estimate fits). ``convert`` may cache; it is never mutated."""
+    longest remaining contents cut until the estimate fits; with ``trace_id``, stubs name where each elided
+    result is kept). ``convert`` may cache; it is never mutated."""
     view = View.of(path)
     view.elided.update(extra_elided)
     latest = latest_user(path)
@@ -137,7 +141,7 @@ def build_context(
             continue
         item = convert(message)
         if message.role == "tool" and message.sequence in view.elided:
-            item = {**item, "content": stub(message)}
+            item = {**item, "content": stub(message, trace_id)}
         wire.append(item)
     if clamp_to is not None:
         _clamp(wire, clamp_to, tokens_per_char)
@@ -306,7 +310,7 @@ def summary_request(
     return [*wire, {"role": "user", "content": SUMMARY_PROMPT}]
 
 
-def record(plan: Plan, *, saved: int, summary: str | None = None) -> NewMessage:
+def record(plan: Plan, *, trace_id: str, saved: int, summary: str | None = None) -> NewMessage:
     """The stored compaction message for a plan."""
     meta: dict[str, Any] = {"stage": 2 if plan.covers else 1, "elided": plan.elided, "tokens_saved": saved}
     if plan.covers:
@@ -315,6 +319,7 @@ def record(plan: Plan, *, saved: int, summary: str | None = None) -> NewMessage:
     else:
         listed = ", ".join(str(s) for s in plan.elided[:20]) + (" …" if len(plan.elided) > 20 else "")
         content = (
-            f"[Context compaction: the results of tool messages {listed} are elided from the model's view.]"
+            f"[Context compaction: the results of tool messages {listed} are elided from the model's view; "
+            f"each is kept whole at {message_uri(trace_id, plan.elided[0])} and alike.]"
         )
     return NewMessage(role="system", content=content, meta={"compaction": meta})

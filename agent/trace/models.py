@@ -207,3 +207,8 @@ class RunHandle:
     held_by: str | None = None
     """The process doing the handle's work itself (a reflection), which only it can end; None for a run's
     handle, which follows its trace's claim."""
+
+
+def message_uri(trace_id: str, sequence: int) -> str:
+    """The resource that holds one stored message whole (named wherever a view or the model's context cuts it)."""
+    return f"trace://{trace_id}/messages/{sequence}"

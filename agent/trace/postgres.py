@@ -328,11 +328,11 @@ class PostgresTraceStore:
             async with pool.acquire() as db:
                 try:
                     await migrate(db, schema)
+                    channel = await db.fetchval("SELECT change_channel(current_schema())")
                 except asyncpg.PostgresError as exc:
                     raise TraceError(
                         f"Cannot set up the trace schema '{schema}' in {redact_url(url)}: {_reason(exc)}."
                     ) from exc
-                channel = await db.fetchval("SELECT change_channel(current_schema())")
             store = cls(pool, url=url, settings=settings, channel=channel, lease_seconds=lease_seconds)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -340,8 +340,11 @@ class PostgresTraceStore:
             raise
         try:
             await store.sweep()
-        except BaseException:
-            await store.close()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await store.close()
+            if isinstance(exc, asyncpg.PostgresError):  # a sentence, as for the first connection
+                raise TraceError(f"Cannot read the traces in {redact_url(url)}: {_reason(exc)}.") from exc
             raise
         return store
 

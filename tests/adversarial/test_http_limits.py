@@ -172,3 +172,18 @@ def test_a_token_on_a_public_bind_keeps_the_host_and_origin_checks(tmp_path):
     security = http.transport_security(named)
     assert {"10.1.2.3:*", "mcp.example.com", "mcp.example.com:*"} <= set(security.allowed_hosts)
     assert "https://mcp.example.com" in security.allowed_origins
+
+
+def test_a_wildcard_bind_accepts_the_address_other_machines_reach_this_one_by(tmp_path):
+    """Where the host name resolves to loopback (Debian's 127.0.1.1), the machine's route-out address is
+    what a client on another machine puts in its Host header."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.connect(("192.0.2.1", 9))
+            outward = udp.getsockname()[0]
+    except OSError:
+        pytest.skip("this machine has no IPv4 route out")
+    security = http.transport_security(Settings.for_data_dir(tmp_path, host="0.0.0.0", auth_token="secret"))
+    assert security is not None and f"{outward}:*" in security.allowed_hosts

@@ -102,7 +102,8 @@ async def test_a_40_step_file_reading_run_fits_a_15k_budget_and_keeps_every_resu
     assert result.trace.usage.compactions == len(records) and result.trace.usage.tokens_saved > 0
     for sent in model.calls:  # the system prompt and the task are sent verbatim every time
         assert sent["messages"][0]["role"] == "system" and sent["messages"][1]["content"] == "Audit src/"
-    assert any("elided to fit the context" in (m.get("content") or "") for m in model.calls[-1]["messages"])
+    stubs = [m["content"] for m in model.calls[-1]["messages"] if "elided to fit" in (m.get("content") or "")]
+    assert stubs and f"trace://{result.trace.trace_id}/messages/" in stubs[0]
 
 
 async def test_the_providers_count_of_the_last_request_is_the_base_of_the_next_estimate(store, workspace):
@@ -302,12 +303,15 @@ async def test_a_fork_of_a_compacted_trace_copies_the_messages_not_the_compactio
     assert fork.trace.status is Status.COMPLETED and model.refused == 0
 
 
-def test_an_elided_result_tells_the_model_how_to_get_it_back_with_its_tools():
+def test_an_elided_result_names_where_it_is_kept_and_how_the_agent_gets_it_back():
     from agent.trace.compaction import stub
     from agent.trace.models import Message
 
-    text = stub(Message(sequence=7, parent_sequence=6, role="tool", content="x" * 5000, created_at=""))
-    assert "5,000 characters" in text and "call the tool again" in text and "trace://" not in text
+    text = stub(
+        Message(sequence=7, parent_sequence=6, role="tool", content="x" * 5000, created_at=""), "a" * 32
+    )
+    assert "5,000 characters" in text and "call the tool again" in text  # the agent cannot read resources
+    assert f"trace://{'a' * 32}/messages/7" in text  # a host reading the context can
 
 
 def test_the_reply_keeps_the_room_its_model_may_write_within_a_small_budget():

@@ -20,6 +20,8 @@ from tests.store_backends import PG_SKIP_REASON, PG_URL, fresh_pg_url, require_p
 if PG_URL is None:
     pytest.skip(PG_SKIP_REASON, allow_module_level=True)
 
+import asyncpg
+
 from agent.errors import SchemaTooNew, TraceError, TraceRunning
 from agent.trace import pg_migrations
 from agent.trace.backends import open_store, redact_url
@@ -439,6 +441,10 @@ def test_redact_url_hides_passwords_in_both_places():
         "postgresql://u:***@h:5/d?sslmode=require&password=***"
     )
     assert redact_url("postgres://u@h/d") == "postgres://u@h/d"
+    assert (
+        redact_url("postgresql:///d?host=/run/pg&password=s3cret")
+        == "postgresql:///d?host=/run/pg&password=***"
+    )
 
 
 # -- claims ---------------------------------------------------------------------------------------------
@@ -548,3 +554,15 @@ async def test_a_schema_the_user_may_not_create_is_one_sentence(pg_url):
     finally:
         await db.execute(f'DROP ROLE IF EXISTS "{role}"')
         await db.close()
+
+
+async def test_a_database_that_refuses_the_start_up_sweep_is_one_sentence(pg_url, monkeypatch):
+    async def refused(self: PostgresTraceStore) -> None:
+        raise asyncpg.QueryCanceledError("canceling statement due to statement timeout")
+
+    monkeypatch.setattr(PostgresTraceStore, "sweep", refused)
+    with pytest.raises(TraceError) as caught:
+        await PostgresTraceStore.open(pg_url)
+    assert str(caught.value).startswith("Cannot read the traces in ") and "statement timeout" in str(
+        caught.value
+    )

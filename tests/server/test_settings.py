@@ -59,6 +59,7 @@ def test_every_variable_is_read_and_flags_win():
     flags = ["--max-wait", "10", "--idle-exit", "60", "--context-tokens", "64000", "--tool-timeout", "9"]
     s = settings_for(flags, env)
     assert (s.max_wait, s.idle_exit, s.context_tokens, s.tool_timeout) == (10, 60, 64000, 9)
+    assert settings_for(["--no-in-process"], env).in_process is False  # a flag wins either way
     s = settings_for(["--model", "anthropic:claude", "--data-dir", "/f", "--experience-recall", "3"], env)
     assert (s.model, s.data_dir, s.experience_recall) == ("anthropic:claude", Path("/f"), 3)
     assert s.db == Path("/x/t.db")  # the variable still names the db
