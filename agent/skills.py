@@ -10,6 +10,7 @@ must not stop the agent.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ import anyio.to_thread
 import yaml
 
 from agent.errors import ToolCallError
+from agent.tools.file_reading import read_small
+from agent.tools.safe_fs import Missing, OutsideRoot, PathRefused, Session, WorkspaceRoot
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ MAX_SKILLS = 100
 MAX_NAME_CHARS = 100
 MAX_DESCRIPTION_CHARS = 500
 """What one skill may add to every system prompt and to agent_info."""
+SKILL_READERS = 4
+"""Threads reading skills at once (each new trace without a system prompt reads them all)."""
 
 BASE_SYSTEM_PROMPT = (
     "You are an agent that completes tasks by using the tools available to you. "
@@ -45,17 +50,8 @@ class Skill:
     path: Path
 
 
-def _parse_skill(path: Path) -> Skill | None:
-    """One SKILL.md, or None (with a warning naming the file) when it is malformed."""
-    try:
-        size = path.stat().st_size
-        if size > MAX_SKILL_BYTES:
-            logger.warning("Skipping skill %s: it is %d bytes, over %d.", path, size, MAX_SKILL_BYTES)
-            return None
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        logger.warning("Skipping skill %s: it cannot be read (%s).", path, exc)
-        return None
+def _parse_skill(path: Path, text: str) -> Skill | None:
+    """One SKILL.md's text, or None (with a warning naming the file) when it is malformed."""
     lines = text.lstrip("\ufeff").splitlines(keepends=True)
     if not lines or lines[0].strip() != "---":
         logger.warning(
@@ -98,41 +94,85 @@ def _parse_skill(path: Path) -> Skill | None:
 def load_skills(skills_dir: str | Path | None) -> list[Skill]:
     """Every well-formed skill under ``skills_dir`` (one folder each), sorted by name.
 
-    A missing directory simply means no skills. Blocking: call it through ``read_skills`` from async code.
+    Read as the file tools read the workspace (``safe_fs``): a link may point within the skills folder,
+    never out of it, and only regular files are read (a FIFO swapped in is refused, never waited on),
+    at most MAX_SKILL_BYTES of them whatever ``stat`` said. A missing directory simply means no skills.
+    Blocking: call it through ``read_skills`` from async code.
     """
     if skills_dir is None:
         return []
     root = Path(skills_dir).expanduser()
-    if not root.is_dir():
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
         return []
     skills: dict[str, Skill] = {}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        path = folder / SKILL_FILE
-        if not path.is_file():
-            continue
-        skill = _parse_skill(path)
-        if skill is None:
-            continue
-        if skill.name in skills:
-            logger.warning(
-                "Skipping skill %s: the name %r is already used by %s.",
-                path,
-                skill.name,
-                skills[skill.name].path,
-            )
-            continue
-        if len(skills) >= MAX_SKILLS:
-            logger.warning(
-                "Skipping skill %s and any after it: at most %d skills are offered.", path, MAX_SKILLS
-            )
-            break
-        skills[skill.name] = skill
+    with WorkspaceRoot(root).session(lambda: None) as folder:
+        for name in names:
+            path = root / name / SKILL_FILE
+            text = _read_skill(folder, name, path)
+            skill = _parse_skill(path, text) if text is not None else None
+            if skill is None:
+                continue
+            if skill.name in skills:
+                logger.warning(
+                    "Skipping skill %s: the name %r is already used by %s.",
+                    path,
+                    skill.name,
+                    skills[skill.name].path,
+                )
+                continue
+            if len(skills) >= MAX_SKILLS:
+                logger.warning(
+                    "Skipping skill %s and any after it: at most %d skills are offered.", path, MAX_SKILLS
+                )
+                break
+            skills[skill.name] = skill
     return sorted(skills.values(), key=lambda s: s.name)
 
 
+def _read_skill(folder: Session, name: str, path: Path) -> str | None:
+    """The text of ``<name>/SKILL.md`` in the skills folder; None (warned unless it is simply absent)."""
+    try:
+        found = folder.resolve([name, SKILL_FILE])
+    except Missing:
+        return None  # a file beside the skills, or a folder without a SKILL.md
+    except OutsideRoot:
+        logger.warning("Skipping skill %s: it leads outside the skills folder.", path)
+        return None
+    except (PathRefused, OSError) as exc:
+        logger.warning("Skipping skill %s: it cannot be read (%s).", path, exc or type(exc).__name__)
+        return None
+    try:
+        if not found.is_file:
+            logger.warning("Skipping skill %s: it is not a regular file.", path)
+            return None
+        data = read_small(found.fd, found.st.st_size, MAX_SKILL_BYTES) if found.fd is not None else None
+        if data is None:
+            logger.warning("Skipping skill %s: it is over %d bytes.", path, MAX_SKILL_BYTES)
+            return None
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        logger.warning("Skipping skill %s: it cannot be read (%s).", path, exc)
+        return None
+    finally:
+        folder.close(found)
+
+
 async def read_skills(skills_dir: str | Path | None) -> list[Skill]:
-    """``load_skills`` on a worker thread, so the event loop keeps serving."""
-    return await anyio.to_thread.run_sync(load_skills, skills_dir)
+    """``load_skills`` on a worker thread of the skills' own, so the event loop keeps serving and a slow
+    disk can never take the threads the server's own I/O needs; abandoned if the caller is cancelled."""
+    return await anyio.to_thread.run_sync(load_skills, skills_dir, abandon_on_cancel=True, limiter=_limiter())
+
+
+_LIMITER: anyio.CapacityLimiter | None = None
+
+
+def _limiter() -> anyio.CapacityLimiter:
+    global _LIMITER
+    if _LIMITER is None:
+        _LIMITER = anyio.CapacityLimiter(SKILL_READERS)
+    return _LIMITER
 
 
 def build_system_prompt(skills: Sequence[Skill], base: str = BASE_SYSTEM_PROMPT) -> str:

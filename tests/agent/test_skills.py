@@ -169,5 +169,38 @@ def test_a_huge_skill_costs_no_prompt_and_no_read(tmp_path: Path, caplog: pytest
     assert all(len(s.name) <= 100 for s in skills)
     wordy = next(s for s in skills if s.name == "wordy")  # its folder sorts first: within the count
     assert len(wordy.description) == MAX_DESCRIPTION_CHARS
-    assert "bytes, over" in caplog.text and f"at most {MAX_SKILLS} skills" in caplog.text
+    assert f"over {MAX_SKILL_BYTES} bytes" in caplog.text and f"at most {MAX_SKILLS} skills" in caplog.text
     assert len(build_system_prompt(skills)) < MAX_SKILLS * (MAX_DESCRIPTION_CHARS + 120)
+
+
+def test_links_may_point_within_the_skills_folder_never_out_of_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pitfalls.md: a symlink inside the root can point outside it. A linked skill folder inside is fine."""
+    root = tmp_path / "skills"
+    write_skill(root, "pdf", PDF_SKILL)
+    (root / "pdf-again").symlink_to(root / "pdf")  # within: the same skill, a duplicate name, skipped
+    outside = write_skill(tmp_path / "outside", "notes", PDF_SKILL.replace("pdf-forms", "private-notes"))
+    (root / "private").mkdir()
+    (root / "private" / "SKILL.md").symlink_to(outside)
+    (root / "folder-link").symlink_to(outside.parent)
+    with caplog.at_level(logging.WARNING):
+        names = [skill.name for skill in load_skills(root)]
+    assert names == ["pdf-forms"]
+    assert caplog.text.count("leads outside the skills folder") == 2
+
+
+def test_a_fifo_or_a_grown_file_is_refused_without_waiting_or_reading_past_the_cap(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+
+    root = tmp_path / "skills"
+    (root / "fifo").mkdir(parents=True)
+    os.mkfifo(root / "fifo" / "SKILL.md")  # no writer: opening it for reading would wait forever
+    (root / "proc").mkdir()
+    (root / "proc" / "SKILL.md").symlink_to("/proc/self/environ")  # outside, and stat says 0 bytes
+    write_skill(root, "pdf", PDF_SKILL)
+    with caplog.at_level(logging.WARNING):
+        assert [skill.name for skill in load_skills(root)] == ["pdf-forms"]
+    assert "not a regular file" in caplog.text and "leads outside" in caplog.text
