@@ -42,6 +42,19 @@ class TraceMoved(TraceRunning):
         self.trace_id = trace_id
 
 
+class TraceReflecting(TraceRunning):
+    """Another process still holds a trace whose run has ended: it is reflecting on it (reflect=true)."""
+
+    def __init__(self, trace_id: str, waited: float):
+        TraceError.__init__(
+            self,
+            f"Trace '{trace_id}' has finished its run, but another server process sharing the store is still "
+            f"reflecting on it (reflect=true) after {waited:.0f} s of waiting; nothing was stored: send this "
+            "run_trace again in a little while.",
+        )
+        self.trace_id = trace_id
+
+
 class SchemaTooNew(TraceError):
     """A database a newer agent-trace-mcp migrated: this one must not read or write it."""
 

@@ -38,7 +38,7 @@ from agent.core.run import (
     Run,
     Segment,
 )
-from agent.errors import ModelCallError, TraceMoved, TraceRunning
+from agent.errors import ModelCallError, TraceMoved, TraceReflecting, TraceRunning
 from agent.llm.base import Model, resolve_model
 from agent.llm.windows import context_window
 from agent.tools.registry import ToolRegistry, openai_tool_schema
@@ -527,7 +527,7 @@ class AgentRunner:
                     if current.status is Status.RUNNING:
                         raise
                 await self.wait_for_release(trace.trace_id)
-        raise TraceRunning(trace.trace_id)
+        raise TraceReflecting(trace.trace_id, HANDOVER_WAIT_SECONDS)  # it reads completed: say why it is held
 
     async def wait_for_release(self, trace_id: str) -> None:
         """Return when the trace next changes (its claim released, say), or after a lease renewal's time."""

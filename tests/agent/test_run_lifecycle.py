@@ -399,6 +399,49 @@ async def test_an_empty_reply_when_the_budget_is_spent_ends_the_run_and_stores_n
     assert [m.role for m in await store.get_path(result.trace.trace_id)] == ["system", "user"]
 
 
+async def test_a_continuation_from_another_process_during_a_long_reflection_is_told_why(
+    store, tmp_path, monkeypatch
+):
+    """Another process cannot queue behind a reflection it does not hold: it waits (briefly, for the
+    host's timeout) and then says the trace is being reflected on, not the "already running" of a trace
+    that reads completed."""
+    import agent.core.runner as runner_module
+    from agent.errors import TraceReflecting
+
+    reflecting, release = anyio.Event(), anyio.Event()
+
+    class Model(ScriptedModel):
+        async def complete(self, messages, tools, **kw):
+            if kw.get("tool_choice") == "none":
+                reflecting.set()
+                await release.wait()
+                return reply("- Reflect first.")
+            return reply("answered")
+
+    monkeypatch.setattr(runner_module, "HANDOVER_WAIT_SECONDS", 0.3)
+    runner, experiences = reflecting_runner(store, Model([]), tmp_path)
+    other_store = await open_store(tmp_path / "traces.db")
+    other = make_runner(other_store, ScriptedModel([reply("second answer")]))
+    try:
+        async with runner, other:
+            trace = await runner.start([user("first")], RunConfig(reflect=True))
+            with anyio.fail_after(10):
+                await reflecting.wait()
+            with pytest.raises(TraceReflecting) as refused:
+                await other.start([user("second")], RunConfig(trace_id=trace.trace_id))
+            assert "still reflecting on it" in str(refused.value) and "again" in str(refused.value)
+            assert len(await store.get_path(trace.trace_id)) == 3  # nothing of the refused request stored
+            release.set()
+            await runner.wait(trace.trace_id)
+            await other.start([user("second")], RunConfig(trace_id=trace.trace_id))
+            with anyio.fail_after(10):
+                await other.wait(trace.trace_id)
+        assert (await store.get_path(trace.trace_id))[-1].content == "second answer"
+    finally:
+        await other_store.close()
+        experiences.close()
+
+
 async def test_the_time_limit_does_not_cut_the_reflection_nor_the_continuation_queued_behind_it(
     store, tmp_path
 ):
