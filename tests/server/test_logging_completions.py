@@ -109,26 +109,17 @@ async def test_debug_entries_name_tools_never_their_arguments(log_server, model)
         assert "sk-secret-123" not in json.dumps([e.data for e in heard.entries])
 
 
-async def test_a_question_is_a_notice(log_server, model):
-    model.steps = [turn_script(reply(None, tool_call("ask_host", "q1", question="Which file?")), reply("ok"))]
-    heard = Heard()
-    async with Client(log_server, mode="legacy", logging_callback=heard) as client:
-        await client.set_logging_level("notice")
-        tid = (await call(client, "create_trace", prompt="summarise"))["trace_id"]
-        asked = await heard.wait_for("needs_input", tid)
-        assert asked.level == "notice" and "Which file?" in asked.data["message"]
-
-
-async def test_stopping_a_paused_trace_logs_a_stop_and_nothing_about_running(log_server, model):
+async def test_a_question_is_a_notice_and_stopping_it_logs_no_run(log_server, model):
     model.steps = [turn_script(reply(None, tool_call("ask_host", "q1", question="Which file?")), reply("ok"))]
     heard = Heard()
     async with Client(log_server, mode="legacy", logging_callback=heard) as client:
         await client.set_logging_level("debug")
         tid = (await call(client, "create_trace", prompt="summarise"))["trace_id"]
-        await heard.wait_for("needs_input", tid)
+        asked = await heard.wait_for("needs_input", tid)
+        assert asked.level == "notice" and "Which file?" in asked.data["message"]
         assert (await call(client, "stop_trace", trace_id=tid))["status"] == "stopping"
         await heard.wait_for("stopped", tid)
-        assert heard.events(tid) == ["started", "tool_called", "needs_input", "stopped"]
+        assert heard.events(tid) == ["started", "tool_called", "needs_input", "stopped"]  # no "running again"
 
 
 async def test_the_modern_era_has_no_logging(log_server):
