@@ -31,6 +31,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Extension, MethodBinding, require_client_extension
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.subscriptions import SUBSCRIPTION_ID_META_KEY, ServerEvent, SubscriptionBus
 from mcp.shared.inbound import MCP_NAME_HEADER, decode_header_value
 from mcp.shared.subscriptions import event_matches, event_to_notification
@@ -43,7 +44,7 @@ from agent.errors import TraceRunning
 from agent.experiences import lessons_from_reflection
 from agent.reflection.prompt import reflection_prompt
 from agent.trace.events import MessageStored, TraceChanged
-from agent.trace.models import Message, utc_now
+from agent.trace.models import Message, Status, utc_now
 from server.arguments import is_trace_id
 from server.state import state_of
 from server.task_views import (
@@ -58,7 +59,7 @@ from server.task_views import (
     task_handle,
     task_status,
 )
-from server.tools import Reflected, compact
+from server.tools import Reflected, compact, targets
 from server.views import TAIL_MESSAGES, elide
 
 log = logging.getLogger(__name__)
@@ -199,13 +200,13 @@ class _Runtime:
             return await self._reflection_task(task_id, trace_id, sequence)
         trace_id = trace_of(task_id)
         handle = await self.engine.handle(task_id)
+        paused = None if elicits else await self.engine.handle(task_id + AS_PAUSED)
+        if paused is not None and paused.final is not None:
+            return paused.final  # to this client it ended at its first pause, whatever came after
         if handle is not None and handle.final is not None:
             return handle.final  # superseded by a later run: as it ended
         if handle is None and task_id != trace_id:
             raise not_found(task_id)
-        paused = None if elicits else await self.engine.handle(task_id + AS_PAUSED)
-        if paused is not None and paused.final is not None:
-            return paused.final  # answered since by someone who could: still ended, to this client
         try:
             trace = await self.engine.get(trace_id)
         except TraceError:
@@ -227,18 +228,37 @@ class _Runtime:
         return detailed_task(trace, tail, last_text, self.retain_ms, elicits=elicits)
 
     async def keep_pause(self, trace_id: str) -> None:
-        """An answer is about to resume a paused trace: its task stays ended for clients that cannot
-        elicit, which read it ``completed`` with the question (SEP-2663: terminal states are final)."""
-        current = await self.current_task(trace_id)
-        if current is None or await self.engine.handle(current + AS_PAUSED) is not None:
-            return  # kept at an earlier pause already
+        """A paused trace is about to leave its pause (answered, stopped, run anew): its task stays ended
+        for clients that cannot elicit, which read it ``completed`` with the question (SEP-2663: terminal
+        states are final)."""
         try:
+            if (await self.engine.get(trace_id)).status is not Status.NEEDS_INPUT:
+                return
+            current = await self.current_task(trace_id)
+            if current is None or await self.engine.handle(current + AS_PAUSED) is not None:
+                return  # kept at an earlier pause already
             view = await self.detailed(current, elicits=False)
             if view["status"] in TERMINAL:
                 await self.engine.add_handle(current + AS_PAUSED, trace_id, held=True)  # never "open"
                 await self.engine.end_handle(current + AS_PAUSED, view)
         except (MCPError, TraceError):
-            pass  # deleted meanwhile: the answer is refused for it anyway
+            pass  # deleted meanwhile: the call that follows is refused for it anyway
+
+    async def keep_pauses(self, arguments: Mapping[str, Any]) -> None:
+        """keep_pause for each trace a stop_trace call names (its errors are the tool's to report)."""
+        trace_ids = arguments.get("trace_ids")
+        try:
+            names = await targets(
+                self.engine,
+                "stop_trace",
+                arguments.get("trace_id"),
+                [trace_ids] if isinstance(trace_ids, str) else trace_ids,
+                arguments.get("tag"),
+            )
+        except (ToolError, TraceError, TypeError, ValueError):
+            return
+        for trace_id in names:
+            await self.keep_pause(trace_id)
 
     async def current_task(self, trace_id: str) -> str | None:
         """The trace's task that has not ended: the newest run handle, else the trace's own id (the task
@@ -349,9 +369,9 @@ class _Runtime:
         trace_id = arguments.get("trace_id")
         if not isinstance(trace_id, str):
             return await call_next(ctx)
+        if is_trace_id(trace_id):
+            await self.keep_pause(trace_id)  # answered, or run anew: it leaves its pause either way
         if answers(arguments) and elicits:
-            if is_trace_id(trace_id):
-                await self.keep_pause(trace_id)
             return await call_next(ctx)
         current = await self.current_task(trace_id) if is_trace_id(trace_id) else None
         before: dict[str, Any] | None = None
@@ -511,6 +531,7 @@ class _Runtime:
         if record is not None:
             record.scope.cancel()
         elif REFLECTION not in task_id:
+            await self.keep_pause(trace_of(task_id))
             await self.engine.stop(trace_of(task_id))
 
     # -- notifications/tasks -----------------------------------------------------------------------
@@ -606,6 +627,12 @@ class TasksExtension(Extension):
         self, params: types.CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> HandlerResult:
         arguments = params.arguments or {}
+        if params.name == "stop_trace":  # from any client: a paused task it ends stays as it was seen
+            state = state_of(ctx.lifespan_context)
+            runtime = self._runtimes.get(state.engine) if state is not None else None
+            if runtime is not None:
+                await runtime.keep_pauses(arguments)
+            return await call_next(ctx)
         if params.name == "run_trace" and not self.offered(ctx):  # any client's new run ends the task
             state = state_of(ctx.lifespan_context)
             runtime = self._runtimes.get(state.engine) if state is not None else None

@@ -25,7 +25,7 @@ from tests.fakes import ScriptedModel, models_for, reply, slow_reflection, turn_
 from tests.fakes import call as tool_call
 from tests.npm_tools import inspector
 from tests.processes import HttpServer, relay_params, run_cli, server_pids, stop_shared_servers
-from tests.server.helpers import call
+from tests.server.helpers import call, wait_done
 
 pytestmark = pytest.mark.anyio
 
@@ -267,6 +267,30 @@ async def test_a_task_that_ended_for_a_client_that_cannot_elicit_stays_ended_whe
         )
         done = await poll_until(eliciting, handle.task_id, "completed")
         assert done["result"]["structuredContent"]["answer"] == "I read notes.txt, as you said."
+        assert await get_task(inspector.session, handle.task_id) == seen
+
+
+@pytest.mark.parametrize("how", ["stop_trace", "tasks/cancel", "run_trace"])
+async def test_a_paused_task_a_client_that_cannot_elicit_saw_end_stays_ended_when_it_is_stopped_or_run(
+    server, model, how
+):
+    model.steps = [ASKS]
+    async with Client(server, extensions=[Tasks()]) as inspector, tasks_client(server) as eliciting:
+        handle = await start_task(inspector, "create_trace", prompt="Summarise a file")
+        seen = await poll_until(inspector, handle.task_id, "completed")
+        await poll_until(eliciting, handle.task_id, "input_required")
+        async with Client(server, mode="legacy") as plain:
+            if how == "stop_trace":
+                assert (await call(plain, "stop_trace", trace_ids=handle.task_id))["stopping"] == [
+                    handle.task_id
+                ]
+            elif how == "tasks/cancel":
+                await cancel_task(eliciting.session, handle.task_id)
+            else:
+                more = [{"role": "user", "content": "never mind, read README.md"}]
+                await call(plain, "run_trace", trace_id=handle.task_id, messages=more)
+            await wait_done(plain, handle.task_id)
+        assert (await get_task(eliciting.session, handle.task_id))["status"] == "cancelled"
         assert await get_task(inspector.session, handle.task_id) == seen
 
 
