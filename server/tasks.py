@@ -31,7 +31,6 @@ from anyio.streams.memory import MemoryObjectSendStream
 from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.mcpserver import Extension, MethodBinding, require_client_extension
-from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.subscriptions import SUBSCRIPTION_ID_META_KEY, ServerEvent, SubscriptionBus
 from mcp.shared.inbound import MCP_NAME_HEADER, decode_header_value
 from mcp.shared.subscriptions import event_matches, event_to_notification
@@ -59,7 +58,7 @@ from server.task_views import (
     task_handle,
     task_status,
 )
-from server.tools import Reflected, compact, targets
+from server.tools import Reflected, compact
 from server.views import TAIL_MESSAGES, elide
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ MODERN = frozenset(MODERN_PROTOCOL_VERSIONS)
 REFLECTION = ".reflection."
 RUN = ".run."
 AS_PAUSED = "#as-paused"
-"""Suffix of the handle that keeps a task as a client that cannot elicit saw it end: at its first pause."""
+"""Suffix of the handle that keeps a paused task as a client that cannot elicit was shown it: ended."""
 MAX_TASK_ID_CHARS = 120
 MAX_LISTENED_TASKS = 100
 MAX_TASK_STREAMS = 256
@@ -216,7 +215,7 @@ class _Runtime:
         ended = status in TERMINAL or (status == "input_required" and not elicits)
         last_text = await self.engine.last_text(trace_id, tail) if ended else None  # polls stay cheap
         if handle is not None and task_id != trace_id:
-            return detailed_task(
+            task = detailed_task(
                 trace,
                 tail,
                 last_text,
@@ -225,40 +224,20 @@ class _Runtime:
                 task_id=task_id,
                 created_at=handle.created_at,
             )
-        return detailed_task(trace, tail, last_text, self.retain_ms, elicits=elicits)
+        else:
+            task = detailed_task(trace, tail, last_text, self.retain_ms, elicits=elicits)
+        if not elicits and trace.status is Status.NEEDS_INPUT:
+            await self._keep_as_seen(task_id, trace_id, task)
+        return task
 
-    async def keep_pause(self, trace_id: str) -> None:
-        """A paused trace is about to leave its pause (answered, stopped, run anew): its task stays ended
-        for clients that cannot elicit, which read it ``completed`` with the question (SEP-2663: terminal
-        states are final)."""
+    async def _keep_as_seen(self, task_id: str, trace_id: str, task: dict[str, Any]) -> None:
+        """A client that cannot elicit is shown a paused task as ended (``completed``, with the question):
+        keep that view, so it stays ended however the pause ends (SEP-2663: terminal states are final)."""
         try:
-            if (await self.engine.get(trace_id)).status is not Status.NEEDS_INPUT:
-                return
-            current = await self.current_task(trace_id)
-            if current is None or await self.engine.handle(current + AS_PAUSED) is not None:
-                return  # kept at an earlier pause already
-            view = await self.detailed(current, elicits=False)
-            if view["status"] in TERMINAL:
-                await self.engine.add_handle(current + AS_PAUSED, trace_id, held=True)  # never "open"
-                await self.engine.end_handle(current + AS_PAUSED, view)
-        except (MCPError, TraceError):
-            pass  # deleted meanwhile: the call that follows is refused for it anyway
-
-    async def keep_pauses(self, arguments: Mapping[str, Any]) -> None:
-        """keep_pause for each trace a stop_trace call names (its errors are the tool's to report)."""
-        trace_ids = arguments.get("trace_ids")
-        try:
-            names = await targets(
-                self.engine,
-                "stop_trace",
-                arguments.get("trace_id"),
-                [trace_ids] if isinstance(trace_ids, str) else trace_ids,
-                arguments.get("tag"),
-            )
-        except (ToolError, TraceError, TypeError, ValueError):
-            return
-        for trace_id in names:
-            await self.keep_pause(trace_id)
+            await self.engine.add_handle(task_id + AS_PAUSED, trace_id, held=True)  # held: never "open"
+            await self.engine.end_handle(task_id + AS_PAUSED, task)  # the first view kept wins
+        except TraceError:
+            pass  # deleted meanwhile
 
     async def current_task(self, trace_id: str) -> str | None:
         """The trace's task that has not ended: the newest run handle, else the trace's own id (the task
@@ -367,11 +346,7 @@ class _Runtime:
         with the view it has now (a paused or racing one reads ``cancelled``; to a client that cannot
         elicit, a paused one read ``completed`` already, and an answer from it is a new run too)."""
         trace_id = arguments.get("trace_id")
-        if not isinstance(trace_id, str):
-            return await call_next(ctx)
-        if is_trace_id(trace_id):
-            await self.keep_pause(trace_id)  # answered, or run anew: it leaves its pause either way
-        if answers(arguments) and elicits:
+        if (answers(arguments) and elicits) or not isinstance(trace_id, str):
             return await call_next(ctx)
         current = await self.current_task(trace_id) if is_trace_id(trace_id) else None
         before: dict[str, Any] | None = None
@@ -505,7 +480,6 @@ class _Runtime:
             self.group.start_soon(self._answer_when_paused, trace_id, *question)
 
     async def _resume(self, trace_id: str, reply: Reply) -> bool:
-        await self.keep_pause(trace_id)
         try:
             await self.engine.continue_(trace_id, [], RunConfig(answer=reply.answer, approve=reply.approve))
         except TraceRunning:
@@ -531,7 +505,6 @@ class _Runtime:
         if record is not None:
             record.scope.cancel()
         elif REFLECTION not in task_id:
-            await self.keep_pause(trace_of(task_id))
             await self.engine.stop(trace_of(task_id))
 
     # -- notifications/tasks -----------------------------------------------------------------------
@@ -627,12 +600,6 @@ class TasksExtension(Extension):
         self, params: types.CallToolRequestParams, ctx: ServerRequestContext[Any, Any], call_next: CallNext
     ) -> HandlerResult:
         arguments = params.arguments or {}
-        if params.name == "stop_trace":  # from any client: a paused task it ends stays as it was seen
-            state = state_of(ctx.lifespan_context)
-            runtime = self._runtimes.get(state.engine) if state is not None else None
-            if runtime is not None:
-                await runtime.keep_pauses(arguments)
-            return await call_next(ctx)
         if params.name == "run_trace" and not self.offered(ctx):  # any client's new run ends the task
             state = state_of(ctx.lifespan_context)
             runtime = self._runtimes.get(state.engine) if state is not None else None

@@ -81,10 +81,11 @@ async def import_experiences(db: str | Path, path: str | Path, source: str | Pat
     them: a wrong file named by mistake)."""
     if not Path(source).is_file():
         raise TraceError(f"{source} is not a file (nothing was changed).")
-    if (await _counted(await ExperienceFile(source).read_text())).lessons == 0:
+    parsed = await anyio.to_thread.run_sync(parse, await ExperienceFile(source).read_text())
+    if not any(section.trace_id and section.when and section.lessons for section in parsed.sections):
         raise TraceError(
-            f"{source} holds no lessons (no '## ' section with '- ' lines), so it is not an experiences "
-            "file; nothing was changed."
+            f"{source} holds no reflection's lessons (a '## <trace_id> (<YYYY-MM-DD HH:MM>)' section with "
+            "'- ' lines), so it is not an experiences file; nothing was changed."
         )
     store = await open_store(db)
     try:

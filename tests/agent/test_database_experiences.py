@@ -413,7 +413,12 @@ def test_the_command_refuses_a_missing_import_file_or_export_folder(tmp_path, ca
     notes = tmp_path / "notes.md"
     notes.write_text("notes for Tuesday\n- buy milk\n", encoding="utf-8")  # the wrong file, named by mistake
     assert main(["experiences", "import", str(notes), "--data-dir", str(data)]) == 2
-    assert "holds no lessons" in capsys.readouterr().err
+    assert "holds no reflection's lessons" in capsys.readouterr().err
+    assert (
+        main(["experiences", "import", str(Path(__file__).parents[2] / "README.md"), "--data-dir", str(data)])
+        == 2
+    )  # headings, no reflection
+    assert "not an experiences file" in capsys.readouterr().err
     nowhere = tmp_path / "no-such-folder" / "out.md"
     assert main(["experiences", "export", str(nowhere), "--data-dir", str(data)]) == 2
     assert f"the folder {nowhere.parent} does not exist" in capsys.readouterr().err

@@ -294,6 +294,32 @@ async def test_a_paused_task_a_client_that_cannot_elicit_saw_end_stays_ended_whe
         assert await get_task(inspector.session, handle.task_id) == seen
 
 
+async def test_a_client_that_cannot_elicit_and_looks_late_sees_the_question_pending_now(server, model):
+    """Only a view a client was shown is kept: one that first looks at the second pause sees the second
+    question, not the first, which another client answered before it looked."""
+    model.steps = [
+        turn_script(
+            reply(None, tool_call("ask_host", "q1", question="Which file?")),
+            reply(None, tool_call("ask_host", "q2", question="Which line?")),
+            reply("Line 3 of notes.txt."),
+        )
+    ]
+    async with Client(server, extensions=[Tasks()]) as inspector, tasks_client(server) as eliciting:
+        handle = await start_task(eliciting, "create_trace", prompt="Find a line")
+        (key,) = (await poll_until(eliciting, handle.task_id, "input_required"))["inputRequests"]
+        await update_task(
+            eliciting.session, handle.task_id, {key: {"action": "accept", "content": {"answer": "x"}}}
+        )
+        with anyio.fail_after(10):
+            while "Which line?" not in (await get_task(eliciting.session, handle.task_id)).get(
+                "statusMessage", ""
+            ):
+                await anyio.sleep(0.02)
+        seen = await get_task(inspector.session, handle.task_id)
+        assert seen["status"] == "completed"
+        assert seen["result"]["structuredContent"]["question"] == "Which line?"
+
+
 async def test_malformed_tasks_params_are_refused_with_a_sentence(server, model):
     model.steps = [ASKS]
     async with tasks_client(server) as client:
