@@ -7,6 +7,7 @@ delete, agent info, experiences), wired once over the store, the runner, the too
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -21,7 +22,7 @@ from anyio.abc import TaskGroup
 from agent import defaults
 from agent.core.requests import RunConfig, SystemPrompt, SystemPromptBuilder
 from agent.core.runner import HANDOVER_WAIT_SECONDS, AgentRunner
-from agent.errors import TraceError
+from agent.errors import TraceError, TraceNotFound
 from agent.experiences import ConsolidationResult, Experiences, Lesson, format_lessons_block
 from agent.experiences.backends import open_experiences
 from agent.llm.base import Model, resolve_model
@@ -33,7 +34,14 @@ from agent.tools.files import workspace_tools
 from agent.tools.mcp import McpServers, load_mcp_config
 from agent.tools.registry import ToolRegistry
 from agent.trace.backends import open_store
-from agent.trace.events import EventBus, ExperiencesChanged, MessageStored, TraceChanged, TraceEvent
+from agent.trace.events import (
+    EventBus,
+    ExperiencesChanged,
+    MessageStored,
+    TraceChanged,
+    TraceDeleted,
+    TraceEvent,
+)
 from agent.trace.models import Message, RunHandle, Status, Trace
 from agent.trace.store import TracePage, TraceStore, owner_alive
 
@@ -290,13 +298,14 @@ class Engine:
         on_idle: OnIdle | None = None,
     ) -> list[Trace]:
         """Wait until one (``every=False``) or all of the traces are not running, or ``seconds`` pass;
-        ``on_message`` hears their main-path messages stored meanwhile, ``on_idle`` fills the silences."""
+        ``on_message`` hears their main-path messages stored meanwhile, ``on_idle`` fills the silences.
+        A trace deleted meanwhile (by a host, or pruned) is left out of the answer: the rest still count."""
         wanted = list(dict.fromkeys(trace_ids))
         async with self._events.subscribe() as events:
-            traces = [await self._store.get_trace(tid) for tid in wanted]
+            traces: list[Trace | None] = [await self._store.get_trace(tid) for tid in wanted]
 
             def settled() -> bool:
-                done = [t.status is not Status.RUNNING for t in traces]
+                done = [t is None or t.status is not Status.RUNNING for t in traces]
                 return all(done) if every else any(done)
 
             if seconds > 0 and not settled():
@@ -308,10 +317,16 @@ class Engine:
                             continue
                         if isinstance(event, TraceChanged):
                             traces[wanted.index(event.trace_id)] = event.trace
+                        elif isinstance(event, TraceDeleted):
+                            traces[wanted.index(event.trace_id)] = None
                         elif isinstance(event, MessageStored) and not event.message.side and on_message:
                             await on_message(event.trace_id, event.message)
                             beat.heard()
-        return [await self._store.get_trace(tid) for tid in wanted]
+        final: list[Trace] = []
+        for trace_id in wanted:
+            with contextlib.suppress(TraceNotFound):
+                final.append(await self._store.get_trace(trace_id))
+        return final
 
     async def delete(self, trace_id: str) -> bool:
         """Remove a trace that is not running, with its messages; False when it runs.

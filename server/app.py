@@ -89,15 +89,27 @@ class TraceServer(MCPServer):
     async def get_prompt(
         self, name: str, arguments: dict[str, Any] | None = None, context: Context[Any, Any] | None = None
     ) -> GetPromptResult | InputRequiredResult:
-        if self._prompt_manager.get_prompt(name) is None:
+        prompt = self._prompt_manager.get_prompt(name)
+        if prompt is None:
             raise MCPError(
                 code=INVALID_PARAMS, message=f"There is no prompt {elide(name, 40)}; prompts/list shows them."
+            )
+        known = [a.name for a in prompt.arguments or []]
+        unknown = [key for key in arguments or {} if key not in known]
+        if unknown:
+            raise MCPError(
+                code=INVALID_PARAMS,
+                message=f"The prompt {name} has no argument {elide(unknown[0], 40)}; "
+                f"its arguments are {', '.join(known) or 'none'}.",
             )
         try:
             return await super().get_prompt(name, arguments, context)
         except ValueError as exc:
+            cause: BaseException = exc
+            while isinstance(cause.__cause__, ValueError):  # the SDK wraps what the prompt itself said
+                cause = cause.__cause__
             raise MCPError(
-                code=INVALID_PARAMS, message=f"The prompt {name} could not be rendered: {exc}"
+                code=INVALID_PARAMS, message=f"The prompt {name} could not be rendered: {cause}"
             ) from None
 
 

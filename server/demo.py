@@ -94,15 +94,18 @@ async def _call(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
     return result.structured_content
 
 
-async def _wait(client: Client, trace_id: str) -> dict[str, Any]:
+async def _wait(client: Client, trace_id: str, after: int) -> dict[str, Any]:
+    """Wait as a host does, showing each step after message ``after`` (those stored before the wait
+    began too: the offline model is quick)."""
+
     async def progress(progress: float, total: float | None, message: str | None) -> None:
         _say(f"   · {message}")
 
     while True:  # each wait is bounded (--max-wait): a host polls again until the trace is done
-        result = await client.call_tool(
-            "get_trace", {"trace_id": trace_id, "wait_seconds": 30}, progress_callback=progress
-        )
+        arguments = {"trace_id": trace_id, "wait_seconds": 30, "after_sequence": after}
+        result = await client.call_tool("get_trace", arguments, progress_callback=progress)
         summary = result.structured_content or {}
+        after = summary.get("last_sequence") or after
         if summary.get("trace", {}).get("outcome") != "running":
             return summary
 
@@ -132,8 +135,9 @@ async def run_demo(args: argparse.Namespace | None = None) -> int:
         )  # fmt: skip
         tid = started["trace_id"]
         _say(f"   trace {tid} started; waiting with get_trace(wait_seconds=30):")
-        first = await _wait(client, tid)
-        steps = (await _call(client, "get_trace", trace_id=tid, view="full"))["messages"]
+        first = await _wait(client, tid, after=2)  # 1 the system prompt, 2 the task
+        first_view = await _call(client, "get_trace", trace_id=tid, view="full")
+        steps = first_view["messages"]
         call_seq = next(m["sequence"] for m in steps if m.get("tool_calls"))
         _say(f"   {first['trace']['outcome']} ({first['trace']['stop_reason']}). Answer:")
         _say(textwrap.indent(textwrap.fill(first["answer"] or "", 96), "     "))
@@ -145,7 +149,7 @@ async def run_demo(args: argparse.Namespace | None = None) -> int:
             client, "run_trace", trace_id=tid, insert_after=call_seq,
             messages=[{"role": "user", "content": 'Now use search_files to search for "parachute".'}],
         )  # fmt: skip
-        second = await _wait(client, tid)
+        second = await _wait(client, tid, after=first["last_sequence"] + 1)  # past the new question
         _say("   Answer on the new branch:")
         _say(textwrap.indent(textwrap.fill(second["answer"] or "", 96), "     "))
 
@@ -171,9 +175,13 @@ async def run_demo(args: argparse.Namespace | None = None) -> int:
 
         _say("\n5. A later trace on a similar task starts with those lessons in its system prompt")
         later = await _call(client, "create_trace", prompt='Use search_files to search for "altimeter".')
-        await _wait(client, later["trace_id"])
+        await _wait(client, later["trace_id"], after=2)
         done = await _call(client, "get_trace", trace_id=later["trace_id"], view="full")
-        _say("   before — the first trace's system prompt:")
+        earlier = len(first_view["trace"]["lessons"])
+        _say(
+            "   before — the first trace's system prompt"
+            + (f" (this data directory had {earlier} lesson(s) already):" if earlier else ":")
+        )
         _say(textwrap.indent(steps[0]["content"], "     │ ", lambda _: True))
         _say(f"   after — trace {later['trace_id']} recalled {len(done['trace']['lessons'])} lesson(s):")
         _say(textwrap.indent(done["messages"][0]["content"], "     │ ", lambda _: True))

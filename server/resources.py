@@ -125,10 +125,15 @@ def register_resources(mcp: MCPServer, settings: Settings, current: Callable[[],
     )
     async def experiences() -> str:
         state = current()
-        if state is None:  # served before the engine opened: the file is what there is
-            text, _ = await ExperienceFile(settings.experiences).read_bounded()
-            return text
-        text, _ = await state.engine.experiences_text()
+        try:
+            if state is None:  # served before the engine opened: the file is what there is
+                text, _ = await ExperienceFile(settings.experiences).read_bounded()
+            else:
+                text, _ = await state.engine.experiences_text()
+        except (
+            TraceError
+        ) as exc:  # a folder or a FIFO named by --experiences: the sentence get_experiences gives
+            raise MCPError(code=INVALID_PARAMS, message=str(exc)) from None
         return text
 
 

@@ -673,6 +673,7 @@ def register_tools(mcp: MCPServer) -> None:
             ids, every=mode == "all", seconds=seconds, on_message=progress, on_idle=beat
         )
         await reports.settle()
+        gone = [tid for tid in ids if tid not in {t.trace_id for t in traces}]
         running = [t.trace_id for t in traces if t.status is Status.RUNNING]
         finished = [t for t in traces if t.status is not Status.RUNNING]
         done: list[dict[str, Any]] = []
@@ -690,6 +691,11 @@ def register_tools(mcp: MCPServer) -> None:
                     continue
             more.append(trace.trace_id)
         hints = [*([note] if note and running else []), *left_out]
+        if gone:
+            more_gone = f" and {len(gone) - 20} more" if len(gone) > 20 else ""
+            hints.append(
+                f"Deleted while waited on (not in done or running): {', '.join(gone[:20])}{more_gone}."
+            )
         if more:
             hints.append(
                 f"{len(more)} more finished traces are in more_done, left out to keep this answer short: "
@@ -774,6 +780,8 @@ def register_tools(mcp: MCPServer) -> None:
         """Merge duplicate lessons and drop contradicted ones now (the prior lessons are kept: a dated
         backup, or on PostgreSQL a prior version)."""
         result = await engine_of(ctx).consolidate(model)
+        if result.failed:  # the pass could not be made: an error a model acts on, not "nothing to do"
+            raise ToolError(result.skipped_reason or "The consolidation failed; nothing was changed.")
         return compact(
             Consolidated(  # type: ignore[return-value]
                 before=result.before,

@@ -214,8 +214,9 @@ class ExperienceFile:
     @contextmanager
     def _flocked(self, *, exclusive: bool, create: bool) -> Iterator[int]:
         """An fd on the current file, flocked; retried if the file was replaced while we waited."""
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if create:  # where a symlink points, if it is one (a sync folder not made yet); else open says why
+            with contextlib.suppress(OSError):
+                Path(os.path.realpath(self.path)).parent.mkdir(parents=True, exist_ok=True)
         flags = (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY
         while True:
             try:
@@ -224,6 +225,13 @@ class ExperienceFile:
                 )  # a FIFO must not hang us
             except IsADirectoryError:
                 raise self._not_a_file() from None
+            except OSError as exc:  # a dangling link's folder we may not make, a read-only place, …
+                if isinstance(exc, FileNotFoundError) and not create:
+                    raise
+                raise ExperiencesUnreadable(
+                    f"The experiences file {self.path} cannot be opened ({exc.strerror or exc}); "
+                    "check --experiences."
+                ) from None
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):

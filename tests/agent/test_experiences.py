@@ -588,3 +588,14 @@ async def test_rewrites_racing_appends_from_another_process_lose_nothing(tmp_pat
     texts = {l.text for l in parse(path.read_text()).lessons()}
     assert {f"rewritten lesson {n}" for n in range(40)} <= texts
     assert {f"proc 7 section {i} lesson {j} " + "x" * 2000 for i in range(40) for j in range(3)} <= texts
+
+
+@pytest.mark.anyio
+async def test_an_experiences_path_that_is_a_dangling_link_is_written_where_it_points(tmp_path: Path) -> None:
+    """A link into a sync folder that does not exist yet: the folder is made, not an internal error."""
+    link = tmp_path / "experiences.md"
+    link.symlink_to(tmp_path / "sync" / "later" / "experiences.md")
+    exp = Experiences(link)
+    await exp.append_reflection("a" * 32, "- Read the file first.", source="sequences 1-3")
+    assert "Read the file first." in (tmp_path / "sync" / "later" / "experiences.md").read_text()
+    exp.close()

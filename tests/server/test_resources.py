@@ -63,6 +63,14 @@ async def test_experiences_resource_is_markdown(client, settings):
     assert f"## {tid} (" in text and text == settings.experiences.read_text(encoding="utf-8")
 
 
+async def test_an_experiences_path_that_is_a_folder_is_a_sentence_not_an_internal_error(client, settings):
+    settings.experiences.parent.mkdir(parents=True, exist_ok=True)
+    settings.experiences.mkdir()
+    with pytest.raises(MCPError) as info:
+        await client.read_resource("experiences://memory")
+    assert info.value.error.code == -32602 and "is not a regular file" in info.value.error.message
+
+
 async def test_resource_list_has_experiences_then_traces_newest_first(client):
     ids = []
     for i in range(3):

@@ -230,6 +230,27 @@ async def test_a_tag_names_every_trace_that_has_it_however_many_pages(client, mo
         await wait_done(client, tid)
 
 
+async def test_a_trace_deleted_while_waited_on_leaves_the_others_answered(client):
+    slow = (await call(client, "create_trace", prompt="slow", model="slow"))["trace_id"]
+    quick = (await call(client, "create_trace", prompt="What does the README say?"))["trace_id"]
+    await wait_done(client, quick)
+    async with anyio.create_task_group() as group:
+        waited: dict = {}
+
+        async def wait() -> None:
+            waited.update(
+                await call(client, "await_traces", trace_ids=[slow, quick], mode="all", wait_seconds=20)
+            )
+
+        group.start_soon(wait)
+        await anyio.sleep(0.3)
+        assert (await call(client, "delete_trace", trace_id=quick))["deleted"] is True
+        await anyio.sleep(0.3)
+        await call(client, "stop_trace", trace_id=slow)
+    assert [r["trace_id"] for r in waited["done"]] == [slow] and waited["running"] == []
+    assert f"Deleted while waited on (not in done or running): {quick}." in waited["next"]
+
+
 async def test_await_traces_any_and_all_in_few_calls_and_bytes(client, model, slow_model):
     ids = [
         (await call(client, "create_trace", prompt=f"task {i}", tags=["fan"]))["trace_id"] for i in range(5)
@@ -565,11 +586,37 @@ async def test_prompts_are_real_and_unknown_ones_are_invalid_params(client):
 
     names = {p.name for p in (await client.list_prompts()).prompts}
     assert names == {"delegate", "fan_out", "review_trace"}
-    prompt = await client.get_prompt("fan_out", {"tasks": "a\nb", "tag": "t"})
-    assert "await_traces(tag='t'" in prompt.messages[0].content.text
-    with pytest.raises(MCPError) as info:
-        await client.get_prompt("nope", {})
-    assert info.value.error.code == -32602
+    prompt = await client.get_prompt("fan_out", {"tasks": "a\nb", "tag": "it's"})
+    assert 'await_traces(tag="it\'s"' in prompt.messages[0].content.text  # quoted as JSON
+    first, second = [
+        (await client.get_prompt("fan_out", {"tasks": "a"})).messages[0].content.text for _ in range(2)
+    ]
+    assert "fan-out-" in first and first != second  # each batch its own tag: no earlier batch collected
+    for name, arguments, said in [
+        ("nope", {}, "There is no prompt 'nope'"),
+        ("delegate", {"task": "x", "bogus": "y"}, "has no argument 'bogus'; its arguments are task"),
+        ("fan_out", {"tasks": " \n "}, "at least one task"),
+        ("review_trace", {"trace_id": "bad id!"}, "trace_id must be a trace id"),
+    ]:
+        with pytest.raises(MCPError) as info:
+            await client.get_prompt(name, arguments)
+        assert info.value.error.code == -32602 and said in info.value.error.message
+
+
+async def test_a_consolidation_that_could_not_be_made_is_a_tool_error(settings, model):
+    from server.app import build_server
+    from tests.fakes import ModelCallError, ScriptedModel, models_for
+
+    text = "".join(
+        f"## {c * 32} (2026-11-0{i} 10:00)\n- Read the file first.\n\n" for i, c in enumerate("ab", 1)
+    )
+    settings.experiences.parent.mkdir(parents=True, exist_ok=True)
+    settings.experiences.write_text(text, encoding="utf-8")
+    failing = ScriptedModel([ModelCallError("The provider is down.")], name="failing")
+    async with Client(build_server(settings, models=models_for(scripted=model, failing=failing))) as client:
+        refused = await call_error(client, "consolidate_experiences", model="failing")
+    assert refused == "The model call failed: The provider is down."
+    assert settings.experiences.read_text(encoding="utf-8") == text  # nothing changed
 
 
 async def test_retain_days_deletes_finished_traces_and_keeps_running_ones(settings, model, slow_model):
