@@ -23,6 +23,7 @@ from typing import Any
 import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecurityMiddleware, TransportSecuritySettings
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -33,8 +34,12 @@ from server.stream_transport import parse_frame
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_ALLOWED_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
-LOOPBACK_ALLOWED_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+LOOPBACK_ALLOWED_HOSTS = ["127.0.0.1", "127.0.0.1:*", "localhost", "localhost:*", "[::1]", "[::1]:*"]
+"""With and without a port: a client of port 80 (or 443) sends none."""
+LOOPBACK_ALLOWED_ORIGINS = [
+    *(f"http://{host}" for host in ("127.0.0.1", "localhost", "[::1]")),
+    *(f"http://{host}:*" for host in ("127.0.0.1", "localhost", "[::1]")),
+]
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 
 SESSION_IDLE_SECONDS = 300.0
@@ -77,14 +82,12 @@ def _own_names() -> list[str]:
     return sorted(n for n in names if n)
 
 
-def transport_security(settings: Settings) -> TransportSecuritySettings | None:
-    """Host/Origin checks stay on for every bind: loopback, plus --allowed-host, plus the bind address
-    (for a wildcard bind, this machine's own names). None lets the SDK guard a plain loopback bind."""
-    extra = list(settings.allowed_hosts)
+def transport_security(settings: Settings) -> TransportSecuritySettings:
+    """Host/Origin checks stay on for every bind: loopback (with or without a port), plus --allowed-host,
+    plus the bind address (for a wildcard bind, this machine's own names)."""
+    extra = [host.lower() for host in settings.allowed_hosts]  # clients send host names in lower case
     if settings.host not in LOOPBACK_HOSTS:
         extra += _own_names() if settings.host in WILDCARD_BINDS else [settings.host]
-    if not extra:
-        return None
     hosts, origins = list(LOOPBACK_ALLOWED_HOSTS), list(LOOPBACK_ALLOWED_ORIGINS)
     for host in dict.fromkeys(extra):
         shown = f"[{host}]" if ":" in host else host
@@ -194,7 +197,8 @@ class SessionGuard:
         if session_id is not None:
             await self._serve_existing(session_id, scope, receive, send)
             return
-        modern = headers.get(b"mcp-protocol-version", b"").startswith(b"2026")
+        version = headers.get(b"mcp-protocol-version", b"").decode("latin-1")
+        modern = bool(version) and version not in HANDSHAKE_PROTOCOL_VERSIONS  # the SDK names what it speaks
         if scope.get("method") != "POST" or modern:
             await self._handle(scope, receive, send)  # sessionless (2026-07-28) or refused by the SDK itself
             return
@@ -216,13 +220,12 @@ class SessionGuard:
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.start" and message.get("status", 500) < 400:
                 for name, value in message.get("headers", []):
-                    if name.lower() == b"mcp-session-id":
+                    if name.lower() == b"mcp-session-id":  # counted now: its GET stream may open at once
                         created.append(value.decode("latin-1"))
+                        self._sessions[created[-1]] = _Session(peer, time.monotonic())
             await send(message)
 
         await self._handle(scope, receive, watch)
-        for new_id in created:
-            self._sessions[new_id] = _Session(peer, time.monotonic())
 
     async def _serve_existing(self, session_id: str, scope: Scope, receive: Receive, send: Send) -> None:
         record = self._sessions.get(session_id)
@@ -241,16 +244,18 @@ class SessionGuard:
             del self._sessions[session_id]
 
     async def _make_room(self, peer: str) -> None:
-        """Evict the oldest idle session of this peer (at its cap) or of anyone (at the total)."""
+        """Evict the oldest idle session of this peer at its cap (its oldest at all when every one is
+        busy: a peer never holds more than its cap, so it cannot fill the total), or the oldest idle one of
+        anyone at the total."""
         self._forget_closed()
         mine = [s for s, r in self._sessions.items() if r.peer == peer]
         if len(mine) >= self._per_peer:
-            await self._evict_oldest_idle(mine)
+            await self._evict_oldest(mine, busy_too=True)
         if len(self._manager._server_instances) >= self._total:
-            await self._evict_oldest_idle(list(self._sessions))
+            await self._evict_oldest(list(self._sessions))
 
-    async def _evict_oldest_idle(self, candidates: list[str]) -> None:
-        idle = [s for s in candidates if self._sessions[s].in_flight == 0]
+    async def _evict_oldest(self, candidates: list[str], *, busy_too: bool = False) -> None:
+        idle = [s for s in candidates if self._sessions[s].in_flight == 0] or (candidates if busy_too else [])
         if not idle:
             return  # every one is busy: the SDK's own limit answers 503
         oldest = min(idle, key=lambda s: self._sessions[s].last_seen)
@@ -412,10 +417,7 @@ def http_app(
         max_request_body_size=MAX_BODY_BYTES,
     )
     SessionGuard(mcp.session_manager, per_peer=sessions_per_peer, total=max_sessions)
-    loopback = TransportSecuritySettings(
-        allowed_hosts=LOOPBACK_ALLOWED_HOSTS, allowed_origins=LOOPBACK_ALLOWED_ORIGINS
-    )  # what the SDK guards a loopback bind with when given no settings
-    app = BodyDeadline(HostOriginFirst(FrameCheck(app), security or loopback))
+    app = BodyDeadline(HostOriginFirst(FrameCheck(app), security))
     if settings.auth_token:
         app = BearerToken(app, settings.auth_token)
     return app

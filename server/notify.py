@@ -7,7 +7,9 @@ publish on the SDK's subscription bus. Both are driven by the engine's event str
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -17,17 +19,43 @@ from mcp import MCPError
 from mcp.server.context import CallNext, HandlerResult, ServerRequestContext
 from mcp.server.session import ServerSession
 from mcp.server.subscriptions import ResourcesListChanged, ResourceUpdated, SubscriptionBus
-from mcp.types import INVALID_PARAMS, METHOD_NOT_FOUND
+from mcp.types import INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from agent.engine import Engine
 from agent.trace.events import ExperiencesChanged, MessageStored, TraceChanged, TraceDeleted
 from server.connections import Connections, Outbox
+from server.views import elide
 
 log = logging.getLogger(__name__)
 
 
 EXPERIENCES_URI = "experiences://memory"
+MAX_URI_CHARS = 500
+SUBSCRIBED_URIS = 200
+"""Resource URIs one handshake-era connection may subscribe to, or one listen stream follow: what a
+client names is kept as long as its stream lives (≤ 100 KB each; ours are under 80 characters)."""
+LISTENS_PER_PEER = 64
+"""subscriptions/listen streams one HTTP client address may hold (the SDK's 1,024 are for everyone)."""
+
+
+def checked_uris(method: str, uris: Any) -> list[str]:
+    """The URIs a subscription names, bounded in number and length; MCPError -32602 otherwise (any URI
+    may be followed, as the protocol allows, but not a 3 MB one)."""
+    if not isinstance(uris, list) or not all(isinstance(u, str) for u in uris):
+        raise MCPError(code=INVALID_PARAMS, message=f"{method} takes resource URIs as a list of strings.")
+    if len(uris) > SUBSCRIBED_URIS:
+        raise MCPError(
+            code=INVALID_PARAMS, message=f"{method} may follow at most {SUBSCRIBED_URIS:,} resources."
+        )
+    for uri in uris:
+        if len(uri) > MAX_URI_CHARS:
+            raise MCPError(
+                code=INVALID_PARAMS,
+                message=f"{method} takes URIs of at most {MAX_URI_CHARS} characters (this server's are "
+                f"trace://<trace_id>, its /tree and experiences://memory); got {elide(uri)}.",
+            )
+    return uris
 
 
 def trace_uris(trace_id: str) -> tuple[str, str]:
@@ -46,6 +74,7 @@ class Notifier:
     def __init__(self, bus: SubscriptionBus):
         self._bus = bus
         self._clients = Connections(_LegacyClient)
+        self._listens: dict[str, int] = {}
 
     # -- connections (called from the middleware) ----------------------------------------------
 
@@ -54,7 +83,34 @@ class Notifier:
         return self._clients.get(session)[0]
 
     def subscribe(self, session: ServerSession, uri: str) -> None:
-        self._client(session).uris.add(uri)
+        uris = self._client(session).uris
+        if uri not in uris and len(uris) >= SUBSCRIBED_URIS:
+            raise MCPError(
+                code=INVALID_PARAMS,
+                message=f"This connection follows {SUBSCRIBED_URIS:,} resources already, the most it may; "
+                "unsubscribe from some first.",
+            )
+        uris.add(uri)
+
+    @contextlib.contextmanager
+    def listening(self, peer: str | None) -> Iterator[None]:
+        """Count one listen stream of an HTTP client address while it is open; refuse one past its cap."""
+        if peer is None:  # stdio: one host, one connection
+            yield
+            return
+        if self._listens.get(peer, 0) >= LISTENS_PER_PEER:
+            raise MCPError(
+                code=INVALID_REQUEST,
+                message=f"This client holds {LISTENS_PER_PEER} subscriptions/listen streams already, the most "
+                "one may; close one before you open another.",
+            )
+        self._listens[peer] = self._listens.get(peer, 0) + 1
+        try:
+            yield
+        finally:
+            self._listens[peer] -= 1
+            if not self._listens[peer]:
+                del self._listens[peer]
 
     def unsubscribe(self, session: ServerSession, uri: str) -> None:
         self._client(session).uris.discard(uri)
@@ -129,14 +185,20 @@ async def subscriptions_middleware(ctx: ServerRequestContext[Any, Any], call_nex
                 message=f"{ctx.method} is not part of protocol {ctx.session.protocol_version}; "
                 "open a subscriptions/listen stream instead.",
             )
-        uri = str((ctx.params or {}).get("uri", ""))
+        uri = (ctx.params or {}).get("uri")
         if not uri:
             raise MCPError(code=INVALID_PARAMS, message=f"{ctx.method} needs a 'uri'.")
         if ctx.method == "resources/subscribe":
-            notifier.subscribe(ctx.session, uri)
+            notifier.subscribe(ctx.session, checked_uris(ctx.method, [uri])[0])
         else:
-            notifier.unsubscribe(ctx.session, uri)
+            notifier.unsubscribe(ctx.session, str(uri))
         return {}
+    if ctx.method == "subscriptions/listen":
+        wanted = (ctx.params or {}).get("notifications")
+        if isinstance(wanted, dict) and wanted.get("resourceSubscriptions") is not None:
+            checked_uris(ctx.method, wanted["resourceSubscriptions"])
+        with notifier.listening(_peer(ctx)):
+            return await call_next(ctx)
     result = await call_next(ctx)
     notifier.seen(ctx.session)
     if ctx.method in ("initialize", "server/discover"):
@@ -150,3 +212,10 @@ async def subscriptions_middleware(ctx: ServerRequestContext[Any, Any], call_nex
                 capabilities[fixed]["listChanged"] = False
         return wire
     return result
+
+
+def _peer(ctx: ServerRequestContext[Any, Any]) -> str | None:
+    """The HTTP client address a request came from; None over stdio (and the shared server's socket)."""
+    client = getattr(getattr(ctx, "request", None), "client", None)
+    host = getattr(client, "host", None)
+    return host if isinstance(host, str) else None

@@ -5,17 +5,18 @@ The server runs in-process under uvicorn on a real loopback port, with its guard
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import anyio
 import httpx2
 import pytest
 import uvicorn
-from mcp import Client
+from mcp import Client, MCPError
 
 import server.http as http
 from server.app import build_server
@@ -187,3 +188,62 @@ def test_a_wildcard_bind_accepts_the_address_other_machines_reach_this_one_by(tm
         pytest.skip("this machine has no IPv4 route out")
     security = http.transport_security(Settings.for_data_dir(tmp_path, host="0.0.0.0", auth_token="secret"))
     assert security is not None and f"{outward}:*" in security.allowed_hosts
+
+
+async def test_a_peer_holding_every_session_busy_still_cannot_pass_its_cap(settings):
+    """Sessions that each hold a GET stream are never idle: the peer's oldest goes anyway, so one client
+    can never fill the server's table (before: 1,024 listening sessions locked everyone out with 503)."""
+    async with serving(settings, sessions_per_peer=4, max_sessions=8) as (url, guard):
+        async with httpx2.AsyncClient(timeout=10) as hc, AsyncExitStack() as streams:
+            for _ in range(10):
+                opened = await hc.post(url, json=INIT, headers=HEADERS)
+                assert opened.status_code == 200
+                session = {
+                    "mcp-session-id": opened.headers["mcp-session-id"],
+                    "mcp-protocol-version": "2025-11-25",
+                }
+                note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+                await hc.post(url, json=note, headers=HEADERS | session)
+                get = hc.stream("GET", url, headers={"accept": "text/event-stream"} | session)
+                assert (await streams.enter_async_context(get)).status_code == 200
+                assert guard.open_sessions() <= 4
+        async with Client(url, mode="legacy") as client:
+            assert len((await call(client, "create_trace", prompt="hello"))["trace_id"]) == 32
+
+
+@pytest.mark.filterwarnings("ignore:resources/.*subscribe is removed")
+async def test_subscriptions_are_bounded_and_an_unknown_version_is_told_the_supported_ones(settings):
+    async with serving(settings) as (url, _):
+        async with Client(url, mode="legacy") as client:
+            with pytest.raises(MCPError) as refused:
+                await client.session.subscribe_resource("trace://" + "a" * 3_000_000)
+            assert "at most 500 characters" in refused.value.error.message and len(str(refused.value)) < 400
+            await client.session.subscribe_resource(
+                "test://any-uri-at-all"
+            )  # the protocol lets a client name any
+        async with httpx2.AsyncClient(timeout=10) as hc:
+            future = {"mcp-protocol-version": "2099-01-01", "mcp-method": "server/discover"}
+            envelope = {
+                "io.modelcontextprotocol/protocolVersion": "2099-01-01",
+                "io.modelcontextprotocol/clientCapabilities": {},
+            }
+            discover = {"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": envelope}}
+            answer = await hc.post(url, json=discover, headers=HEADERS | future)
+            assert answer.status_code == 400 and "2026-07-28" in json.dumps(answer.json()["error"])
+
+
+def test_one_client_address_holds_at_most_its_share_of_listen_streams():
+    from mcp.server.subscriptions import InMemorySubscriptionBus
+
+    from server.notify import LISTENS_PER_PEER, Notifier
+
+    notifier = Notifier(InMemorySubscriptionBus())
+    with contextlib.ExitStack() as held:
+        for _ in range(LISTENS_PER_PEER):
+            held.enter_context(notifier.listening("10.0.0.1"))
+        with pytest.raises(MCPError, match="close one before you open another"):
+            held.enter_context(notifier.listening("10.0.0.1"))
+        held.enter_context(notifier.listening("10.0.0.2"))  # another client is not held back
+        held.enter_context(notifier.listening(None))  # nor stdio
+    with notifier.listening("10.0.0.1"):
+        pass  # closed streams give their place back

@@ -81,8 +81,10 @@ def test_open_bind_needs_a_token_or_allowed_hosts():
 
 
 def test_allowed_hosts_keep_rebinding_protection_on():
-    assert transport_security(settings_for([], {})) is None  # the SDK protects a loopback bind itself
-    security = transport_security(settings_for(["--allowed-host", "mcp.example.com"], {}))
+    loopback = transport_security(settings_for([], {}))
+    assert loopback.enable_dns_rebinding_protection and "localhost" in loopback.allowed_hosts  # port 80 too
+    assert "evil.example:*" not in loopback.allowed_hosts
+    security = transport_security(settings_for(["--allowed-host", "MCP.Example.com"], {}))
     assert security.enable_dns_rebinding_protection
     assert "mcp.example.com" in security.allowed_hosts and "mcp.example.com:*" in security.allowed_hosts
     assert "https://mcp.example.com" in security.allowed_origins
