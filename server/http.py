@@ -46,6 +46,8 @@ SESSION_IDLE_SECONDS = 300.0
 """A session with no request in flight (a client's GET stream counts as one) expires after this."""
 MAX_SESSIONS = 1024
 SESSIONS_PER_PEER = 64
+ANSWER_PEEK_BYTES = 65_536
+"""How much of an initialize answer is read to see whether it refused (an answer is a few KB)."""
 HEADER_TIMEOUT_SECONDS = 10.0
 BODY_CHUNK_TIMEOUT_SECONDS = 30.0
 BODY_TIMEOUT_SECONDS = 120.0
@@ -216,6 +218,7 @@ class SessionGuard:
             return
         await self._make_room(peer)
         created: list[str] = []
+        answer = bytearray()  # the start of the initialize answer: a refusal must not leave a session
 
         async def watch(message: Message) -> None:
             if message["type"] == "http.response.start" and message.get("status", 500) < 400:
@@ -223,9 +226,17 @@ class SessionGuard:
                     if name.lower() == b"mcp-session-id":  # counted now: its GET stream may open at once
                         created.append(value.decode("latin-1"))
                         self._sessions[created[-1]] = _Session(peer, time.monotonic())
+            elif message["type"] == "http.response.body" and len(answer) < ANSWER_PEEK_BYTES:
+                answer.extend(message.get("body", b"")[:ANSWER_PEEK_BYTES])
             await send(message)
 
         await self._handle(scope, receive, watch)
+        if created and _refused(bytes(answer)):
+            for session_id in created:
+                transport = self._manager._server_instances.get(session_id)
+                self._sessions.pop(session_id, None)
+                if transport is not None:
+                    await self._manager._discard_session(session_id, transport)
 
     async def _serve_existing(self, session_id: str, scope: Scope, receive: Receive, send: Send) -> None:
         record = self._sessions.get(session_id)
@@ -344,6 +355,20 @@ class FrameCheck:
             }
         )
         await send({"type": "http.response.body", "body": reply})
+
+
+def _refused(answer: bytes) -> bool:
+    """Whether an initialize answer (JSON, or one SSE ``data:`` event) is a JSON-RPC error."""
+    text = answer.decode("utf-8", "replace")
+    payloads = [line[5:] for line in text.splitlines() if line.startswith("data:")] or [text]
+    for payload in payloads:
+        try:
+            message = json.loads(payload)
+        except ValueError:
+            continue
+        if isinstance(message, dict) and "error" in message and "result" not in message:
+            return True
+    return False
 
 
 def _is_initialize(body: bytes) -> bool:

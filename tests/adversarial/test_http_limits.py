@@ -247,3 +247,14 @@ def test_one_client_address_holds_at_most_its_share_of_listen_streams():
         held.enter_context(notifier.listening(None))  # nor stdio
     with notifier.listening("10.0.0.1"):
         pass  # closed streams give their place back
+
+
+async def test_a_refused_initialize_leaves_no_session(settings):
+    async with serving(settings) as (url, guard):
+        async with httpx2.AsyncClient(timeout=10) as hc:
+            broken = INIT | {"params": {"capabilities": {}, "clientInfo": {"name": "x", "version": "1"}}}
+            answer = await hc.post(url, json=broken, headers=HEADERS)
+            assert "error" in answer.text
+        with anyio.fail_after(5):  # dropped once the answer is out
+            while guard.open_sessions():
+                await anyio.sleep(0.01)
