@@ -17,7 +17,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -31,6 +31,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from agent.trace.backends import open_store
 from server.settings import LOOPBACK_HOSTS, Settings
 from server.stream_transport import parse_frame
+from server.views import elide
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ SESSION_IDLE_SECONDS = 300.0
 """A session with no request in flight (a client's GET stream counts as one) expires after this."""
 MAX_SESSIONS = 1024
 SESSIONS_PER_PEER = 64
+SDK_GET_STREAM_KEY = "_GET_stream"
+"""The key the SDK files a session's GET stream under, among its request ids."""
 ANSWER_PEEK_BYTES = 65_536
 """How much of an initialize answer is read to see whether it refused (an answer is a few KB)."""
 HEADER_TIMEOUT_SECONDS = 10.0
@@ -172,6 +175,8 @@ class _Session:
     peer: str
     last_seen: float
     in_flight: int = 0
+    ids: set[str] = field(default_factory=set)
+    """The request ids in flight, as the SDK keys them (``str(id)``: 300 and "300" are one)."""
 
 
 class SessionGuard:
@@ -240,14 +245,27 @@ class SessionGuard:
 
     async def _serve_existing(self, session_id: str, scope: Scope, receive: Receive, send: Send) -> None:
         record = self._sessions.get(session_id)
+        key: str | None = None
+        if record is not None and scope.get("method") == "POST":
+            body, receive = await _buffered(receive)
+            key = _request_key(body)
+            if key is not None and (key in record.ids or key == SDK_GET_STREAM_KEY):
+                # the SDK routes answers by str(id): a second request under one would take the first's
+                text = f"The id {elide(key, 40)} is already in use by a request in flight on this session."
+                await _reply(send, 400, _jsonrpc_error(body, text))
+                return
+            del body
         if record is not None:
             record.in_flight += 1
+            if key is not None:
+                record.ids.add(key)
         try:
             await self._handle(scope, receive, send)
         finally:
             if record is not None:
                 record.in_flight -= 1
                 record.last_seen = time.monotonic()
+                record.ids.discard(key or "")
 
     def _forget_closed(self) -> None:
         live = self._manager._server_instances  # the SDK's table of open sessions
@@ -292,13 +310,14 @@ async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)
-    replayed = False
+    kept: bytes | None = body
 
     async def replay() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        nonlocal kept
+        if kept is not None:
+            message: Message = {"type": "http.request", "body": kept, "more_body": False}
+            kept = None  # not held for as long as the request lasts (a 45 s wait)
+            return message
         return await receive()
 
     return body, replay
@@ -339,6 +358,7 @@ class FrameCheck:
             return
         body, receive = await _buffered(receive)
         reply = parse_frame(body)[1] if len(body) <= MAX_BODY_BYTES else None  # too large: the SDK says 413
+        del body  # the replay holds it only until the app reads it
         if reply is None:
             await self.app(scope, receive, send)
             return
@@ -355,6 +375,17 @@ class FrameCheck:
             }
         )
         await send({"type": "http.response.body", "body": reply})
+
+
+def _request_key(body: bytes) -> str | None:
+    """A request's id as the SDK keys its answer stream; None for a notification, a response or garbage."""
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or "method" not in message or message.get("id") is None:
+        return None
+    return str(message["id"])
 
 
 def _refused(answer: bytes) -> bool:

@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import anyio
 import httpx2
@@ -41,8 +42,10 @@ HEADERS = {"accept": "application/json, text/event-stream", "content-type": "app
 
 
 @asynccontextmanager
-async def serving(settings: Settings, **limits: int) -> AsyncIterator[tuple[str, http.SessionGuard]]:
-    mcp = build_server(settings, models=models_for(scripted=ScriptedModel([reply("ok")])))
+async def serving(
+    settings: Settings, models: Any = None, **limits: int
+) -> AsyncIterator[tuple[str, http.SessionGuard]]:
+    mcp = build_server(settings, models=models or models_for(scripted=ScriptedModel([reply("ok")])))
     app = http.http_app(mcp, settings, **limits)
     port = free_port()
     server = uvicorn.Server(
@@ -258,3 +261,42 @@ async def test_a_refused_initialize_leaves_no_session(settings):
         with anyio.fail_after(5):  # dropped once the answer is out
             while guard.open_sessions():
                 await anyio.sleep(0.01)
+
+
+async def test_an_id_already_in_flight_on_a_session_is_refused_not_left_unanswered(settings):
+    """The SDK files answers by str(id): 300 beside "300" (or a second 300) took the first's answer and
+    left one request waiting forever; "_GET_stream" took over the session's GET stream."""
+    slow = ScriptedModel([reply("late")], name="slow")
+    slow.delay = 30
+    async with serving(settings, models_for(scripted=ScriptedModel([reply("ok")]), slow=slow)) as (url, _):
+        async with httpx2.AsyncClient(timeout=20) as hc:
+            opened = await hc.post(url, json=INIT, headers=HEADERS)
+            session = {
+                "mcp-session-id": opened.headers["mcp-session-id"],
+                "mcp-protocol-version": "2025-11-25",
+            }
+            await hc.post(
+                url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=HEADERS | session
+            )
+            create = {"name": "create_trace", "arguments": {"prompt": "hi", "model": "slow"}}
+            started = await hc.post(
+                url,
+                json={"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": create},
+                headers=HEADERS | session,
+            )
+            tid = json.loads(started.text.split("data:", 1)[1])["result"]["structuredContent"]["trace_id"]
+            wait = {"name": "get_trace", "arguments": {"trace_id": tid, "wait_seconds": 3}}
+            results: dict = {}
+
+            async def send(request_id) -> None:
+                body = {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": wait}
+                results[repr(request_id)] = await hc.post(url, json=body, headers=HEADERS | session)
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(send, 300)
+                await anyio.sleep(0.5)
+                group.start_soon(send, "300")
+                group.start_soon(send, "_GET_stream")
+            assert results["300"].status_code == 200 and '"id":300' in results["300"].text
+            for refused in ("'300'", "'_GET_stream'"):
+                assert results[refused].status_code == 400 and "already in use" in results[refused].text
