@@ -829,8 +829,8 @@ def register_tools(mcp: MCPServer) -> None:
         notes = list(state.notes)
         if limit != DESCRIPTION_CHARS:
             notes.append(
-                f"The descriptions of the {len(tools)} tools and {len(skills)} skills are shortened to keep "
-                "this answer short"
+                f"The descriptions are shortened ({len(tools)} tools, {len(skills)} skills) to keep this "
+                "answer short"
                 + (" (left out)" if limit == 0 else "")
                 + "; create_trace(tools=[...]) narrows what the agent may call."
             )
