@@ -278,20 +278,38 @@ def _render(
             parts.append(
                 render_section(heading, [l.text for l in remaining], section.when, section.source).strip()
             )
-    if merged:
-        origins = list(dict.fromkeys(origin_label(by_id[i]) for _, ids in merged for i in ids))
-        listing = "; ".join(f"{d.text} ({d.reason})" for d in dropped)
-        notes = {"dropped": cut(listing, MAX_DROPPED_NOTE_CHARS)} if dropped else None
+    listing = "; ".join(f"{d.text} ({d.reason})" for d in dropped)
+    for index, (trace_id, lessons) in enumerate(merged_sections(merged, by_id)):
+        notes = {"dropped": cut(listing, MAX_DROPPED_NOTE_CHARS)} if dropped and index == 0 else None
         parts.append(
             render_section(
-                CONSOLIDATED_HEADING,
-                [text for text, _ in merged],
+                trace_id or CONSOLIDATED_HEADING,
+                [text for text, _ in lessons],
                 when,
-                cut(f"merged from {', '.join(origins)}", MAX_DROPPED_NOTE_CHARS),
+                merged_from(lessons, by_id),
                 notes,
             ).strip()
         )
     return "\n\n".join(parts) + "\n"
+
+
+def merged_sections(
+    merged: list[tuple[str, list[str]]], by_id: dict[str, Lesson]
+) -> list[tuple[str | None, list[tuple[str, list[str]]]]]:
+    """Merged lessons grouped under the trace of each one's newest source, so every section stays a
+    ``## <trace_id> (<date>)`` section as the experiences format has it (None: only hand-written sources)."""
+    groups: dict[str | None, list[tuple[str, list[str]]]] = {}
+    for text, ids in merged:
+        sources = [by_id[i] for i in ids if i in by_id]
+        newest = max(sources, key=lambda lesson: lesson.when or "", default=None)
+        groups.setdefault(newest.trace_id if newest else None, []).append((text, ids))
+    return list(groups.items())
+
+
+def merged_from(lessons: list[tuple[str, list[str]]], by_id: dict[str, Lesson]) -> str:
+    """The ``_source:_`` of a section of merged lessons: the lessons it was made from."""
+    origins = list(dict.fromkeys(origin_label(by_id[i]) for _, ids in lessons for i in ids if i in by_id))
+    return cut(f"merged from {', '.join(origins)}", MAX_DROPPED_NOTE_CHARS)
 
 
 def _lessons_of(text: str) -> list[Lesson]:

@@ -35,7 +35,8 @@ from agent.experiences.consolidate import (
     DroppedReport,
     ask_plan,
     decide,
-    origin_label,
+    merged_from,
+    merged_sections,
 )
 from agent.experiences.file import ExperienceFile
 from agent.experiences.limits import (
@@ -279,18 +280,18 @@ class DatabaseExperiences(Experiences):
                 version,
                 [int(i) for i in current],
             )
-            if live_merged:
-                origins = list(dict.fromkeys(origin_label(by_id[i]) for _, ids in live_merged for i in ids))
-                listing = "; ".join(f"{d.text} ({d.reason})" for d in live_dropped)
-                notes = {"dropped": cut(listing, MAX_DROPPED_NOTE_CHARS)} if live_dropped else {}
+            listing = "; ".join(f"{d.text} ({d.reason})" for d in live_dropped)
+            for index, (trace_id, lessons) in enumerate(merged_sections(live_merged, by_id)):
+                notes = (
+                    {"dropped": cut(listing, MAX_DROPPED_NOTE_CHARS)} if live_dropped and index == 0 else {}
+                )
                 section_id = await db.fetchval(
-                    "INSERT INTO experience_sections (heading, written, source, notes, created_in) "
-                    "VALUES ($1, $2, $3, $4, $5) RETURNING id",
-                    CONSOLIDATED_HEADING, when,
-                    _clean(cut(f"merged from {', '.join(origins)}", MAX_DROPPED_NOTE_CHARS)),
-                    json.dumps(notes), version,
+                    "INSERT INTO experience_sections (heading, trace_id, written, source, notes, created_in) "
+                    "VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                    trace_id or CONSOLIDATED_HEADING, trace_id, when,
+                    _clean(merged_from(lessons, by_id)), json.dumps(notes), version,
                 )  # fmt: skip
-                await _insert_lessons(db, section_id, [_clean(text) for text, _ in live_merged])
+                await _insert_lessons(db, section_id, [_clean(text) for text, _ in lessons])
             after = await db.fetchval("SELECT count(*) FROM experience_lessons WHERE retired_in IS NULL")
             return version, after, live_merged, live_dropped
 

@@ -179,7 +179,7 @@ async def test_consolidation_merges_drops_and_keeps_the_prior_version(book):
         "Run pytest with -x to stop at the first failure",
     ]
     consolidated = parse(text).sections[-1]
-    assert consolidated.heading == "consolidated" and f"trace {TID_A}" in (consolidated.source or "")
+    assert consolidated.trace_id == TID_A and f"trace {TID_A}" in (consolidated.source or "")
     assert "_dropped: Indent Python with tabs (contradicted" in text
     assert await book.recall("indent python", 5)
     if result.backup_path is not None:

@@ -474,7 +474,8 @@ async def test_consolidation_merges_drops_and_keeps_a_backup(tmp_path: Path) -> 
     )
     assert "Indent Python with tabs" not in texts
     consolidated = parsed.sections[-1]
-    assert consolidated.heading == "consolidated" and consolidated.when is not None
+    # filed under its newest source's trace, as every section of the format is
+    assert consolidated.heading == consolidated.trace_id == TID_A and consolidated.when is not None
     source = consolidated.source or ""
     assert f"trace {TID_A}" in source and f"trace {TID_B}" in source
     assert [l.text for l in consolidated.lessons] == ["Run pytest with -x to stop at the first failure"]
