@@ -16,6 +16,7 @@ import json
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +91,9 @@ def _own_names() -> list[str]:
 def transport_security(settings: Settings) -> TransportSecuritySettings:
     """Host/Origin checks stay on for every bind: loopback (with or without a port), plus --allowed-host,
     plus the bind address (for a wildcard bind, this machine's own names)."""
-    extra = [host.lower() for host in settings.allowed_hosts]  # clients send host names in lower case
+    extra = [
+        spelling for host in settings.allowed_hosts for spelling in (host, host.lower())
+    ]  # as typed, or as most clients send it
     if settings.host not in LOOPBACK_HOSTS:
         extra += _own_names() if settings.host in WILDCARD_BINDS else [settings.host]
     hosts, origins = list(LOOPBACK_ALLOWED_HOSTS), list(LOOPBACK_ALLOWED_ORIGINS)
@@ -259,8 +262,20 @@ class SessionGuard:
             record.in_flight += 1
             if key is not None:
                 record.ids.add(key)
+
+        async def answering(message: Message) -> None:
+            # free the id as its answer goes out: the client may reuse it the moment it reads the answer
+            if (
+                record is not None
+                and key in record.ids
+                and message["type"] == "http.response.body"
+                and _answers(message.get("body", b""), key or "")
+            ):
+                record.ids.discard(key or "")
+            await send(message)
+
         try:
-            await self._handle(scope, receive, send)
+            await self._handle(scope, receive, answering)
         finally:
             if record is not None:
                 record.in_flight -= 1
@@ -273,25 +288,33 @@ class SessionGuard:
             del self._sessions[session_id]
 
     async def _make_room(self, peer: str) -> None:
-        """Evict the oldest idle session of this peer at its cap (its oldest at all when every one is
-        busy: a peer never holds more than its cap, so it cannot fill the total), or the oldest idle one of
-        anyone at the total."""
+        """Evict the oldest idle session of this peer at its cap; at the total, the oldest idle one of
+        anyone, else the oldest of the peer holding the most (every local host shares 127.0.0.1, so a
+        peer's busy sessions are closed only when one address holds the whole table)."""
         self._forget_closed()
         mine = [s for s, r in self._sessions.items() if r.peer == peer]
         if len(mine) >= self._per_peer:
-            await self._evict_oldest(mine, busy_too=True)
-        if len(self._manager._server_instances) >= self._total:
-            await self._evict_oldest(list(self._sessions))
+            await self._evict_oldest(mine)
+        if len(self._manager._server_instances) >= self._total and not await self._evict_oldest(
+            list(self._sessions)
+        ):
+            holders = Counter(r.peer for r in self._sessions.values())
+            if holders:
+                biggest = holders.most_common(1)[0][0]
+                await self._evict_oldest(
+                    [s for s, r in self._sessions.items() if r.peer == biggest], busy_too=True
+                )
 
-    async def _evict_oldest(self, candidates: list[str], *, busy_too: bool = False) -> None:
+    async def _evict_oldest(self, candidates: list[str], *, busy_too: bool = False) -> bool:
         idle = [s for s in candidates if self._sessions[s].in_flight == 0] or (candidates if busy_too else [])
         if not idle:
-            return  # every one is busy: the SDK's own limit answers 503
+            return False  # every one is busy
         oldest = min(idle, key=lambda s: self._sessions[s].last_seen)
         transport = self._manager._server_instances.get(oldest)
         del self._sessions[oldest]
         if transport is not None:
             await self._manager._discard_session(oldest, transport)
+        return True
 
 
 async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
@@ -388,18 +411,31 @@ def _request_key(body: bytes) -> str | None:
     return str(message["id"])
 
 
-def _refused(answer: bytes) -> bool:
-    """Whether an initialize answer (JSON, or one SSE ``data:`` event) is a JSON-RPC error."""
-    text = answer.decode("utf-8", "replace")
+def _answers(chunk: bytes, key: str) -> bool:
+    """Whether a response chunk (JSON, or SSE ``data:`` events) carries the answer to request ``key``."""
+    return any(
+        str(message.get("id")) == key and ("result" in message or "error" in message)
+        for message in _messages(chunk)
+    )
+
+
+def _messages(chunk: bytes) -> list[dict[str, Any]]:
+    text = chunk.decode("utf-8", "replace")
     payloads = [line[5:] for line in text.splitlines() if line.startswith("data:")] or [text]
+    found = []
     for payload in payloads:
         try:
             message = json.loads(payload)
         except ValueError:
             continue
-        if isinstance(message, dict) and "error" in message and "result" not in message:
-            return True
-    return False
+        if isinstance(message, dict):
+            found.append(message)
+    return found
+
+
+def _refused(answer: bytes) -> bool:
+    """Whether an initialize answer (JSON, or one SSE ``data:`` event) is a JSON-RPC error."""
+    return any("error" in message and "result" not in message for message in _messages(answer))
 
 
 def _is_initialize(body: bytes) -> bool:

@@ -35,8 +35,9 @@ MAX_URI_CHARS = 500
 SUBSCRIBED_URIS = 200
 """Resource URIs one handshake-era connection may subscribe to, or one listen stream follow: what a
 client names is kept as long as its stream lives (≤ 100 KB each; ours are under 80 characters)."""
-LISTENS_PER_PEER = 64
-"""subscriptions/listen streams one HTTP client address may hold (the SDK's 1,024 are for everyone)."""
+LISTENS_PER_PEER = 256
+"""subscriptions/listen streams one HTTP client address may hold, of the SDK's 1,024 for everyone (every
+local host shares 127.0.0.1, and a load balancer's clients its address: a quarter, not a sixteenth)."""
 
 
 def checked_uris(method: str, uris: Any) -> list[str]:

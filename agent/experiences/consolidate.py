@@ -300,8 +300,8 @@ def merged_sections(
     ``## <trace_id> (<date>)`` section as the experiences format has it (None: only hand-written sources)."""
     groups: dict[str | None, list[tuple[str, list[str]]]] = {}
     for text, ids in merged:
-        sources = [by_id[i] for i in ids if i in by_id]
-        newest = max(sources, key=lambda lesson: lesson.when or "", default=None)
+        traced = [by_id[i] for i in ids if i in by_id and by_id[i].trace_id]  # hand-written ones have none
+        newest = max(traced, key=lambda lesson: lesson.when or "", default=None)
         groups.setdefault(newest.trace_id if newest else None, []).append((text, ids))
     return list(groups.items())
 

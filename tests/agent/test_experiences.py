@@ -600,3 +600,16 @@ async def test_an_experiences_path_that_is_a_dangling_link_is_written_where_it_p
     await exp.append_reflection("a" * 32, "- Read the file first.", source="sequences 1-3")
     assert "Read the file first." in (tmp_path / "sync" / "later" / "experiences.md").read_text()
     exp.close()
+
+
+def test_a_merge_is_filed_under_its_newest_traced_source_even_when_a_hand_written_one_is_newer() -> None:
+    from agent.experiences.consolidate import merged_sections
+    from agent.experiences.markdown import Lesson
+
+    by_id = {
+        "t": Lesson(id="t", text="Read the README.", heading=TID_A, trace_id=TID_A, when="2025-01-01 10:00"),
+        "h": Lesson(id="h", text="Read the README first.", heading="My notes", when="2025-03-01 10:00"),
+        "only": Lesson(id="only", text="Be brief.", heading="My notes", when="2025-03-01 10:00"),
+    }
+    merged = [("Read the README before editing.", ["t", "h"]), ("Be brief.", ["only"])]
+    assert merged_sections(merged, by_id) == [(TID_A, [merged[0]]), (None, [merged[1]])]

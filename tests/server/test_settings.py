@@ -85,6 +85,7 @@ def test_allowed_hosts_keep_rebinding_protection_on():
     assert loopback.enable_dns_rebinding_protection and "localhost" in loopback.allowed_hosts  # port 80 too
     assert "evil.example:*" not in loopback.allowed_hosts
     security = transport_security(settings_for(["--allowed-host", "MCP.Example.com"], {}))
+    assert {"MCP.Example.com", "mcp.example.com"} <= set(security.allowed_hosts)  # as typed, as clients send
     assert security.enable_dns_rebinding_protection
     assert "mcp.example.com" in security.allowed_hosts and "mcp.example.com:*" in security.allowed_hosts
     assert "https://mcp.example.com" in security.allowed_origins
