@@ -162,17 +162,10 @@ def _read_skill(folder: Session, name: str, path: Path) -> str | None:
 async def read_skills(skills_dir: str | Path | None) -> list[Skill]:
     """``load_skills`` on a worker thread of the skills' own, so the event loop keeps serving and a slow
     disk can never take the threads the server's own I/O needs; abandoned if the caller is cancelled."""
-    return await anyio.to_thread.run_sync(load_skills, skills_dir, abandon_on_cancel=True, limiter=_limiter())
+    return await anyio.to_thread.run_sync(load_skills, skills_dir, abandon_on_cancel=True, limiter=_READERS)
 
 
-_LIMITER: anyio.CapacityLimiter | None = None
-
-
-def _limiter() -> anyio.CapacityLimiter:
-    global _LIMITER
-    if _LIMITER is None:
-        _LIMITER = anyio.CapacityLimiter(SKILL_READERS)
-    return _LIMITER
+_READERS = anyio.CapacityLimiter(SKILL_READERS)  # anyio binds it to the event loop at its first use
 
 
 def build_system_prompt(skills: Sequence[Skill], base: str = BASE_SYSTEM_PROMPT) -> str:

@@ -400,13 +400,20 @@ class FrameCheck:
         await send({"type": "http.response.body", "body": reply})
 
 
-def _request_key(body: bytes) -> str | None:
-    """A request's id as the SDK keys its answer stream; None for a notification, a response or garbage."""
+def _frame(payload: bytes | str) -> dict[str, Any] | None:
+    """One JSON-RPC frame as an object, or None (garbage, a batch, a bare value): every peek here at a
+    request or an answer reads it this way."""
     try:
-        message = json.loads(body)
+        message = json.loads(payload)
     except ValueError:
         return None
-    if not isinstance(message, dict) or "method" not in message or message.get("id") is None:
+    return message if isinstance(message, dict) else None
+
+
+def _request_key(body: bytes) -> str | None:
+    """A request's id as the SDK keys its answer stream; None for a notification, a response or garbage."""
+    message = _frame(body)
+    if message is None or "method" not in message or message.get("id") is None:
         return None
     return str(message["id"])
 
@@ -422,15 +429,7 @@ def _answers(chunk: bytes, key: str) -> bool:
 def _messages(chunk: bytes) -> list[dict[str, Any]]:
     text = chunk.decode("utf-8", "replace")
     payloads = [line[5:] for line in text.splitlines() if line.startswith("data:")] or [text]
-    found = []
-    for payload in payloads:
-        try:
-            message = json.loads(payload)
-        except ValueError:
-            continue
-        if isinstance(message, dict):
-            found.append(message)
-    return found
+    return [message for payload in payloads if (message := _frame(payload)) is not None]
 
 
 def _refused(answer: bytes) -> bool:
@@ -439,21 +438,13 @@ def _refused(answer: bytes) -> bool:
 
 
 def _is_initialize(body: bytes) -> bool:
-    try:
-        message = json.loads(body)
-    except ValueError:
-        return False
-    return isinstance(message, dict) and message.get("method") == "initialize"
+    message = _frame(body)
+    return message is not None and message.get("method") == "initialize"
 
 
 def _jsonrpc_error(body: bytes, text: str) -> dict[str, Any]:
-    request_id = None
-    try:
-        parsed = json.loads(body)
-        if isinstance(parsed, dict) and isinstance(parsed.get("id"), (str, int)):
-            request_id = parsed["id"]
-    except ValueError:
-        pass
+    message = _frame(body) or {}
+    request_id = message.get("id") if isinstance(message.get("id"), (str, int)) else None
     return {"jsonrpc": "2.0", "id": request_id, "error": {"code": -32600, "message": text}}
 
 

@@ -214,18 +214,16 @@ class _Runtime:
         status = task_status(trace)
         ended = status in TERMINAL or (status == "input_required" and not elicits)
         last_text = await self.engine.last_text(trace_id, tail) if ended else None  # polls stay cheap
-        if handle is not None and task_id != trace_id:
-            task = detailed_task(
-                trace,
-                tail,
-                last_text,
-                self.retain_ms,
-                elicits=elicits,
-                task_id=task_id,
-                created_at=handle.created_at,
-            )
-        else:
-            task = detailed_task(trace, tail, last_text, self.retain_ms, elicits=elicits)
+        run = handle if handle is not None and task_id != trace_id else None  # a run's own task
+        task = detailed_task(
+            trace,
+            tail,
+            last_text,
+            self.retain_ms,
+            elicits=elicits,
+            task_id=task_id if run else None,
+            created_at=run.created_at if run else None,
+        )
         if not elicits and trace.status is Status.NEEDS_INPUT:
             await self._keep_as_seen(task_id, trace_id, task)
         return task

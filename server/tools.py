@@ -673,7 +673,8 @@ def register_tools(mcp: MCPServer) -> None:
             ids, every=mode == "all", seconds=seconds, on_message=progress, on_idle=beat
         )
         await reports.settle()
-        gone = [tid for tid in ids if tid not in {t.trace_id for t in traces}]
+        found = {t.trace_id for t in traces}
+        gone = [tid for tid in ids if tid not in found]
         running = [t.trace_id for t in traces if t.status is Status.RUNNING]
         finished = [t for t in traces if t.status is not Status.RUNNING]
         done: list[dict[str, Any]] = []

@@ -313,15 +313,22 @@ def summary(
     waiting = open_calls(tail)[1] if trace.outcome is Outcome.NEEDS_INPUT else []
     steps = [m for m in tail if m.role != "system" or m.sequence != 1]  # the host wrote the system prompt
     limits = [  # tighter and tighter until it fits (multi-byte text weighs more than its characters)
-        (ANSWER_CHARS, LAST_TEXT_CHARS, RECENT_LINES, QUESTION_CHARS, None),
-        (600, 200, 3, 400, None),
-        (200, 100, 2, 200, 5),
-        (100, 60, 1, 100, 1),
-        (60, 0, 0, 60, 1),  # the trace's own long texts too: a name, tags or model of emoji, a long error
+        (ANSWER_CHARS, LAST_TEXT_CHARS, RECENT_LINES, QUESTION_CHARS, None, False),
+        (600, 200, 3, 400, None, False),
+        (200, 100, 2, 200, 5, False),
+        (100, 60, 1, 100, 1, False),
+        (
+            60,
+            0,
+            0,
+            60,
+            1,
+            True,
+        ),  # the trace's own long texts too: a name, tags or model of emoji, a long error
     ]
     body: dict[str, Any] = {}
-    for answer_chars, last_chars, lines, question_chars, tags in limits:
-        row = compact_row(trace) if last_chars else tight_row(trace)
+    for answer_chars, last_chars, lines, question_chars, tags, tight in limits:
+        row = tight_row(trace) if tight else compact_row(trace)
         if tags is not None and len(row["tags"]) > tags:
             row["tags"] = [*row["tags"][:tags], f"… {len(trace.tags) - tags} more"]
         result = _bounded_result(trace, answer_chars)
